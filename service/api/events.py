@@ -1,0 +1,88 @@
+"""GET /events: the Server-Sent Events fallback for networks that break WebSockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
+
+from ..broker import frame_id
+from ..connection import Connection
+from ..errors import ServiceError
+from ..hub import TooManyConnections
+from ..models import ErrorBody
+from ..runtime import Runtime
+from .deps import ClientDep, RuntimeDep
+from .stream import Resume, open_stream, schedule_expiry
+
+router = APIRouter(tags=["client"])
+
+
+class _TooMany(ServiceError):
+    status_code = 429
+    code = "too_many_connections"
+
+
+@router.get(
+    "/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "One event per frame; `id:` is the notification id."},
+        401: {"model": ErrorBody},
+        429: {"model": ErrorBody, "description": "Too many open streams for this user."},
+    },
+)
+async def events(
+    principal: ClientDep,
+    runtime: RuntimeDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    since: Annotated[str | None, Query(max_length=64, description="Resume after this id (as Last-Event-ID).")] = None,
+) -> StreamingResponse:
+    """Stream the user's notifications; reconnecting with Last-Event-ID resumes like `since` on /ws.
+
+    Ids are ordered across the user's and the broadcast stream, so one cursor resumes both."""
+    cursor = last_event_id or since
+    resume = Resume(cursor, cursor)
+    try:
+        conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _noop_closer)
+    except TooManyConnections:
+        raise _TooMany("too many connections for this user") from None
+    return StreamingResponse(
+        _stream(conn, runtime),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _noop_closer(code: int, reason: str) -> None:
+    """SSE has no close frame: the stream simply ends when the connection is closed."""
+
+
+async def _stream(conn: Connection, runtime: Runtime) -> AsyncIterator[str]:
+    expiry = schedule_expiry(conn)
+    heartbeat = runtime.settings.sse_heartbeat_seconds
+    try:
+        yield "retry: 2000\n\n"
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat):
+                    batch = await conn.next_batch()
+            except TimeoutError:
+                yield ": heartbeat\n\n"
+                continue
+            if not batch:
+                if conn.close_code is not None:
+                    yield f'event: close\ndata: {{"code":{conn.close_code}}}\n\n'
+                return
+            yield "".join(map(_event, batch))
+    finally:
+        expiry.cancel()
+        await runtime.hub.unregister(conn)
+
+
+def _event(frame: str) -> str:
+    id_ = frame_id(frame)
+    return f"id: {id_}\ndata: {frame}\n\n" if id_ is not None else f"data: {frame}\n\n"

@@ -1,0 +1,179 @@
+"""GET /ws: the client socket. Authenticate, welcome, replay if asked, then deliver live."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketState
+
+from ..connection import Connection
+from ..errors import BrokerUnavailable, InvalidToken
+from ..frames import PONG, BadFrame, CloseCode, encode, error, parse_client_frame
+from ..hub import TooManyConnections
+from ..ids import parse_id
+from ..runtime import Runtime, TokenBucket
+from .stream import Resume, open_stream, schedule_expiry
+
+router = APIRouter()
+logger = logging.getLogger("service.ws")
+
+_CLOSE_DEADLINE = 2.0
+
+
+@router.websocket("/ws")
+async def socket(websocket: WebSocket) -> None:
+    """Client socket; see docs/protocol.md for frames and close codes."""
+    runtime: Runtime = websocket.state.runtime
+    refusal = _refusal(runtime, websocket)
+    if refusal is not None:
+        await websocket.send_denial_response(refusal)
+        return
+    try:
+        principal = await runtime.verifier.verify(_token(websocket))
+    except InvalidToken as exc:
+        await _reject(websocket, CloseCode.UNAUTHORIZED, exc.message)
+        return
+    resume = Resume(websocket.query_params.get("since"), websocket.query_params.get("broadcast_since"))
+    try:
+        conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _closer(websocket))
+    except TooManyConnections:
+        await _reject(websocket, CloseCode.TOO_MANY, "too many connections for this user")
+        return
+    try:
+        await websocket.accept()
+        if (problem := resume.invalid()) is not None:
+            conn.push(error("invalid_cursor", problem))
+        await _serve(websocket, conn, runtime)
+    finally:
+        await runtime.hub.unregister(conn)
+
+
+def _refusal(runtime: Runtime, websocket: WebSocket) -> JSONResponse | None:
+    if runtime.draining:
+        return JSONResponse({"error": "draining", "message": "replica is shutting down"}, status_code=503)
+    allowed = runtime.settings.allowed_origins
+    origin = websocket.headers.get("origin")
+    # Browsers always send Origin; a client without one is not a browser and cannot be hijacked.
+    if allowed and origin is not None and origin.rstrip("/") not in allowed:
+        return JSONResponse({"error": "origin_not_allowed", "message": f"origin {origin!r} is not allowed"}, 403)
+    return None
+
+
+def _token(websocket: WebSocket) -> str | None:
+    header = websocket.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        return credentials.strip()
+    return websocket.query_params.get("token")
+
+
+async def _reject(websocket: WebSocket, code: int, reason: str) -> None:
+    """Accept only to close with a code a browser can read; nothing else is sent."""
+    await websocket.accept()
+    await websocket.close(code, reason[:120])
+
+
+def _closer(websocket: WebSocket) -> Any:
+    async def close(code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_DEADLINE):
+                if websocket.application_state == WebSocketState.CONNECTED:
+                    await websocket.close(code, reason)
+        except TimeoutError:
+            _abort(websocket)  # a peer that reads nothing never lets the close frame out
+        except Exception:  # noqa: BLE001 - already gone
+            return
+
+    return close
+
+
+def _abort(websocket: WebSocket) -> None:
+    """Drop the TCP connection of a peer whose buffers are full; ASGI has no word for it."""
+    protocol = getattr(websocket._send, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
+async def _serve(websocket: WebSocket, conn: Connection, runtime: Runtime) -> None:
+    sender = asyncio.create_task(_send_forever(websocket, conn))
+    expiry = schedule_expiry(conn)
+    try:
+        expiry = await _receive_forever(websocket, conn, runtime, expiry)
+    finally:
+        expiry.cancel()
+        if not conn.closed:
+            conn.closed = True
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+
+async def _send_forever(websocket: WebSocket, conn: Connection) -> None:
+    # The raw ASGI send skips Starlette's per-message state checks on the hot path.
+    send = websocket._send
+    try:
+        while batch := await conn.next_batch():
+            for frame in batch:
+                await send({"type": "websocket.send", "text": frame})
+    except Exception:  # noqa: BLE001 - the peer went away; the receive side sees the disconnect
+        return
+
+
+async def _receive_forever(
+    websocket: WebSocket, conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
+) -> asyncio.TimerHandle:
+    bucket = TokenBucket(runtime.settings.max_inbound_rate)
+    while not conn.closed:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            break
+        if bucket.take():
+            conn.close(CloseCode.TOO_MANY, "too many frames per second")
+            break
+        text = message.get("text")
+        try:
+            if text is None:
+                raise BadFrame("binary_not_supported", "send JSON text frames, not binary")
+            frame = parse_client_frame(text)
+            expiry = await _handle(frame, conn, runtime, expiry)
+        except BadFrame as exc:
+            runtime.metrics.errors.labels(exc.code).inc()
+            conn.push(error(exc.code, exc.message))
+    return expiry
+
+
+async def _handle(
+    frame: dict[str, Any], conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
+) -> asyncio.TimerHandle:
+    kind = frame["type"]
+    if kind == "ping":
+        conn.push(PONG)
+    elif kind == "ack":
+        up_to = frame.get("id")
+        if not isinstance(up_to, str) or parse_id(up_to) is None:
+            raise BadFrame("invalid_id", 'ack needs "id": a notification id')
+        try:
+            await runtime.broker.mark_read(conn.user_id, up_to)
+        except BrokerUnavailable as exc:
+            raise BadFrame("unavailable", exc.message) from None
+    elif kind == "refresh":
+        token = frame.get("token")
+        try:
+            principal = await runtime.verifier.verify(token if isinstance(token, str) else None)
+        except InvalidToken as exc:
+            raise BadFrame("invalid_token", exc.message) from None
+        if principal.user_id != conn.user_id:
+            raise BadFrame("invalid_token", "the new token is for another user")
+        expiry.cancel()
+        conn.expires_at = principal.expires_at
+        conn.push(encode({"type": "refreshed", "expires_at": int(principal.expires_at)}))
+        return schedule_expiry(conn)
+    else:
+        raise BadFrame("unknown_type", f"unknown frame type {kind[:40]!r}; expected ping, ack or refresh")
+    return expiry

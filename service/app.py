@@ -1,0 +1,102 @@
+"""create_app(settings): the FastAPI app; its lifespan owns the broker, hub and metrics."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api import events, health, inbox, publish, ws
+from .auth import TokenVerifier
+from .broker import create_broker
+from .errors import RateLimited, ServiceError
+from .hub import Hub
+from .limits import BodyLimit
+from .logs import AccessLog
+from .metrics import Metrics
+from .runtime import Runtime
+from .settings import Settings
+
+logger = logging.getLogger("service")
+
+DESCRIPTION = """User-targeted real-time notifications.
+
+Backends publish with `POST /notify/{user_id}` and `POST /broadcast` (scope `notify:publish`);
+clients receive on `GET /ws` (WebSocket) or `GET /events` (Server-Sent Events) with their JWT.
+The socket protocol is described in `openapi/asyncapi.yaml`."""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; nothing is connected until its lifespan starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        replica_id = uuid.uuid4().hex[:12]
+        metrics = Metrics(replica_id)
+        broker = create_broker(settings, replica_id, metrics)
+        hub = Hub(broker, metrics, settings.max_connections_per_user)
+        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings))
+        app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
+        await broker.start(hub.on_frame, hub.on_gap)
+        logger.info("replica %s started", replica_id, extra={"replica": replica_id})
+        try:
+            yield {"runtime": runtime}
+        finally:
+            await broker.stop()
+
+    app = FastAPI(
+        title="notify-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    for module in (publish, inbox, events, ws, health):
+        app.include_router(module.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
+    if settings.access_log:
+        app.add_middleware(AccessLog)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        _count(request, exc.code)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, RateLimited) else None
+        if exc.status_code == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count(request, "invalid_request")
+        details = [
+            {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
+            for error in exc.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details[:5])
+        return JSONResponse({"error": "invalid_request", "message": summary, "details": details}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "invalid_token", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        message = "missing token" if exc.status_code == 401 else str(exc.detail)
+        return JSONResponse({"error": code, "message": message}, exc.status_code, headers=exc.headers)
+
+
+def _count(request: Request, code: str) -> None:
+    runtime: Runtime | None = getattr(request.state, "runtime", None)
+    if runtime is not None:
+        runtime.metrics.errors.labels(code).inc()

@@ -1,0 +1,28 @@
+"""Broker selection: Redis when NOTIFY_REDIS_URL is set, else the embedded in-process broker."""
+
+from __future__ import annotations
+
+import logging
+
+from ..metrics import Metrics
+from ..settings import Settings
+from .base import Broker, HistoryPage, Inbox, Published, ReadState, frame_id
+
+__all__ = ["Broker", "HistoryPage", "Inbox", "Published", "ReadState", "create_broker", "frame_id"]
+
+logger = logging.getLogger("service.broker")
+
+
+def create_broker(settings: Settings, replica_id: str, metrics: Metrics) -> Broker:
+    """The broker the settings ask for."""
+    if settings.redis_url is None:
+        from .memory import MemoryBroker
+
+        logger.info("broker: embedded (single replica); set NOTIFY_REDIS_URL to scale out")
+        return MemoryBroker(settings, replica_id)
+    if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"unsupported NOTIFY_REDIS_URL scheme: {settings.redis_url.split(':', 1)[0]!r}")
+    from .redis import RedisBroker
+
+    logger.info("broker: redis")
+    return RedisBroker(settings, replica_id, metrics)

@@ -1,0 +1,376 @@
+"""RedisBroker: Redis pub/sub between replicas, Redis streams for history.
+
+Channels are exact names, one per user plus one for broadcasts: a user id is never part of a
+pattern, so `a*` is just the user called `a*`. The subscription is proven alive by a probe that
+this replica publishes to itself; a probe that does not come back means the subscription is
+rebuilt and what was missed meanwhile is replayed from history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..errors import BrokerUnavailable
+from ..ids import id_key, is_recoverable
+from ..metrics import Metrics
+from ..settings import Settings
+from . import scripts
+from .base import FrameHandler, GapHandler, HistoryPage, Inbox, Published, ReadState, frame_id
+
+logger = logging.getLogger("service.broker")
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class RedisBroker:
+    """Fans out through Redis pub/sub and keeps history in Redis streams."""
+
+    def __init__(self, settings: Settings, replica_id: str, metrics: Metrics) -> None:
+        assert settings.redis_url is not None
+        self.replica_id = replica_id
+        self._settings = settings
+        self._metrics = metrics
+        p = settings.redis_prefix
+        self._key_seq, self._key_clock, self._key_replicas = f"{p}:seq", f"{p}:clock", f"{p}:replicas"
+        self._broadcast_channel = f"{p}:b"
+        self._broadcast_stream = f"{p}:bh"
+        self._probe_channel = f"{p}:probe:{replica_id}"
+        self._prefix = p
+        self._ttl_ms = settings.history_ttl_seconds * 1000
+        # Commands get a hard deadline; the pool blocks rather than opening a socket per stuck call.
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=settings.publish_timeout_seconds,
+            socket_connect_timeout=settings.publish_timeout_seconds,
+            retry=Retry(NoBackoff(), 1),
+            max_connections=64,
+        )
+        # The subscriber waits for messages indefinitely; the probe, not a socket timeout, finds stalls.
+        self._sub_client = aioredis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=settings.publish_timeout_seconds,
+            socket_keepalive=True,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._publish_script = self._redis.register_script(scripts.PUBLISH)
+        self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
+        self._unread_script = self._redis.register_script(scripts.UNREAD)
+
+        # Subscription state
+        self._users: set[str] = set()
+        self._pubsub: Any = None
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._subscribed = False
+        self._subscribed_once = False
+        self._last_probe = float("-inf")
+        self._watermark: str | None = None
+        self._run_id: str | None = None
+
+        # Presence: sockets per user on this replica, written to Redis in the background
+        self._presence: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+
+        self._on_frame: FrameHandler | None = None
+        self._on_gap: GapHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle
+
+    async def start(self, on_frame: FrameHandler, on_gap: GapHandler) -> None:
+        self._on_frame, self._on_gap = on_frame, on_gap
+        self._tasks = [
+            asyncio.create_task(self._subscription_forever(), name="redis-subscription"),
+            asyncio.create_task(self._probe_forever(), name="redis-probe"),
+            asyncio.create_task(self._presence_forever(), name="redis-presence"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(*_FAILURES):
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                pipe = self._redis.pipeline(transaction=False)
+                for user_id in self._presence:
+                    pipe.hdel(self._presence_key(user_id), self.replica_id)
+                pipe.zrem(self._key_replicas, self.replica_id)
+                await pipe.execute()
+        await self._close_pubsub()
+        await self._redis.aclose()
+        await self._sub_client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self._subscribed and time.monotonic() - self._last_probe < self._settings.probe_timeout_seconds
+
+    async def ping(self) -> None:
+        if not self.ready:
+            raise BrokerUnavailable("Redis subscription is not established")
+        await self._call(self._redis.ping())
+
+    # ---- subscriptions
+
+    async def subscribe(self, user_id: str) -> None:
+        self._users.add(user_id)
+        channel = self._user_channel(user_id)
+        if self._pubsub is None or not self._subscribed:
+            return  # the next (re)subscription includes it
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirmations[channel] = confirmed
+        try:
+            await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(self._settings.probe_timeout_seconds):
+                await confirmed
+        except (*_FAILURES, asyncio.CancelledError):
+            # The subscription loop notices a broken link and resubscribes every user it holds.
+            self._confirmations.pop(channel, None)
+            if not confirmed.done():
+                confirmed.cancel()
+
+    async def unsubscribe(self, user_id: str) -> None:
+        self._users.discard(user_id)
+        if self._pubsub is not None and self._subscribed:
+            with contextlib.suppress(*_FAILURES):
+                await self._pubsub.unsubscribe(self._user_channel(user_id))
+
+    def set_presence(self, user_id: str, sockets: int) -> None:
+        if sockets:
+            self._presence[user_id] = sockets
+        else:
+            self._presence.pop(user_id, None)
+        self._dirty.add(user_id)
+        self._dirty_event.set()
+
+    # ---- publish and history
+
+    async def publish(
+        self, user_id: str | None, event_json: str, data_json: str, idempotency_key: str | None
+    ) -> Published:
+        s = self._settings
+        if user_id is None:
+            stream, channel, presence = self._broadcast_stream, self._broadcast_channel, f"{self._prefix}:o"
+        else:
+            stream, channel, presence = self._stream(user_id), self._user_channel(user_id), self._presence_key(user_id)
+        idem = f"{self._prefix}:i:{hashlib.sha256(idempotency_key.encode()).hexdigest()}" if idempotency_key else ""
+        keys = [stream, channel, self._key_seq, self._key_clock, idem or f"{self._prefix}:i:-", presence, self._key_replicas]
+        args = [
+            event_json, data_json, s.history_size, self._ttl_ms, s.idempotency_ttl_seconds * 1000,
+            "1" if user_id is None else "0", "1" if idem else "0", int(s.probe_timeout_seconds * 3000),
+        ]
+        id_, duplicate, online = await self._call(self._publish_script(keys=keys, args=args))
+        return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
+
+    async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
+        stream = self._broadcast_stream if user_id is None else self._stream(user_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrange(stream, f"({after}", "+", count=limit)
+        pipe.xinfo_stream(stream)
+        entries, info = await self._call(pipe.execute(raise_on_error=False))
+        if isinstance(entries, Exception):
+            raise BrokerUnavailable("could not read history") from entries
+        max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
+        recovered = is_recoverable(id_key(after), max_deleted, time.time_ns() // 1_000_000, self._ttl_ms)
+        return HistoryPage([fields["f"] for _, fields in entries], recovered)
+
+    async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
+        stream = self._stream(user_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrevrange(stream, f"({before}" if before else "+", "-", count=limit)
+        pipe.evalsha(self._unread_script.sha, 2, self._read_key(user_id), stream)
+        try:
+            entries, unread = await self._call(pipe.execute())
+        except BrokerUnavailable:
+            raise
+        return Inbox([fields["f"] for _, fields in entries], int(unread))
+
+    async def mark_read(self, user_id: str, up_to: str) -> int:
+        keys = [self._read_key(user_id), self._stream(user_id), self._user_channel(user_id)]
+        return int(await self._call(self._mark_read_script(keys=keys, args=[up_to, self._ttl_ms])))
+
+    async def read_state(self, user_id: str, notification_id: str) -> ReadState:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._read_key(user_id))
+        pipe.xrange(self._stream(user_id), notification_id, notification_id)
+        marker, entries = await self._call(pipe.execute())
+        read = marker is not None and id_key(notification_id) <= id_key(marker)
+        return ReadState(read=read, retained=bool(entries))
+
+    # ---- keys
+
+    def _stream(self, user_id: str) -> str:
+        return f"{self._prefix}:h:{user_id}"
+
+    def _user_channel(self, user_id: str) -> str:
+        return f"{self._prefix}:u:{user_id}"
+
+    def _read_key(self, user_id: str) -> str:
+        return f"{self._prefix}:r:{user_id}"
+
+    def _presence_key(self, user_id: str) -> str:
+        return f"{self._prefix}:o:{user_id}"
+
+    async def _call(self, awaitable: Any) -> Any:
+        """Run one Redis call under the publish deadline; every failure becomes BrokerUnavailable."""
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                return await awaitable
+        except BrokerUnavailable:
+            raise
+        except _FAILURES as exc:
+            self._metrics.broker_errors.inc()
+            raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+
+    # ---- background loops
+
+    async def _subscription_forever(self) -> None:
+        """Keep one subscription alive; on any break, rebuild it and replay the gap."""
+        attempt = 0
+        while True:
+            try:
+                await self._subscribe_all()
+                attempt = 0
+                await self._read_messages()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: rebuild the subscription
+                if self._subscribed:
+                    logger.warning("redis subscription lost: %s", exc or type(exc).__name__)
+                self._metrics.broker_errors.inc()
+            self._subscribed = False
+            await self._close_pubsub()
+            attempt += 1
+            self._metrics.broker_reconnects.inc()
+            # Capped exponential backoff with full jitter: replicas do not stampede a returning Redis.
+            cap = min(self._settings.reconnect_max_seconds, 0.1 * 2**min(attempt, 10))
+            await asyncio.sleep(random.uniform(cap / 2, cap))
+
+    async def _subscribe_all(self) -> None:
+        pubsub = self._sub_client.pubsub()
+        self._pubsub = pubsub
+        channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, self._users)]
+        async with asyncio.timeout(self._settings.probe_timeout_seconds):
+            await pubsub.subscribe(*channels)
+            pending = set(channels)
+            while pending:
+                message = await pubsub.get_message(timeout=self._settings.probe_timeout_seconds)
+                if message is not None and message["type"] == "subscribe":
+                    pending.discard(message["channel"])
+            info = await self._redis.info("server")
+            head = await self._redis.mget(self._key_clock, self._key_seq)
+        run_id = info.get("run_id")
+        gap_from = self._watermark if self._subscribed_once else None
+        self._subscribed_once = True
+        restarted = self._run_id is not None and run_id != self._run_id
+        self._run_id = run_id
+        head_id = f"{head[0]}-{head[1]}" if head[0] and head[1] else "0-0"
+        if restarted:
+            self._dirty.update(self._presence)  # Redis lost them with the rest of its data
+            self._dirty_event.set()
+        if gap_from is None:
+            self._watermark = head_id
+        self._subscribed = True
+        self._last_probe = time.monotonic()
+        if self._on_gap is not None and (gap_from is not None or restarted):
+            # Redis lost its data when it restarted: nothing to replay from, clients must refetch.
+            await self._on_gap(None if restarted else gap_from)
+            self._watermark = max(self._watermark or "0-0", head_id, key=id_key)
+        logger.info("redis subscription ready: %d channels", len(channels))
+
+    async def _read_messages(self) -> None:
+        pubsub = self._pubsub
+        on_frame = self._on_frame
+        assert on_frame is not None
+        user_prefix = f"{self._prefix}:u:"
+        skip = len(user_prefix)
+        timeout = self._settings.probe_timeout_seconds
+        while True:
+            message = await pubsub.get_message(timeout=self._settings.probe_interval_seconds)
+            now = time.monotonic()
+            if message is None:
+                if now - self._last_probe > timeout:
+                    self._metrics.probe_failures.inc()
+                    raise ConnectionError(f"no probe back from Redis for {timeout:g}s")
+                continue
+            kind, channel, data = message["type"], message["channel"], message["data"]
+            if kind == "message":
+                self._metrics.broker_last_message.set(time.time())
+                if channel == self._probe_channel:
+                    self._last_probe = now
+                    continue
+                id_ = frame_id(data)
+                if id_ is not None:
+                    self._watermark = id_
+                on_frame(channel[skip:] if channel.startswith(user_prefix) else None, data)
+            elif kind == "subscribe":
+                confirmed = self._confirmations.pop(channel, None)
+                if confirmed is not None and not confirmed.done():
+                    confirmed.set_result(None)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        for confirmed in self._confirmations.values():
+            if not confirmed.done():
+                confirmed.cancel()
+        self._confirmations.clear()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await pubsub.aclose()
+
+    async def _probe_forever(self) -> None:
+        """Publish a probe to ourselves and refresh this replica's heartbeat, every interval."""
+        interval = self._settings.probe_interval_seconds
+        while True:
+            try:
+                async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                    pipe = self._redis.pipeline(transaction=False)
+                    pipe.zadd(self._key_replicas, {self.replica_id: time.time_ns() // 1_000_000})
+                    pipe.publish(self._probe_channel, "probe")
+                    await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._metrics.probe_failures.inc()
+                logger.debug("probe failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _presence_forever(self) -> None:
+        """Write changed socket counts to Redis, batched; rewritten in full after a Redis restart."""
+        while True:
+            await self._dirty_event.wait()
+            await asyncio.sleep(0.01)  # let a burst of connects coalesce into one pipeline
+            self._dirty_event.clear()
+            dirty, self._dirty = self._dirty, set()
+            try:
+                async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                    pipe = self._redis.pipeline(transaction=False)
+                    for user_id in dirty:
+                        key, count = self._presence_key(user_id), self._presence.get(user_id, 0)
+                        if count:
+                            pipe.hset(key, self.replica_id, count)
+                            pipe.pexpire(key, self._ttl_ms)
+                        else:
+                            pipe.hdel(key, self.replica_id)
+                    await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                self._dirty |= dirty
+                self._dirty_event.set()
+                await asyncio.sleep(1.0)

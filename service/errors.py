@@ -1,0 +1,63 @@
+"""Errors the service raises on purpose, each mapped to one HTTP status in `app.py`.
+
+    ServiceError
+    ├── InvalidToken        401  no token, bad signature, expired, wrong audience/issuer, no `sub`
+    ├── MissingScope        403  a valid token without the scope the route needs
+    ├── NotFound            404
+    ├── InvalidRequest      422  a body or parameter that breaks the contract
+    ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
+    ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
+    └── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error with a status and a message meant for the caller."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidToken(ServiceError):
+    status_code = 401
+    code = "invalid_token"
+
+
+class MissingScope(ServiceError):
+    status_code = 403
+    code = "missing_scope"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class RateLimited(ServiceError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BrokerUnavailable(ServiceError):
+    status_code = 503
+    code = "broker_unavailable"

@@ -1,0 +1,59 @@
+"""Frames on the client socket, built and parsed without any socket; close codes."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+import orjson
+
+
+class CloseCode(IntEnum):
+    """Close codes a client may see, and what each means."""
+
+    NORMAL = 1000
+    MESSAGE_TOO_BIG = 1009  # inbound frame over NOTIFY_MAX_INBOUND_BYTES
+    SERVICE_RESTART = 1012  # replica draining: reconnect (with `since`) after a short random delay
+    SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect with `since`
+    UNAUTHORIZED = 4401  # missing, invalid or expired token: get a new token before reconnecting
+    TOO_MANY = 4029  # too many sockets for this user, or too many frames per second
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def welcome(user_id: str, connection_id: str, recovered: bool | None, expires_at: float) -> str:
+    frame: dict[str, Any] = {"type": "welcome", "user": user_id, "connection_id": connection_id}
+    if recovered is not None:
+        frame["recovered"] = recovered
+    frame["expires_at"] = int(expires_at)
+    return encode(frame)
+
+
+def error(code: str, message: str) -> str:
+    return encode({"type": "error", "code": code, "message": message})
+
+
+PONG = '{"type":"pong"}'
+RESYNC = '{"type":"resync"}'
+
+
+class BadFrame(Exception):
+    """An inbound frame the server cannot act on; answered with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def parse_client_frame(text: str) -> dict[str, Any]:
+    """A client frame as a dict with a string `type`, or BadFrame."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise BadFrame("invalid_json", "frame is not valid JSON") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        raise BadFrame("invalid_frame", 'frame must be a JSON object with a string "type"')
+    return frame

@@ -1,0 +1,125 @@
+"""Hub: this replica's registry of open connections by user, and local delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .broker import Broker
+from .connection import Connection
+from .errors import BrokerUnavailable
+from .frames import RESYNC
+from .ids import IdKey, id_key
+from .metrics import Metrics
+
+logger = logging.getLogger("service.hub")
+
+_REPLAY_LIMIT = 10_000
+
+
+class TooManyConnections(Exception):
+    """The user already has the maximum number of sockets on this replica."""
+
+
+class Hub:
+    """Maps user id -> open connections; subscribes a user's channel while they have one."""
+
+    def __init__(self, broker: Broker, metrics: Metrics, max_per_user: int) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._max_per_user = max_per_user
+        self._users: dict[str, set[Connection]] = {}
+        self._all: set[Connection] = set()
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
+        # Newest id delivered per user (None: broadcasts), so a replayed gap is never sent twice.
+        self._last: dict[str | None, IdKey] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    @property
+    def connections(self) -> set[Connection]:
+        return self._all
+
+    def count(self, user_id: str) -> int:
+        return len(self._users.get(user_id, ()))
+
+    async def register(self, conn: Connection) -> None:
+        """Add a connection; once this returns, every frame published for its user reaches it."""
+        conns = self._users.get(conn.user_id)
+        if conns is not None and len(conns) >= self._max_per_user:
+            raise TooManyConnections(conn.user_id)
+        first = conns is None
+        if first:
+            conns = self._users[conn.user_id] = set()
+            self._metrics.users_online.inc()
+        conns.add(conn)
+        self._all.add(conn)
+        self._metrics.connections.inc()
+        self._broker.set_presence(conn.user_id, len(conns))
+        if first:
+            pending = self._subscribing[conn.user_id] = asyncio.get_running_loop().create_future()
+            try:
+                await self._broker.subscribe(conn.user_id)
+            finally:
+                pending.set_result(None)
+                if self._subscribing.get(conn.user_id) is pending:
+                    del self._subscribing[conn.user_id]
+        elif conn.user_id in self._subscribing:
+            await asyncio.shield(self._subscribing[conn.user_id])
+
+    async def unregister(self, conn: Connection) -> None:
+        conns = self._users.get(conn.user_id)
+        if conns is None or conn not in conns:
+            return
+        conns.discard(conn)
+        self._all.discard(conn)
+        self._metrics.connections.dec()
+        self._broker.set_presence(conn.user_id, len(conns))
+        if not conns:
+            del self._users[conn.user_id]
+            self._last.pop(conn.user_id, None)
+            self._metrics.users_online.dec()
+            await self._broker.unsubscribe(conn.user_id)
+
+    def on_frame(self, user_id: str | None, frame: str) -> None:
+        """Deliver one frame from the broker to this replica's sockets: encoded once, queued to each."""
+        if frame.startswith('{"type":"notification"'):
+            id_ = frame[29 : frame.index('"', 29)]
+            key = id_key(id_)
+            last = self._last.get(user_id)
+            if last is not None and key <= last:
+                self._metrics.dropped.labels("duplicate").inc()
+                return
+            self._last[user_id] = key
+            ts = int(frame[frame.rindex('"ts":') + 5 :].rstrip("}").split(",", 1)[0])
+            self._metrics.delivery_latency.observe(max(0.0, time.time() - ts / 1000))
+        targets = self._all if user_id is None else self._users.get(user_id)
+        if not targets:
+            return
+        for conn in targets:
+            conn.push(frame)
+        self._metrics.delivered.inc(len(targets))
+
+    async def on_gap(self, after: str | None) -> None:
+        """After the subscription broke: replay what every local socket missed, or ask for a resync."""
+        if after is None:
+            self._resync(self._all)
+            return
+        targets: list[str | None] = [None, *self._users]
+        for target in targets:
+            try:
+                page = await self._broker.history(target, after, _REPLAY_LIMIT)
+            except BrokerUnavailable:
+                page = None
+            if page is None or not page.recovered:
+                self._resync(self._all if target is None else self._users.get(target, ()))
+                continue
+            for frame in page.frames:
+                self.on_frame(target, frame)
+        logger.info("replayed the subscription gap to %d users", len(targets) - 1)
+
+    def _resync(self, conns: set[Connection] | tuple[()]) -> None:
+        for conn in conns:
+            conn.push(RESYNC)

@@ -1,0 +1,44 @@
+"""Notification ids and user ids.
+
+A notification id is `<unix ms>-<seq>`, which is also its Redis stream id. `seq` comes from one
+counter shared by every stream and `ms` never goes backwards, so ids are unique across users and
+broadcasts, and `(ms, seq)` orders any two of them the way they were published, even after Redis
+lost its data and the counter started again.
+"""
+
+from __future__ import annotations
+
+import re
+
+IdKey = tuple[int, int]
+
+_ID = re.compile(r"^([0-9]{1,15})-([0-9]{1,19})$")
+# 1 to 256 characters, none of them whitespace or a control character (C0, DEL, C1).
+_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f]{1,256}$")
+
+USER_ID_RULE = "1 to 256 characters, no whitespace or control characters"
+
+
+def parse_id(value: str) -> IdKey | None:
+    """The order key of a well-formed id, else None."""
+    match = _ID.match(value)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def id_key(value: str) -> IdKey:
+    """The order key of an id this service made (no validation)."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq)
+
+
+def is_valid_user_id(value: str) -> bool:
+    """User ids are 1-256 characters without whitespace or control characters; globs are ordinary."""
+    return bool(_USER_ID.match(value))
+
+
+def is_recoverable(after: IdKey, max_deleted: IdKey, now_ms: int, ttl_ms: int) -> bool:
+    """Whether everything after `after` is still retained.
+
+    True when no entry after the cursor was trimmed, and the cursor is young enough that an
+    idle stream cannot have expired with entries after it."""
+    return after >= max_deleted and after[0] >= now_ms - ttl_ms

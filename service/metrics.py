@@ -1,0 +1,48 @@
+"""Prometheus collectors on a registry the app owns (never the process-global default)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the service exports; one instance per app."""
+
+    def __init__(self, replica_id: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        labels = {"replica": replica_id}
+        self.connections = Gauge("notify_connections", "Open client sockets (WebSocket and SSE).", [], registry=r)
+        self.users_online = Gauge("notify_users_online", "Users with at least one socket on this replica.", registry=r)
+        self.replica_info = Gauge("notify_replica_info", "Identity of this replica.", ["replica"], registry=r)
+        self.replica_info.labels(**labels).set(1)
+        self.published = Counter(
+            "notify_notifications_published", "Notifications accepted by the publish API.", ["kind"], registry=r
+        )
+        self.delivered = Counter(
+            "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
+        )
+        self.dropped = Counter(
+            "notify_notifications_dropped", "Frames not delivered to a socket, by reason.", ["reason"], registry=r
+        )
+        self.errors = Counter("notify_errors", "Error answers and error frames, by code.", ["code"], registry=r)
+        self.slow_consumers = Counter("notify_slow_consumers", "Sockets closed for not reading (4008).", registry=r)
+        self.publish_latency = Histogram(
+            "notify_publish_latency_seconds", "Time to hand one notification to the broker.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "notify_delivery_latency_seconds", "From publish (notification ts) to the frame reaching this replica's sockets.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.broker_reconnects = Counter("notify_broker_reconnects", "Times the Redis subscription was rebuilt.", registry=r)
+        self.probe_failures = Counter("notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r)
+        self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
+        self.broker_last_message = Gauge(
+            "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,104 @@
+"""REST bodies: what the publish, inbox and read APIs accept and answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+USER_ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]{1,256}$"
+NOTIFICATION_ID_PATTERN = r"^[0-9]{1,15}-[0-9]{1,19}$"
+
+UserId = Annotated[str, Field(min_length=1, max_length=256, pattern=USER_ID_PATTERN, examples=["alice"])]
+EventName = Annotated[
+    str,
+    Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$", examples=["order.shipped"]),
+]
+NotificationId = Annotated[str, Field(pattern=NOTIFICATION_ID_PATTERN, examples=["1764079200000-42"])]
+
+
+class PublishRequest(BaseModel):
+    """One notification: an event name and any JSON value."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"event": "order.shipped", "data": {"order": 7}}]})
+
+    event: EventName
+    data: Any = None
+
+
+class BatchItem(PublishRequest):
+    """One notification of a batch, with its recipient."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: UserId
+
+
+class PublishAccepted(BaseModel):
+    """The notification is stored and handed to every replica."""
+
+    id: str = Field(description="Unique, opaque; ordered within the user's (or the broadcast) stream.")
+    ts: int = Field(description="Publish time, unix milliseconds.")
+    online: int | None = Field(None, description="The user's open sockets across replicas (user notifications only).")
+    duplicate: bool = Field(False, description="True when an Idempotency-Key repeated an earlier request.")
+
+
+class BatchItemResult(BaseModel):
+    """The outcome of one batch item: `id` when accepted, else `error` with `status`."""
+
+    status: int
+    id: str | None = None
+    ts: int | None = None
+    online: int | None = None
+    error: str | None = None
+    message: str | None = None
+
+
+class BatchAccepted(BaseModel):
+    results: list[BatchItemResult]
+
+
+class NotificationItem(BaseModel):
+    """A stored notification, with the fields of its socket frame."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "notification"
+    id: str
+    event: str
+    data: Any = None
+    ts: int
+
+
+class InboxPage(BaseModel):
+    """A page of a user's notifications, newest first, and how many are unread."""
+
+    notifications: list[NotificationItem]
+    unread: int
+
+
+class MarkRead(BaseModel):
+    """Everything up to and including this id counts as read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    up_to: NotificationId
+
+
+class UnreadCount(BaseModel):
+    unread: int
+
+
+class NotificationStatus(BaseModel):
+    id: str
+    user: str
+    read: bool
+    retained: bool
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a stable code and a message saying what was wrong."""
+
+    error: str = Field(examples=["invalid_token"])
+    message: str = Field(examples=["token expired"])
+    details: list[dict[str, Any]] | None = None

@@ -1,0 +1,81 @@
+"""The one place the environment is read: every setting is `NOTIFY_<NAME>`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; defaults are the production defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="NOTIFY_", extra="ignore")
+
+    # Broker: unset means one replica on the in-process broker.
+    redis_url: str | None = None
+    # Namespace of every Redis key and channel, so several deployments can share one Redis.
+    redis_prefix: str = "notify"
+
+    # Authentication. At least one key source is required.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwks_min_refresh_seconds: float = 5.0
+
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Publish API.
+    max_payload_bytes: int = Field(65536, gt=0)
+    publish_timeout_seconds: float = Field(1.5, gt=0)
+    publish_rate: float | None = Field(None, gt=0)
+    batch_max_items: int = Field(500, gt=0)
+    max_batch_bytes: int = Field(1024 * 1024, gt=0)
+    idempotency_ttl_seconds: int = Field(300, gt=0)
+
+    # History.
+    history_size: int = Field(100, gt=0)
+    history_ttl_seconds: int = Field(86400, gt=0)
+
+    # Sockets.
+    ping_interval: float = Field(20.0, gt=0)
+    ping_timeout: float = Field(20.0, gt=0)
+    max_connections_per_user: int = Field(20, gt=0)
+    max_inbound_bytes: int = Field(4096, gt=0)
+    max_inbound_rate: float = Field(20.0, gt=0)
+    send_queue_frames: int = Field(1000, gt=0)
+    send_queue_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    sse_heartbeat_seconds: float = Field(15.0, gt=0)
+
+    # Broker liveness: a probe goes round through Redis every interval; no answer within the
+    # timeout means the subscription is dead and is rebuilt.
+    probe_interval_seconds: float = Field(1.0, gt=0)
+    probe_timeout_seconds: float = Field(3.0, gt=0)
+    reconnect_max_seconds: float = Field(10.0, gt=0)
+
+    # Shutdown: sockets are closed with 1012 spread over this many seconds.
+    drain_seconds: float = Field(10.0, ge=0)
+
+    log_level: str = "info"
+    log_json: bool = True
+    access_log: bool = True
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _require_a_key(self) -> Settings:
+        if not (self.jwt_secret or self.jwt_public_key or self.jwks_url):
+            raise ValueError(
+                "no JWT key configured: set NOTIFY_JWT_SECRET, NOTIFY_JWT_PUBLIC_KEY or NOTIFY_JWKS_URL"
+            )
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 16:
+            raise ValueError("NOTIFY_JWT_SECRET is too short: use at least 16 characters (32 random bytes is best)")
+        return self
