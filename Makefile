@@ -21,7 +21,7 @@ install: $(STAMP)
 run: install
 	@test -s .dev-secret || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > .dev-secret
 	@NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) -m service.devhelp --host $(HOST) --port $(PORT)
-	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" NOTIFY_LOG_JSON=false $(PY) -m service --host $(HOST) --port $(PORT)
+	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" NOTIFY_DEMO=true NOTIFY_LOG_JSON=false $(PY) -m service --host $(HOST) --port $(PORT)
 
 test: install
 	$(PY) -m pytest -q -m "not slow" --durations=10

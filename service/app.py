@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import events, health, inbox, publish, ws
+from .api import client_assets, events, health, inbox, publish, ws
 from .auth import TokenVerifier
 from .broker import create_broker
 from .errors import RateLimited, ServiceError
@@ -59,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
     )
-    for module in (publish, inbox, events, ws, health):
+    for module in (publish, inbox, events, ws, health, client_assets):
         app.include_router(module.router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)

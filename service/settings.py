@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
 
+    # Development only: serves /demo and mints demo tokens from the HS256 secret.
+    demo: bool = False
+
     log_level: str = "info"
     log_json: bool = True
     access_log: bool = True
