@@ -19,7 +19,7 @@ from .auth import TokenVerifier
 from .broker import create_broker
 from .errors import RateLimited, ServiceError
 from .hub import Hub
-from .limits import BodyLimit
+from .limits import RequestLimits
 from .logs import AccessLog
 from .metrics import Metrics
 from .runtime import Runtime
@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (publish, inbox, events, ws, health, client_assets):
         app.include_router(module.router)
     _install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
+    app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
     if settings.access_log:
         app.add_middleware(AccessLog)
     return app

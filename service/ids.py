@@ -21,7 +21,7 @@ USER_ID_RULE = "1 to 256 characters, no whitespace or control characters"
 
 def parse_id(value: str) -> IdKey | None:
     """The order key of a well-formed id, else None."""
-    match = _ID.match(value)
+    match = _ID.fullmatch(value)
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
@@ -33,7 +33,7 @@ def id_key(value: str) -> IdKey:
 
 def is_valid_user_id(value: str) -> bool:
     """User ids are 1-256 characters without whitespace or control characters; globs are ordinary."""
-    return bool(_USER_ID.match(value))
+    return bool(_USER_ID.fullmatch(value))
 
 
 def is_recoverable(after: IdKey, max_deleted: IdKey, now_ms: int, ttl_ms: int) -> bool:

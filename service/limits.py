@@ -1,13 +1,19 @@
-"""BodyLimit: refuses request bodies over the configured size before any parsing."""
+"""RequestLimits: refuses oversized bodies and paths with control characters before any routing."""
 
 from __future__ import annotations
+
+import re
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyLimit:
-    """Pure ASGI middleware: 413 for a body over `limit` bytes (`batch_limit` on the batch route)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RequestLimits:
+    """Pure ASGI middleware: 413 for a body over `limit` bytes (`batch_limit` on the batch route), and
+    422 for a path with control characters (routing would otherwise cut a trailing newline off an id)."""
 
     def __init__(self, app: ASGIApp, limit: int, batch_limit: int) -> None:
         self.app = app
@@ -15,6 +21,9 @@ class BodyLimit:
         self.batch_limit = batch_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _CONTROL.search(scope["path"]):
+            await _error(send, 422, "invalid_request", "the path contains control characters")
+            return
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
@@ -52,11 +61,15 @@ class BodyLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = orjson.dumps({"error": "payload_too_large", "message": f"request body is over {limit} bytes"})
+    await _error(send, 413, "payload_too_large", f"request body is over {limit} bytes")
+
+
+async def _error(send: Send, status: int, code: str, message: str) -> None:
+    body = orjson.dumps({"error": code, "message": message})
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         }
     )

@@ -11,7 +11,7 @@ from .settings import Settings
 
 def document() -> dict[str, Any]:
     """The OpenAPI document; independent of any real key or broker."""
-    app = create_app(Settings(jwt_secret="openapi-document-only-0000"))  # type: ignore[arg-type]
+    app = create_app(Settings(jwt_secret="openapi-document-only-0000000000000000"))  # type: ignore[arg-type]
     return app.openapi()
 
 

@@ -79,6 +79,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "no JWT key configured: set NOTIFY_JWT_SECRET, NOTIFY_JWT_PUBLIC_KEY or NOTIFY_JWKS_URL"
             )
-        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 16:
-            raise ValueError("NOTIFY_JWT_SECRET is too short: use at least 16 characters (32 random bytes is best)")
+        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
+            raise ValueError("NOTIFY_JWT_SECRET is too short: HS256 needs at least 32 characters")
         return self

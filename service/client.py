@@ -1,0 +1,626 @@
+"""Python clients: a publisher for backends and a listener for user-side consumers.
+
+Publishing (scope ``notify:publish``)::
+
+    async with Publisher("http://127.0.0.1:8000", token) as pub:
+        accepted = await pub.notify("alice", "order.shipped", {"order": 7})
+        await pub.broadcast("maintenance", {"in_minutes": 5})
+        results = await pub.notify_many([BatchItem("alice", "a"), BatchItem("bob", "b", [1])])
+
+``notify`` and ``broadcast`` always send an ``Idempotency-Key`` (one is generated when none is
+given) and retry 503s, 502/504s, 429s and network failures with capped exponential backoff and
+full jitter, reusing the same key: the server answers a repeated key with the first result, so a
+retry never delivers twice. Any other 4xx raises :class:`PublishError` carrying the server's JSON
+error at once.
+
+Listening (a user's token)::
+
+    async for notification in listen("ws://127.0.0.1:8000/ws", token_or_callable):
+        print(notification.event, notification.data)
+
+The listener follows docs/protocol.md: it reconnects with exponential backoff and full jitter,
+resumes with ``since`` / ``broadcast_since`` from the last ids it saw, drops duplicates by id,
+refetches the inbox when the server says it could not replay (``recovered: false`` or
+``resync``), refreshes the token before it expires when given a token callable, rotates through
+a list of URLs on reconnect, and stops on 4401 unless the token callable gives a new token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+__all__ = [
+    "BatchItem",
+    "BatchResult",
+    "Listener",
+    "ListenerError",
+    "Notification",
+    "NotifyError",
+    "PublishAccepted",
+    "PublishError",
+    "Publisher",
+    "Unauthorized",
+    "listen",
+]
+
+logger = logging.getLogger("service.client")
+
+TokenSource = str | Callable[[], str | Awaitable[str]]
+"""A token, or a (sync or async) callable that returns a current one."""
+
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+# ---------------------------------------------------------------- errors
+
+
+class NotifyError(Exception):
+    """Base of every error this module raises."""
+
+
+class PublishError(NotifyError):
+    """The server refused a publish (4xx), or it still failed after every retry.
+
+    ``status`` is the HTTP status (None when no answer came back), ``error`` and ``message`` the
+    server's JSON error body (``{"error": ..., "message": ..., "details": ...}``)."""
+
+    def __init__(
+        self, status: int | None, error: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(f"{status or 'no answer'} {error}: {message}")
+        self.status = status
+        self.error = error
+        self.message = message
+        self.details = details
+
+
+class ListenerError(NotifyError):
+    """The listener stopped for a reason that retrying cannot fix (e.g. 1009, a refused handshake)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unauthorized(ListenerError):
+    """Closed with 4401 (token missing, invalid or expired) and no new token to retry with."""
+
+
+# ---------------------------------------------------------------- publisher
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAccepted:
+    """What the server answered: the notification id, publish time (unix ms), and for user
+    notifications how many sockets of the user were online. ``duplicate`` is True when the
+    idempotency key repeated an earlier request (nothing was delivered again)."""
+
+    id: str
+    ts: int
+    online: int | None = None
+    duplicate: bool = False
+    idempotency_key: str | None = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One notification of a ``notify_many`` batch."""
+
+    user: str
+    event: str
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The outcome of one batch item: ``id`` when accepted (status 202), else ``error``."""
+
+    status: int
+    id: str | None = None
+    ts: int | None = None
+    online: int | None = None
+    error: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 202
+
+
+class Publisher:
+    """An async client for the publish API (``POST /notify/{user}``, ``/broadcast``, ``/notify``).
+
+    ``token`` is a JWT with the ``notify:publish`` scope, or a callable returning a current one
+    (called before every request). ``max_attempts`` bounds the tries of one call; the delay
+    before try n+1 is uniform in ``[0, min(backoff_max, backoff_base * 2**n)]``, or the server's
+    ``Retry-After`` on 429. Keep the total well under the server's idempotency window
+    (``NOTIFY_IDEMPOTENCY_TTL_SECONDS``, 300 s by default)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: TokenSource,
+        *,
+        timeout: float = 10.0,
+        max_attempts: int = 6,
+        backoff_base: float = 0.2,
+        backoff_max: float = 5.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._own_client = client is None
+        self._http = client or httpx.AsyncClient(timeout=timeout)
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._http.aclose()
+
+    async def notify(
+        self, user: str, event: str, data: Any = None, *, idempotency_key: str | None = None
+    ) -> PublishAccepted:
+        """Deliver one notification to every open socket of ``user``; retried safely."""
+        return await self._publish(f"/notify/{quote(user, safe='')}", event, data, idempotency_key)
+
+    async def broadcast(self, event: str, data: Any = None, *, idempotency_key: str | None = None) -> PublishAccepted:
+        """Deliver one notification to every connected user; retried safely."""
+        return await self._publish("/broadcast", event, data, idempotency_key)
+
+    async def notify_many(self, items: Iterable[BatchItem | Mapping[str, Any]]) -> list[BatchResult]:
+        """Publish a batch (``POST /notify``); one result per item, in order.
+
+        The batch API takes no idempotency key, so only failures that prove nothing was published
+        are retried (connection refused, 429, a 503 for the whole request). An item answered 503
+        may or may not have been stored: check it, or send it again with ``notify`` and a key."""
+        body = [_batch_item(item) for item in items]
+        response, _ = await self._send("POST", "/notify", body, None, unsafe_retry=False)
+        return [
+            BatchResult(**{k: v for k, v in r.items() if k in BatchResult.__dataclass_fields__})
+            for r in response.json()["results"]
+        ]
+
+    async def _publish(self, path: str, event: str, data: Any, idempotency_key: str | None) -> PublishAccepted:
+        key = idempotency_key or uuid.uuid4().hex
+        response, attempts = await self._send("POST", path, {"event": event, "data": data}, key, unsafe_retry=True)
+        body = response.json()
+        return PublishAccepted(
+            id=body["id"], ts=body["ts"], online=body.get("online"), duplicate=bool(body.get("duplicate")),
+            idempotency_key=key, attempts=attempts,
+        )
+
+    async def _send(
+        self, method: str, path: str, body: Any, key: str | None, *, unsafe_retry: bool
+    ) -> tuple[httpx.Response, int]:
+        """Send with retries. ``unsafe_retry``: the request is idempotent, so a retry after an
+        answer that never came (timeout, dropped connection) is safe too."""
+        last: PublishError | None = None
+        for attempt in range(1, self._max_attempts + 1):
+            headers = {"Authorization": f"Bearer {await _resolve(self._token)}"}
+            if key is not None:
+                headers["Idempotency-Key"] = key
+            retry_after: float | None = None
+            try:
+                response = await self._http.request(method, self.base_url + path, json=body, headers=headers)
+            except httpx.ConnectError as exc:  # nothing was sent: always safe to retry
+                last = PublishError(None, "connection_error", f"{type(exc).__name__}: {exc}")
+            except httpx.TransportError as exc:
+                last = PublishError(None, "connection_error", f"{type(exc).__name__}: {exc}")
+                if not unsafe_retry:
+                    raise last from exc
+            else:
+                if response.status_code < 400:
+                    return response, attempt
+                last = _error_from(response)
+                if response.status_code not in _RETRY_STATUSES:
+                    raise last
+                retry_after = _retry_after(response)
+            if attempt == self._max_attempts:
+                break
+            delay = _full_jitter(self._backoff_base, self._backoff_max, attempt - 1)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, self._backoff_max * 2))
+            logger.info("publish %s failed (%s), retry %d in %.2fs", path, last, attempt, delay)
+            await asyncio.sleep(delay)
+        assert last is not None
+        raise last
+
+
+def _batch_item(item: BatchItem | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(item, BatchItem):
+        return {"user": item.user, "event": item.event, "data": item.data}
+    return dict(item)
+
+
+def _error_from(response: httpx.Response) -> PublishError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return PublishError(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
+    return PublishError(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    with contextlib.suppress(KeyError, ValueError):
+        return max(0.0, float(response.headers["retry-after"]))
+    return None
+
+
+def _full_jitter(base: float, cap: float, attempt: int) -> float:
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+async def _resolve(source: TokenSource) -> str:
+    if isinstance(source, str):
+        return source
+    value = source()
+    if inspect.isawaitable(value):
+        value = await value
+    return str(value)
+
+
+# ---------------------------------------------------------------- listener
+
+
+def _key(id_: str) -> tuple[int, int]:
+    ms, _, seq = id_.partition("-")
+    try:
+        return int(ms), int(seq)
+    except ValueError:
+        return (0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One notification as the socket delivered it; ``frame`` is the whole JSON frame."""
+
+    id: str
+    event: str
+    data: Any
+    ts: int
+    broadcast: bool = False
+    frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
+        return cls(
+            id=str(frame["id"]), event=str(frame["event"]), data=frame.get("data"), ts=int(frame.get("ts", 0)),
+            broadcast=bool(frame.get("broadcast", False)), frame=dict(frame),
+        )
+
+
+# Close codes: what the listener does after each (docs/protocol.md, "Close codes").
+_CLOSE_FATAL = {1009: "an inbound frame was too big"}
+_CLOSE_NORMAL = 1000
+_CLOSE_UNAUTHORIZED = 4401
+_CLOSE_TOO_MANY = 4029
+_CLOSE_RESTART = 1012
+
+
+class Listener:
+    """Iterate over a user's notifications across reconnects; see :func:`listen`.
+
+    Attributes a caller may read: ``state`` ("connecting", "open", "backoff", "closed"),
+    ``last_id`` / ``last_broadcast_id`` (the resume cursors), ``connection_id`` and ``url`` of the
+    current socket, ``reconnects`` (how many times it connected again after the first)."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: TokenSource,
+        *,
+        since: str | None = None,
+        broadcast_since: str | None = None,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_attempts: int | None = None,
+        refetch_on_gap: bool = True,
+        refresh_margin: float = 60.0,
+        open_timeout: float = 10.0,
+        dedupe_window: int = 2048,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ValueError("listen needs at least one URL")
+        self.urls = [_ws_url(u) for u in url_list]
+        self._token_source = token
+        self._token: str | None = token if isinstance(token, str) else None
+        self.last_id = since
+        self.last_broadcast_id = broadcast_since
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._max_attempts = max_attempts
+        self._refetch_on_gap = refetch_on_gap
+        self._refresh_margin = refresh_margin
+        self._open_timeout = open_timeout
+        self._seen: set[str] = set()
+        self._seen_order: deque[str] = deque()
+        self._dedupe_window = dedupe_window
+        self._connect_options = dict(connect_options or {})
+        self._url_index = 0
+        self._stopped = False
+        self._ws: Any = None
+        self.state = "connecting"
+        self.url: str | None = None
+        self.connection_id: str | None = None
+        self.reconnects = 0
+
+    def __aiter__(self) -> AsyncIterator[Notification]:
+        return self._run()
+
+    async def close(self) -> None:
+        """Stop: the iteration ends after the current socket closes."""
+        self._stopped = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+
+    # The main loop: connect, read until the socket closes, decide, back off, repeat.
+    async def _run(self) -> AsyncIterator[Notification]:
+        import websockets
+
+        failures = 0
+        first = True
+        while not self._stopped:
+            self.url = self.urls[self._url_index % len(self.urls)]
+            self._url_index += 1
+            if not first:
+                self.reconnects += 1
+            first = False
+            self.state = "connecting"
+            code: int | None = None
+            reason = ""
+            welcomed = False
+            try:
+                token = self._token if self._token is not None else await _resolve(self._token_source)
+                self._token = token
+                async with websockets.connect(
+                    self._connect_url(self.url),
+                    additional_headers={"Authorization": f"Bearer {token}"},
+                    open_timeout=self._open_timeout,
+                    **self._connect_options,
+                ) as ws:
+                    self._ws = ws
+                    async for item in self._session(ws):
+                        if item is None:  # the welcome
+                            welcomed = True
+                            failures = 0
+                            continue
+                        yield item
+                code, reason = _close_of(ws)
+            except websockets.ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (None, "connection lost")
+            except websockets.InvalidStatus as exc:
+                status = exc.response.status_code
+                if status not in (429, 502, 503, 504):
+                    self.state = "closed"
+                    raise ListenerError(f"handshake refused with HTTP {status}", status) from exc
+                reason = f"HTTP {status}"
+            except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+                if isinstance(exc, websockets.InvalidURI):
+                    raise ListenerError(f"invalid URL {self.url!r}") from exc
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._ws = None
+            if self._stopped:
+                break
+            if code == _CLOSE_NORMAL:
+                break
+            if code in _CLOSE_FATAL:
+                self.state = "closed"
+                raise ListenerError(f"closed with {code}: {_CLOSE_FATAL[code]}", code)
+            if code == _CLOSE_UNAUTHORIZED:
+                await self._new_token_or_raise(reason)
+            if not welcomed:
+                failures += 1
+            if self._max_attempts is not None and failures >= self._max_attempts:
+                self.state = "closed"
+                raise ListenerError(f"gave up after {failures} failed connection attempts: {reason or code}", code)
+            delay = _full_jitter(self._backoff_base, self._backoff_max, failures)
+            if code == _CLOSE_RESTART:  # the replica is draining: come back soon, but not all at once
+                delay = random.uniform(0.05, max(0.1, self._backoff_base))
+            elif code == _CLOSE_TOO_MANY:
+                delay = max(delay, random.uniform(self._backoff_base, self._backoff_max))
+            self.state = "backoff"
+            logger.info("socket closed (%s %s); reconnecting in %.2fs", code, reason, delay)
+            await asyncio.sleep(delay)
+        self.state = "closed"
+
+    async def _session(self, ws: Any) -> AsyncIterator[Notification | None]:
+        """Frames of one socket: None for the welcome, then notifications (deduped, in order)."""
+        refresher: asyncio.Task[None] | None = None
+        try:
+            async for raw in ws:
+                if not isinstance(raw, str):
+                    continue
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    continue
+                kind = frame.get("type") if isinstance(frame, dict) else None
+                if kind == "notification":
+                    notification = self._accept(frame)
+                    if notification is not None:
+                        yield notification
+                elif kind == "welcome":
+                    self.state = "open"
+                    self.connection_id = frame.get("connection_id")
+                    yield None
+                    if frame.get("recovered") is False:
+                        for notification in await self._refetch():
+                            yield notification
+                    refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
+                elif kind == "refreshed":
+                    refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
+                elif kind == "resync":
+                    for notification in await self._refetch():
+                        yield notification
+                elif kind == "error":
+                    logger.warning("server error frame: %s %s", frame.get("code"), frame.get("message"))
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+
+    def _accept(self, frame: dict[str, Any]) -> Notification | None:
+        """The notification, or None when already seen (by id, or behind its stream's cursor)."""
+        id_ = frame.get("id")
+        if not isinstance(id_, str) or id_ in self._seen:
+            return None
+        broadcast = bool(frame.get("broadcast"))
+        cursor = self.last_broadcast_id if broadcast else self.last_id
+        if cursor is not None and _key(id_) <= _key(cursor):
+            return None
+        self._remember(id_)
+        if broadcast:
+            self.last_broadcast_id = id_
+        else:
+            self.last_id = id_
+        try:
+            return Notification.from_frame(frame)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _remember(self, id_: str) -> None:
+        self._seen.add(id_)
+        self._seen_order.append(id_)
+        while len(self._seen_order) > self._dedupe_window:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _connect_url(self, url: str) -> str:
+        """The URL with resume cursors; a stream without a cursor of its own uses the other's."""
+        newest = max((c for c in (self.last_id, self.last_broadcast_id) if c), key=_key, default=None)
+        since = self.last_id or newest
+        broadcast_since = self.last_broadcast_id or newest
+        if since is None:
+            return url
+        parts = urlsplit(url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("since", "broadcast_since")]
+        query += [("since", since), ("broadcast_since", broadcast_since or since)]
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    async def _new_token_or_raise(self, reason: str) -> None:
+        rejected = self._token
+        self._token = None
+        if isinstance(self._token_source, str):
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401: {reason or 'unauthorized'}", _CLOSE_UNAUTHORIZED)
+        try:
+            fresh = await _resolve(self._token_source)
+        except Exception as exc:
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401 ({reason}) and the token callable failed: {exc}", 4401) from exc
+        if not fresh or fresh == rejected:
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401: {reason or 'unauthorized'}; no new token", _CLOSE_UNAUTHORIZED)
+        self._token = fresh
+
+    def _schedule_refresh(self, ws: Any, current: asyncio.Task[None] | None, expires_at: Any) -> asyncio.Task[None] | None:
+        """With a token callable, send a `refresh` frame `refresh_margin` seconds before `exp`."""
+        if current is not None:
+            current.cancel()
+        if isinstance(self._token_source, str) or not isinstance(expires_at, int | float):
+            return None
+        lifetime = expires_at - time.time()
+        delay = max(0.0, lifetime - min(self._refresh_margin, lifetime / 5))
+
+        async def refresh() -> None:
+            await asyncio.sleep(delay)
+            try:
+                token = await _resolve(self._token_source)
+                await ws.send(json.dumps({"type": "refresh", "token": token}))
+                self._token = token
+            except Exception as exc:  # noqa: BLE001 - the server closes with 4401 at exp; handled there
+                logger.warning("token refresh failed: %s", exc)
+
+        return asyncio.get_running_loop().create_task(refresh())
+
+    async def _refetch(self) -> list[Notification]:
+        """After a gap the server could not replay: the user's inbox entries newer than the cursor."""
+        if not self._refetch_on_gap or self.url is None or self._token is None:
+            return []
+        parts = urlsplit(self.url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        base_path = parts.path[: -len("/ws")] if parts.path.endswith("/ws") else parts.path.rstrip("/")
+        url = urlunsplit((scheme, parts.netloc, base_path + "/me/notifications", "limit=100", ""))
+        try:
+            async with httpx.AsyncClient(timeout=self._open_timeout) as http:
+                response = await http.get(url, headers={"Authorization": f"Bearer {self._token}"})
+            response.raise_for_status()
+            frames = response.json()["notifications"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            logger.warning("could not refetch the inbox after a gap: %s", exc)
+            return []
+        fresh = []
+        for frame in sorted(frames, key=lambda f: _key(str(f.get("id", "")))):
+            notification = self._accept(frame)
+            if notification is not None:
+                fresh.append(notification)
+        return fresh
+
+
+def listen(
+    url: str | Sequence[str],
+    token: TokenSource,
+    *,
+    since: str | None = None,
+    broadcast_since: str | None = None,
+    **options: Any,
+) -> Listener:
+    """Notifications of the token's user, forever: ``async for n in listen(url, token): ...``.
+
+    ``url``: ``ws://host:port/ws`` (``http(s)://host:port`` works too), or a list of them tried in
+    turn on each reconnect. ``token``: a JWT, or a callable (sync or async) returning one; with a
+    callable the listener refreshes the token before it expires and, on 4401, retries only when
+    the callable returns a different token. ``since`` / ``broadcast_since``: resume after these
+    ids on the first connection too. Other options: see :class:`Listener`.
+
+    Raises :class:`Unauthorized` on 4401 without a new token, :class:`ListenerError` on a refused
+    handshake, 1009 or after ``max_attempts`` failed connects in a row (default: never gives up).
+    A server's 1000 close ends the iteration."""
+    return Listener(url, token, since=since, broadcast_since=broadcast_since, **options)
+
+
+def _ws_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"not a WebSocket or HTTP URL: {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _close_of(ws: Any) -> tuple[int | None, str]:
+    """The close code and reason the server sent (None when the connection just dropped)."""
+    protocol = getattr(ws, "protocol", ws)
+    received = getattr(protocol, "close_rcvd", None)
+    if received is None:
+        return None, "connection lost"
+    return int(received.code), str(received.reason)

@@ -1,0 +1,114 @@
+"""Two replicas sharing Redis: delivery crosses replicas exactly once, with exact channels."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import quote
+
+from .utils import Client, publish, publisher_headers
+
+
+def uid(prefix: str = "c") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def test_each_socket_on_both_replicas_gets_it_exactly_once(pair, http):
+    """A user with sockets on both replicas gets each notification once per socket; others get nothing."""
+    a, b = pair
+    user, other = uid(), uid()
+    sockets = [await Client.connect(a, user), await Client.connect(a, user), await Client.connect(b, user)]
+    bystanders = [await Client.connect(a, other), await Client.connect(b, other)]
+    for s in sockets + bystanders:
+        await s.welcome()
+    await asyncio.sleep(0.1)  # presence is written in the background
+    ids = []
+    for n, origin in enumerate([a, b, a]):
+        response = await publish(http, origin, user, "x", n)
+        assert response.status_code == 202
+        ids.append(response.json()["id"])
+    assert response.json()["online"] == 3, "online counts sockets across replicas"
+    for s in sockets:
+        frames = await s.notifications(3)
+        assert [f["id"] for f in frames] == ids
+        await s.nothing(0.2)
+    for s in bystanders:
+        await s.nothing(0.1)
+    for s in sockets + bystanders:
+        await s.close()
+
+
+async def test_broadcast_reaches_everyone_on_both_replicas(pair, http):
+    """POST /broadcast on one replica reaches every socket on every replica, once."""
+    a, b = pair
+    clients = [await Client.connect(r, uid("bc")) for r in (a, b, a, b)]
+    for c in clients:
+        await c.welcome()
+    response = await publish(http, b, None, "all", {"v": 2})
+    assert response.status_code == 202
+    for c in clients:
+        [frame] = await c.notifications(1)
+        assert frame["id"] == response.json()["id"] and frame["broadcast"] is True
+        await c.nothing(0.1)
+        await c.close()
+
+
+async def test_order_is_kept_across_replicas(pair, http):
+    """One publisher's notifications to one user arrive in order on the other replica."""
+    a, b = pair
+    user = uid()
+    client = await Client.connect(b, user)
+    await client.welcome()
+    for n in range(200):
+        assert (await publish(http, a, user, "seq", n)).status_code == 202
+    assert [f["data"] for f in await client.notifications(200)] == list(range(200))
+    await client.close()
+
+
+async def test_glob_ids_reach_exactly_that_user_across_replicas(pair, http, redis_server):
+    """Channels are exact: `a*` on one replica does not reach `ab` on the other, and no pattern is subscribed."""
+    a, b = pair
+    suffix = uuid.uuid4().hex[:6]
+    star, plain = await Client.connect(b, f"a*{suffix}"), await Client.connect(b, f"ab{suffix}")
+    question, bracket = await Client.connect(b, f"user?1{suffix}"), await Client.connect(b, f"[x]{suffix}")
+    for c in (star, plain, question, bracket):
+        await c.welcome()
+    for target, client in ((f"a*{suffix}", star), (f"user?1{suffix}", question), (f"[x]{suffix}", bracket)):
+        response = await http.post(f"{a.url}/notify/{quote(target, safe='')}", json={"event": "g"},
+                                   headers=publisher_headers())
+        assert response.status_code == 202
+        assert (await client.notifications(1))[0]["event"] == "g"
+    await plain.nothing(0.3)
+    assert redis_server.command("PUBSUB", "NUMPAT") == "0"
+    for c in (star, plain, question, bracket):
+        await c.close()
+
+
+async def test_channel_is_released_when_the_last_socket_leaves(pair, redis_server):
+    """A replica subscribes a user's channel with the first socket and unsubscribes after the last."""
+    a, _ = pair
+    user = uid()
+    channel = f"{a.env['NOTIFY_REDIS_PREFIX']}:u:{user}"
+
+    def subscribers() -> int:
+        import redis
+
+        client = redis.Redis(port=redis_server.port)
+        try:
+            return int(dict(client.pubsub_numsub(channel))[channel.encode()])
+        finally:
+            client.close()
+
+    first, second = await Client.connect(a, user), await Client.connect(a, user)
+    await first.welcome()
+    await second.welcome()
+    assert subscribers() == 1
+    await first.close()
+    await asyncio.sleep(0.2)
+    assert subscribers() == 1
+    await second.close()
+    for _ in range(50):
+        if subscribers() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert subscribers() == 0
