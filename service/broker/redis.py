@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
-from ..ids import id_key, is_recoverable
+from ..ids import id_key, is_recoverable, parse_id
 from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
@@ -31,6 +31,8 @@ from .base import FrameHandler, GapHandler, HistoryPage, Inbox, Published, ReadS
 logger = logging.getLogger("service.broker")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+# A replica whose heartbeat is this old is gone (killed without saying goodbye): forget it.
+_FORGET_REPLICAS_MS = 600_000
 
 
 class RedisBroker:
@@ -68,6 +70,7 @@ class RedisBroker:
         self._publish_script = self._redis.register_script(scripts.PUBLISH)
         self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
         self._unread_script = self._redis.register_script(scripts.UNREAD)
+        self._mark_script = self._redis.register_script(scripts.MARK)
 
         # Subscription state
         self._users: set[str] = set()
@@ -192,11 +195,8 @@ class RedisBroker:
         stream = self._stream(user_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.xrevrange(stream, f"({before}" if before else "+", "-", count=limit)
-        pipe.evalsha(self._unread_script.sha, 2, self._read_key(user_id), stream)
-        try:
-            entries, unread = await self._call(pipe.execute())
-        except BrokerUnavailable:
-            raise
+        await self._unread_script(keys=[self._read_key(user_id), stream], client=pipe)
+        entries, unread = await self._call(pipe.execute())
         return Inbox([fields["f"] for _, fields in entries], int(unread))
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
@@ -263,22 +263,29 @@ class RedisBroker:
     async def _subscribe_all(self) -> None:
         pubsub = self._sub_client.pubsub()
         self._pubsub = pubsub
-        channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, self._users)]
+        users = set(self._users)
+        channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, users)]
         async with asyncio.timeout(self._settings.probe_timeout_seconds):
             await pubsub.subscribe(*channels)
-            pending = set(channels)
-            while pending:
-                message = await pubsub.get_message(timeout=self._settings.probe_timeout_seconds)
-                if message is not None and message["type"] == "subscribe":
-                    pending.discard(message["channel"])
+            await self._confirm(pubsub, set(channels), "subscribe")
+            # Users who connected or left while this ran: `subscribe`/`unsubscribe` left them to us.
+            for _ in range(10):
+                added, removed = self._users - users, users - self._users
+                if not added and not removed:
+                    break
+                users = set(self._users)
+                if added:
+                    await pubsub.subscribe(*map(self._user_channel, added))
+                    await self._confirm(pubsub, set(map(self._user_channel, added)), "subscribe")
+                if removed:
+                    await pubsub.unsubscribe(*map(self._user_channel, removed))
             info = await self._redis.info("server")
-            head = await self._redis.mget(self._key_clock, self._key_seq)
+            head_id = await self._mark(publish=False)
         run_id = info.get("run_id")
         gap_from = self._watermark if self._subscribed_once else None
         self._subscribed_once = True
         restarted = self._run_id is not None and run_id != self._run_id
         self._run_id = run_id
-        head_id = f"{head[0]}-{head[1]}" if head[0] and head[1] else "0-0"
         if restarted:
             self._dirty.update(self._presence)  # Redis lost them with the rest of its data
             self._dirty_event.set()
@@ -291,6 +298,19 @@ class RedisBroker:
             await self._on_gap(None if restarted else gap_from)
             self._watermark = max(self._watermark or "0-0", head_id, key=id_key)
         logger.info("redis subscription ready: %d channels", len(channels))
+
+    async def _confirm(self, pubsub: Any, pending: set[str], kind: str) -> None:
+        """Read until Redis confirmed every channel (nothing else can arrive before the confirmations)."""
+        while pending:
+            message = await pubsub.get_message(timeout=self._settings.probe_timeout_seconds)
+            if message is not None and message["type"] == kind:
+                pending.discard(message["channel"])
+
+    async def _mark(self, publish: bool) -> str:
+        """The current mark (see scripts.MARK); with `publish`, also sent round through our probe channel."""
+        keys = [self._key_clock, self._key_seq, self._key_replicas, self._probe_channel]
+        args = [self.replica_id, _FORGET_REPLICAS_MS, "1" if publish else "0"]
+        return str(await self._mark_script(keys=keys, args=args))
 
     async def _read_messages(self) -> None:
         pubsub = self._pubsub
@@ -311,7 +331,10 @@ class RedisBroker:
             if kind == "message":
                 self._metrics.broker_last_message.set(time.time())
                 if channel == self._probe_channel:
+                    # Everything published before the probe has been received: replays start later.
                     self._last_probe = now
+                    if parse_id(data) is not None and self._watermark is not None:
+                        self._watermark = max(self._watermark, data, key=id_key)
                     continue
                 id_ = frame_id(data)
                 if id_ is not None:
@@ -339,10 +362,7 @@ class RedisBroker:
         while True:
             try:
                 async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                    pipe = self._redis.pipeline(transaction=False)
-                    pipe.zadd(self._key_replicas, {self.replica_id: time.time_ns() // 1_000_000})
-                    pipe.publish(self._probe_channel, "probe")
-                    await pipe.execute()
+                    await self._mark(publish=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001

@@ -38,7 +38,16 @@ if ARGV[6] == '1' then tail = ',"broadcast":true}' end
 local frame = '{"type":"notification","id":"' .. id .. '","event":' .. ARGV[1] .. ',"data":' .. ARGV[2]
   .. ',"ts":' .. string.format('%d', ms) .. tail
 local ttl = tonumber(ARGV[4])
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], id, 'f', frame)
+local maxlen = tonumber(ARGV[3])
+local length = redis.call('XLEN', KEYS[1])
+local dropped = nil
+if length >= maxlen then
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', length - maxlen + 1)
+  dropped = oldest[#oldest][1]
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, id, 'f', frame)
+-- Trimming does not record what it dropped; resume needs it to tell recovered from lost.
+if dropped then redis.call('XSETID', KEYS[1], id, 'MAXDELETEDID', dropped) end
 redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', ms - ttl))
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PUBLISH', KEYS[2], frame)
@@ -85,4 +94,27 @@ UNREAD = """
 local marker = redis.call('GET', KEYS[1])
 if marker then return #redis.call('XRANGE', KEYS[2], '(' .. marker, '+') end
 return redis.call('XLEN', KEYS[2])
+"""
+
+# KEYS: clock, seq counter, live-replicas zset, probe channel.
+# ARGV: replica id, forget-replicas-after ms, publish flag.
+# Returns a mark: an id such that every notification published before this call has an id at or
+# below it, and every one published after has a greater id (the newest id, or just below the
+# current millisecond, whichever is later). With the publish flag, the mark is also published to
+# this replica's probe channel: when it comes back, everything up to the mark has been received,
+# so the mark is where a replay starts if the subscription breaks later. It also refreshes this
+# replica's heartbeat and forgets replicas silent for long (killed ones never say goodbye).
+MARK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local clock = tonumber(redis.call('GET', KEYS[1]) or '0')
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+local mark
+if clock >= now - 1 then mark = string.format('%d-%d', clock, seq) else mark = string.format('%d-0', now - 1) end
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]))
+  redis.call('PUBLISH', KEYS[4], mark)
+end
+return mark
 """

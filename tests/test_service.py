@@ -1,0 +1,76 @@
+"""Start-up, health, metrics and the published OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from service.openapi import render
+
+from .utils import ROOT, Client, publish
+
+
+def test_openapi_file_is_current():
+    """openapi/openapi.json is what the code serves; run `make openapi` after changing the API."""
+    on_disk = (ROOT / "openapi" / "openapi.json").read_text()
+    assert on_disk == render(), "openapi/openapi.json is stale: run `make openapi`"
+
+
+def test_refuses_to_start_without_a_key():
+    """With no JWT key configured the service exits at once with one clear line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NOTIFY_JWT_SECRET" in lines[0], result.stderr
+
+
+def test_refuses_a_short_secret():
+    env = {**os.environ, "NOTIFY_JWT_SECRET": "short"}
+    result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "too short" in result.stderr
+
+
+async def test_health_ready_and_metrics(single, http):
+    """healthz and readyz answer 200; /metrics counts connections, publishes and deliveries."""
+    assert (await http.get(single.url + "/healthz")).json()["status"] == "ok"
+    ready = await http.get(single.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    client = await Client.connect(single, "metrics-user")
+    await client.welcome()
+    await publish(http, single, "metrics-user", "m")
+    await client.notifications(1)
+    text = (await http.get(single.url + "/metrics")).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["notify_connections"] >= 1
+    assert samples['notify_notifications_published_total{kind="user"}'] >= 1
+    assert samples["notify_notifications_delivered_total"] >= 1
+    assert "notify_delivery_latency_seconds_bucket" in text and "notify_broker_reconnects_total" in text
+    await client.close()
+
+
+async def test_tokens_never_reach_the_log(single, http):
+    """The token in ?token= is redacted from every log line, including uvicorn's own."""
+    from .utils import Replica, token
+
+    replica = Replica({"NOTIFY_LOG_LEVEL": "info"}).start()
+    try:
+        secret_token = token("log-user")
+        client = await Client.connect(replica, "log-user")
+        await client.welcome()
+        await client.close()
+        await http.get(f"{replica.url}/me/notifications?token={secret_token}")
+        await http.get(f"{replica.url}/healthz", headers={"Authorization": f"Bearer {secret_token}"})
+        output = replica.output()
+        assert "[redacted]" in output
+        assert secret_token.split(".")[2] not in output
+        for line in output.splitlines():
+            if line.startswith("{"):
+                json.loads(line)  # structured JSON lines
+    finally:
+        replica.stop()
