@@ -1,0 +1,121 @@
+"""The broker contract, checked on both implementations (embedded and Redis) in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from service.broker import Broker, create_broker
+from service.errors import BrokerUnavailable
+from service.ids import id_key
+from service.metrics import Metrics
+from service.settings import Settings
+
+from .utils import SECRET
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def broker(request, redis_server) -> AsyncIterator[tuple[Broker, list]]:
+    url = redis_server.url if request.param == "redis" else None
+    settings = Settings(jwt_secret=SECRET, redis_url=url, redis_prefix=f"b{uuid.uuid4().hex[:8]}",  # type: ignore[arg-type]
+                        history_size=5, probe_interval_seconds=0.2)
+    received: list[tuple[str | None, str]] = []
+    impl = create_broker(settings, "replica-1", Metrics("replica-1"))
+
+    async def on_gap(after: str | None) -> None:
+        return None
+
+    await impl.start(lambda target, frame: received.append((target, frame)), on_gap)
+    for _ in range(100):
+        if impl.ready:
+            break
+        await asyncio.sleep(0.02)
+    yield impl, received
+    await impl.stop()
+
+
+async def eventually(check, timeout: float = 2.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    assert check()
+
+
+async def test_publish_reaches_subscribers_only(broker):
+    """A subscribed user's frame arrives whole; an unsubscribed user's does not."""
+    impl, received = broker
+    await impl.subscribe("a*")
+    published = await impl.publish("a*", '"e"', '{"x":1}', None)
+    await impl.publish("ab", '"e"', "2", None)
+    await eventually(lambda: len(received) >= 1)
+    await asyncio.sleep(0.1)
+    assert len(received) == 1
+    target, frame = received[0]
+    assert target == "a*"
+    assert orjson.loads(frame) == {"type": "notification", "id": published.id, "event": "e", "data": {"x": 1},
+                                   "ts": published.ts}
+
+
+async def test_ids_are_unique_and_ordered_across_streams(broker):
+    impl, _ = broker
+    ids = [(await impl.publish(user, '"e"', "null", None)).id for user in ("u1", None, "u2", "u1", None)]
+    assert len(set(ids)) == 5
+    assert sorted(ids, key=id_key) == ids
+
+
+async def test_history_is_bounded_and_knows_what_it_lost(broker):
+    """History keeps the newest N; resuming before the trimmed ones is not recovered."""
+    impl, _ = broker
+    ids = [(await impl.publish("h", '"e"', str(n), None)).id for n in range(8)]
+    page = await impl.history("h", ids[2], 100)
+    assert [orjson.loads(f)["data"] for f in page.frames] == [3, 4, 5, 6, 7] and page.recovered
+    page = await impl.history("h", ids[1], 100)
+    assert not page.recovered
+    empty = await impl.history("nobody", ids[-1], 100)
+    assert empty.frames == [] and empty.recovered
+
+
+async def test_read_marker_clamps_and_never_moves_back(broker):
+    impl, received = broker
+    await impl.subscribe("r")
+    ids = [(await impl.publish("r", '"e"', str(n), None)).id for n in range(4)]
+    assert await impl.mark_read("r", ids[1]) == 2
+    assert await impl.mark_read("r", ids[0]) == 2
+    assert await impl.mark_read("r", "99999999999999-1") == 0, "clamped to the newest entry"
+    inbox = await impl.inbox("r", None, 10)
+    assert inbox.unread == 0 and len(inbox.frames) == 4
+    assert (await impl.read_state("r", ids[2])).read
+    await eventually(lambda: any(f == '{"type":"unread","count":0}' for _, f in received))
+
+
+async def test_idempotency_key_returns_the_first(broker):
+    impl, received = broker
+    first = await impl.publish("i", '"e"', "1", "k1")
+    again = await impl.publish("i", '"e"', "1", "k1")
+    assert again.id == first.id and again.duplicate and not first.duplicate
+    assert len((await impl.inbox("i", None, 10)).frames) == 1
+
+
+async def test_redis_publish_fails_fast_when_unreachable():
+    """An unreachable Redis makes publish raise BrokerUnavailable quickly, never return."""
+    from .utils import free_port
+
+    settings = Settings(jwt_secret=SECRET, redis_url=f"redis://127.0.0.1:{free_port()}/0")  # type: ignore[arg-type]
+    impl = create_broker(settings, "r", Metrics("r"))
+
+    async def on_gap(after: str | None) -> None:
+        return None
+
+    await impl.start(lambda *_: None, on_gap)
+    try:
+        assert not impl.ready
+        async with asyncio.timeout(2):
+            with pytest.raises(BrokerUnavailable):
+                await impl.publish("x", '"e"', "1", None)
+    finally:
+        await impl.stop()
