@@ -13,6 +13,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Set by the publish route so the request's access line names the notification it created.
+notification_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("notification_id", default=None)
 
 _SECRET = re.compile(r"((?:token|access_token|jwt)=)[^&\s\"']+|(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
@@ -83,6 +85,7 @@ class AccessLog:
             return
         rid = _header(scope, b"x-request-id") or secrets.token_hex(8)
         token = request_id.set(rid[:64])
+        nid_token = notification_id.set(None)
         started = time.perf_counter()
         status = 500
 
@@ -99,11 +102,12 @@ class AccessLog:
         finally:
             if self.logger.isEnabledFor(logging.INFO):
                 path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
-                self.logger.info(
-                    "%s %s %d", scope["method"], redact(path), status,
-                    extra={"method": scope["method"], "path": redact(path), "status": status,
-                           "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-                )
+                extra = {"method": scope["method"], "path": redact(path), "status": status,
+                         "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
+                if (nid := notification_id.get()) is not None:
+                    extra["notification_id"] = nid
+                self.logger.info("%s %s %d", scope["method"], redact(path), status, extra=extra)
+            notification_id.reset(nid_token)
             request_id.reset(token)
 
 

@@ -10,10 +10,19 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Header, Path
 
+from .. import logs
 from ..auth import Principal
 from ..broker import Published
 from ..errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError
-from ..models import USER_ID_PATTERN, BatchAccepted, BatchItem, BatchItemResult, ErrorBody, PublishAccepted, PublishRequest
+from ..models import (
+    USER_ID_PATTERN,
+    BatchAccepted,
+    BatchItem,
+    BatchItemResult,
+    ErrorBody,
+    PublishAccepted,
+    PublishRequest,
+)
 from ..runtime import Runtime, TokenBucket
 from .deps import PublisherDep, RuntimeDep
 
@@ -99,6 +108,7 @@ async def _publish(
     started = time.perf_counter()
     published = await runtime.broker.publish(user_id, orjson.dumps(body.event).decode(), data_json, scoped_key)
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
+    logs.notification_id.set(published.id)
     if not published.duplicate:
         runtime.metrics.published.labels("broadcast" if user_id is None else "user").inc()
     return published
