@@ -63,6 +63,9 @@ TokenSource = str | Callable[[], str | Awaitable[str]]
 """A token, or a (sync or async) callable that returns a current one."""
 
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# Without an idempotency key only answers that prove nothing was done are retried (a gateway's
+# 502/504 may come after the service acted).
+_SAFE_RETRY_STATUSES = frozenset({429, 503})
 
 
 # ---------------------------------------------------------------- errors
@@ -237,7 +240,7 @@ class Publisher:
                 if response.status_code < 400:
                     return response, attempt
                 last = _error_from(response)
-                if response.status_code not in _RETRY_STATUSES:
+                if response.status_code not in (_RETRY_STATUSES if unsafe_retry else _SAFE_RETRY_STATUSES):
                     raise last
                 retry_after = _retry_after(response)
             if attempt == self._max_attempts:
@@ -327,6 +330,16 @@ _CLOSE_RESTART = 1012
 class Listener:
     """Iterate over a user's notifications across reconnects; see :func:`listen`.
 
+    Options: ``backoff_base`` / ``backoff_max`` (seconds; the delay before reconnect n is uniform
+    in ``[0, min(backoff_max, backoff_base * 2**n)]``, reset once a socket is welcomed; after 1012
+    a short random delay instead), ``max_attempts`` (failed connects in a row before
+    :class:`ListenerError`; None: never give up), ``refetch_on_gap`` (after ``recovered: false`` or
+    ``resync``, fetch ``GET /me/notifications`` and yield what is newer than the cursor),
+    ``refresh_margin`` (with a token callable, send ``refresh`` this long before ``exp``, at most a
+    third of the token's remaining life), ``open_timeout``, ``dedupe_window`` (ids remembered),
+    ``connect_options`` (passed to ``websockets.connect``, e.g. ``ssl`` or ``origin``). WebSocket
+    pings are answered, and sent every 20 s, by the websockets library.
+
     Attributes a caller may read: ``state`` ("connecting", "open", "backoff", "closed"),
     ``last_id`` / ``last_broadcast_id`` (the resume cursors), ``connection_id`` and ``url`` of the
     current socket, ``reconnects`` (how many times it connected again after the first)."""
@@ -409,12 +422,13 @@ class Listener:
                     **self._connect_options,
                 ) as ws:
                     self._ws = ws
-                    async for item in self._session(ws):
-                        if item is None:  # the welcome
-                            welcomed = True
-                            failures = 0
-                            continue
-                        yield item
+                    async with contextlib.aclosing(self._session(ws)) as frames:
+                        async for item in frames:
+                            if item is None:  # the welcome
+                                welcomed = True
+                                failures = 0
+                                continue
+                            yield item
                 code, reason = _close_of(ws)
             except websockets.ConnectionClosed as exc:
                 code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (None, "connection lost")
@@ -542,14 +556,16 @@ class Listener:
             raise Unauthorized(f"closed with 4401: {reason or 'unauthorized'}; no new token", _CLOSE_UNAUTHORIZED)
         self._token = fresh
 
-    def _schedule_refresh(self, ws: Any, current: asyncio.Task[None] | None, expires_at: Any) -> asyncio.Task[None] | None:
+    def _schedule_refresh(
+        self, ws: Any, current: asyncio.Task[None] | None, expires_at: Any
+    ) -> asyncio.Task[None] | None:
         """With a token callable, send a `refresh` frame `refresh_margin` seconds before `exp`."""
         if current is not None:
             current.cancel()
         if isinstance(self._token_source, str) or not isinstance(expires_at, int | float):
             return None
         lifetime = expires_at - time.time()
-        delay = max(0.0, lifetime - min(self._refresh_margin, lifetime / 5))
+        delay = max(0.0, lifetime - min(self._refresh_margin, lifetime / 3))
 
         async def refresh() -> None:
             await asyncio.sleep(delay)
