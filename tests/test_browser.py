@@ -1,0 +1,296 @@
+"""The browser client and the demo page in a real headless Chromium, against real replicas and Redis.
+
+Chromium is Debian's (`apt-get install chromium`), driven by Playwright from PyPI with
+`executable_path`; Playwright's own browser download is never used."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .utils import TIMEOUT, RedisServer, Replica, cluster_env, publisher_headers, token
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("NOTIFY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+WAIT_MS = TIMEOUT * 2000
+
+# Replaces window.WebSocket with one that always fails to connect, as behind a proxy that breaks them.
+BROKEN_WEBSOCKET = """
+window.__wsAttempts = 0;
+window.WebSocket = class {
+  constructor(url) {
+    window.__wsAttempts += 1;
+    this.url = url;
+    this.readyState = 0;
+    setTimeout(() => {
+      this.readyState = 3;
+      this.onerror && this.onerror(new Event("error"));
+      this.onclose && this.onclose({ code: 1006, reason: "" });
+    }, 5);
+  }
+  send() { throw new Error("not open"); }
+  close() {}
+};
+"""
+
+# Loads the client into a blank page of the replica's origin; records what it emits.
+HARNESS = """
+async ([options, tokens]) => {
+  const { NotifyClient } = await import("/client/notify.js");
+  const Native = window.WebSocket;
+  window.wsAttempts = 0;
+  window.WebSocket = class extends Native {
+    constructor(url) { super(url); window.wsAttempts += 1; }
+  };
+  window.tokens = tokens;
+  const client = new NotifyClient({
+    ...options,
+    getToken: options.useGetToken ? async () => window.tokens.shift() : undefined,
+  });
+  window.client = client;
+  window.seen = { state: [], welcome: [], close: [], refreshed: [], notification: [], error: [] };
+  for (const name of Object.keys(window.seen)) client.on(name, (payload) => window.seen[name].push(payload));
+  client.connect();
+}
+"""
+
+
+def _playwright() -> Any:
+    try:
+        from playwright import async_api
+    except ImportError:
+        pytest.fail(
+            "playwright is not installed: `.venv/bin/pip install playwright` (`make install` does it); "
+            "do not run `playwright install`: the tests use Debian's chromium", pytrace=False,
+        )
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (or set NOTIFY_CHROMIUM)",
+            pytrace=False,
+        )
+    return async_api
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    api = _playwright()
+    async with api.async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1200, "height": 800})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    await context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def demo_pair(redis: RedisServer) -> Iterator[tuple[Replica, Replica]]:
+    """Two replicas sharing one Redis, with the demo on; a test may kill either."""
+    env = cluster_env(redis, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")
+    a = Replica(env).start()
+    try:
+        b = Replica(env).start()
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    for replica in (a, b):
+        if replica.proc is not None:
+            replica.proc.send_signal(signal.SIGCONT)
+        replica.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_single(redis: RedisServer) -> Iterator[Replica]:
+    replica = Replica(cluster_env(redis, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")).start()
+    yield replica
+    replica.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+def _user() -> str:
+    return f"browser-{uuid.uuid4().hex[:10]}"
+
+
+async def _publish(http: httpx.AsyncClient, replica: Replica, user: str, n: int) -> str:
+    body = {"event": "order.shipped", "data": {"n": n}}
+    response = await http.post(f"{replica.url}/notify/{user}", json=body, headers=publisher_headers())
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def _shown(page: Any) -> list[str]:
+    """Ids of the notifications in the page's list, newest first."""
+    items = page.get_by_test_id("notification")
+    return await items.evaluate_all("items => items.map(i => i.dataset.id)")
+
+
+async def test_demo_page_survives_its_replica_dying(demo_pair, page, http):
+    """The page sees a notification, loses its replica, reconnects elsewhere, gets exactly what it missed."""
+    expect = _playwright().expect
+    a, b = demo_pair
+    user = _user()
+    await page.goto(f"{a.url}/demo?user={user}&servers={a.url},{b.url}")
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "open")
+    await expect(page.get_by_test_id("user")).to_have_text(user)
+
+    first = await _publish(http, b, user, 1)
+    await expect(page.locator(f'[data-testid="notification"][data-id="{first}"]')).to_be_visible()
+    await expect(page.get_by_test_id("unread")).to_have_text("1")
+
+    on = await page.get_by_test_id("server").get_attribute("data-url")
+    victim, survivor = (a, b) if on == a.url else (b, a)
+    assert on == victim.url, on
+    # Freeze the page's replica so it cannot deliver what follows, then kill it: the only way for the
+    # page to get these is to resume from its cursor on the other replica.
+    assert victim.proc is not None
+    victim.proc.send_signal(signal.SIGSTOP)
+    missed = [await _publish(http, survivor, user, n) for n in (2, 3, 4)]
+    victim.proc.kill()
+    victim.proc.wait(TIMEOUT)
+
+    for id_ in missed:
+        await expect(page.locator(f'[data-testid="notification"][data-id="{id_}"]')).to_be_visible()
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "open")
+    await expect(page.get_by_test_id("server")).to_have_attribute("data-url", survivor.url)
+    welcomes = await page.evaluate("window.notifyDemo.welcomes")
+    assert [w["url"] for w in welcomes] == [victim.url, survivor.url], welcomes
+    assert welcomes[-1]["recovered"] is True, welcomes[-1]
+
+    live = await _publish(http, survivor, user, 5)
+    await expect(page.locator(f'[data-testid="notification"][data-id="{live}"]')).to_be_visible()
+    expected = [first, *missed, live]
+    assert await page.evaluate("window.notifyDemo.shown") == expected  # each once, in order
+    assert await _shown(page) == expected[::-1]
+    await expect(page.get_by_test_id("unread")).to_have_text("5")
+
+    # Mark all read: the ack goes over the socket and the server answers with the new count.
+    await page.get_by_test_id("mark-read").click()
+    await expect(page.get_by_test_id("unread")).to_have_text("0")
+    await expect(page.get_by_test_id("mark-read")).to_be_disabled()
+    inbox = await http.get(f"{survivor.url}/users/{user}/notifications", headers=publisher_headers())
+    assert inbox.status_code == 200, inbox.text
+    assert inbox.json()["unread"] == 0
+    assert [n["id"] for n in inbox.json()["notifications"]] == expected[::-1]
+
+
+async def test_demo_page_publish_form(demo_single, page):
+    """The page's form publishes through the REST API and the notification comes back over the socket."""
+    expect = _playwright().expect
+    user = _user()
+    await page.goto(f"{demo_single.url}/demo?user={user}")
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "open")
+    await page.get_by_test_id("publish-event").fill("demo.form")
+    await page.get_by_test_id("publish-data").fill('{"text": "hi"}')
+    await page.get_by_test_id("publish-submit").click()
+    await expect(page.get_by_test_id("publish-result")).to_contain_text("Published")
+    published = await page.get_by_test_id("publish-result").get_attribute("data-id")
+    item = page.locator(f'[data-testid="notification"][data-id="{published}"]')
+    await expect(item).to_have_attribute("data-event", "demo.form")
+    await expect(item).to_contain_text('{"text":"hi"}')
+
+
+async def test_falls_back_to_sse_when_websockets_fail(demo_single, page, http):
+    """With WebSockets broken, the client switches to SSE after a few failures, then delivers and acks."""
+    expect = _playwright().expect
+    user = _user()
+    await page.add_init_script(BROKEN_WEBSOCKET)
+    await page.goto(f"{demo_single.url}/demo?user={user}")
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "open", timeout=WAIT_MS * 2)
+    await expect(page.get_by_test_id("transport")).to_have_attribute("data-transport", "sse")
+    assert await page.evaluate("window.__wsAttempts") == 3
+
+    ids = [await _publish(http, demo_single, user, n) for n in (1, 2)]
+    for id_ in ids:
+        await expect(page.locator(f'[data-testid="notification"][data-id="{id_}"]')).to_be_visible()
+    await expect(page.get_by_test_id("unread")).to_have_text("2")
+    # No socket to ack on: the client posts to /me/notifications/read instead.
+    await page.get_by_test_id("mark-read").click()
+    await expect(page.get_by_test_id("unread")).to_have_text("0")
+    assert await page.evaluate("window.notifyDemo.shown") == ids
+
+
+async def test_stops_on_4401_until_a_new_token(demo_single, page):
+    """A refused token is not retried, neither as given nor when getToken hands back the same one."""
+    user = _user()
+    bad = token(user, key="another-secret-" + "y" * 24)
+    await page.goto(f"{demo_single.url}/healthz")
+    await page.evaluate(HARNESS, [{"token": bad, "useGetToken": True, "minDelay": 20}, [bad, bad]])
+    await page.wait_for_function("window.client.state === 'unauthorized'")
+    await asyncio.sleep(0.5)
+    assert await page.evaluate("window.wsAttempts") == 1
+    assert await page.evaluate("window.seen.close.map(c => c.code)") == [4401]
+
+    await page.evaluate("t => window.client.setToken(t)", token(user))
+    await page.wait_for_function("window.client.state === 'open'")
+    assert await page.evaluate("window.wsAttempts") == 2
+
+
+async def test_refreshes_token_before_exp(demo_single, page):
+    """A token about to expire is replaced on the live socket; the socket outlives the first token."""
+    user = _user()
+    await page.goto(f"{demo_single.url}/healthz")
+    options = {"token": token(user, ttl=3), "useGetToken": True, "refreshMargin": 2}
+    await page.evaluate(HARNESS, [options, [token(user, ttl=600)]])
+    await page.wait_for_function("window.seen.refreshed.length === 1")
+    await asyncio.sleep(3.5)  # past the first token's exp
+    assert await page.evaluate("window.client.state") == "open"
+    assert await page.evaluate("window.seen.close") == []
+    assert await page.evaluate("window.wsAttempts") == 1
+
+
+async def test_ping_detects_a_frozen_replica(demo_pair, page, http):
+    """A replica that stops answering (no close, no RST) is caught by app-level pings; the client moves on."""
+    a, b = demo_pair
+    user = _user()
+    await page.goto(f"{a.url}/healthz")
+    options = {"urls": [a.url, b.url], "token": token(user), "pingInterval": 300, "pongTimeout": 700}
+    await page.evaluate(HARNESS, [options, []])
+    await page.wait_for_function("window.client.state === 'open'")
+    first = await _publish(http, b, user, 1)
+    await page.wait_for_function("window.seen.notification.length === 1")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        missed = await _publish(http, b, user, 2)
+        await page.wait_for_function("window.seen.welcome.length === 2")
+        await page.wait_for_function("window.seen.notification.length === 2")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    assert await page.evaluate("window.seen.welcome.map(w => w.url)") == [a.url, b.url]
+    assert await page.evaluate("window.seen.notification.map(n => n.id)") == [first, missed]
+    assert await page.evaluate("window.seen.close.map(c => c.reason)") == ["no answer to ping"]
