@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-slow openapi lint bench cluster clean
+.PHONY: install system-deps run test openapi lint bench cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian's nginx (load-balancer tests, `make cluster`) and Chromium (browser tests, driven by Playwright;
+# Playwright's own browser download is never used). Both run as plain processes, never as system services.
+system-deps:
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 # The service on http://$(HOST):$(PORT), embedded broker, with a development secret kept in .dev-secret.
 run: install
 	@test -s .dev-secret || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > .dev-secret
 	@NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) -m service.devhelp --host $(HOST) --port $(PORT)
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" NOTIFY_DEMO=true NOTIFY_LOG_JSON=false $(PY) -m service --host $(HOST) --port $(PORT)
 
-test: install
+test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10
 	$(PY) -m pytest -q -m slow --durations=10
 
@@ -31,7 +42,13 @@ openapi: install
 	$(PY) -m service.openapi > openapi/openapi.json
 
 lint: install
-	$(PY) -m ruff check service tests
+	$(PY) -m ruff check service tests deploy
+
+# Redis, three replicas and nginx on http://127.0.0.1:$(CLUSTER_PORT), without containers; Ctrl-C stops them all.
+CLUSTER_PORT ?= 8080
+cluster: install system-deps
+	@test -s .dev-secret || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > .dev-secret
+	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

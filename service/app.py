@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -61,6 +62,14 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (publish, inbox, events, ws, health, client_assets):
         app.include_router(module.router)
     _install_error_handlers(app)
+    # Bearer tokens, never cookies: a browser page may read /me/* and /events cross-origin only with a token.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins or ["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
+        expose_headers=["X-Request-ID", "Retry-After"],
+    )
     app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
     if settings.access_log:
         app.add_middleware(AccessLog)

@@ -50,6 +50,7 @@ class BatchItemResult(BaseModel):
     id: str | None = None
     ts: int | None = None
     online: int | None = None
+    duplicate: bool = False
     error: str | None = None
     message: str | None = None
 

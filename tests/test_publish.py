@@ -140,3 +140,18 @@ async def test_batch_publish_reports_each_item(single, http):
     assert too_many.status_code == 422
     for c in clients:
         await c.close()
+
+
+async def test_batch_retry_with_idempotency_key_delivers_once(single, http):
+    """A batch retried with the same Idempotency-Key answers the first ids and delivers nothing twice."""
+    user = uid("bi")
+    client = await Client.connect(single, user)
+    await client.welcome()
+    body = [{"user": user, "event": "a", "data": 1}, {"user": user, "event": "b", "data": 2}]
+    headers = {**publisher_headers(), "Idempotency-Key": uid("batch")}
+    first = (await http.post(single.url + "/notify", json=body, headers=headers)).json()["results"]
+    again = (await http.post(single.url + "/notify", json=body, headers=headers)).json()["results"]
+    assert [r["id"] for r in again] == [r["id"] for r in first] and all(r["duplicate"] for r in again)
+    assert [f["event"] for f in await client.notifications(2)] == ["a", "b"]
+    await client.nothing()
+    await client.close()

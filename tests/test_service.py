@@ -74,3 +74,19 @@ async def test_tokens_never_reach_the_log(single, http):
                 json.loads(line)  # structured JSON lines
     finally:
         replica.stop()
+
+
+async def test_cors_allows_configured_origins_only(http):
+    """Browsers on an allowed origin may call the inbox with a bearer token; other origins get no grant."""
+    from .utils import Replica
+
+    replica = Replica({"NOTIFY_ALLOWED_ORIGINS": "https://app.example"}).start()
+    try:
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+                     "Access-Control-Request-Headers": "authorization"}
+        ok = await http.options(replica.url + "/me/notifications", headers=preflight)
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        evil = await http.options(replica.url + "/me/notifications", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in evil.headers
+    finally:
+        replica.stop()

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from ..broker import frame_id
 from ..connection import Connection
-from ..errors import ServiceError
+from ..errors import BrokerUnavailable, ServiceError
 from ..hub import TooManyConnections
 from ..models import ErrorBody
 from ..runtime import Runtime
@@ -33,6 +33,7 @@ class _TooMany(ServiceError):
         200: {"content": {"text/event-stream": {}}, "description": "One event per frame; `id:` is the notification id."},
         401: {"model": ErrorBody},
         429: {"model": ErrorBody, "description": "Too many open streams for this user."},
+        503: {"model": ErrorBody, "description": "The replica is draining."},
     },
 )
 async def events(
@@ -44,6 +45,8 @@ async def events(
     """Stream the user's notifications; reconnecting with Last-Event-ID resumes like `since` on /ws.
 
     Ids are ordered across the user's and the broadcast stream, so one cursor resumes both."""
+    if runtime.draining:
+        raise BrokerUnavailable("replica is shutting down: reconnect to another one")
     cursor = last_event_id or since
     resume = Resume(cursor, cursor)
     try:

@@ -76,19 +76,30 @@ async def broadcast(
 
 @router.post("/notify", status_code=200, response_model=BatchAccepted, responses=_ERRORS)
 async def notify_batch(
-    body: Annotated[list[BatchItem], Body(min_length=1)], publisher: PublisherDep, runtime: RuntimeDep
+    body: Annotated[list[BatchItem], Body(min_length=1)],
+    publisher: PublisherDep,
+    runtime: RuntimeDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> BatchAccepted:
-    """Send many user notifications in one request; each item gets its own result, in order."""
+    """Send many user notifications in one request; each item gets its own result, in order.
+
+    With an Idempotency-Key, a retried batch answers each item's first result and delivers none twice."""
     if len(body) > runtime.settings.batch_max_items:
         raise InvalidRequest(f"a batch holds at most {runtime.settings.batch_max_items} notifications, got {len(body)}")
     _check_rate(runtime, publisher)
+    keys = [f"{idempotency_key}\0{index}" if idempotency_key else None for index in range(len(body))]
     outcomes = await asyncio.gather(
-        *(_publish(runtime, publisher, item.user, item, None) for item in body), return_exceptions=True
+        *(_publish(runtime, publisher, item.user, item, key) for item, key in zip(body, keys, strict=True)),
+        return_exceptions=True,
     )
     results = []
     for outcome in outcomes:
         if isinstance(outcome, Published):
-            results.append(BatchItemResult(status=202, id=outcome.id, ts=outcome.ts, online=outcome.online))
+            results.append(
+                BatchItemResult(
+                    status=202, id=outcome.id, ts=outcome.ts, online=outcome.online, duplicate=outcome.duplicate
+                )
+            )
         elif isinstance(outcome, ServiceError):
             results.append(BatchItemResult(status=outcome.status_code, error=outcome.code, message=outcome.message))
         else:
