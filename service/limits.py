@@ -7,7 +7,6 @@ import re
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from .utils import TIMEOUT, Client, Replica, cluster_env, publish, publisher_headers, replicas, token
+from .utils import TIMEOUT, Client, cluster_env, publish, publisher_headers, replicas, token
 
 
 def uid(prefix: str = "h") -> str:
