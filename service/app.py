@@ -16,9 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api import client_assets, events, health, inbox, publish, ws
+from .api.fastpath import PublishFastPath
 from .auth import TokenVerifier
 from .broker import create_broker
-from .errors import RateLimited, ServiceError
+from .errors import ServiceError
 from .hub import Hub
 from .limits import RequestLimits
 from .logs import AccessLog
@@ -70,6 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )
+    app.add_middleware(PublishFastPath)
     app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
     if settings.access_log:
         app.add_middleware(AccessLog)
@@ -80,10 +82,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         _count(request, exc.code)
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, RateLimited) else None
-        if exc.status_code == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status_code, headers=headers)
+        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status_code, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,9 +24,17 @@ class ServiceError(Exception):
         self.message = message
 
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error calls for."""
+        return {}
+
+
 class InvalidToken(ServiceError):
     status_code = 401
     code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class MissingScope(ServiceError):
@@ -56,6 +64,9 @@ class RateLimited(ServiceError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class BrokerUnavailable(ServiceError):
