@@ -44,6 +44,11 @@ openapi: install
 lint: install
 	$(PY) -m ruff check service tests deploy
 
+# Side-by-side load benchmark against python-socketio (about 20 minutes); writes docs/benchmark.md and docs/bench/.
+bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m tests.load --out docs/bench
+
 # Redis, three replicas and nginx on http://127.0.0.1:$(CLUSTER_PORT), without containers; Ctrl-C stops them all.
 CLUSTER_PORT ?= 8080
 cluster: install system-deps

@@ -1,0 +1,6 @@
+"""Load benchmark: the service against python-socketio, as real processes over loopback.
+
+    .venv/bin/python -m tests.load [--quick] [--scale N] [--out docs/bench]
+
+See docs/benchmark.md for the workloads, the conditions and the latest figures.
+"""

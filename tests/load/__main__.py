@@ -1,0 +1,110 @@
+"""Command line: `python -m tests.load [--quick] [--scale N] [--out docs/bench]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .bench import NOTIFY, SOCKETIO, Plan, run
+from .procs import System
+
+
+def _variant(spec: str) -> System:
+    """`ws=wsproto,loop=asyncio` (runner options) or `env:NOTIFY_ACCESS_LOG=false`: the service, changed."""
+    variant: dict[str, str] = {}
+    env: dict[str, str] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key.startswith("env:"):
+            env[key[4:]] = value
+        else:
+            variant[key] = value
+    return System(f"notify-service[{spec}]", "notify", variant, env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.load", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs for development (3 s steps, 250 users)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply users (sockets) and rates")
+    parser.add_argument("--out", default="docs/bench", help="directory for the plot and raw results")
+    parser.add_argument("--doc", default=None, help="the Markdown report (default: <out>/../benchmark.md)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--duration", type=float, default=None)
+    parser.add_argument("--rates", default=None, help="comma-separated targeted rates")
+    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair")
+    parser.add_argument("--only", choices=["notify", "socketio"], default=None, help="run one system only")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="also run the service changed: 'ws=wsproto', 'loop=asyncio,http=h11', "
+                        "'patch=async-runtime-dep', 'env:NOTIFY_ACCESS_LOG=false'")
+    parser.add_argument("--no-baseline", action="store_true", help="with --variant: skip the unchanged service")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="py-spy the service at 1,000/s targeted and during broadcast (needs root)")
+    parser.add_argument("--no-report", action="store_true", help="print the summary; write no files")
+    parser.add_argument("--report-from", default=None, metavar="JSON",
+                        help="rewrite the report from a results.json instead of running")
+    ns = parser.parse_args(argv)
+    if ns.report_from:
+        from .report import write
+
+        out = Path(ns.out)
+        saved = json.loads(Path(ns.report_from).read_text())
+        doc = Path(ns.doc) if ns.doc else out.parent / "benchmark.md"
+        write(saved, out, doc, saved.get("command", "python -m tests.load"), saved.get("started", "?"))
+        print(f"wrote {doc} and {out}/", file=sys.stderr)
+        return 0
+
+    plan = Plan()
+    if ns.quick:
+        plan.users, plan.duration, plan.rates, plan.drain = 250, 3.0, [500, 1000, 2000, 4000], 3.0
+    plan.users = int(plan.users * ns.scale)
+    plan.rates = [r * ns.scale for r in plan.rates]
+    plan.pair_rate *= ns.scale
+    if ns.rounds is not None:
+        plan.rounds = ns.rounds
+    if ns.duration is not None:
+        plan.duration = ns.duration
+    if ns.rates:
+        plan.rates = [float(r) for r in ns.rates.split(",")]
+    if ns.sessions:
+        plan.sessions = ns.sessions.split(",")
+    plan.profile_dir = ns.profile
+
+    systems = [] if ns.no_baseline else [NOTIFY]
+    systems += [_variant(v) for v in ns.variant]
+    if not ns.variant and ns.only != "notify":
+        systems.append(SOCKETIO)
+    if ns.only == "socketio":
+        systems = [SOCKETIO]
+
+    import uvloop
+
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    results = uvloop.run(run(systems, plan))
+    command = "python -m tests.load " + shlex.join(argv if argv is not None else sys.argv[1:])
+    results["command"], results["started"] = command.strip(), started
+    summary = json.dumps(results["summary"], indent=1, default=str)
+    if ns.no_report or ns.variant or ns.profile:
+        print(summary)
+        if ns.no_report:
+            return 0
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "results.json" if not (ns.variant or ns.profile) else f"results-{time.strftime('%H%M%S')}.json"
+    (out / name).write_text(json.dumps(results, indent=1, default=str))
+    if ns.variant or ns.profile:
+        print(f"wrote {out / name}", file=sys.stderr)
+        return 0
+    from .report import write
+
+    doc = Path(ns.doc) if ns.doc else out.parent / "benchmark.md"
+    write(results, out, doc, results["command"], started)
+    print(f"wrote {doc} and {out}/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Orchestration: sessions per system and round, alternating systems, medians across rounds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import workloads as W
+from .clients import Fleet, Publisher
+from .procs import Deployment, System
+
+NOTIFY = System("notify-service", "notify")
+SOCKETIO = System("python-socketio", "socketio")
+
+
+@dataclass
+class Plan:
+    users: int = 1000  # two sockets each
+    duration: float = 20.0  # seconds per targeted step, broadcast run and batch run
+    rates: list[float] = field(default_factory=lambda: [250, 500, 1000, 2000, 3000, 4000, 6000])
+    broadcast_rate: float = 10.0
+    pair_rate: float = 1000.0
+    batch_rate: float = 1000.0
+    batch_size: int = 100
+    rounds: int = 2
+    drain: float = 5.0  # seconds allowed after a run for the last deliveries before they count as lost
+    concurrency: int = 100  # handshakes in flight while connecting
+    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair"])
+    embedded: bool = False  # notify only: no Redis (the smoke test)
+    warmup: bool = True
+    profile_dir: str | None = None
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.asynccontextmanager
+async def _session(system: System, plan: Plan, replicas: int = 1):  # type: ignore[no-untyped-def]
+    embedded = plan.embedded and system.kind == "notify"
+    with Deployment(system, replicas, embedded=embedded) as dep:
+        fleet = Fleet(system.kind, plan.users)
+        ports = [r.port for r in dep.replicas]
+        connect = await W.connect(dep, fleet, lambda i: ports[i % len(ports)], plan.concurrency)
+        pub = Publisher(ports[0], W.publisher_token())
+        await pub.open(16)
+        try:
+            if plan.warmup:  # code paths, pools and caches warm before anything is measured
+                await W.targeted(dep, fleet, pub, 200, 1.0, plan.drain)
+            yield dep, fleet, pub, connect
+        finally:
+            pub.close()
+            await fleet.close_all()
+
+
+class _Profiler:
+    """py-spy record on one server while a workload runs (root needed); raw collapsed stacks."""
+
+    def __init__(self, plan: Plan, name: str, pid: int, seconds: float) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        if plan.profile_dir is None:
+            return
+        out = Path(plan.profile_dir) / f"{name}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("py-spy")
+        self.proc = subprocess.Popen(
+            [str(exe), "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200", "-f", "raw",
+             "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
+    async with _session(system, plan) as (dep, fleet, pub, connect):
+        steps = []
+        for rate in plan.rates:
+            prof = _Profiler(plan, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration) \
+                if system.kind == "notify" and rate == 1000 else None
+            step = await W.targeted(dep, fleet, pub, rate, plan.duration, plan.drain)
+            if prof:
+                prof.wait()
+            steps.append(step)
+            _log(f"  {system.name} targeted {rate:g}/s: delivered {step['delivered_per_s'] or 0:.0f}/s "
+                 f"p99 {step['p99_ms'] or 0:.1f} ms, {step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, "
+                 f"lost {step['lost']}, errors {step['http_errors']}, holds={step['holds']}")
+            if not step["holds"] and rate >= 1000:
+                break
+            if fleet.alive() < len(fleet.listeners):
+                _log(f"  {system.name}: {len(fleet.listeners) - fleet.alive()} sockets closed; stopping the sweep")
+                break
+        return {"connect": connect, "steps": steps}
+
+
+async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
+    async with _session(system, plan) as (dep, fleet, pub, connect):
+        out: dict[str, Any] = {"connect": connect}
+        if system.kind == "notify" and plan.batch_size:
+            single = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain)
+            batch = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain, batch=plan.batch_size)
+            out["batch_single"], out["batch"] = single, batch
+            _log(f"  {system.name} batch of {plan.batch_size} at {plan.batch_rate:g}/s: "
+                 f"{batch['deliveries_per_cpu_s'] or 0:.0f}/cpu-s (single: {single['deliveries_per_cpu_s'] or 0:.0f})")
+        prof = _Profiler(plan, "broadcast", dep.replicas[0].pid, plan.duration) if system.kind == "notify" else None
+        result = await W.broadcast(dep, fleet, pub, plan.broadcast_rate, plan.duration, plan.drain)
+        if prof:
+            prof.wait()
+        out["broadcast"] = result
+        _log(f"  {system.name} broadcast {plan.broadcast_rate:g}/s to {result['sockets']}: fan-out p99 "
+             f"{result['fanout_p99_ms']} ms, {result['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {result['lost']} "
+             f"{result['fanout_note']}")
+        return out
+
+
+async def run_pair(system: System, plan: Plan) -> dict[str, Any]:
+    async with _session(system, plan, replicas=2) as (dep, fleet, pub, connect):
+        step = await W.targeted(dep, fleet, pub, plan.pair_rate, plan.duration, plan.drain)
+        _log(f"  {system.name} two replicas {plan.pair_rate:g}/s: p99 {step['p99_ms'] or 0:.1f} ms, "
+             f"{step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {step['lost']}")
+        return {"connect": connect, "step": step}
+
+
+RUNNERS = {"targeted": run_targeted, "broadcast": run_broadcast, "pair": run_pair}
+
+
+async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
+    """Every session for every system, alternating which system goes first, `plan.rounds` times."""
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for r in range(plan.rounds):
+        order = systems if r % 2 == 0 else list(reversed(systems))
+        results: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
+        for session in plan.sessions:
+            for system in order:
+                _log(f"round {r + 1}/{plan.rounds}: {system.name} {session}")
+                results[system.name][session] = await RUNNERS[session](system, plan)
+        rounds.append(results)
+    return {"plan": asdict(plan), "systems": [asdict(s) for s in systems], "rounds": rounds,
+            "summary": summarize(systems, plan, rounds), "load": os.getloadavg()}
+
+
+def _median(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def knee(steps: list[dict[str, Any]]) -> float | None:
+    """The highest rate of the unbroken run of holding steps from the lowest rate up."""
+    best = None
+    for step in steps:
+        if not step["holds"]:
+            break
+        best = step["rate"]
+    return best
+
+
+_STEP_KEYS = ["delivered_per_s", "publish_rate", "p50_ms", "p99_ms", "max_ms", "deliveries_per_cpu_s",
+              "deliveries_per_cpu_s_with_redis", "server_cpu_util", "generator_cpu_util", "lost", "duplicates",
+              "http_errors", "misrouted"]
+
+
+def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in systems:
+        per = [r[s.name] for r in rounds]
+        summary: dict[str, Any] = {"rounds": len(per)}
+        # Connect and memory figures come from the one-replica sessions (two per round).
+        sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k != "pair"]
+        for key in ("connects_per_s", "connects_per_cpu_s", "connect_failures", "rss_kb_per_socket",
+                    "rss_mb_per_1000", "rss_base_mb"):
+            summary[key] = _median([c[key] for c in sessions_1])
+        if any("targeted" in r for r in per):
+            by_rate: dict[float, list[dict[str, Any]]] = {}
+            for r in per:
+                for step in r.get("targeted", {}).get("steps", []):
+                    by_rate.setdefault(step["rate"], []).append(step)
+            summary["targeted"] = {
+                rate: {"runs": len(steps), **{k: _median([st[k] for st in steps]) for k in _STEP_KEYS},
+                       "holds_all": all(st["holds"] for st in steps)}
+                for rate, steps in sorted(by_rate.items())
+            }
+            summary["knee"] = _median([knee(r["targeted"]["steps"]) for r in per if "targeted" in r])
+        if any("broadcast" in r for r in per):
+            bs = [r["broadcast"]["broadcast"] for r in per if "broadcast" in r]
+            summary["broadcast"] = {k: _median([b[k] for b in bs]) for k in
+                                    ("fanout_p50_ms", "fanout_p99_ms", "fanout_max_ms", "delivered_per_s",
+                                     "deliveries_per_cpu_s", "deliveries_per_cpu_s_with_redis", "lost",
+                                     "duplicates", "server_cpu_util", "sockets")}
+            summary["broadcast"]["notes"] = [b["fanout_note"] for b in bs if b["fanout_note"]]
+            for key in ("batch", "batch_single"):
+                runs = [r["broadcast"][key] for r in per if key in r.get("broadcast", {})]
+                if runs:
+                    summary[key] = {k: _median([b[k] for b in runs]) for k in _STEP_KEYS}
+        if any("pair" in r for r in per):
+            ps = [r["pair"]["step"] for r in per if "pair" in r]
+            summary["pair"] = {k: _median([p[k] for p in ps]) for k in _STEP_KEYS}
+        out[s.name] = summary
+    return out

@@ -1,0 +1,184 @@
+"""The processes under test: service replicas, python-socketio servers, redis-server; CPU and RSS from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.utils import SECRET, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm", "rb") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            detail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"server exited with {proc.returncode}\n{detail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
+def http_ok(port: int, path: str) -> bool:
+    """A tiny blocking GET, so readiness checks need no HTTP client."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+        s.settimeout(0.5)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        return s.recv(16).startswith(b"HTTP/1.1 200")
+    return False
+
+
+class Server:
+    """One server process on a free loopback port."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str | None) -> None:
+        self.port = free_port()
+        self.argv = [a.replace("{port}", str(self.port)) for a in argv]
+        self.env = {**os.environ, **env}
+        self.ready_path = ready_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        fd, name = tempfile.mkstemp(prefix="bench-server-", suffix=".log")
+        os.close(fd)
+        self.log = Path(name)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> Server:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_port(self.port, self.proc, timeout, self.log)
+        if self.ready_path:
+            deadline = time.monotonic() + timeout
+            while not http_ok(self.port, self.ready_path):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"server not ready:\n{self.output()}")
+                time.sleep(0.05)
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # no drain: the benchmark is over, and a drain would only cost time
+            self.proc.wait(10)
+        self.proc = None
+        with contextlib.suppress(OSError):
+            self.log.unlink()
+
+
+@dataclass
+class System:
+    """A system under test: how to start one replica of it, given the shared Redis."""
+
+    name: str
+    kind: str  # "notify" or "socketio": which client protocol the generator speaks
+    variant: dict[str, str] = field(default_factory=dict)  # runner options (notify only)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def replica(self, redis: RedisServer | None, namespace: str) -> Server:
+        py = sys.executable
+        if self.kind == "socketio":
+            assert redis is not None
+            argv = [py, "-m", "tests.load.sio_server", "--port", "{port}", "--redis", redis.url,
+                    "--channel", namespace]
+            return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
+        env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}
+        if redis is not None:
+            env |= {"NOTIFY_REDIS_URL": redis.url, "NOTIFY_REDIS_PREFIX": namespace}
+        if self.variant:
+            argv = [py, "-m", "tests.load.runner", "--port", "{port}"]
+            for key, value in self.variant.items():
+                argv += [f"--{key}", value]
+        else:
+            argv = [py, "-m", "service", "--host", "127.0.0.1", "--port", "{port}"]
+        return Server(argv, env, "/readyz")
+
+
+class Deployment:
+    """Redis (unless embedded) plus `count` replicas of one system; CPU is read per process."""
+
+    def __init__(self, system: System, count: int = 1, embedded: bool = False) -> None:
+        self.system = system
+        self.redis = None if embedded else RedisServer()
+        namespace = f"b{uuid.uuid4().hex[:8]}"
+        self.count = count
+        self.namespace = namespace
+        self.replicas: list[Server] = []
+
+    def __enter__(self) -> Deployment:
+        try:
+            if self.redis is not None:
+                self.redis.start()
+            for _ in range(self.count):
+                self.replicas.append(self.system.replica(self.redis, self.namespace).start())
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for replica in self.replicas:
+            replica.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def server_cpu(self) -> float:
+        return sum(cpu_seconds(r.pid) for r in self.replicas)
+
+    def redis_cpu(self) -> float:
+        if self.redis is None or self.redis.proc is None:
+            return 0.0
+        return cpu_seconds(self.redis.proc.pid)
+
+    def rss(self) -> int:
+        return sum(rss_bytes(r.pid) for r in self.replicas)
+
+
+class CpuWindow:
+    """CPU seconds spent by the servers, Redis and this generator between start() and stop()."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.d = deployment
+        self.server = self.redis = self.generator = self.wall = 0.0
+
+    def start(self) -> CpuWindow:
+        self._s0, self._r0 = self.d.server_cpu(), self.d.redis_cpu()
+        self._g0, self._w0 = cpu_seconds(os.getpid()), time.perf_counter()
+        return self
+
+    def stop(self) -> CpuWindow:
+        self.server = self.d.server_cpu() - self._s0
+        self.redis = self.d.redis_cpu() - self._r0
+        self.generator = cpu_seconds(os.getpid()) - self._g0
+        self.wall = time.perf_counter() - self._w0
+        return self
