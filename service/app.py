@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         hub = Hub(broker, metrics, settings.max_connections_per_user)
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings))
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
-        await broker.start(hub.on_frame, hub.on_gap)
+        await broker.start(hub.on_frame, hub.on_lost)
         logger.info("replica %s started", replica_id, extra={"replica": replica_id})
         try:
             yield {"runtime": runtime}

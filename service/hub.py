@@ -8,14 +8,11 @@ import time
 
 from .broker import Broker
 from .connection import Connection
-from .errors import BrokerUnavailable
 from .frames import RESYNC
 from .ids import IdKey, id_key
 from .metrics import Metrics
 
 logger = logging.getLogger("service.hub")
-
-_REPLAY_LIMIT = 10_000
 
 
 class TooManyConnections(Exception):
@@ -102,23 +99,11 @@ class Hub:
             conn.push(frame)
         self._metrics.delivered.inc(len(targets))
 
-    async def on_gap(self, after: str | None) -> None:
-        """After the subscription broke: replay what every local socket missed, or ask for a resync."""
-        if after is None:
-            self._resync(self._all)
-            return
-        targets: list[str | None] = [None, *self._users]
-        for target in targets:
-            try:
-                page = await self._broker.history(target, after, _REPLAY_LIMIT)
-            except BrokerUnavailable:
-                page = None
-            if page is None or not page.recovered:
-                self._resync(self._all if target is None else self._users.get(target, ()))
-                continue
-            for frame in page.frames:
-                self.on_frame(target, frame)
-        logger.info("replayed the subscription gap to %d users", len(targets) - 1)
+    async def on_lost(self) -> None:
+        """The broker could not replay what this replica missed (Redis came back empty): every
+        local socket is asked to refetch. Replayable gaps are replayed by the broker itself, in id
+        order, through `on_frame`."""
+        self._resync(self._all)
 
     def _resync(self, conns: set[Connection] | tuple[()]) -> None:
         for conn in conns:

@@ -26,10 +26,10 @@ async def broker(request, redis_server) -> AsyncIterator[tuple[Broker, list]]:
     received: list[tuple[str | None, str]] = []
     impl = create_broker(settings, "replica-1", Metrics("replica-1"))
 
-    async def on_gap(after: str | None) -> None:
+    async def on_lost() -> None:
         return None
 
-    await impl.start(lambda target, frame: received.append((target, frame)), on_gap)
+    await impl.start(lambda target, frame: received.append((target, frame)), on_lost)
     for _ in range(100):
         if impl.ready:
             break
@@ -108,10 +108,10 @@ async def test_redis_publish_fails_fast_when_unreachable():
     settings = Settings(jwt_secret=SECRET, redis_url=f"redis://127.0.0.1:{free_port()}/0")  # type: ignore[arg-type]
     impl = create_broker(settings, "r", Metrics("r"))
 
-    async def on_gap(after: str | None) -> None:
+    async def on_lost() -> None:
         return None
 
-    await impl.start(lambda *_: None, on_gap)
+    await impl.start(lambda *_: None, on_lost)
     try:
         assert not impl.ready
         async with asyncio.timeout(2):

@@ -351,7 +351,7 @@ async def test_listener_refreshes_the_token_before_it_expires(single):
         accepted = await pub.notify("cl-kim", "e")
         await until(lambda: len(received) == 1)
     assert received[0].id == accepted.id
-    assert listener.reconnects == 0 and len(calls) >= 3
+    assert listener.reconnects == 0 and len(calls) >= 2  # connect, then at least one refresh
 
 
 async def test_listener_resumes_from_given_cursors_and_drops_duplicates(single):

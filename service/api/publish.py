@@ -110,7 +110,10 @@ async def notify_batch(
 async def _publish(
     runtime: Runtime, publisher: Principal, user_id: str | None, body: PublishRequest, idempotency_key: str | None
 ) -> Published:
-    data_json = orjson.dumps(body.data).decode()
+    try:
+        data_json = orjson.dumps(body.data).decode()
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("data must be JSON whose integers fit in 64 bits") from None
     if len(data_json) > runtime.settings.max_payload_bytes:
         raise PayloadTooLarge(f"data is larger than {runtime.settings.max_payload_bytes} bytes once encoded")
     scoped_key = None

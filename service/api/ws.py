@@ -22,9 +22,6 @@ from .stream import Resume, open_stream, schedule_expiry
 router = APIRouter()
 logger = logging.getLogger("service.ws")
 
-_CLOSE_DEADLINE = 2.0
-
-
 @router.websocket("/ws")
 async def socket(websocket: WebSocket) -> None:
     """Client socket; see docs/protocol.md for frames and close codes."""
@@ -80,24 +77,15 @@ async def _reject(websocket: WebSocket, code: int, reason: str) -> None:
 
 def _closer(websocket: WebSocket) -> Any:
     async def close(code: int, reason: str) -> None:
+        # The server's WebSocket protocol never lets a close wait on a full buffer: a peer that
+        # reads nothing has its TCP connection aborted (server.BoundedWebSocketProtocol).
         try:
-            async with asyncio.timeout(_CLOSE_DEADLINE):
-                if websocket.application_state == WebSocketState.CONNECTED:
-                    await websocket.close(code, reason)
-        except TimeoutError:
-            _abort(websocket)  # a peer that reads nothing never lets the close frame out
+            if websocket.application_state == WebSocketState.CONNECTED:
+                await websocket.close(code, reason)
         except Exception:  # noqa: BLE001 - already gone
             return
 
     return close
-
-
-def _abort(websocket: WebSocket) -> None:
-    """Drop the TCP connection of a peer whose buffers are full; ASGI has no word for it."""
-    protocol = getattr(websocket._send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abort()
 
 
 async def _serve(websocket: WebSocket, conn: Connection, runtime: Runtime) -> None:

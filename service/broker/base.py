@@ -5,8 +5,8 @@ Guarantees every implementation keeps:
   one atomic step, or raises BrokerUnavailable. It never returns for a notification it dropped.
 - Ids come from one counter: unique across all streams and ordered as published.
 - The handler gets the frames of one channel in publish order, from a single task.
-- Delivery to a replica is at most once; a replica whose subscription broke calls its gap
-  handler, which replays from history what it missed.
+- A replica whose subscription broke replays from history, in id order, what it missed; where
+  history cannot cover the gap it calls the lost handler, and the hub asks every socket to resync.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Protocol
 
 # A frame for local sockets: the target user (None for a broadcast) and the JSON text to send.
 FrameHandler = Callable[[str | None, str], None]
-# Called after a broken subscription is rebuilt, with the last id this replica saw before the break.
-GapHandler = Callable[[str | None], Awaitable[None]]
+# Called when what this replica missed cannot be replayed (Redis came back without its data).
+LostHandler = Callable[[], Awaitable[None]]
 
 NOTIFICATION_PREFIX = '{"type":"notification","id":"'
 
@@ -76,7 +76,7 @@ class Broker(Protocol):
 
     replica_id: str
 
-    async def start(self, on_frame: FrameHandler, on_gap: GapHandler) -> None:
+    async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         """Connect and begin delivering frames; returns even while the backend is still down."""
 
     async def stop(self) -> None:

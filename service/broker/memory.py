@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..ids import IdKey, id_key, is_recoverable
 from ..settings import Settings
-from .base import FrameHandler, GapHandler, HistoryPage, Inbox, Published, ReadState, build_frame
+from .base import FrameHandler, LostHandler, HistoryPage, Inbox, Published, ReadState, build_frame
 
 _SWEEP_SECONDS = 60.0
 
@@ -44,7 +44,7 @@ class MemoryBroker:
         self._on_frame: FrameHandler | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def start(self, on_frame: FrameHandler, on_gap: GapHandler) -> None:
+    async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         self._on_frame = on_frame
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweeper")
 

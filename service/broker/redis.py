@@ -22,17 +22,19 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
+from ..frames import RESYNC
 from ..ids import id_key, is_recoverable, parse_id
 from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
-from .base import FrameHandler, GapHandler, HistoryPage, Inbox, Published, ReadState, frame_id
+from .base import FrameHandler, LostHandler, HistoryPage, Inbox, Published, ReadState, frame_id
 
 logger = logging.getLogger("service.broker")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 # A replica whose heartbeat is this old is gone (killed without saying goodbye): forget it.
 _FORGET_REPLICAS_MS = 600_000
+_PING_DEADLINE = 0.5
 
 
 class RedisBroker:
@@ -81,6 +83,7 @@ class RedisBroker:
         self._last_probe = float("-inf")
         self._watermark: str | None = None
         self._run_id: str | None = None
+        self._early: list[dict[str, Any]] = []
 
         # Presence: sockets per user on this replica, written to Redis in the background
         self._presence: dict[str, int] = {}
@@ -88,13 +91,13 @@ class RedisBroker:
         self._dirty_event = asyncio.Event()
 
         self._on_frame: FrameHandler | None = None
-        self._on_gap: GapHandler | None = None
+        self._on_lost: LostHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle
 
-    async def start(self, on_frame: FrameHandler, on_gap: GapHandler) -> None:
-        self._on_frame, self._on_gap = on_frame, on_gap
+    async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        self._on_frame, self._on_lost = on_frame, on_lost
         self._tasks = [
             asyncio.create_task(self._subscription_forever(), name="redis-subscription"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
@@ -125,7 +128,8 @@ class RedisBroker:
     async def ping(self) -> None:
         if not self.ready:
             raise BrokerUnavailable("Redis subscription is not established")
-        await self._call(self._redis.ping())
+        # Readiness probes usually wait one second: answer 503 well before that.
+        await self._call(self._redis.ping(), _PING_DEADLINE)
 
     # ---- subscriptions
 
@@ -171,7 +175,8 @@ class RedisBroker:
         else:
             stream, channel, presence = self._stream(user_id), self._user_channel(user_id), self._presence_key(user_id)
         idem = f"{self._prefix}:i:{hashlib.sha256(idempotency_key.encode()).hexdigest()}" if idempotency_key else ""
-        keys = [stream, channel, self._key_seq, self._key_clock, idem or f"{self._prefix}:i:-", presence, self._key_replicas]
+        idem_key = idem or f"{self._prefix}:i:-"
+        keys = [stream, channel, self._key_seq, self._key_clock, idem_key, presence, self._key_replicas]
         args = [
             event_json, data_json, s.history_size, self._ttl_ms, s.idempotency_ttl_seconds * 1000,
             "1" if user_id is None else "0", "1" if idem else "0", int(s.probe_timeout_seconds * 3000),
@@ -193,6 +198,10 @@ class RedisBroker:
 
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         stream = self._stream(user_id)
+        if before is not None and id_key(before) == (0, 0):
+            # Nothing is older than 0-0, and Redis refuses the exclusive range "(0-0".
+            unread = await self._call(self._unread_script(keys=[self._read_key(user_id), stream]))
+            return Inbox([], int(unread))
         pipe = self._redis.pipeline(transaction=True)
         pipe.xrevrange(stream, f"({before}" if before else "+", "-", count=limit)
         await self._unread_script(keys=[self._read_key(user_id), stream], client=pipe)
@@ -225,10 +234,11 @@ class RedisBroker:
     def _presence_key(self, user_id: str) -> str:
         return f"{self._prefix}:o:{user_id}"
 
-    async def _call(self, awaitable: Any) -> Any:
+    async def _call(self, awaitable: Any, deadline: float | None = None) -> Any:
         """Run one Redis call under the publish deadline; every failure becomes BrokerUnavailable."""
         try:
-            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+            limit = self._settings.publish_timeout_seconds
+            async with asyncio.timeout(min(deadline, limit) if deadline else limit):
                 return await awaitable
         except BrokerUnavailable:
             raise
@@ -263,11 +273,13 @@ class RedisBroker:
     async def _subscribe_all(self) -> None:
         pubsub = self._sub_client.pubsub()
         self._pubsub = pubsub
-        users = set(self._users)
+        self._early = []
+        before_break = users = set(self._users)
         channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, users)]
         async with asyncio.timeout(self._settings.probe_timeout_seconds):
             await pubsub.subscribe(*channels)
             await self._confirm(pubsub, set(channels), "subscribe")
+            info = await self._redis.info("server")
             # Users who connected or left while this ran: `subscribe`/`unsubscribe` left them to us.
             for _ in range(10):
                 added, removed = self._users - users, users - self._users
@@ -279,8 +291,10 @@ class RedisBroker:
                     await self._confirm(pubsub, set(map(self._user_channel, added)), "subscribe")
                 if removed:
                     await pubsub.unsubscribe(*map(self._user_channel, removed))
-            info = await self._redis.info("server")
-            head_id = await self._mark(publish=False)
+            self._subscribed = True  # from here on, `subscribe` and `unsubscribe` talk to Redis themselves
+            self._last_probe = time.monotonic()
+            # Every notification after the mark arrives on this subscription.
+            mark = await self._mark(publish=False)
         run_id = info.get("run_id")
         gap_from = self._watermark if self._subscribed_once else None
         self._subscribed_once = True
@@ -289,22 +303,65 @@ class RedisBroker:
         if restarted:
             self._dirty.update(self._presence)  # Redis lost them with the rest of its data
             self._dirty_event.set()
-        if gap_from is None:
-            self._watermark = head_id
-        self._subscribed = True
-        self._last_probe = time.monotonic()
-        if self._on_gap is not None and (gap_from is not None or restarted):
+        if restarted and self._on_lost is not None:
             # Redis lost its data when it restarted: nothing to replay from, clients must refetch.
-            await self._on_gap(None if restarted else gap_from)
-            self._watermark = max(self._watermark or "0-0", head_id, key=id_key)
+            await self._on_lost()
+        elif gap_from is not None:
+            await self._replay_gap(gap_from, mark, before_break & self._users)
+        self._watermark = max(self._watermark or "0-0", mark, key=id_key)
         logger.info("redis subscription ready: %d channels", len(channels))
 
+    async def _replay_gap(self, after: str, upto: str, users: set[str]) -> None:
+        """Hand the local sockets what the broken subscription missed: every notification in
+        (after, upto] from history, in id order across the users' and the broadcast streams. Later
+        ones arrive live on the new subscription; the hub drops what it already delivered. A stream
+        that lost entries in the gap gets a `resync` instead."""
+        on_frame = self._on_frame
+        assert on_frame is not None
+        targets: list[str | None] = [None, *sorted(users)]
+        frames: list[tuple[tuple[int, int], str | None, str]] = []
+        lost: list[str | None] = []
+        now_ms = time.time_ns() // 1_000_000
+        try:
+            for start in range(0, len(targets), 200):
+                chunk = targets[start : start + 200]
+                pipe = self._redis.pipeline(transaction=False)
+                for target in chunk:
+                    stream = self._broadcast_stream if target is None else self._stream(target)
+                    pipe.xrange(stream, f"({after}", upto)
+                    pipe.xinfo_stream(stream)
+                replies = await self._call(pipe.execute(raise_on_error=False))
+                for i, target in enumerate(chunk):
+                    entries, info = replies[2 * i], replies[2 * i + 1]
+                    if isinstance(entries, Exception):
+                        raise BrokerUnavailable("could not read history")
+                    max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
+                    if not is_recoverable(id_key(after), max_deleted, now_ms, self._ttl_ms):
+                        lost.append(target)
+                        continue
+                    frames += [(id_key(id_), target, fields["f"]) for id_, fields in entries]
+        except BrokerUnavailable:
+            on_frame(None, RESYNC)  # to every local socket
+            self._metrics.dropped.labels("gap_unrecoverable").inc()
+            return
+        frames.sort(key=lambda item: item[0])
+        for _, target, frame in frames:
+            on_frame(target, frame)
+        for target in lost:
+            on_frame(target, RESYNC)
+        logger.info("replayed %d notifications missed by the subscription (%d streams lost some)",
+                    len(frames), len(lost))
+
     async def _confirm(self, pubsub: Any, pending: set[str], kind: str) -> None:
-        """Read until Redis confirmed every channel (nothing else can arrive before the confirmations)."""
+        """Read until Redis confirmed every channel; messages met meanwhile wait for `_read_messages`."""
         while pending:
             message = await pubsub.get_message(timeout=self._settings.probe_timeout_seconds)
-            if message is not None and message["type"] == kind:
+            if message is None:
+                continue
+            if message["type"] == kind:
                 pending.discard(message["channel"])
+            else:
+                self._early.append(message)
 
     async def _mark(self, publish: bool) -> str:
         """The current mark (see scripts.MARK); with `publish`, also sent round through our probe channel."""
@@ -319,8 +376,12 @@ class RedisBroker:
         user_prefix = f"{self._prefix}:u:"
         skip = len(user_prefix)
         timeout = self._settings.probe_timeout_seconds
+        early, self._early = self._early, []
         while True:
-            message = await pubsub.get_message(timeout=self._settings.probe_interval_seconds)
+            if early:
+                message = early.pop(0)
+            else:
+                message = await pubsub.get_message(timeout=self._settings.probe_interval_seconds)
             now = time.monotonic()
             if message is None:
                 if now - self._last_probe > timeout:
