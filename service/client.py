@@ -487,6 +487,10 @@ class Listener:
                 elif kind == "welcome":
                     self.state = "open"
                     self.connection_id = frame.get("connection_id")
+                    cursor = frame.get("cursor")
+                    if isinstance(cursor, str):  # nothing seen yet: a reconnect resumes from here
+                        self.last_id = self.last_id or cursor
+                        self.last_broadcast_id = self.last_broadcast_id or cursor
                     yield None
                     if frame.get("recovered") is False:
                         for notification in await self._refetch():

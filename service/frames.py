@@ -23,10 +23,12 @@ def encode(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def welcome(user_id: str, connection_id: str, recovered: bool | None, expires_at: float) -> str:
+def welcome(user_id: str, connection_id: str, recovered: bool | None, cursor: str | None, expires_at: float) -> str:
     frame: dict[str, Any] = {"type": "welcome", "user": user_id, "connection_id": connection_id}
     if recovered is not None:
         frame["recovered"] = recovered
+    elif cursor is not None:
+        frame["cursor"] = cursor
     frame["expires_at"] = int(expires_at)
     return encode(frame)
 

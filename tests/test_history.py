@@ -280,3 +280,19 @@ async def test_memory_broker_resumes_too(single, http):
     assert (await client.welcome())["recovered"] is True
     assert [f["id"] for f in await client.notifications(3)] == missed
     await client.close()
+
+
+@pytest.mark.parametrize("where", ["single", "pair"])
+async def test_welcome_cursor_covers_a_drop_before_the_first_notification(where, request, http):
+    """A client that saw nothing yet resumes from the welcome's cursor and misses nothing."""
+    replica = request.getfixturevalue(where)
+    replica = replica[0] if isinstance(replica, tuple) else replica
+    user = uid("cur")
+    client = await Client.connect(replica, user)
+    cursor = (await client.welcome())["cursor"]
+    await client.close()
+    missed = (await publish(http, replica, user, "while-away")).json()["id"]
+    again = await Client.connect(replica, user, f"since={cursor}&broadcast_since={cursor}")
+    assert (await again.welcome())["recovered"] is True
+    assert [f["id"] for f in await again.notifications(1)] == [missed]
+    await again.close()

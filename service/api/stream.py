@@ -46,7 +46,8 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
         recovered = resume.invalid() is None
         if recovered:
             recovered, replayed, floors = await _replay(runtime, user_id, resume)
-    conn.release([welcome(user_id, conn.id, recovered, expires_at), *replayed], floors[0], floors[1])
+    cursor = runtime.broker.position
+    conn.release([welcome(user_id, conn.id, recovered, cursor, expires_at), *replayed], floors[0], floors[1])
     return conn
 
 

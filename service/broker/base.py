@@ -86,6 +86,12 @@ class Broker(Protocol):
     def ready(self) -> bool:
         """True while publishes can succeed and the subscription is known to be alive."""
 
+    @property
+    def position(self) -> str | None:
+        """An id such that every notification after it reaches this replica's subscribed channels.
+
+        A client that has seen no notification yet resumes from here."""
+
     async def subscribe(self, user_id: str) -> None:
         """Start receiving a user's channel on this replica (the hub refcounts calls)."""
 

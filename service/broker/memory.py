@@ -62,6 +62,11 @@ class MemoryBroker:
     async def ping(self) -> None:
         return None
 
+    @property
+    def position(self) -> str:
+        # Before any publish (or long after the last), "now" is a cursor history can still vouch for.
+        return max(f"{self._clock}-{self._seq}", f"{_now_ms() - 1000}-0", key=id_key)
+
     async def subscribe(self, user_id: str) -> None:
         self._subscribed.add(user_id)
 

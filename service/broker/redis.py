@@ -125,6 +125,11 @@ class RedisBroker:
     def ready(self) -> bool:
         return self._subscribed and time.monotonic() - self._last_probe < self._settings.probe_timeout_seconds
 
+    @property
+    def position(self) -> str | None:
+        # Moved forward by every message and every probe mark this replica receives.
+        return self._watermark if self._subscribed else None
+
     async def ping(self) -> None:
         if not self.ready:
             raise BrokerUnavailable("Redis subscription is not established")

@@ -478,6 +478,11 @@ export class NotifyClient {
     if (conn.kind === "websocket") this._wsFailures = 0;
     else this._sseFailures = 0;
     this.connectionId = frame.connection_id;
+    // With nothing seen yet, the server's cursor is where a reconnect resumes from.
+    if (typeof frame.cursor === "string") {
+      this.lastUserId ??= frame.cursor;
+      this.lastBroadcastId ??= frame.cursor;
+    }
     this._scheduleRefresh(frame.expires_at);
     this._setState("open");
     this._emit("welcome", { ...frame, transport: conn.kind, url: conn.url });
