@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .api import client_assets, events, health, inbox, publish, ws
@@ -36,6 +37,16 @@ clients receive on `GET /ws` (WebSocket) or `GET /events` (Server-Sent Events) w
 The socket protocol is described in `openapi/asyncapi.yaml`."""
 
 
+class NotifyApp(FastAPI):
+    """FastAPI, except that client sockets go straight to their handler (see `api.ws.serve_socket`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == ws.PATH:
+            await ws.serve_socket(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; nothing is connected until its lifespan starts."""
 
@@ -54,13 +65,13 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await broker.stop()
 
-    app = FastAPI(
+    app = NotifyApp(
         title="notify-service",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for module in (publish, inbox, events, ws, health, client_assets):
+    for module in (publish, inbox, events, health, client_assets):
         app.include_router(module.router)
     _install_error_handlers(app)
     # Bearer tokens, never cookies: a browser page may read /me/* and /events cross-origin only with a token.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from .broker import frame_id
 from .frames import CloseCode
@@ -14,16 +15,24 @@ from .metrics import Metrics
 from .settings import Settings
 
 Closer = Callable[[int, str], Awaitable[None]]
+Sender = Callable[[str], Coroutine[Any, Any, None]]
 
 _BROADCAST_TAIL = ',"broadcast":true}'
+# The server's protocol aborts a peer that does not take its close frame well within this.
+_CLOSE_WAIT = 10.0
 
 
 class Connection:
-    """Frames wait here for the socket's writer; a reader that falls behind is cut off, not buffered."""
+    """Frames for one client socket; a reader that falls behind is cut off, not buffered.
+
+    Two ways out: a WebSocket attaches a sender, and a frame is written at once while the socket
+    keeps up (no task, no wake-up per frame), with a backlog task only while it does not; SSE pulls
+    batches with `next_batch`. Either way the backlog is bounded."""
 
     __slots__ = (
         "id", "user_id", "expires_at", "closed", "close_code", "_queue", "_queued_bytes",
         "_max_frames", "_max_bytes", "_ready", "_held", "_closer", "_metrics", "_close_task",
+        "_send", "_flush_task",
     )
 
     def __init__(self, user_id: str, expires_at: float, settings: Settings, metrics: Metrics, closer: Closer) -> None:
@@ -36,12 +45,29 @@ class Connection:
         self._queued_bytes = 0
         self._max_frames = settings.send_queue_frames
         self._max_bytes = settings.send_queue_bytes
-        self._ready = asyncio.Event()
+        self._ready: asyncio.Event | None = None  # made by the first `next_batch` (SSE only)
         # While history is replayed, live frames wait here so that none overtakes the replay.
         self._held: list[str] | None = None
         self._closer = closer
         self._metrics = metrics
         self._close_task: asyncio.Task[None] | None = None
+        self._send: Sender | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def attach(self, send: Sender) -> None:
+        """Write frames through `send` from now on, starting with whatever is queued."""
+        self._send = send
+        if self._queue:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush(None, None))
+
+    async def detach(self) -> None:
+        """The socket is done: stop writing, and let a close this side started finish first."""
+        self.closed = True
+        self._send = None
+        if self._flush_task is not None:
+            self._flush_task.cancel()
+        if self._close_task is not None:
+            await asyncio.wait([self._close_task], timeout=_CLOSE_WAIT)
 
     def push(self, frame: str) -> None:
         """Queue a frame; never blocks, so no socket can slow the broker or other sockets."""
@@ -71,6 +97,8 @@ class Connection:
 
     async def next_batch(self) -> list[str]:
         """Wait for queued frames and take them all; empty once the connection is closed."""
+        if self._ready is None:
+            self._ready = asyncio.Event()
         while not self._queue:
             if self.closed:
                 return []
@@ -90,20 +118,74 @@ class Connection:
         self.closed = True
         self.close_code = code
         self._queue.clear()
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
 
     def _enqueue(self, frame: str) -> None:
         if self.closed:
+            return
+        if self._send is not None and self._flush_task is None:
+            self._write_now(frame)
             return
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         if len(self._queue) > self._max_frames or self._queued_bytes > self._max_bytes:
             self._overflow()
             return
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
+
+    def _write_now(self, frame: str) -> None:
+        """Run the send until it completes or must wait for the peer; only then hand it to a task."""
+        assert self._send is not None
+        send = self._send(frame)
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            return
+        except Exception:  # noqa: BLE001 - the peer is gone; the receiving side sees the disconnect
+            self._send = None
+            return
+        self._flush_task = asyncio.get_running_loop().create_task(self._flush(send, waiting_on))
+
+    async def _flush(self, started: Coroutine[Any, Any, None] | None, waiting_on: Any) -> None:
+        """Finish a send that had to wait, then write the backlog, then go back to writing at once."""
+        try:
+            if started is not None:
+                await _resume(started, waiting_on)
+            while self._queue and self._send is not None:
+                frame = self._queue.popleft()
+                self._queued_bytes -= len(frame)
+                await self._send(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the peer is gone
+            self._send = None
+        finally:
+            self._flush_task = None
 
     def _overflow(self) -> None:
         self._metrics.slow_consumers.inc()
         self._metrics.dropped.labels("slow_consumer").inc(len(self._queue) + len(self._held or ()))
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
+
+
+async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Drive a coroutine that was started by hand and suspended on `waiting_on`, as a Task would."""
+    while True:
+        try:
+            if waiting_on is None:
+                await asyncio.sleep(0)
+            else:
+                await waiting_on
+        except asyncio.CancelledError:
+            if not (isinstance(waiting_on, asyncio.Future) and waiting_on.cancelled()):
+                coro.close()
+                raise
+        except Exception:  # noqa: BLE001,S110 - the coroutine sees the same outcome when resumed
+            pass
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return

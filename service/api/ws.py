@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
-from fastapi import APIRouter, WebSocket
 from fastapi.responses import JSONResponse
-from starlette.websockets import WebSocketState
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketState
 
 from ..connection import Connection
 from ..errors import BrokerUnavailable, InvalidToken
@@ -19,10 +19,18 @@ from ..ids import parse_id
 from ..runtime import Runtime, TokenBucket
 from .stream import Resume, open_stream, schedule_expiry
 
-router = APIRouter()
 logger = logging.getLogger("service.ws")
 
-@router.websocket("/ws")
+PATH = "/ws"
+
+
+async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /ws as a bare ASGI app. The app hands sockets straight here rather than through the
+    middleware and routing layers, whose suspended frames would otherwise live as long as each
+    socket (about half of an idle socket's memory)."""
+    await socket(WebSocket(scope, receive, send))
+
+
 async def socket(websocket: WebSocket) -> None:
     """Client socket; see docs/protocol.md for frames and close codes."""
     runtime: Runtime = websocket.state.runtime
@@ -89,28 +97,18 @@ def _closer(websocket: WebSocket) -> Any:
 
 
 async def _serve(websocket: WebSocket, conn: Connection, runtime: Runtime) -> None:
-    sender = asyncio.create_task(_send_forever(websocket, conn))
+    send = websocket._send  # the raw ASGI send skips Starlette's per-message state checks
+
+    def send_text(frame: str) -> Coroutine[Any, Any, None]:
+        return send({"type": "websocket.send", "text": frame})
+
+    conn.attach(send_text)
     expiry = schedule_expiry(conn)
     try:
         expiry = await _receive_forever(websocket, conn, runtime, expiry)
     finally:
         expiry.cancel()
-        if not conn.closed:
-            conn.closed = True
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
-
-
-async def _send_forever(websocket: WebSocket, conn: Connection) -> None:
-    # The raw ASGI send skips Starlette's per-message state checks on the hot path.
-    send = websocket._send
-    try:
-        while batch := await conn.next_batch():
-            for frame in batch:
-                await send({"type": "websocket.send", "text": frame})
-    except Exception:  # noqa: BLE001 - the peer went away; the receive side sees the disconnect
-        return
+        await conn.detach()
 
 
 async def _receive_forever(
