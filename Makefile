@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps run test openapi lint bench cluster clean
+.PHONY: install system-deps run test openapi lint bench soak cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,16 @@ openapi: install
 
 lint: install
 	$(PY) -m ruff check service tests deploy
+	$(PY) -m ruff format --check service tests deploy
 
 # Side-by-side load benchmark against python-socketio (about 20 minutes); writes docs/benchmark.md and docs/bench/.
 bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m tests.load --out docs/bench
+
+# A few minutes of connects, disconnects and publishes, then a 1,000-socket drain: resources must come back.
+soak: install
+	$(PY) -m tests.soak --seconds 180 --sockets 300 --drain-sockets 1000
 
 # Redis, three replicas and nginx on http://127.0.0.1:$(CLUSTER_PORT), without containers; Ctrl-C stops them all.
 CLUSTER_PORT ?= 8080

@@ -73,10 +73,9 @@ def render_nginx_conf(upstreams: Sequence[str], listen: str, template: str | Non
         raise ValueError("no upstream servers to replace")
     indent, params = servers[0].group(1), servers[0].group(2)
     new_lines = "".join(f"{indent}server {address}{params};\n" for address in upstreams)
-    body = body[: servers[0].start()] + new_lines + body[servers[-1].end():]
-    text = text[: block.start(2)] + body + text[block.end(2):]
-    text, listens = re.subn(r"^(\s*)listen\s+[^;]+;", lambda m: f"{m.group(1)}listen {listen};", text,
-                            flags=re.M)
+    body = body[: servers[0].start()] + new_lines + body[servers[-1].end() :]
+    text = text[: block.start(2)] + body + text[block.end(2) :]
+    text, listens = re.subn(r"^(\s*)listen\s+[^;]+;", lambda m: f"{m.group(1)}listen {listen};", text, flags=re.M)
     if listens != 1:
         raise ValueError(f"expected one listen directive, found {listens}")
     temp = "".join(f"    {name}_temp_path temp/{name};\n" for name in TEMP_PATHS)
@@ -209,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Redis, N replicas and nginx on 127.0.0.1, no containers.")
     parser.add_argument("--port", type=int, default=8080, help="nginx's port (default 8080)")
     parser.add_argument("--replicas", type=int, default=3, help="how many replicas (default 3)")
-    parser.add_argument("--redis-port", type=int, default=0,
-                        help="port for the cluster's own redis-server (default: a free one)")
-    parser.add_argument("--drain-seconds", type=float, default=2.0,
-                        help="NOTIFY_DRAIN_SECONDS of the replicas (default 2)")
+    parser.add_argument(
+        "--redis-port", type=int, default=0, help="port for the cluster's own redis-server (default: a free one)"
+    )
+    parser.add_argument(
+        "--drain-seconds", type=float, default=2.0, help="NOTIFY_DRAIN_SECONDS of the replicas (default 2)"
+    )
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
@@ -230,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             probe.bind(("127.0.0.1", args.port))
         except OSError as exc:
-            print(f"cluster: cannot listen on 127.0.0.1:{args.port}: {exc.strerror} (choose another --port)",
-                  file=sys.stderr)
+            print(
+                f"cluster: cannot listen on 127.0.0.1:{args.port}: {exc.strerror} (choose another --port)",
+                file=sys.stderr,
+            )
             return 2
     secret = os.environ.get("NOTIFY_JWT_SECRET") or secrets.token_urlsafe(32)
     if len(secret) < 16:
@@ -244,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     nginx: Nginx | None = None
 
-    def spawn(name: str, cmd: list[str], env: dict[str, str] | None = None,
-              log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        name: str, cmd: list[str], env: dict[str, str] | None = None, log: IO[bytes] | None = None
+    ) -> subprocess.Popen[bytes]:
         # A session of its own: Ctrl-C reaches only this script, which then stops the children in order.
         out = subprocess.PIPE if log is None else log
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append((name, proc))
         if log is None:
             assert proc.stdout is not None
@@ -265,8 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Redis's own start-up banner and warnings go to a file, shown only if it fails.
         with open(workdir / "redis.log", "wb") as redis_log:
-            redis = spawn("redis", [redis_bin, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", str(workdir)], log=redis_log)
+            redis = spawn(
+                "redis",
+                [
+                    redis_bin,
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(workdir),
+                ],
+                log=redis_log,
+            )
         try:
             _wait_redis(redis_port, redis)
         except RuntimeError:
@@ -298,14 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         alice, publisher = _token(secret, "alice"), _token(secret, "backend", "notify:publish notify:read")
         lines = [
             "",
-            f"notify cluster: nginx on {base} in front of {args.replicas} replicas, "
-            f"Redis on 127.0.0.1:{redis_port}",
+            f"notify cluster: nginx on {base} in front of {args.replicas} replicas, Redis on 127.0.0.1:{redis_port}",
             *(f"  replica{i}: http://127.0.0.1:{p}" for i, p in enumerate(replica_ports, 1)),
             f"  demo page:  {base}/demo" if env["NOTIFY_DEMO"].lower() in ("1", "true", "yes") else "",
             f"  socket:     ws://127.0.0.1:{args.port}/ws?token={alice}",
             f"  SSE:        curl -N '{base}/events?token={alice}'",
             f"  publish:    curl -X POST {base}/notify/alice -H 'Authorization: Bearer {publisher}' "
-            "-H 'Content-Type: application/json' -d '{\"event\":\"hello\",\"data\":{\"n\":1}}'",
+            '-H \'Content-Type: application/json\' -d \'{"event":"hello","data":{"n":1}}\'',
             f"  tokens (8 h): alice (client) {alice}",
             f"                backend (notify:publish notify:read) {publisher}",
             "  stop a replica with `kill -TERM <pid>` to watch its sockets move: "

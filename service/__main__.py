@@ -102,11 +102,16 @@ def _send(command: str, argv: list[str]) -> int:
         parser.add_argument("user", help="the recipient's user id")
     parser.add_argument("event", help="event name, e.g. order.shipped")
     parser.add_argument("data", nargs="?", default="null", help="the notification's data as JSON (default null)")
-    parser.add_argument("--url", default=os.environ.get("NOTIFY_URL", DEFAULT_HTTP_URL),
-                        help=f"the service's base URL (default $NOTIFY_URL or {DEFAULT_HTTP_URL})")
-    parser.add_argument("--token", default=os.environ.get("NOTIFY_TOKEN"),
-                        help="a JWT with scope notify:publish (default $NOTIFY_TOKEN, "
-                        "else one minted from NOTIFY_JWT_SECRET)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("NOTIFY_URL", DEFAULT_HTTP_URL),
+        help=f"the service's base URL (default $NOTIFY_URL or {DEFAULT_HTTP_URL})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("NOTIFY_TOKEN"),
+        help="a JWT with scope notify:publish (default $NOTIFY_TOKEN, else one minted from NOTIFY_JWT_SECRET)",
+    )
     parser.add_argument("--idempotency-key", help="retries with the same key deliver once (default: a new key)")
     parser.add_argument("--attempts", type=int, default=6, help="tries on 503 or network errors (default 6)")
     ns = parser.parse_args(argv)
@@ -143,9 +148,12 @@ def _listen(argv: list[str]) -> int:
         prog="notify-service listen",
         description="Print the user's notifications as JSON lines, reconnecting and resuming as needed.",
     )
-    parser.add_argument("--url", action="append", default=None,
-                        help="socket URL; repeat to rotate between replicas "
-                        f"(default $NOTIFY_WS_URL or {DEFAULT_WS_URL})")
+    parser.add_argument(
+        "--url",
+        action="append",
+        default=None,
+        help=f"socket URL; repeat to rotate between replicas (default $NOTIFY_WS_URL or {DEFAULT_WS_URL})",
+    )
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--token", default=os.environ.get("NOTIFY_TOKEN"), help="the user's JWT (default $NOTIFY_TOKEN)")
     who.add_argument("--sub", help="mint short-lived tokens for this user from NOTIFY_JWT_SECRET (development)")

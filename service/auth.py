@@ -107,9 +107,7 @@ class TokenVerifier:
         if settings.jwt_public_key:
             key = load_pem_public_key(settings.jwt_public_key.encode())
             self._static.append((key, _algorithm_for(key)))
-        self._jwks = (
-            JwksCache(settings.jwks_url, settings.jwks_min_refresh_seconds) if settings.jwks_url else None
-        )
+        self._jwks = JwksCache(settings.jwks_url, settings.jwks_min_refresh_seconds) if settings.jwks_url else None
         self._cache: OrderedDict[bytes, Principal] = OrderedDict()
 
     async def verify(self, token: str | None) -> Principal:

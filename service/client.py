@@ -213,8 +213,12 @@ class Publisher:
         response, attempts = await self._send("POST", path, {"event": event, "data": data}, key, unsafe_retry=True)
         body = response.json()
         return PublishAccepted(
-            id=body["id"], ts=body["ts"], online=body.get("online"), duplicate=bool(body.get("duplicate")),
-            idempotency_key=key, attempts=attempts,
+            id=body["id"],
+            ts=body["ts"],
+            online=body.get("online"),
+            duplicate=bool(body.get("duplicate")),
+            idempotency_key=key,
+            attempts=attempts,
         )
 
     async def _send(
@@ -314,8 +318,12 @@ class Notification:
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
         return cls(
-            id=str(frame["id"]), event=str(frame["event"]), data=frame.get("data"), ts=int(frame.get("ts", 0)),
-            broadcast=bool(frame.get("broadcast", False)), frame=dict(frame),
+            id=str(frame["id"]),
+            event=str(frame["event"]),
+            data=frame.get("data"),
+            ts=int(frame.get("ts", 0)),
+            broadcast=bool(frame.get("broadcast", False)),
+            frame=dict(frame),
         )
 
 

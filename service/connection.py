@@ -30,9 +30,22 @@ class Connection:
     batches with `next_batch`. Either way the backlog is bounded."""
 
     __slots__ = (
-        "id", "user_id", "expires_at", "closed", "close_code", "_queue", "_queued_bytes",
-        "_max_frames", "_max_bytes", "_ready", "_held", "_closer", "_metrics", "_close_task",
-        "_send", "_flush_task",
+        "id",
+        "user_id",
+        "expires_at",
+        "closed",
+        "close_code",
+        "_queue",
+        "_queued_bytes",
+        "_max_frames",
+        "_max_bytes",
+        "_ready",
+        "_held",
+        "_closer",
+        "_metrics",
+        "_close_task",
+        "_send",
+        "_flush_task",
     )
 
     def __init__(self, user_id: str, expires_at: float, settings: Settings, metrics: Metrics, closer: Closer) -> None:

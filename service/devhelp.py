@@ -28,7 +28,8 @@ def main() -> None:
 
     base = f"http://{ns.host}:{ns.port}"
     publisher, client = mint("dev-backend", "notify:publish notify:read"), mint("alice")
-    print(f"""
+    print(
+        f"""
   notify-service (development) on {base}; tokens below are valid for 8 hours.
 
   1. Open the demo:      {base}/demo
@@ -37,7 +38,9 @@ def main() -> None:
   3. Notify alice:       curl -X POST {base}/notify/alice -H 'Authorization: Bearer {publisher}' \\
                               -H 'Content-Type: application/json' -d '{{"event":"hello","data":{{"n":1}}}}'
   More tokens:           NOTIFY_JWT_SECRET=$(cat .dev-secret) .venv/bin/notify-service token --sub bob
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Errors the service raises on purpose, each mapped to one HTTP status in `app.py`.
 
-    ServiceError
-    ├── InvalidToken        401  no token, bad signature, expired, wrong audience/issuer, no `sub`
-    ├── MissingScope        403  a valid token without the scope the route needs
-    ├── NotFound            404
-    ├── InvalidRequest      422  a body or parameter that breaks the contract
-    ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
-    ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
-    └── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+ServiceError
+├── InvalidToken        401  no token, bad signature, expired, wrong audience/issuer, no `sub`
+├── MissingScope        403  a valid token without the scope the route needs
+├── NotFound            404
+├── InvalidRequest      422  a body or parameter that breaks the contract
+├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
+├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
+└── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
 
     def headers(self) -> dict[str, str]:
         """Extra response headers this error calls for."""

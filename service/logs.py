@@ -102,8 +102,12 @@ class AccessLog:
         finally:
             if self.logger.isEnabledFor(logging.INFO):
                 path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
-                extra = {"method": scope["method"], "path": redact(path), "status": status,
-                         "duration_ms": round((time.perf_counter() - started) * 1000, 2)}
+                extra = {
+                    "method": scope["method"],
+                    "path": redact(path),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                }
                 if (nid := notification_id.get()) is not None:
                     extra["notification_id"] = nid
                 self.logger.info("%s %s %d", scope["method"], redact(path), status, extra=extra)

@@ -30,15 +30,23 @@ class Metrics:
         self.errors = Counter("notify_errors", "Error answers and error frames, by code.", ["code"], registry=r)
         self.slow_consumers = Counter("notify_slow_consumers", "Sockets closed for not reading (4008).", registry=r)
         self.publish_latency = Histogram(
-            "notify_publish_latency_seconds", "Time to hand one notification to the broker.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "notify_publish_latency_seconds",
+            "Time to hand one notification to the broker.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.delivery_latency = Histogram(
-            "notify_delivery_latency_seconds", "From publish (notification ts) to the frame reaching this replica's sockets.",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "notify_delivery_latency_seconds",
+            "From publish (notification ts) to the frame reaching this replica's sockets.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
-        self.broker_reconnects = Counter("notify_broker_reconnects", "Times the Redis subscription was rebuilt.", registry=r)
-        self.probe_failures = Counter("notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r)
+        self.broker_reconnects = Counter(
+            "notify_broker_reconnects", "Times the Redis subscription was rebuilt.", registry=r
+        )
+        self.probe_failures = Counter(
+            "notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r
+        )
         self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
         self.broker_last_message = Gauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r

@@ -20,7 +20,9 @@ NotificationId = Annotated[str, Field(pattern=NOTIFICATION_ID_PATTERN, examples=
 class PublishRequest(BaseModel):
     """One notification: an event name and any JSON value."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"event": "order.shipped", "data": {"order": 7}}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"event": "order.shipped", "data": {"order": 7}}]}
+    )
 
     event: EventName
     data: Any = None

@@ -76,9 +76,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _require_a_key(self) -> Settings:
         if not (self.jwt_secret or self.jwt_public_key or self.jwks_url):
-            raise ValueError(
-                "no JWT key configured: set NOTIFY_JWT_SECRET, NOTIFY_JWT_PUBLIC_KEY or NOTIFY_JWKS_URL"
-            )
+            raise ValueError("no JWT key configured: set NOTIFY_JWT_SECRET, NOTIFY_JWT_PUBLIC_KEY or NOTIFY_JWKS_URL")
         if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
             raise ValueError("NOTIFY_JWT_SECRET is too short: HS256 needs at least 32 characters")
         return self

@@ -17,6 +17,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that kill, pause or restart it."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def single() -> Iterator[Replica]:
     """One replica on the embedded broker."""

@@ -67,8 +67,13 @@ async def sample(http: httpx.AsyncClient, replica: Replica) -> Sample:
             values[name] = float(value)
     redis_port = int(replica.env["NOTIFY_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
     to_redis = sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == redis_port)
-    return Sample(round(proc.memory_info().rss / 1e6, 1), proc.num_fds() - to_redis, to_redis,
-                  int(values.get("notify_event_loop_tasks", -1)), int(values["notify_connections"]))
+    return Sample(
+        round(proc.memory_info().rss / 1e6, 1),
+        proc.num_fds() - to_redis,
+        to_redis,
+        int(values.get("notify_event_loop_tasks", -1)),
+        int(values["notify_connections"]),
+    )
 
 
 async def settle(http: httpx.AsyncClient, replicas: list[Replica], within: float = 10.0) -> dict[str, Sample]:
@@ -263,13 +268,17 @@ async def main(argv: list[str]) -> int:
     server.start()
     try:
         result = await soak(server, ns.seconds, ns.sockets)
-        print(f"soak {ns.seconds:g}s, {ns.sockets} concurrent sockets: connects={result.connects} "
-              f"abrupt={result.abrupt_disconnects} publishes={result.publishes} failures={result.publish_failures} "
-              f"received={result.notifications_received}")
+        print(
+            f"soak {ns.seconds:g}s, {ns.sockets} concurrent sockets: connects={result.connects} "
+            f"abrupt={result.abrupt_disconnects} publishes={result.publishes} failures={result.publish_failures} "
+            f"received={result.notifications_received}"
+        )
         for url, start in result.start.items():
             print(f"  {url}:\n    start {start}\n    mid   {result.mid[url]}\n    end   {result.end[url]}")
-        print(f"  Redis channels {result.channels_start} -> {result.channels_end}, "
-              f"presence keys left {result.presence_keys_end}")
+        print(
+            f"  Redis channels {result.channels_start} -> {result.channels_end}, "
+            f"presence keys left {result.presence_keys_end}"
+        )
         print("  OK" if result.ok else f"  PROBLEMS: {result.problems}")
         ok = result.ok
         if ns.drain_sockets:
@@ -283,4 +292,3 @@ async def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(asyncio.run(main(sys.argv[1:])))
-

@@ -147,8 +147,14 @@ async def test_socket_frames_match_the_spec(single, http):
 
     await client.send({"type": "ping"})
     seen.append(await client.recv())
-    for bad in ("not json", "[1]", {"type": "nope"}, {"type": "ack"}, {"type": "refresh", "token": "x"},
-                {"type": "refresh", "token": token("someone-else")}):
+    for bad in (
+        "not json",
+        "[1]",
+        {"type": "nope"},
+        {"type": "ack"},
+        {"type": "refresh", "token": "x"},
+        {"type": "refresh", "token": token("someone-else")},
+    ):
         await client.send(bad)
         frame = await client.recv()
         assert frame["type"] == "error", frame
@@ -187,8 +193,15 @@ async def test_socket_frames_match_the_spec(single, http):
     kinds = {frame["type"] for frame in seen}
     assert kinds == {"welcome", "notification", "pong", "error", "unread", "refreshed"}
     codes = {frame["code"] for frame in seen if frame["type"] == "error"}
-    assert codes == {"invalid_json", "invalid_frame", "unknown_type", "invalid_id", "invalid_token",
-                     "binary_not_supported", "invalid_cursor"}
+    assert codes == {
+        "invalid_json",
+        "invalid_frame",
+        "unknown_type",
+        "invalid_id",
+        "invalid_token",
+        "binary_not_supported",
+        "invalid_cursor",
+    }
     for code in codes:  # every error code the server sent is named in the spec
         assert f"`{code}`" in deref(spec()["components"]["schemas"]["Error"])["properties"]["code"]["description"]
 

@@ -185,7 +185,9 @@ async def test_unknown_kids_do_not_cause_a_fetch_storm(jwks, rsa_key):
     """Tokens naming unknown kids are refused, and refetching is limited to once per interval."""
     verifier = TokenVerifier(settings(jwt_secret=None, jwks_url=jwks.url, jwks_min_refresh_seconds=60))
     for n in range(20):
-        forged = jwt.encode({"sub": "x", "exp": time.time() + 60}, rsa_key, algorithm="RS256", headers={"kid": f"k{n + 2}"})
+        forged = jwt.encode(
+            {"sub": "x", "exp": time.time() + 60}, rsa_key, algorithm="RS256", headers={"kid": f"k{n + 2}"}
+        )
         with pytest.raises(InvalidToken, match="unknown key"):
             await verifier.verify(forged)
     assert jwks.fetches == 1
@@ -195,7 +197,9 @@ async def test_jku_header_is_ignored(jwks, rsa_key):
     """A `jku` header pointing at another key set changes nothing: only the configured URL is used."""
     attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     forged = jwt.encode(
-        {"sub": "x", "exp": time.time() + 60}, attacker, algorithm="RS256",
+        {"sub": "x", "exp": time.time() + 60},
+        attacker,
+        algorithm="RS256",
         headers={"kid": "k1", "jku": "http://127.0.0.1:1/evil.json"},
     )
     with pytest.raises(InvalidToken):

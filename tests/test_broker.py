@@ -21,8 +21,13 @@ from .utils import SECRET
 @pytest.fixture(params=["memory", "redis"])
 async def broker(request, redis_server) -> AsyncIterator[tuple[Broker, list]]:
     url = redis_server.url if request.param == "redis" else None
-    settings = Settings(jwt_secret=SECRET, redis_url=url, redis_prefix=f"b{uuid.uuid4().hex[:8]}",  # type: ignore[arg-type]
-                        history_size=5, probe_interval_seconds=0.2)
+    settings = Settings(
+        jwt_secret=SECRET,
+        redis_url=url,
+        redis_prefix=f"b{uuid.uuid4().hex[:8]}",  # type: ignore[arg-type]
+        history_size=5,
+        probe_interval_seconds=0.2,
+    )
     received: list[tuple[str | None, str]] = []
     impl = create_broker(settings, "replica-1", Metrics("replica-1"))
 
@@ -57,8 +62,13 @@ async def test_publish_reaches_subscribers_only(broker):
     assert len(received) == 1
     target, frame = received[0]
     assert target == "a*"
-    assert orjson.loads(frame) == {"type": "notification", "id": published.id, "event": "e", "data": {"x": 1},
-                                   "ts": published.ts}
+    assert orjson.loads(frame) == {
+        "type": "notification",
+        "id": published.id,
+        "event": "e",
+        "data": {"x": 1},
+        "ts": published.ts,
+    }
 
 
 async def test_ids_are_unique_and_ordered_across_streams(broker):

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("NOTIFY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 WAIT_MS = TIMEOUT * 2000
 
@@ -73,7 +78,8 @@ def _playwright() -> Any:
     except ImportError:
         pytest.fail(
             "playwright is not installed: `.venv/bin/pip install playwright` (`make install` does it); "
-            "do not run `playwright install`: the tests use Debian's chromium", pytrace=False,
+            "do not run `playwright install`: the tests use Debian's chromium",
+            pytrace=False,
         )
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(
@@ -104,18 +110,10 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def demo_pair(redis: RedisServer) -> Iterator[tuple[Replica, Replica]]:
+def demo_pair(redis_server: RedisServer) -> Iterator[tuple[Replica, Replica]]:
     """Two replicas sharing one Redis, with the demo on; a test may kill either."""
-    env = cluster_env(redis, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")
+    env = cluster_env(redis_server, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")
     a = Replica(env).start()
     try:
         b = Replica(env).start()
@@ -130,8 +128,8 @@ def demo_pair(redis: RedisServer) -> Iterator[tuple[Replica, Replica]]:
 
 
 @pytest.fixture(scope="module")
-def demo_single(redis: RedisServer) -> Iterator[Replica]:
-    replica = Replica(cluster_env(redis, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")).start()
+def demo_single(redis_server: RedisServer) -> Iterator[Replica]:
+    replica = Replica(cluster_env(redis_server, NOTIFY_DEMO="true", NOTIFY_DRAIN_SECONDS="0.5")).start()
     yield replica
     replica.stop()
 

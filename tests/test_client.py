@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 import contextlib
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -153,8 +153,9 @@ def own_redis() -> Any:
 
 
 async def inbox(pub: Publisher, user: str) -> list[dict[str, Any]]:
-    response = await pub._http.get(f"{pub.base_url}/users/{user}/notifications",
-                                   headers={"Authorization": f"Bearer {PUBLISHER}"})
+    response = await pub._http.get(
+        f"{pub.base_url}/users/{user}/notifications", headers={"Authorization": f"Bearer {PUBLISHER}"}
+    )
     assert response.status_code == 200, response.text
     return list(response.json()["notifications"])
 
@@ -162,8 +163,9 @@ async def inbox(pub: Publisher, user: str) -> list[dict[str, Any]]:
 @pytest.mark.slow
 async def test_publish_while_redis_is_down_is_retried_and_delivered_once(own_redis):
     """Redis stops: every try answers 503 until it is back; then one notification, delivered once."""
-    replica = Replica(cluster_env(own_redis, NOTIFY_PUBLISH_TIMEOUT_SECONDS="0.5",
-                                  NOTIFY_RECONNECT_MAX_SECONDS="0.5")).start()
+    replica = Replica(
+        cluster_env(own_redis, NOTIFY_PUBLISH_TIMEOUT_SECONDS="0.5", NOTIFY_RECONNECT_MAX_SECONDS="0.5")
+    ).start()
     try:
         async with publisher(replica, max_attempts=30, backoff_base=0.05, backoff_max=0.4) as pub:
             listener = listen(replica.ws_url, token("cl-erin"))
@@ -372,7 +374,11 @@ async def test_listener_resumes_from_given_cursors_and_drops_duplicates(single):
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=3 * TIMEOUT, cwd=ROOT,
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        timeout=3 * TIMEOUT,
+        cwd=ROOT,
         env={**os.environ, "NOTIFY_JWT_SECRET": SECRET},
     )
 
@@ -398,9 +404,24 @@ def test_cli_token_and_send(single):
 def test_cli_listen_prints_json_lines(single):
     before = orjson.loads(cli("send", "cl-ned", "before", "--url", single.url).stdout)
     listener = subprocess.Popen(
-        [sys.executable, "-m", "service", "listen", "--token", token("cl-ned"), "--url", single.ws_url,
-         "--since", before["id"], "--count", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "listen",
+            "--token",
+            token("cl-ned"),
+            "--url",
+            single.ws_url,
+            "--since",
+            before["id"],
+            "--count",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "NOTIFY_JWT_SECRET": SECRET},
     )
     try:
@@ -415,8 +436,14 @@ def test_cli_listen_prints_json_lines(single):
     lines = [orjson.loads(line) for line in out.splitlines()]
     assert lines == [
         {"type": "notification", "id": first["id"], "event": "order.shipped", "data": {"n": 1}, "ts": first["ts"]},
-        {"type": "notification", "id": second["id"], "event": "hello", "data": [1, 2], "ts": second["ts"],
-         "broadcast": True},
+        {
+            "type": "notification",
+            "id": second["id"],
+            "event": "hello",
+            "data": [1, 2],
+            "ts": second["ts"],
+            "broadcast": True,
+        },
     ]
 
     expired = cli("listen", "--token", token("cl-ned", ttl=-5), "--url", single.ws_url)

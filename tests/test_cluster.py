@@ -74,8 +74,9 @@ async def test_glob_ids_reach_exactly_that_user_across_replicas(pair, http, redi
     for c in (star, plain, question, bracket):
         await c.welcome()
     for target, client in ((f"a*{suffix}", star), (f"user?1{suffix}", question), (f"[x]{suffix}", bracket)):
-        response = await http.post(f"{a.url}/notify/{quote(target, safe='')}", json={"event": "g"},
-                                   headers=publisher_headers())
+        response = await http.post(
+            f"{a.url}/notify/{quote(target, safe='')}", json={"event": "g"}, headers=publisher_headers()
+        )
         assert response.status_code == 202
         assert (await client.notifications(1))[0]["event"] == "g"
     await plain.nothing(0.3)

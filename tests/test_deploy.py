@@ -64,8 +64,7 @@ def _nginx() -> str:
     """Debian's nginx; missing means the test set-up is broken, which must fail, not skip."""
     found = cluster.nginx_binary()
     if found is None:
-        pytest.fail("nginx is not installed: run `apt-get install -y nginx` (Debian's package; "
-                    "`make install` does it)")
+        pytest.fail("nginx is not installed: run `apt-get install -y nginx` (Debian's package; `make install` does it)")
     return str(found)
 
 
@@ -102,8 +101,13 @@ def _duration(value: str | int | float) -> float:
 def test_every_yaml_file_parses():
     files = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
     assert {p.relative_to(DEPLOY).as_posix() for p in files} >= {
-        "docker-compose.yml", "k8s/deployment.yaml", "k8s/service.yaml", "k8s/ingress.yaml", "k8s/pdb.yaml",
-        "k8s/hpa.yaml", "k8s/kustomization.yaml",
+        "docker-compose.yml",
+        "k8s/deployment.yaml",
+        "k8s/service.yaml",
+        "k8s/ingress.yaml",
+        "k8s/pdb.yaml",
+        "k8s/hpa.yaml",
+        "k8s/kustomization.yaml",
     }
     for path in files:
         docs = _yaml_docs(path)
@@ -113,13 +117,22 @@ def test_every_yaml_file_parses():
 def test_k8s_objects_have_the_expected_kinds_and_fit_together():
     objects = _k8s_objects()
     assert set(objects) == {
-        "Deployment", "Service", "Ingress", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Kustomization",
+        "Deployment",
+        "Service",
+        "Ingress",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Kustomization",
     }
     kustomization = objects.pop("Kustomization")
     manifests = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
     assert sorted(kustomization["resources"]) == manifests
     assert {obj["apiVersion"] for obj in objects.values()} == {
-        "apps/v1", "v1", "networking.k8s.io/v1", "policy/v1", "autoscaling/v2",
+        "apps/v1",
+        "v1",
+        "networking.k8s.io/v1",
+        "policy/v1",
+        "autoscaling/v2",
     }
 
     deployment = objects["Deployment"]
@@ -139,8 +152,9 @@ def test_k8s_objects_have_the_expected_kinds_and_fit_together():
     rules = ingress["spec"]["rules"]
     backends = [path["backend"]["service"] for rule in rules for path in rule["http"]["paths"]]
     assert backends and all(
-        b["name"] == service["metadata"]["name"] and b["port"].get("name", b["port"].get("number")) in
-        (service_port["name"], service_port["port"]) for b in backends
+        b["name"] == service["metadata"]["name"]
+        and b["port"].get("name", b["port"].get("number")) in (service_port["name"], service_port["port"])
+        for b in backends
     )
     annotations = ingress["metadata"]["annotations"]
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
@@ -227,8 +241,12 @@ def test_dockerfile():
     assert json.loads(cmd.removeprefix("CMD ")) == serve
     # The build stage copies what building the package needs: pyproject, its readme, the packages.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    copied = {src.rstrip("/") for line in instructions if line.startswith("COPY ") and "--from" not in line
-              for src in line.split()[1:-1]}
+    copied = {
+        src.rstrip("/")
+        for line in instructions
+        if line.startswith("COPY ") and "--from" not in line
+        for src in line.split()[1:-1]
+    }
     assert {"pyproject.toml", pyproject["project"]["readme"], "service"} <= copied
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     for src in copied:
@@ -239,7 +257,7 @@ def test_dockerfile_healthcheck_command_runs(single):
     """The HEALTHCHECK's own command, pointed at a live replica, exits 0; pointed at nothing, not 0."""
     text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
     [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK ")]
-    argv = json.loads(line[line.index("CMD ") + 4:])
+    argv = json.loads(line[line.index("CMD ") + 4 :])
     assert argv[0] == "python"
     live = [sys.executable, *(arg.replace("127.0.0.1:8000", f"127.0.0.1:{single.port}") for arg in argv[1:])]
     assert subprocess.run(live, capture_output=True, timeout=30).returncode == 0
@@ -389,8 +407,9 @@ async def test_websockets_through_nginx_reach_both_replicas_and_get_notification
     users = list(sockets)
     # One by one to POST /notify/{user}, the rest in one batch to POST /notify: all through nginx.
     for user in users[:3]:
-        response = await http.post(f"{lb.url}/notify/{user}", json={"event": "single", "data": {"to": user}},
-                                   headers=publisher_headers())
+        response = await http.post(
+            f"{lb.url}/notify/{user}", json={"event": "single", "data": {"to": user}}, headers=publisher_headers()
+        )
         assert response.status_code == 202, response.text
         frame = await _next_notification(sockets[user])
         assert (frame["event"], frame["data"], frame["id"]) == ("single", {"to": user}, response.json()["id"])
@@ -438,8 +457,7 @@ async def test_rest_through_nginx(lb, http):
     response = await http.post(f"{lb.url}/notify", json=batch, headers=publisher_headers())
     assert response.status_code == 200, response.text
     assert [item["status"] for item in response.json()["results"]] == [202] * 40
-    inbox = await http.get(f"{lb.url}/users/{user}/notifications", params={"limit": 100},
-                           headers=publisher_headers())
+    inbox = await http.get(f"{lb.url}/users/{user}/notifications", params={"limit": 100}, headers=publisher_headers())
     assert inbox.status_code == 200, inbox.text
     assert len(inbox.json()["notifications"]) == 40 and len(inbox.content) > 300_000
     direct = await http.get(lb.replicas[0].url + "/openapi.json")
@@ -477,8 +495,9 @@ async def test_sse_through_nginx_is_unbuffered(lb, http):
             while (await anext(lines)) != ": heartbeat":
                 pass
         assert time.monotonic() - started < 2.0
-        response = await http.post(f"{lb.url}/notify/{user}", json={"event": "sse", "data": {"n": 1}},
-                                   headers=publisher_headers())
+        response = await http.post(
+            f"{lb.url}/notify/{user}", json={"event": "sse", "data": {"n": 1}}, headers=publisher_headers()
+        )
         assert response.status_code == 202, response.text
         started = time.monotonic()
         async with asyncio.timeout(TIMEOUT):
@@ -545,8 +564,9 @@ async def test_drain_through_nginx_moves_sockets_to_the_other_replica(redis_serv
             w.cancel()
         codes = sorted(ws.close_code for ws in first if ws.close_code is not None)
         assert codes == [1012, 1012], codes
-        response = await http.post(f"{pair.url}/notify/{users[0]}", json={"event": "after"},
-                                   headers=publisher_headers())
+        response = await http.post(
+            f"{pair.url}/notify/{users[0]}", json={"event": "after"}, headers=publisher_headers()
+        )
         assert response.status_code == 202, response.text
         assert (await _next_notification(fresh[0]))["event"] == "after"
         # uvicorn stops gracefully, then re-raises the SIGTERM it caught: exit status -15 (143 in a shell).
@@ -564,9 +584,17 @@ async def test_cluster_script_starts_and_stops_everything(http):
     _nginx()
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(DEPLOY / "cluster.py"), "--port", str(port), "--replicas", "2",
-        "--drain-seconds", "0.5",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        sys.executable,
+        str(DEPLOY / "cluster.py"),
+        "--port",
+        str(port),
+        "--replicas",
+        "2",
+        "--drain-seconds",
+        "0.5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
     )
     assert proc.stdout is not None
     output: list[str] = []
@@ -582,8 +610,11 @@ async def test_cluster_script_starts_and_stops_everything(http):
         alice = next(line for line in output if line.startswith("tokens")).split()[-1]
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws?token={alice}", open_timeout=TIMEOUT) as ws:
             assert (await _recv(ws))["type"] == "welcome"
-            response = await http.post(f"http://127.0.0.1:{port}/notify/alice", json={"event": "hi"},
-                                       headers={"Authorization": f"Bearer {publisher}"})
+            response = await http.post(
+                f"http://127.0.0.1:{port}/notify/alice",
+                json={"event": "hi"},
+                headers={"Authorization": f"Bearer {publisher}"},
+            )
             assert response.status_code == 202, response.text
             assert (await _next_notification(ws))["event"] == "hi"
         proc.send_signal(signal.SIGINT)

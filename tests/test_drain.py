@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,15 +20,7 @@ import websockets
 
 from .test_faults import connect_many, metrics, report
 from .test_limits import RawSocket
-from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publish
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
+from .utils import TIMEOUT, Client, Replica, cluster_env, publish
 
 
 async def watch_close(client: Client, t0: list[float], closes: list[tuple[float, int | None]]) -> None:
@@ -136,9 +127,19 @@ async def test_sigterm_drains_300_sockets_under_load(own_redis):
         bad_a = {k: v for k, v in load_a.outcomes.items() if k not in ("202", "503", "refused")}
         assert not bad_a, (load_a.outcomes, [t - t0[0] for t in load_a.errors_at])
         assert set(load_b.outcomes) == {"202"}, load_b.outcomes
-        report("drain", sockets=len(clients), drain_s=drain, unready_after_s=unready_s, first_close_s=times[0],
-               last_close_s=times[-1], closes_per_second=str(per_second), exit_s=exit_s, exit_code=exit_code,
-               publishes_to_draining=str(load_a.outcomes), publishes_to_other=str(load_b.outcomes))
+        report(
+            "drain",
+            sockets=len(clients),
+            drain_s=drain,
+            unready_after_s=unready_s,
+            first_close_s=times[0],
+            last_close_s=times[-1],
+            closes_per_second=str(per_second),
+            exit_s=exit_s,
+            exit_code=exit_code,
+            publishes_to_draining=str(load_a.outcomes),
+            publishes_to_other=str(load_b.outcomes),
+        )
         await asyncio.gather(*(c.close() for c in on_b))
     finally:
         a.stop()
@@ -227,6 +228,3 @@ async def test_killed_replica_leaves_nothing_that_matters(own_redis):
         direct.close()
         a.stop()
         b.stop()
-
-
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -29,20 +29,6 @@ def report(name: str, **figures: Any) -> None:
     """One line of measured figures; `pytest -s` shows them."""
     shown = (f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
     print(f"\nFIGURES {name}: " + ", ".join(shown))
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
 
 
 @contextlib.contextmanager
@@ -151,8 +137,10 @@ async def test_redis_killed_with_200_sockets(own_redis, http):
     env = cluster_env(own_redis, NOTIFY_RECONNECT_MAX_SECONDS="2")
     with started(Replica(env), Replica(env)) as replicas:
         a, b = replicas
-        clients = [*await connect_many(a, [f"k{i}" for i in range(100)]),
-                   *await connect_many(b, [f"k{i}" for i in range(100, 200)])]
+        clients = [
+            *await connect_many(a, [f"k{i}" for i in range(100)]),
+            *await connect_many(b, [f"k{i}" for i in range(100, 200)]),
+        ]
         before = await metrics(http, a)
 
         killed_at = time.monotonic()
@@ -175,9 +163,17 @@ async def test_redis_killed_with_200_sockets(own_redis, http):
         after = await metrics(http, a)
         assert after["notify_broker_reconnects_total"] > before["notify_broker_reconnects_total"]
         assert after["notify_broker_last_message_timestamp_seconds"] > time.time() - 5
-        report("redis_kill", sockets=len(clients), detect_s=detect_s, detect_max=max(detect),
-               publish_503_max_s=max(latencies), recover_ready_s=recover_s, recover_delivery_s=delivered_s,
-               lost=0, reconnected=0)
+        report(
+            "redis_kill",
+            sockets=len(clients),
+            detect_s=detect_s,
+            detect_max=max(detect),
+            publish_503_max_s=max(latencies),
+            recover_ready_s=recover_s,
+            recover_delivery_s=delivered_s,
+            lost=0,
+            reconnected=0,
+        )
         await close_all(clients)
 
 
@@ -195,8 +191,10 @@ async def test_redis_hung_with_200_sockets(own_redis, http):
     env = cluster_env(own_redis, NOTIFY_RECONNECT_MAX_SECONDS="2")
     with started(Replica(env), Replica(env)) as replicas:
         a, b = replicas
-        clients = [*await connect_many(a, [f"h{i}" for i in range(100)]),
-                   *await connect_many(b, [f"h{i}" for i in range(100, 200)])]
+        clients = [
+            *await connect_many(a, [f"h{i}" for i in range(100)]),
+            *await connect_many(b, [f"h{i}" for i in range(100, 200)]),
+        ]
         before = await metrics(http, b)
 
         own_redis.pause()
@@ -218,8 +216,16 @@ async def test_redis_hung_with_200_sockets(own_redis, http):
 
         after = await metrics(http, b)
         assert after["notify_broker_probe_failures_total"] > before["notify_broker_probe_failures_total"]
-        report("redis_sigstop", sockets=len(clients), detect_s=detect_s, publish_503_max_s=max(latencies),
-               recover_ready_s=recover_s, recover_delivery_s=delivered_s, lost=0, reconnected=0)
+        report(
+            "redis_sigstop",
+            sockets=len(clients),
+            detect_s=detect_s,
+            publish_503_max_s=max(latencies),
+            recover_ready_s=recover_s,
+            recover_delivery_s=delivered_s,
+            lost=0,
+            reconnected=0,
+        )
         await close_all(clients)
 
 
@@ -278,9 +284,16 @@ async def test_client_kill_pubsub_while_publishing(own_redis, http):
 
         await asyncio.gather(*(expected(user, c) for user in users for c in clients[user]))
         total = sum(len(v) for v in sent.values()) + len(broadcasts)
-        report("client_kill_pubsub", kills=len(kills), published=total, sockets=2 * len(users),
-               frames_checked=sum(len(sent[u]) + len(broadcasts) for u in users) * 2, lost=0, duplicates=0,
-               non_202=len(statuses) - statuses.count(202))
+        report(
+            "client_kill_pubsub",
+            kills=len(kills),
+            published=total,
+            sockets=2 * len(users),
+            frames_checked=sum(len(sent[u]) + len(broadcasts) for u in users) * 2,
+            lost=0,
+            duplicates=0,
+            non_202=len(statuses) - statuses.count(202),
+        )
         for group in clients.values():
             await close_all(group)
 
@@ -337,8 +350,14 @@ async def test_half_open_subscription_detected_and_gap_replayed(own_redis, proxy
         after = await metrics(http, a)
         assert after["notify_broker_probe_failures_total"] > before["notify_broker_probe_failures_total"]
         assert after["notify_broker_reconnects_total"] > before["notify_broker_reconnects_total"]
-        report("half_open", detect_s=not_ready_seen, ready_again_s=recovered_s,
-               published_during=sum(map(len, ids.values())), lost=0, duplicates=0)
+        report(
+            "half_open",
+            detect_s=not_ready_seen,
+            ready_again_s=recovered_s,
+            published_during=sum(map(len, ids.values())),
+            lost=0,
+            duplicates=0,
+        )
         await close_all(clients)
 
 
@@ -390,8 +409,13 @@ async def test_starts_while_redis_down(http):
             assert response.status_code == 202
             [frame] = await client.notifications(1)
             assert frame["id"] == response.json()["id"]
-            report("start_without_redis", publish_503_max_s=max(latencies), ready_after_redis_s=ready_s,
-                   reconnect_attempts_in_2s=reconnects_before, first_delivery_s=time.monotonic() - up_at)
+            report(
+                "start_without_redis",
+                publish_503_max_s=max(latencies),
+                ready_after_redis_s=ready_s,
+                reconnect_attempts_in_2s=reconnects_before,
+                first_delivery_s=time.monotonic() - up_at,
+            )
             await client.close()
     finally:
         server.stop()
@@ -421,4 +445,3 @@ def test_pubsub_is_clean_after_replica_stops(own_redis):
         time.sleep(0.05)
     assert client.pubsub_channels(f"{env['NOTIFY_REDIS_PREFIX']}:*") == []
     client.close()
-

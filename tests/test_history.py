@@ -204,10 +204,14 @@ async def test_delivery_status_for_the_publisher(pair, http):
     nid = (await publish(http, a, user, "s")).json()["id"]
     status = await http.get(f"{b.url}/notifications/{nid}", params={"user": user}, headers=publisher_headers())
     assert status.json() == {"id": nid, "user": user, "read": False, "retained": True}
-    await http.post(f"{a.url}/me/notifications/read", json={"up_to": nid}, headers={"Authorization": f"Bearer {token(user)}"})
+    await http.post(
+        f"{a.url}/me/notifications/read", json={"up_to": nid}, headers={"Authorization": f"Bearer {token(user)}"}
+    )
     status = await http.get(f"{b.url}/notifications/{nid}", params={"user": user}, headers=publisher_headers())
     assert status.json()["read"] is True
-    missing = await http.get(f"{b.url}/notifications/99999999999999-1", params={"user": user}, headers=publisher_headers())
+    missing = await http.get(
+        f"{b.url}/notifications/99999999999999-1", params={"user": user}, headers=publisher_headers()
+    )
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 

@@ -105,8 +105,10 @@ class RawSocket:
         key = base64.b64encode(os.urandom(16)).decode()
         path = f"/ws?token={token(user)}" + (f"&{query}" if query else "")
         self.sock.sendall(
-            (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+            (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
         )
         head = b""
         while b"\r\n\r\n" not in head:
@@ -298,8 +300,11 @@ async def test_glob_characters_are_ordinary_user_ids(pair, http):
         clients[name] = await Client.connect(a if i % 2 else b, name)
         await clients[name].welcome()
     for i, name in enumerate(names):
-        response = await http.post(f"{(b if i % 2 else a).url}/notify/{quote(name, safe='')}",
-                                   json={"event": "glob", "data": name}, headers=publisher_headers())
+        response = await http.post(
+            f"{(b if i % 2 else a).url}/notify/{quote(name, safe='')}",
+            json={"event": "glob", "data": name},
+            headers=publisher_headers(),
+        )
         assert response.status_code == 202, (name, response.text)
     for name in names:
         [frame] = await clients[name].notifications(1)
@@ -402,18 +407,27 @@ async def test_jwks_refetch_is_rate_limited(jwks_server, http):
     url, key, handler = jwks_server
     attacker = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with replica({"NOTIFY_JWKS_URL": url, "NOTIFY_JWKS_MIN_REFRESH_SECONDS": "2"}) as r:
-        valid = jwt.encode({"sub": "jwks-user", "exp": int(time.time()) + 60, "scope": "notify:read"}, key,
-                           algorithm="RS256", headers={"kid": "k1"})
+        valid = jwt.encode(
+            {"sub": "jwks-user", "exp": int(time.time()) + 60, "scope": "notify:read"},
+            key,
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
         response = await http.get(r.url + "/me/notifications", headers={"Authorization": f"Bearer {valid}"})
         assert response.status_code == 200, response.text
         handler.hits.clear()
         started = time.monotonic()
         statuses = []
         for i in range(200):
-            forged = jwt.encode({"sub": "x", "exp": int(time.time()) + 60, "scope": "notify:read"}, attacker,
-                                algorithm="RS256", headers={"kid": f"unknown-{i}", "jku": url + "?evil"})
-            statuses.append((await http.get(r.url + "/me/notifications",
-                                            headers={"Authorization": f"Bearer {forged}"})).status_code)
+            forged = jwt.encode(
+                {"sub": "x", "exp": int(time.time()) + 60, "scope": "notify:read"},
+                attacker,
+                algorithm="RS256",
+                headers={"kid": f"unknown-{i}", "jku": url + "?evil"},
+            )
+            statuses.append(
+                (await http.get(r.url + "/me/notifications", headers={"Authorization": f"Bearer {forged}"})).status_code
+            )
             await asyncio.sleep(0.015)
         elapsed = time.monotonic() - started
         assert set(statuses) == {401}
@@ -487,9 +501,17 @@ async def test_slow_consumer_4008_others_lose_nothing(redis_server, http):
         code, _ = stuck.read_until_close(5)
         stuck.close()
         rss_growth = (rss_peak - rss_before) / 1e6
-        report("backpressure", published_to_stuck_mb=big_published / 1e6, close_code=code, others=len(sent),
-               other_notifications=sum(map(len, sent.values())), lost=lost, rss_before_mb=rss_before / 1e6,
-               rss_peak_growth_mb=rss_growth, stuck_socket_freed=freed)
+        report(
+            "backpressure",
+            published_to_stuck_mb=big_published / 1e6,
+            close_code=code,
+            others=len(sent),
+            other_notifications=sum(map(len, sent.values())),
+            lost=lost,
+            rss_before_mb=rss_before / 1e6,
+            rss_peak_growth_mb=rss_growth,
+            stuck_socket_freed=freed,
+        )
         assert code in (4008, None)
         assert freed, "the stuck socket is still registered on the replica"
         assert rss_growth < 40, f"RSS grew by {rss_growth:.1f} MB"
@@ -571,15 +593,23 @@ async def test_generated_client_frames(limited):
     tried = 0
 
     json_values = st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=50),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**63), 2**63 - 1)
+        | st.floats(allow_nan=False)
+        | st.text(max_size=50),
         lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
         max_leaves=30,
     )
     frames = st.one_of(
         json_values.map(lambda v: (0x1, orjson.dumps(v))),
-        st.fixed_dictionaries({"type": st.sampled_from(["ping", "ack", "refresh", "x", ""])}, optional={
-            "id": st.text(max_size=30) | st.integers(-(2**63), 2**63 - 1), "token": st.text(max_size=50) | st.none(),
-        }).map(lambda v: (0x1, orjson.dumps(v))),
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["ping", "ack", "refresh", "x", ""])},
+            optional={
+                "id": st.text(max_size=30) | st.integers(-(2**63), 2**63 - 1),
+                "token": st.text(max_size=50) | st.none(),
+            },
+        ).map(lambda v: (0x1, orjson.dumps(v))),
         st.integers(1, 3000).map(lambda depth: (0x1, b"[" * depth + b"]" * depth)),
         st.binary(max_size=200).map(lambda b: (0x2, b)),
         st.binary(max_size=50).map(lambda b: (0x1, b"\xff\xfe" + b)),  # never valid UTF-8

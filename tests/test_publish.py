@@ -68,7 +68,9 @@ async def test_bad_body_is_422_with_message(single, http, body):
 async def test_invalid_json_is_422(single, http):
     """A body that is not JSON is 422, not a 500."""
     response = await http.post(
-        single.url + "/notify/alice", content=b"{nope", headers={**publisher_headers(), "Content-Type": "application/json"}
+        single.url + "/notify/alice",
+        content=b"{nope",
+        headers={**publisher_headers(), "Content-Type": "application/json"},
     )
     assert response.status_code == 422
 
@@ -76,8 +78,9 @@ async def test_invalid_json_is_422(single, http):
 @pytest.mark.parametrize("user", ["with space", "tab\there", "x" * 257, "nl\n", "del\x7f"])
 async def test_invalid_user_ids_are_422(single, http, user):
     """User ids with whitespace or control characters, or over 256 characters, are refused."""
-    response = await http.post(single.url + "/notify/" + quote(user, safe=""), json={"event": "e"},
-                               headers=publisher_headers())
+    response = await http.post(
+        single.url + "/notify/" + quote(user, safe=""), json={"event": "e"}, headers=publisher_headers()
+    )
     assert response.status_code == 422, response.text
 
 
@@ -87,12 +90,14 @@ async def test_body_over_limit_is_413(single, http):
     response = await http.post(single.url + "/notify/alice", json=big, headers=publisher_headers())
     assert response.status_code == 413
     assert response.json()["error"] == "payload_too_large"
+
     async def chunks():
         for part in (b'{"event":"e","data":"', b"y" * 70000, b'"}'):
             yield part
 
     chunked = await http.post(
-        single.url + "/broadcast", content=chunks(),
+        single.url + "/broadcast",
+        content=chunks(),
         headers={**publisher_headers(), "Content-Type": "application/json"},
     )
     assert chunked.status_code == 413
@@ -116,8 +121,14 @@ async def test_idempotent_retry_delivers_once(single, http):
     [frame] = await client.notifications(1)
     assert frame["id"] == first.json()["id"]
     await client.nothing()
-    other = await publish(http, single, user, "shipped", {"n": 7}, headers={**publisher_headers("other-backend"),
-                                                                           "Idempotency-Key": "order-7-shipped"})
+    other = await publish(
+        http,
+        single,
+        user,
+        "shipped",
+        {"n": 7},
+        headers={**publisher_headers("other-backend"), "Idempotency-Key": "order-7-shipped"},
+    )
     assert other.json()["id"] != first.json()["id"], "keys are scoped per publisher"
     await client.close()
 
@@ -128,8 +139,11 @@ async def test_batch_publish_reports_each_item(single, http):
     clients = [await Client.connect(single, u) for u in users]
     for c in clients:
         await c.welcome()
-    body = [{"user": users[0], "event": "a", "data": 1}, {"user": users[1], "event": "b", "data": 2},
-            {"user": users[0], "event": "c", "data": "x" * 70000}]
+    body = [
+        {"user": users[0], "event": "a", "data": 1},
+        {"user": users[1], "event": "b", "data": 2},
+        {"user": users[0], "event": "c", "data": "x" * 70000},
+    ]
     response = await http.post(single.url + "/notify", json=body, headers=publisher_headers())
     assert response.status_code == 200, response.text
     results = response.json()["results"]

@@ -21,8 +21,9 @@ def test_openapi_file_is_current():
 def test_refuses_to_start_without_a_key():
     """With no JWT key configured the service exits at once with one clear line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-    result = subprocess.run([sys.executable, "-m", "service", "--port", "1"], env=env, capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "1"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "NOTIFY_JWT_SECRET" in lines[0], result.stderr
@@ -30,8 +31,9 @@ def test_refuses_to_start_without_a_key():
 
 def test_refuses_a_short_secret():
     env = {**os.environ, "NOTIFY_JWT_SECRET": "short"}
-    result = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True,
-                            timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert result.returncode == 2 and "too short" in result.stderr
 
 
@@ -45,8 +47,9 @@ async def test_health_ready_and_metrics(single, http):
     await publish(http, single, "metrics-user", "m")
     await client.notifications(1)
     text = (await http.get(single.url + "/metrics")).text
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")
+    }
     assert samples["notify_connections"] >= 1
     assert samples['notify_notifications_published_total{kind="user"}'] >= 1
     assert samples["notify_notifications_delivered_total"] >= 1
@@ -82,11 +85,16 @@ async def test_cors_allows_configured_origins_only(http):
 
     replica = Replica({"NOTIFY_ALLOWED_ORIGINS": "https://app.example"}).start()
     try:
-        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
-                     "Access-Control-Request-Headers": "authorization"}
+        preflight = {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        }
         ok = await http.options(replica.url + "/me/notifications", headers=preflight)
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
-        evil = await http.options(replica.url + "/me/notifications", headers={**preflight, "Origin": "https://evil.example"})
+        evil = await http.options(
+            replica.url + "/me/notifications", headers={**preflight, "Origin": "https://evil.example"}
+        )
         assert "access-control-allow-origin" not in evil.headers
     finally:
         replica.stop()

@@ -76,8 +76,13 @@ async def test_ping_pong_and_bad_frames_keep_the_socket_open(single, http):
     await client.welcome()
     await client.send({"type": "ping"})
     assert await client.recv() == {"type": "pong"}
-    for bad, code in [("not json", "invalid_json"), ('{"type":"dance"}', "unknown_type"), ("[1,2]", "invalid_frame"),
-                      ('{"type":"ack","id":"nope"}', "invalid_id"), ('{"type":"refresh"}', "invalid_token")]:
+    for bad, code in [
+        ("not json", "invalid_json"),
+        ('{"type":"dance"}', "unknown_type"),
+        ("[1,2]", "invalid_frame"),
+        ('{"type":"ack","id":"nope"}', "invalid_id"),
+        ('{"type":"refresh"}', "invalid_token"),
+    ]:
         await client.send(bad)
         frame = await client.recv()
         assert frame["type"] == "error" and frame["code"] == code and frame["message"]
@@ -111,8 +116,11 @@ async def test_glob_characters_are_ordinary(single, http, glob):
     await other.welcome()
     from urllib.parse import quote
 
-    response = await http.post(f"{single.url}/notify/{quote(target, safe='')}", json={"event": "g"},
-                               headers={"Authorization": f"Bearer {token('svc', 'notify:publish')}"})
+    response = await http.post(
+        f"{single.url}/notify/{quote(target, safe='')}",
+        json={"event": "g"},
+        headers={"Authorization": f"Bearer {token('svc', 'notify:publish')}"},
+    )
     assert response.status_code == 202
     assert (await t.notifications(1))[0]["event"] == "g"
     await other.nothing()

@@ -34,8 +34,12 @@ def free_port() -> int:
 
 
 def token(
-    sub: str | None = "alice", scope: str | list[str] | None = None, ttl: float = 3600, key: Any = SECRET,
-    algorithm: str = "HS256", **claims: Any,
+    sub: str | None = "alice",
+    scope: str | list[str] | None = None,
+    ttl: float = 3600,
+    key: Any = SECRET,
+    algorithm: str = "HS256",
+    **claims: Any,
 ) -> str:
     """A real JWT, by default HS256 with the test secret."""
     payload: dict[str, Any] = {"exp": int(time.time() + ttl), **claims}
@@ -74,8 +78,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--protected-mode", "no"],
+            [
+                redis_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--protected-mode",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -145,7 +162,10 @@ class Replica:
     def start(self, wait_ready: bool = True) -> Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         self.wait("/readyz" if wait_ready else "/healthz")
         return self
@@ -250,7 +270,15 @@ class Client:
         await self.ws.close()
 
 
-async def publish(http: httpx.AsyncClient, replica: Replica, user: str | None, event: str = "e", data: Any = None,
-                  headers: dict[str, str] | None = None) -> httpx.Response:
+async def publish(
+    http: httpx.AsyncClient,
+    replica: Replica,
+    user: str | None,
+    event: str = "e",
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     path = "/broadcast" if user is None else f"/notify/{user}"
-    return await http.post(replica.url + path, json={"event": event, "data": data}, headers=headers or publisher_headers())
+    return await http.post(
+        replica.url + path, json={"event": event, "data": data}, headers=headers or publisher_headers()
+    )

@@ -30,7 +30,10 @@ class _TooMany(ServiceError):
     "/events",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "One event per frame; `id:` is the notification id."},
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "One event per frame; `id:` is the notification id.",
+        },
         401: {"model": ErrorBody},
         429: {"model": ErrorBody, "description": "Too many open streams for this user."},
         503: {"model": ErrorBody, "description": "The replica is draining."},

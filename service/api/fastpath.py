@@ -96,6 +96,11 @@ def _replay(first: Message, receive: Receive) -> Receive:
 
 async def _respond(send: Send, status: int, payload: dict[str, object], headers: list[tuple[bytes, bytes]]) -> None:
     body = orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -41,7 +41,9 @@ def _page(inbox: Inbox) -> InboxPage:
 
 
 @router.get("/me/notifications", response_model=InboxPage, responses=_ERRORS)
-async def my_notifications(principal: ClientDep, runtime: RuntimeDep, limit: Limit = 50, before: Before = None) -> InboxPage:
+async def my_notifications(
+    principal: ClientDep, runtime: RuntimeDep, limit: Limit = 50, before: Before = None
+) -> InboxPage:
     """The caller's retained notifications, newest first, with the unread count (also the polling fallback)."""
     return _page(await runtime.broker.inbox(principal.user_id, before, limit))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..ids import IdKey, id_key, is_recoverable
 from ..settings import Settings
-from .base import FrameHandler, LostHandler, HistoryPage, Inbox, Published, ReadState, build_frame
+from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, build_frame
 
 _SWEEP_SECONDS = 60.0
 

@@ -27,7 +27,7 @@ from ..ids import id_key, is_recoverable, parse_id
 from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
-from .base import FrameHandler, LostHandler, HistoryPage, Inbox, Published, ReadState, frame_id
+from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, frame_id
 
 logger = logging.getLogger("service.broker")
 
@@ -183,8 +183,14 @@ class RedisBroker:
         idem_key = idem or f"{self._prefix}:i:-"
         keys = [stream, channel, self._key_seq, self._key_clock, idem_key, presence, self._key_replicas]
         args = [
-            event_json, data_json, s.history_size, self._ttl_ms, s.idempotency_ttl_seconds * 1000,
-            "1" if user_id is None else "0", "1" if idem else "0", int(s.probe_timeout_seconds * 3000),
+            event_json,
+            data_json,
+            s.history_size,
+            self._ttl_ms,
+            s.idempotency_ttl_seconds * 1000,
+            "1" if user_id is None else "0",
+            "1" if idem else "0",
+            int(s.probe_timeout_seconds * 3000),
         ]
         id_, duplicate, online = await self._call(self._publish_script(keys=keys, args=args))
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
@@ -272,7 +278,7 @@ class RedisBroker:
             attempt += 1
             self._metrics.broker_reconnects.inc()
             # Capped exponential backoff with full jitter: replicas do not stampede a returning Redis.
-            cap = min(self._settings.reconnect_max_seconds, 0.1 * 2**min(attempt, 10))
+            cap = min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 10))
             await asyncio.sleep(random.uniform(cap / 2, cap))
 
     async def _subscribe_all(self) -> None:
@@ -354,8 +360,9 @@ class RedisBroker:
             on_frame(target, frame)
         for target in lost:
             on_frame(target, RESYNC)
-        logger.info("replayed %d notifications missed by the subscription (%d streams lost some)",
-                    len(frames), len(lost))
+        logger.info(
+            "replayed %d notifications missed by the subscription (%d streams lost some)", len(frames), len(lost)
+        )
 
     async def _confirm(self, pubsub: Any, pending: set[str], kind: str) -> None:
         """Read until Redis confirmed every channel; messages met meanwhile wait for `_read_messages`."""

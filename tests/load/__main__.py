@@ -37,15 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default=None, help="comma-separated targeted rates")
     parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair")
     parser.add_argument("--only", choices=["notify", "socketio"], default=None, help="run one system only")
-    parser.add_argument("--variant", action="append", default=[],
-                        help="also run the service changed: 'ws=wsproto', 'loop=asyncio,http=h11', "
-                        "'patch=async-runtime-dep', 'env:NOTIFY_ACCESS_LOG=false'")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="also run the service changed: 'ws=wsproto', 'loop=asyncio,http=h11', "
+        "'patch=async-runtime-dep', 'env:NOTIFY_ACCESS_LOG=false'",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="with --variant: skip the unchanged service")
-    parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="py-spy the service at 1,000/s targeted and during broadcast (needs root)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="py-spy the service at 1,000/s targeted and during broadcast (needs root)",
+    )
     parser.add_argument("--no-report", action="store_true", help="print the summary; write no files")
-    parser.add_argument("--report-from", default=None, metavar="JSON",
-                        help="rewrite the report from a results.json instead of running")
+    parser.add_argument(
+        "--report-from", default=None, metavar="JSON", help="rewrite the report from a results.json instead of running"
+    )
     ns = parser.parse_args(argv)
     if ns.report_from:
         from .report import write

@@ -70,8 +70,24 @@ class _Profiler:
         out.parent.mkdir(parents=True, exist_ok=True)
         exe = Path(sys.executable).with_name("py-spy")
         self.proc = subprocess.Popen(
-            [str(exe), "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200", "-f", "raw",
-             "-o", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                str(exe),
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(max(1, int(seconds))),
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def wait(self) -> None:
         if self.proc is not None:
@@ -86,15 +102,20 @@ async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
     async with _session(system, plan) as (dep, fleet, pub, connect):
         steps = []
         for rate in plan.rates:
-            prof = _Profiler(plan, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration) \
-                if system.kind == "notify" and rate == 1000 else None
+            prof = (
+                _Profiler(plan, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration)
+                if system.kind == "notify" and rate == 1000
+                else None
+            )
             step = await W.targeted(dep, fleet, pub, rate, plan.duration, plan.drain)
             if prof:
                 prof.wait()
             steps.append(step)
-            _log(f"  {system.name} targeted {rate:g}/s: delivered {step['delivered_per_s'] or 0:.0f}/s "
-                 f"p99 {step['p99_ms'] or 0:.1f} ms, {step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, "
-                 f"lost {step['lost']}, errors {step['http_errors']}, holds={step['holds']}")
+            _log(
+                f"  {system.name} targeted {rate:g}/s: delivered {step['delivered_per_s'] or 0:.0f}/s "
+                f"p99 {step['p99_ms'] or 0:.1f} ms, {step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, "
+                f"lost {step['lost']}, errors {step['http_errors']}, holds={step['holds']}"
+            )
             if not step["holds"] and rate >= 1000:
                 break
             if fleet.alive() < len(fleet.listeners):
@@ -110,24 +131,30 @@ async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
             single = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain)
             batch = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain, batch=plan.batch_size)
             out["batch_single"], out["batch"] = single, batch
-            _log(f"  {system.name} batch of {plan.batch_size} at {plan.batch_rate:g}/s: "
-                 f"{batch['deliveries_per_cpu_s'] or 0:.0f}/cpu-s (single: {single['deliveries_per_cpu_s'] or 0:.0f})")
+            _log(
+                f"  {system.name} batch of {plan.batch_size} at {plan.batch_rate:g}/s: "
+                f"{batch['deliveries_per_cpu_s'] or 0:.0f}/cpu-s (single: {single['deliveries_per_cpu_s'] or 0:.0f})"
+            )
         prof = _Profiler(plan, "broadcast", dep.replicas[0].pid, plan.duration) if system.kind == "notify" else None
         result = await W.broadcast(dep, fleet, pub, plan.broadcast_rate, plan.duration, plan.drain)
         if prof:
             prof.wait()
         out["broadcast"] = result
-        _log(f"  {system.name} broadcast {plan.broadcast_rate:g}/s to {result['sockets']}: fan-out p99 "
-             f"{result['fanout_p99_ms']} ms, {result['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {result['lost']} "
-             f"{result['fanout_note']}")
+        _log(
+            f"  {system.name} broadcast {plan.broadcast_rate:g}/s to {result['sockets']}: fan-out p99 "
+            f"{result['fanout_p99_ms']} ms, {result['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {result['lost']} "
+            f"{result['fanout_note']}"
+        )
         return out
 
 
 async def run_pair(system: System, plan: Plan) -> dict[str, Any]:
     async with _session(system, plan, replicas=2) as (dep, fleet, pub, connect):
         step = await W.targeted(dep, fleet, pub, plan.pair_rate, plan.duration, plan.drain)
-        _log(f"  {system.name} two replicas {plan.pair_rate:g}/s: p99 {step['p99_ms'] or 0:.1f} ms, "
-             f"{step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {step['lost']}")
+        _log(
+            f"  {system.name} two replicas {plan.pair_rate:g}/s: p99 {step['p99_ms'] or 0:.1f} ms, "
+            f"{step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, lost {step['lost']}"
+        )
         return {"connect": connect, "step": step}
 
 
@@ -145,8 +172,13 @@ async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
                 _log(f"round {r + 1}/{plan.rounds}: {system.name} {session}")
                 results[system.name][session] = await RUNNERS[session](system, plan)
         rounds.append(results)
-    return {"plan": asdict(plan), "systems": [asdict(s) for s in systems], "rounds": rounds,
-            "summary": summarize(systems, plan, rounds), "load": os.getloadavg()}
+    return {
+        "plan": asdict(plan),
+        "systems": [asdict(s) for s in systems],
+        "rounds": rounds,
+        "summary": summarize(systems, plan, rounds),
+        "load": os.getloadavg(),
+    }
 
 
 def _median(values: list[Any]) -> Any:
@@ -164,9 +196,21 @@ def knee(steps: list[dict[str, Any]]) -> float | None:
     return best
 
 
-_STEP_KEYS = ["delivered_per_s", "publish_rate", "p50_ms", "p99_ms", "max_ms", "deliveries_per_cpu_s",
-              "deliveries_per_cpu_s_with_redis", "server_cpu_util", "generator_cpu_util", "lost", "duplicates",
-              "http_errors", "misrouted"]
+_STEP_KEYS = [
+    "delivered_per_s",
+    "publish_rate",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "deliveries_per_cpu_s",
+    "deliveries_per_cpu_s_with_redis",
+    "server_cpu_util",
+    "generator_cpu_util",
+    "lost",
+    "duplicates",
+    "http_errors",
+    "misrouted",
+]
 
 
 def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -176,8 +220,14 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
         summary: dict[str, Any] = {"rounds": len(per)}
         # Connect and memory figures come from the one-replica sessions (two per round).
         sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k != "pair"]
-        for key in ("connects_per_s", "connects_per_cpu_s", "connect_failures", "rss_kb_per_socket",
-                    "rss_mb_per_1000", "rss_base_mb"):
+        for key in (
+            "connects_per_s",
+            "connects_per_cpu_s",
+            "connect_failures",
+            "rss_kb_per_socket",
+            "rss_mb_per_1000",
+            "rss_base_mb",
+        ):
             summary[key] = _median([c[key] for c in sessions_1])
         if any("targeted" in r for r in per):
             by_rate: dict[float, list[dict[str, Any]]] = {}
@@ -185,17 +235,31 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
                 for step in r.get("targeted", {}).get("steps", []):
                     by_rate.setdefault(step["rate"], []).append(step)
             summary["targeted"] = {
-                rate: {"runs": len(steps), **{k: _median([st[k] for st in steps]) for k in _STEP_KEYS},
-                       "holds_all": all(st["holds"] for st in steps)}
+                rate: {
+                    "runs": len(steps),
+                    **{k: _median([st[k] for st in steps]) for k in _STEP_KEYS},
+                    "holds_all": all(st["holds"] for st in steps),
+                }
                 for rate, steps in sorted(by_rate.items())
             }
             summary["knee"] = _median([knee(r["targeted"]["steps"]) for r in per if "targeted" in r])
         if any("broadcast" in r for r in per):
             bs = [r["broadcast"]["broadcast"] for r in per if "broadcast" in r]
-            summary["broadcast"] = {k: _median([b[k] for b in bs]) for k in
-                                    ("fanout_p50_ms", "fanout_p99_ms", "fanout_max_ms", "delivered_per_s",
-                                     "deliveries_per_cpu_s", "deliveries_per_cpu_s_with_redis", "lost",
-                                     "duplicates", "server_cpu_util", "sockets")}
+            summary["broadcast"] = {
+                k: _median([b[k] for b in bs])
+                for k in (
+                    "fanout_p50_ms",
+                    "fanout_p99_ms",
+                    "fanout_max_ms",
+                    "delivered_per_s",
+                    "deliveries_per_cpu_s",
+                    "deliveries_per_cpu_s_with_redis",
+                    "lost",
+                    "duplicates",
+                    "server_cpu_util",
+                    "sockets",
+                )
+            }
             summary["broadcast"]["notes"] = [b["fanout_note"] for b in bs if b["fanout_note"]]
             for key in ("batch", "batch_single"):
                 runs = [r["broadcast"][key] for r in per if key in r.get("broadcast", {})]

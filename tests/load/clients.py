@@ -173,13 +173,15 @@ class Fleet:
     async def connect_one(self, index: int, port: int, token: str, timeout: float) -> None:
         cls = SocketIOListener if self.kind == "socketio" else NotifyListener
         async with asyncio.timeout(timeout):
-            transport, listener = await ws_connect(lambda: cls(self, index, token), self.url(port, token),
-                                                   websocket_handshake_timeout=timeout)
+            transport, listener = await ws_connect(
+                lambda: cls(self, index, token), self.url(port, token), websocket_handshake_timeout=timeout
+            )
             self.listeners[index] = listener
             await listener.ready
 
-    async def connect_all(self, ports: Callable[[int], int], tokens: list[str], concurrency: int,
-                          timeout: float) -> tuple[float, int]:
+    async def connect_all(
+        self, ports: Callable[[int], int], tokens: list[str], concurrency: int, timeout: float
+    ) -> tuple[float, int]:
         """Open every socket with at most `concurrency` handshakes in flight; (seconds, failures)."""
         sem = asyncio.Semaphore(concurrency)
         failures = 0
@@ -197,8 +199,11 @@ class Fleet:
         return perf() - started, failures
 
     def alive(self) -> int:
-        return sum(1 for lst in self.listeners if lst is not None and lst.transport is not None
-                   and not lst.transport.is_disconnected)
+        return sum(
+            1
+            for lst in self.listeners
+            if lst is not None and lst.transport is not None and not lst.transport.is_disconnected
+        )
 
     async def close_all(self, timeout: float = 5.0) -> None:
         for lst in self.listeners:
@@ -248,8 +253,9 @@ class Publisher:
 
     def __init__(self, port: int, bearer: str, max_connections: int = 256) -> None:
         self.port = port
-        self.prefix = (f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {bearer}\r\n"
-                       "Content-Type: application/json\r\n").encode()
+        self.prefix = (
+            f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\n"
+        ).encode()
         self.max = max_connections
         self.idle: list[_HttpConn] = []
         self.queue: collections.deque[tuple[bytes, Callable[[int, bytes], None]]] = collections.deque()
@@ -275,8 +281,18 @@ class Publisher:
         self._give(conn)
 
     def request(self, path: str, body: bytes, callback: Callable[[int, bytes], None]) -> None:
-        raw = b"".join((b"POST ", path.encode(), b" HTTP/1.1\r\n", self.prefix,
-                        b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
+        raw = b"".join(
+            (
+                b"POST ",
+                path.encode(),
+                b" HTTP/1.1\r\n",
+                self.prefix,
+                b"Content-Length: ",
+                str(len(body)).encode(),
+                b"\r\n\r\n",
+                body,
+            )
+        )
         self.in_flight += 1
         if self.idle:
             self._send(self.idle.pop(), raw, callback)

@@ -109,8 +109,7 @@ class System:
         py = sys.executable
         if self.kind == "socketio":
             assert redis is not None
-            argv = [py, "-m", "tests.load.sio_server", "--port", "{port}", "--redis", redis.url,
-                    "--channel", namespace]
+            argv = [py, "-m", "tests.load.sio_server", "--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
         env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}
         if redis is not None:

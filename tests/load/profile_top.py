@@ -1,6 +1,6 @@
 """Top costs of a py-spy raw (collapsed) profile: self and inclusive time per function and per package.
 
-    python -m tests.load.profile_top docs/bench/profile-targeted.txt [--top 25]
+python -m tests.load.profile_top docs/bench/profile-targeted.txt [--top 25]
 """
 
 from __future__ import annotations

@@ -10,8 +10,23 @@ from typing import Any
 
 from .workloads import KNEE_P99_MS
 
-PACKAGES = ["fastapi", "starlette", "uvicorn", "uvloop", "httptools", "websockets", "redis", "hiredis", "orjson",
-            "pydantic", "pyjwt", "python-socketio", "python-engineio", "picows", "matplotlib"]
+PACKAGES = [
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "websockets",
+    "redis",
+    "hiredis",
+    "orjson",
+    "pydantic",
+    "pyjwt",
+    "python-socketio",
+    "python-engineio",
+    "picows",
+    "matplotlib",
+]
 
 
 def versions() -> dict[str, str]:
@@ -92,45 +107,100 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     ob, pb = ours.get("broadcast", {}), peer.get("broadcast", {})
     op, pp = ours.get("pair", {}), peer.get("pair", {})
     rows = [
-        ("targeted: deliveries per server CPU-s at 1,000 POST/s", _f(o1.get("deliveries_per_cpu_s")),
-         _f(p1.get("deliveries_per_cpu_s")), _ratio(o1.get("deliveries_per_cpu_s"), p1.get("deliveries_per_cpu_s"))),
-        ("  same, counting Redis CPU too", _f(o1.get("deliveries_per_cpu_s_with_redis")),
-         _f(p1.get("deliveries_per_cpu_s_with_redis")),
-         _ratio(o1.get("deliveries_per_cpu_s_with_redis"), p1.get("deliveries_per_cpu_s_with_redis"))),
-        ("targeted at 1,000 POST/s: p50 / p99 end-to-end (ms)",
-         f"{_f(o1.get('p50_ms'), 1)} / {_f(o1.get('p99_ms'), 1)}",
-         f"{_f(p1.get('p50_ms'), 1)} / {_f(p1.get('p99_ms'), 1)}", ""),
-        (f"targeted knee (POST/s; p99 ≤ {KNEE_P99_MS:g} ms, all delivered)", _f(ours.get("knee")),
-         _f(peer.get("knee")), _ratio(ours.get("knee"), peer.get("knee"))),
-        ("  p99 at the knee (ms)", _f(_at(ours, ours.get("knee"), "p99_ms"), 1),
-         _f(_at(peer, peer.get("knee"), "p99_ms"), 1), ""),
-        (f"broadcast {plan['broadcast_rate']:g}/s to all sockets: fan-out p50 / p99 (ms)",
-         f"{_f(ob.get('fanout_p50_ms'), 1)} / {_f(ob.get('fanout_p99_ms'), 1)}",
-         f"{_f(pb.get('fanout_p50_ms'), 1)} / {_f(pb.get('fanout_p99_ms'), 1)}",
-         _ratio(ob.get("fanout_p99_ms"), pb.get("fanout_p99_ms"), invert=True)),
-        ("broadcast: deliveries per server CPU-s", _f(ob.get("deliveries_per_cpu_s")),
-         _f(pb.get("deliveries_per_cpu_s")), _ratio(ob.get("deliveries_per_cpu_s"), pb.get("deliveries_per_cpu_s"))),
+        (
+            "targeted: deliveries per server CPU-s at 1,000 POST/s",
+            _f(o1.get("deliveries_per_cpu_s")),
+            _f(p1.get("deliveries_per_cpu_s")),
+            _ratio(o1.get("deliveries_per_cpu_s"), p1.get("deliveries_per_cpu_s")),
+        ),
+        (
+            "  same, counting Redis CPU too",
+            _f(o1.get("deliveries_per_cpu_s_with_redis")),
+            _f(p1.get("deliveries_per_cpu_s_with_redis")),
+            _ratio(o1.get("deliveries_per_cpu_s_with_redis"), p1.get("deliveries_per_cpu_s_with_redis")),
+        ),
+        (
+            "targeted at 1,000 POST/s: p50 / p99 end-to-end (ms)",
+            f"{_f(o1.get('p50_ms'), 1)} / {_f(o1.get('p99_ms'), 1)}",
+            f"{_f(p1.get('p50_ms'), 1)} / {_f(p1.get('p99_ms'), 1)}",
+            "",
+        ),
+        (
+            f"targeted knee (POST/s; p99 ≤ {KNEE_P99_MS:g} ms, all delivered)",
+            _f(ours.get("knee")),
+            _f(peer.get("knee")),
+            _ratio(ours.get("knee"), peer.get("knee")),
+        ),
+        (
+            "  p99 at the knee (ms)",
+            _f(_at(ours, ours.get("knee"), "p99_ms"), 1),
+            _f(_at(peer, peer.get("knee"), "p99_ms"), 1),
+            "",
+        ),
+        (
+            f"broadcast {plan['broadcast_rate']:g}/s to all sockets: fan-out p50 / p99 (ms)",
+            f"{_f(ob.get('fanout_p50_ms'), 1)} / {_f(ob.get('fanout_p99_ms'), 1)}",
+            f"{_f(pb.get('fanout_p50_ms'), 1)} / {_f(pb.get('fanout_p99_ms'), 1)}",
+            _ratio(ob.get("fanout_p99_ms"), pb.get("fanout_p99_ms"), invert=True),
+        ),
+        (
+            "broadcast: deliveries per server CPU-s",
+            _f(ob.get("deliveries_per_cpu_s")),
+            _f(pb.get("deliveries_per_cpu_s")),
+            _ratio(ob.get("deliveries_per_cpu_s"), pb.get("deliveries_per_cpu_s")),
+        ),
         ("broadcast: deliveries/s", _f(ob.get("delivered_per_s")), _f(pb.get("delivered_per_s")), ""),
-        ("idle RSS per socket (KB)", _f(ours.get("rss_kb_per_socket"), 1), _f(peer.get("rss_kb_per_socket"), 1),
-         _ratio(ours.get("rss_kb_per_socket"), peer.get("rss_kb_per_socket"), invert=True)),
-        ("authenticated connects/s", _f(ours.get("connects_per_s")), _f(peer.get("connects_per_s")),
-         _ratio(ours.get("connects_per_s"), peer.get("connects_per_s"))),
-        ("  connects per server CPU-s", _f(ours.get("connects_per_cpu_s")), _f(peer.get("connects_per_cpu_s")),
-         _ratio(ours.get("connects_per_cpu_s"), peer.get("connects_per_cpu_s"))),
-        (f"two replicas, {plan['pair_rate']:g} POST/s to A: deliveries per server CPU-s (A+B)",
-         _f(op.get("deliveries_per_cpu_s")), _f(pp.get("deliveries_per_cpu_s")),
-         _ratio(op.get("deliveries_per_cpu_s"), pp.get("deliveries_per_cpu_s"))),
-        ("  p50 / p99 (ms)", f"{_f(op.get('p50_ms'), 1)} / {_f(op.get('p99_ms'), 1)}",
-         f"{_f(pp.get('p50_ms'), 1)} / {_f(pp.get('p99_ms'), 1)}", ""),
+        (
+            "idle RSS per socket (KB)",
+            _f(ours.get("rss_kb_per_socket"), 1),
+            _f(peer.get("rss_kb_per_socket"), 1),
+            _ratio(ours.get("rss_kb_per_socket"), peer.get("rss_kb_per_socket"), invert=True),
+        ),
+        (
+            "authenticated connects/s",
+            _f(ours.get("connects_per_s")),
+            _f(peer.get("connects_per_s")),
+            _ratio(ours.get("connects_per_s"), peer.get("connects_per_s")),
+        ),
+        (
+            "  connects per server CPU-s",
+            _f(ours.get("connects_per_cpu_s")),
+            _f(peer.get("connects_per_cpu_s")),
+            _ratio(ours.get("connects_per_cpu_s"), peer.get("connects_per_cpu_s")),
+        ),
+        (
+            f"two replicas, {plan['pair_rate']:g} POST/s to A: deliveries per server CPU-s (A+B)",
+            _f(op.get("deliveries_per_cpu_s")),
+            _f(pp.get("deliveries_per_cpu_s")),
+            _ratio(op.get("deliveries_per_cpu_s"), pp.get("deliveries_per_cpu_s")),
+        ),
+        (
+            "  p50 / p99 (ms)",
+            f"{_f(op.get('p50_ms'), 1)} / {_f(op.get('p99_ms'), 1)}",
+            f"{_f(pp.get('p50_ms'), 1)} / {_f(pp.get('p99_ms'), 1)}",
+            "",
+        ),
     ]
     if "batch" in ours:
         b, s1 = ours["batch"], ours.get("batch_single", {})
-        rows.append((f"batch `POST /notify` ({plan['batch_size']} per request, {plan['batch_rate']:g}/s): "
-                     "deliveries per server CPU-s", _f(b.get("deliveries_per_cpu_s")), "no batch API",
-                     f"{_ratio(b.get('deliveries_per_cpu_s'), s1.get('deliveries_per_cpu_s'))} single"))
+        rows.append(
+            (
+                f"batch `POST /notify` ({plan['batch_size']} per request, {plan['batch_rate']:g}/s): "
+                "deliveries per server CPU-s",
+                _f(b.get("deliveries_per_cpu_s")),
+                "no batch API",
+                f"{_ratio(b.get('deliveries_per_cpu_s'), s1.get('deliveries_per_cpu_s'))} single",
+            )
+        )
         rows.append(("  single `POST /notify/{user}` in the same session", _f(s1.get("deliveries_per_cpu_s")), "", ""))
-    rows.append(("lost / duplicated, every workload", _losses(results, "notify-service"),
-                 _losses(results, "python-socketio"), ""))
+    rows.append(
+        (
+            "lost / duplicated, every workload",
+            _losses(results, "notify-service"),
+            _losses(results, "python-socketio"),
+            "",
+        )
+    )
     if _without_run_ids(results):
         add("Note: these results come from a harness version whose frames carried no run id: a late delivery")
         add("of an overloaded run's unanswered requests, arriving during the next run of the same session, was")
@@ -154,67 +224,89 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add(f"once, the rate is kept and p99 ≤ {KNEE_P99_MS:g} ms; the sweep stops after the first failed step at or")
     add("above 1,000/s. Medians over the rounds that reached each rate.")
     add("")
-    add("| system | POST/s | runs | delivered/s | p50 ms | p99 ms | max ms | per server CPU-s | +Redis "
-        "| server CPU | generator CPU | lost | dup | HTTP errors | holds |")
+    add(
+        "| system | POST/s | runs | delivered/s | p50 ms | p99 ms | max ms | per server CPU-s | +Redis "
+        "| server CPU | generator CPU | lost | dup | HTTP errors | holds |"
+    )
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in names:
         for rate, st in summary[name].get("targeted", {}).items():
-            add(f"| {name} | {_f(rate)} | {st['runs']} | {_f(st['delivered_per_s'])} | {_f(st['p50_ms'], 1)} | "
+            add(
+                f"| {name} | {_f(rate)} | {st['runs']} | {_f(st['delivered_per_s'])} | {_f(st['p50_ms'], 1)} | "
                 f"{_f(st['p99_ms'], 1)} | {_f(st['max_ms'], 1)} | {_f(st['deliveries_per_cpu_s'])} | "
                 f"{_f(st['deliveries_per_cpu_s_with_redis'])} | {_f(_pct(st['server_cpu_util']))}% | "
                 f"{_f(_pct(st['generator_cpu_util']))}% | {_f(st['lost'])} | {_f(st['duplicates'])} | "
-                f"{_f(st['http_errors'])} | {'yes' if st['holds_all'] else 'no'} |")
+                f"{_f(st['http_errors'])} | {'yes' if st['holds_all'] else 'no'} |"
+            )
     notes = _error_notes(results)
     if notes:
         add("")
-        add("HTTP errors by answer (all rounds; `0` is a request still unanswered when the run's drain time ran out, "
-            "or a dropped connection):")
+        add(
+            "HTTP errors by answer (all rounds; `0` is a request still unanswered when the run's drain time ran out, "
+            "or a dropped connection):"
+        )
         add("")
         for line in notes:
             add(f"- {line}")
     add("")
     add("## Broadcast")
     add("")
-    add(f"`POST /broadcast` {plan['broadcast_rate']:g} times a second for {plan['duration']:g} s to every socket; "
-        "fan-out time is from the intended POST time until the last socket has the broadcast.")
+    add(
+        f"`POST /broadcast` {plan['broadcast_rate']:g} times a second for {plan['duration']:g} s to every socket; "
+        "fan-out time is from the intended POST time until the last socket has the broadcast."
+    )
     add("")
-    add("| system | sockets | fan-out p50 ms | p99 ms | max ms | deliveries/s | per server CPU-s | server CPU "
-        "| lost | dup | note |")
+    add(
+        "| system | sockets | fan-out p50 ms | p99 ms | max ms | deliveries/s | per server CPU-s | server CPU "
+        "| lost | dup | note |"
+    )
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in names:
         b = summary[name].get("broadcast")
         if b:
-            add(f"| {name} | {_f(b['sockets'])} | {_f(b['fanout_p50_ms'], 1)} | {_f(b['fanout_p99_ms'], 1)} | "
+            add(
+                f"| {name} | {_f(b['sockets'])} | {_f(b['fanout_p50_ms'], 1)} | {_f(b['fanout_p99_ms'], 1)} | "
                 f"{_f(b['fanout_max_ms'], 1)} | {_f(b['delivered_per_s'])} | {_f(b['deliveries_per_cpu_s'])} | "
                 f"{_f(_pct(b['server_cpu_util']))}% | {_f(b['lost'])} | {_f(b['duplicates'])} | "
-                f"{'; '.join(b['notes'])} |")
+                f"{'; '.join(b['notes'])} |"
+            )
     add("")
     add("## Connect and memory")
     add("")
-    add(f"{plan['users'] * 2:,} sockets over {plan['users']:,} users (two devices each), each with its own JWT, "
+    add(
+        f"{plan['users'] * 2:,} sockets over {plan['users']:,} users (two devices each), each with its own JWT, "
         "at most "
-        f"{plan['concurrency']} handshakes in flight. RSS is the server's resident memory after the sockets have")
+        f"{plan['concurrency']} handshakes in flight. RSS is the server's resident memory after the sockets have"
+    )
     add("idled for 2 s, minus its RSS before the first connect.")
     add("")
-    add("| system | connects/s | per server CPU-s | failures | base RSS MB | RSS per 1,000 idle sockets MB "
-        "| per socket KB |")
+    add(
+        "| system | connects/s | per server CPU-s | failures | base RSS MB | RSS per 1,000 idle sockets MB "
+        "| per socket KB |"
+    )
     add("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in names:
         s = summary[name]
-        add(f"| {name} | {_f(s.get('connects_per_s'))} | {_f(s.get('connects_per_cpu_s'))} | "
+        add(
+            f"| {name} | {_f(s.get('connects_per_s'))} | {_f(s.get('connects_per_cpu_s'))} | "
             f"{_f(s.get('connect_failures'))} | {_f(s.get('rss_base_mb'), 1)} | {_f(s.get('rss_mb_per_1000'), 1)} | "
-            f"{_f(s.get('rss_kb_per_socket'), 1)} |")
+            f"{_f(s.get('rss_kb_per_socket'), 1)} |"
+        )
     add("")
     add("## Conditions")
     add("")
     v = versions()
-    add(f"- Machine: {machine()}; load average at the end {', '.join(f'{x:.2f}' for x in results['load'])}; "
-        "other work may share it, which is why ratios within one invocation are the figures to quote.")
-    add(f"- Workloads: {plan['users']:,} users × 2 sockets; {plan['duration']:g} s per step; targeted rates "
+    add(
+        f"- Machine: {machine()}; load average at the end {', '.join(f'{x:.2f}' for x in results['load'])}; "
+        "other work may share it, which is why ratios within one invocation are the figures to quote."
+    )
+    add(
+        f"- Workloads: {plan['users']:,} users × 2 sockets; {plan['duration']:g} s per step; targeted rates "
         f"{', '.join(_f(r) for r in plan['rates'])} POST/s; broadcast {plan['broadcast_rate']:g}/s; two replicas at "
         f"{plan['pair_rate']:g}/s (device 0 of each user on A, device 1 on B, publisher on A); batch "
         f"{plan['batch_size']} per request at {plan['batch_rate']:g} notifications/s; {plan['drain']:g} s allowed "
-        "after each run before a missing delivery counts as lost; a 1 s warm-up at 200/s after connecting.")
+        "after each run before a missing delivery counts as lost; a 1 s warm-up at 200/s after connecting."
+    )
     add("- notify-service: `python -m service`, production defaults (Redis broker, access log middleware on,")
     add("  log level warning), one process per replica, a fresh redis-server per session.")
     add("- python-socketio: `tests/load/sio_server.py`,")

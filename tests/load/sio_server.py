@@ -71,8 +71,11 @@ def build(redis_url: str, channel: str, secret: str) -> socketio.ASGIApp:
         if (body := await body_of(request)) is None:
             return Response(b'{"error":"invalid_request"}', 422, media_type="application/json")
         ts = time.time_ns() // 1_000_000
-        await sio.emit("notification", {"event": body["event"], "data": body.get("data"), "ts": ts},
-                       room=request.path_params["user"])
+        await sio.emit(
+            "notification",
+            {"event": body["event"], "data": body.get("data"), "ts": ts},
+            room=request.path_params["user"],
+        )
         return Response(orjson.dumps({"ts": ts}), 202, media_type="application/json")
 
     async def broadcast(request: Request) -> Response:
@@ -103,8 +106,17 @@ def main() -> None:
     ns = parser.parse_args()
     app = build(ns.redis, ns.channel, os.environ["BENCH_SECRET"])
     # The same uvicorn setup as the service: uvloop, httptools, the sans-I/O websockets protocol.
-    uvicorn.run(app, host="127.0.0.1", port=ns.port, loop="uvloop", http="httptools", ws="websockets-sansio",
-                ws_per_message_deflate=False, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=ns.port,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ def _per(count: float, seconds: float) -> float | None:
     return count / seconds if seconds > 0 else None
 
 
-async def connect(dep: Deployment, fleet: Fleet, ports: Callable[[int], int], concurrency: int,
-                  timeout: float = 30.0, settle: float = 2.0) -> dict[str, Any]:
+async def connect(
+    dep: Deployment,
+    fleet: Fleet,
+    ports: Callable[[int], int],
+    concurrency: int,
+    timeout: float = 30.0,
+    settle: float = 2.0,
+) -> dict[str, Any]:
     """Open every socket of the fleet; connects/s, failures, and idle RSS per 1,000 sockets."""
     tokens = client_tokens(len(fleet.listeners))
     await asyncio.sleep(0.5)
@@ -85,8 +91,9 @@ async def _wait(condition: Callable[[], bool], timeout: float) -> None:
         await asyncio.sleep(0.01)
 
 
-async def targeted(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float,
-                   drain: float, batch: int = 0) -> dict[str, Any]:
+async def targeted(
+    dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float, drain: float, batch: int = 0
+) -> dict[str, Any]:
     """POST /notify/{user} to random users at `rate` per second (or `POST /notify` with `batch` items per
     request, same notification rate); every notification should reach both devices of its user, once."""
     users = fleet.users
@@ -104,6 +111,7 @@ async def targeted(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, d
             statuses[status] = statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 accepted[i] = 1
+
         body = orjson.dumps({"event": "bench", "data": {"t": t, "k": i, "r": run}})
         pub.request(f"/notify/u{rec.user_of[i]}", body, done)
 
@@ -119,6 +127,7 @@ async def targeted(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, d
                         accepted[k] = 1
                     else:
                         statuses[result["status"]] = statuses.get(result["status"], 0) + 1
+
         items = [{"user": f"u{rec.user_of[k]}", "event": "bench", "data": {"t": t, "k": k, "r": run}} for k in ks]
         pub.request("/notify", orjson.dumps(items), done)
 
@@ -165,7 +174,9 @@ async def targeted(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, d
         **_cpu_fields(window, rec.received),
     }
     result["holds"] = bool(
-        http_errors == 0 and lost == 0 and rec.duplicates == 0
+        http_errors == 0
+        and lost == 0
+        and rec.duplicates == 0
         and (result["publish_rate"] or 0) >= 0.95 * rate
         and (result["p99_ms"] is not None and result["p99_ms"] <= KNEE_P99_MS)
     )
@@ -177,8 +188,9 @@ async def targeted(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, d
 KNEE_P99_MS = 250.0
 
 
-async def broadcast(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float,
-                    drain: float) -> dict[str, Any]:
+async def broadcast(
+    dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float, drain: float
+) -> dict[str, Any]:
     """POST /broadcast at `rate`; time until the last socket has each one, and deliveries/s."""
     count = int(rate * duration)
     rec = fleet.recorder
@@ -192,6 +204,7 @@ async def broadcast(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, 
             statuses[status] = statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 accepted[j] = 1
+
         pub.request("/broadcast", orjson.dumps({"event": "bench", "data": {"t": t, "b": j, "r": run}}), done)
 
     window = CpuWindow(dep).start()
@@ -222,7 +235,8 @@ async def broadcast(dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, 
         "fanout_p50_ms": percentile(complete, 50) if len(complete) == ok else None,
         "fanout_p99_ms": percentile(complete, 99) if len(complete) == ok else None,
         "fanout_max_ms": max(complete) if complete and len(complete) == ok else None,
-        "fanout_note": "" if len(complete) == ok
+        "fanout_note": ""
+        if len(complete) == ok
         else f"{ok - len(complete)} of {ok} broadcasts not on every socket {drain:g} s after the run",
         "delivered_per_s": _per(rec.received, max(sent_for, last_arrival - t0)),
         "sockets_closed": fleet.closed,
