@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from .broker import Broker
+from .broker import Broker, frame_id
 from .connection import Connection
 from .frames import RESYNC
 from .ids import IdKey, id_key
@@ -38,9 +38,6 @@ class Hub:
     @property
     def connections(self) -> set[Connection]:
         return self._all
-
-    def count(self, user_id: str) -> int:
-        return len(self._users.get(user_id, ()))
 
     async def register(self, conn: Connection) -> None:
         """Add a connection; once this returns, every frame published for its user reaches it."""
@@ -82,16 +79,16 @@ class Hub:
 
     def on_frame(self, user_id: str | None, frame: str) -> None:
         """Deliver one frame from the broker to this replica's sockets: encoded once, queued to each."""
-        if frame.startswith('{"type":"notification"'):
-            id_ = frame[29 : frame.index('"', 29)]
+        id_ = frame_id(frame)
+        if id_ is not None:
             key = id_key(id_)
             last = self._last.get(user_id)
             if last is not None and key <= last:
                 self._metrics.dropped.labels("duplicate").inc()
                 return
             self._last[user_id] = key
-            ts = int(frame[frame.rindex('"ts":') + 5 :].rstrip("}").split(",", 1)[0])
-            self._metrics.delivery_latency.observe(max(0.0, time.time() - ts / 1000))
+            # The id's first part is the publish time (the frame's `ts`).
+            self._metrics.delivery_latency.observe(max(0.0, time.time() - key[0] / 1000))
         targets = self._all if user_id is None else self._users.get(user_id)
         if not targets:
             return
