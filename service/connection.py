@@ -16,6 +16,8 @@ from .settings import Settings
 
 Closer = Callable[[int, str], Awaitable[None]]
 Sender = Callable[[str], Coroutine[Any, Any, None]]
+# Writes a pre-encoded frame at once if the socket can take it; False means "use the Sender".
+FrameWriter = Callable[[bytes], bool]
 
 _BROADCAST_TAIL = ',"broadcast":true}'
 # The server's protocol aborts a peer that does not take its close frame well within this.
@@ -45,6 +47,7 @@ class Connection:
         "_metrics",
         "_close_task",
         "_send",
+        "_send_frame",
         "_flush_task",
     )
 
@@ -65,31 +68,35 @@ class Connection:
         self._metrics = metrics
         self._close_task: asyncio.Task[None] | None = None
         self._send: Sender | None = None
+        self._send_frame: FrameWriter | None = None
         self._flush_task: asyncio.Task[None] | None = None
 
-    def attach(self, send: Sender) -> None:
-        """Write frames through `send` from now on, starting with whatever is queued."""
+    def attach(self, send: Sender, send_frame: FrameWriter | None = None) -> None:
+        """Write frames through `send` from now on, starting with whatever is queued; where the
+        server offers `send_frame`, a frame encoded once for all sockets is written directly."""
         self._send = send
+        self._send_frame = send_frame
         if self._queue:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(None, None))
 
     async def detach(self) -> None:
         """The socket is done: stop writing, and let a close this side started finish first."""
         self.closed = True
-        self._send = None
+        self._send = self._send_frame = None
         if self._flush_task is not None:
             self._flush_task.cancel()
         if self._close_task is not None:
             await asyncio.wait([self._close_task], timeout=_CLOSE_WAIT)
 
-    def push(self, frame: str) -> None:
-        """Queue a frame; never blocks, so no socket can slow the broker or other sockets."""
+    def push(self, frame: str, wire: bytes | None = None) -> None:
+        """Send or queue a frame (`wire`: the same frame already encoded for the socket); never
+        blocks, so no socket can slow the broker or other sockets."""
         if self._held is not None:
             self._held.append(frame)
             if len(self._held) > self._max_frames:
                 self._overflow()
             return
-        self._enqueue(frame)
+        self._enqueue(frame, wire)
 
     def hold(self) -> None:
         """Start holding live frames back (before subscribing, when the client resumes)."""
@@ -135,11 +142,12 @@ class Connection:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
 
-    def _enqueue(self, frame: str) -> None:
+    def _enqueue(self, frame: str, wire: bytes | None = None) -> None:
         if self.closed:
             return
         if self._send is not None and self._flush_task is None:
-            self._write_now(frame)
+            if wire is None or self._send_frame is None or not self._send_frame(wire):
+                self._write_now(frame)
             return
         self._queue.append(frame)
         self._queued_bytes += len(frame)

@@ -37,6 +37,26 @@ def error(code: str, message: str) -> str:
     return encode({"type": "error", "code": code, "message": message})
 
 
+# ASGI scope extension through which this service's server offers `send_frame(wire) -> bool`.
+SEND_FRAME_EXTENSION = "notify.send_frame"
+
+
+def wire_text(text: str) -> bytes:
+    """A complete, unmasked WebSocket text frame (server to client) carrying `text`.
+
+    Built once per notification, so a server that can write it directly (the `notify.send_frame`
+    scope extension) sends the same bytes to every socket."""
+    payload = text.encode()
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 65536:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload
+
+
 PONG = '{"type":"pong"}'
 RESYNC = '{"type":"resync"}'
 

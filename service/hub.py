@@ -8,7 +8,7 @@ import time
 
 from .broker import Broker, frame_id
 from .connection import Connection
-from .frames import RESYNC
+from .frames import RESYNC, wire_text
 from .ids import IdKey, id_key
 from .metrics import Metrics
 
@@ -92,8 +92,9 @@ class Hub:
         targets = self._all if user_id is None else self._users.get(user_id)
         if not targets:
             return
+        wire = wire_text(frame)  # encoded once, written as is to every socket that can take it
         for conn in targets:
-            conn.push(frame)
+            conn.push(frame, wire)
         self._metrics.delivered.inc(len(targets))
 
     async def on_lost(self) -> None:

@@ -11,9 +11,11 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import Gauge
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
 
 from .app import create_app
-from .frames import CloseCode
+from .frames import SEND_FRAME_EXTENSION, CloseCode
 from .logs import log_config
 from .runtime import Runtime
 from .settings import Settings
@@ -79,6 +81,27 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if isinstance(self.transport, _AbortingTransport):
             self.transport.connection_lost()
         super().connection_lost(exc)
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The app task has not started yet: offer it the direct write (see `send_frame`).
+        if getattr(self, "scope", None) is not None:
+            self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
+
+    def send_frame(self, wire: bytes) -> bool:
+        """Write an already-encoded text frame now, if the socket is open and its buffer has room.
+
+        False means: use the ordinary ASGI send, which waits for room or reports the socket gone."""
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or not self.writable.is_set()
+            or self.conn.state is not State.OPEN
+        ):
+            return False
+        self.transport.write(wire)
+        return True
 
     async def send(self, message: dict) -> None:  # type: ignore[override,type-arg]
         if (

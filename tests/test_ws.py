@@ -179,3 +179,22 @@ async def test_origin_not_allowed_is_refused_with_403():
             assert (await Client(ws).welcome())["user"] == "alice"
     finally:
         replica.stop()
+
+
+def test_wire_frames_are_valid_websocket_text_frames():
+    """Frames encoded once for all sockets parse as unmasked text frames of every length class."""
+    from websockets.frames import Frame, Opcode
+    from websockets.streams import StreamReader
+
+    from service.frames import wire_text
+
+    for size in (0, 125, 126, 65535, 65536, 70000):
+        text = "é" * (size // 2) + "x" * (size % 2)
+        reader = StreamReader()
+        reader.feed_data(wire_text(text))
+        parser = Frame.parse(reader.read_exact, mask=False)
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame = done.value
+        assert frame.opcode is Opcode.TEXT and frame.fin and frame.data.decode() == text

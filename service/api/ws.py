@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ..connection import Connection
 from ..errors import BrokerUnavailable, InvalidToken
-from ..frames import PONG, BadFrame, CloseCode, encode, error, parse_client_frame
+from ..frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, error, parse_client_frame
 from ..hub import TooManyConnections
 from ..ids import parse_id
 from ..runtime import Runtime, TokenBucket
@@ -102,7 +102,7 @@ async def _serve(websocket: WebSocket, conn: Connection, runtime: Runtime) -> No
     def send_text(frame: str) -> Coroutine[Any, Any, None]:
         return send({"type": "websocket.send", "text": frame})
 
-    conn.attach(send_text)
+    conn.attach(send_text, websocket.scope.get("extensions", {}).get(SEND_FRAME_EXTENSION))
     expiry = schedule_expiry(conn)
     try:
         expiry = await _receive_forever(websocket, conn, runtime, expiry)
