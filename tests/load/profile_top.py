@@ -18,7 +18,10 @@ def _name(frame: str, lines: bool = False) -> tuple[str, str]:
     if not m:
         return frame.strip(), "?"
     path = m["file"]
-    short = path.split("site-packages/")[-1] if "site-packages/" in path else path.split("/work/main/")[-1]
+    if "site-packages/" in path:
+        short = path.split("site-packages/")[-1]
+    else:  # the project's own files, relative to the checkout
+        short = re.sub(r"^.*/(?=(service|tests)/)", "", path)
     short = re.sub(r"^.*/lib/python3\.\d+/", "stdlib/", short)
     label = f"{m['func']} ({short}{':' + m['line'] if lines and m['line'] else ''})"
     package = short.split("/")[0] if "/" in short else short
