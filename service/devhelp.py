@@ -33,7 +33,7 @@ def main() -> None:
   notify-service (development) on {base}; tokens below are valid for 8 hours.
 
   1. Open the demo:      {base}/demo
-  2. Listen as alice:    python -m websockets 'ws://{ns.host}:{ns.port}/ws?token={client}'
+  2. Listen as alice:    .venv/bin/python -m websockets 'ws://{ns.host}:{ns.port}/ws?token={client}'
      (or SSE)            curl -N '{base}/events?token={client}'
   3. Notify alice:       curl -X POST {base}/notify/alice -H 'Authorization: Bearer {publisher}' \\
                               -H 'Content-Type: application/json' -d '{{"event":"hello","data":{{"n":1}}}}'
