@@ -39,11 +39,15 @@ class Hub:
     def connections(self) -> set[Connection]:
         return self._all
 
+    def has_room(self, user_id: str) -> bool:
+        """Whether the user may open one more socket on this replica."""
+        return len(self._users.get(user_id, ())) < self._max_per_user
+
     async def register(self, conn: Connection) -> None:
         """Add a connection; once this returns, every frame published for its user reaches it."""
-        conns = self._users.get(conn.user_id)
-        if conns is not None and len(conns) >= self._max_per_user:
+        if not self.has_room(conn.user_id):
             raise TooManyConnections(conn.user_id)
+        conns = self._users.get(conn.user_id)
         first = conns is None
         if first:
             conns = self._users[conn.user_id] = set()

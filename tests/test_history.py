@@ -300,3 +300,26 @@ async def test_welcome_cursor_covers_a_drop_before_the_first_notification(where,
     assert (await again.welcome())["recovered"] is True
     assert [f["id"] for f in await again.notifications(1)] == [missed]
     await again.close()
+
+
+async def test_sse_streams_that_end_leave_nothing_registered(single, http):
+    """Clients that open /events and leave, at once or after the welcome, leave no connection behind."""
+
+    async def open_connections() -> float:
+        text = (await http.get(single.url + "/metrics")).text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("notify_connections ")))
+
+    before = await open_connections()
+    user = uid("sse-gone")
+    for n in range(6):
+        async with httpx.AsyncClient(timeout=TIMEOUT) as sse:
+            async with sse.stream("GET", f"{single.url}/events?token={token(user)}") as response:
+                if n % 2:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            break
+    for _ in range(50):
+        if await open_connections() == before:
+            break
+        await asyncio.sleep(0.05)
+    assert await open_connections() == before

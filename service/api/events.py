@@ -10,8 +10,8 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from ..broker import frame_id
-from ..connection import Connection
 from ..errors import BrokerUnavailable, ServiceError
+from ..frames import CloseCode
 from ..hub import TooManyConnections
 from ..models import ErrorBody
 from ..runtime import Runtime
@@ -50,14 +50,11 @@ async def events(
     Ids are ordered across the user's and the broadcast stream, so one cursor resumes both."""
     if runtime.draining:
         raise BrokerUnavailable("replica is shutting down: reconnect to another one")
+    if not runtime.hub.has_room(principal.user_id):
+        raise _TooMany("too many connections for this user")
     cursor = last_event_id or since
-    resume = Resume(cursor, cursor)
-    try:
-        conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _noop_closer)
-    except TooManyConnections:
-        raise _TooMany("too many connections for this user") from None
     return StreamingResponse(
-        _stream(conn, runtime),
+        _stream(runtime, principal.user_id, principal.expires_at, Resume(cursor, cursor)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -67,11 +64,18 @@ async def _noop_closer(code: int, reason: str) -> None:
     """SSE has no close frame: the stream simply ends when the connection is closed."""
 
 
-async def _stream(conn: Connection, runtime: Runtime) -> AsyncIterator[str]:
+async def _stream(runtime: Runtime, user_id: str, expires_at: float, resume: Resume) -> AsyncIterator[str]:
+    # Registered here, not in the route: a response that is never iterated (the client left at
+    # once) never runs this generator's `finally`, and would leave the registration behind.
+    yield "retry: 2000\n\n"
+    try:
+        conn = await open_stream(runtime, user_id, expires_at, resume, _noop_closer)
+    except TooManyConnections:  # another stream took the last place since the route checked
+        yield f'event: close\ndata: {{"code":{CloseCode.TOO_MANY}}}\n\n'
+        return
     expiry = schedule_expiry(conn)
     heartbeat = runtime.settings.sse_heartbeat_seconds
     try:
-        yield "retry: 2000\n\n"
         while True:
             try:
                 async with asyncio.timeout(heartbeat):
