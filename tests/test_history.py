@@ -104,8 +104,10 @@ async def test_no_loss_or_duplicate_at_the_seam(pair, http):
     await client.welcome()
     await task
     received += await client.notifications(total - len(received), timeout=3 * TIMEOUT)
+    ids = [f["id"] for f in received]
+    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
     await client.nothing(0.3)
-    assert [f["id"] for f in received] == accepted
+    assert ids == accepted
     await client.close()
 
 

@@ -56,7 +56,10 @@ class RedisBroker:
         self._redis = aioredis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
-            socket_timeout=settings.publish_timeout_seconds,
+            # The call's own deadline (`_call`) always fires before the socket times out: a reply that
+            # is merely late is never retried, since the publish script may already have run.
+            # The one retry is for a pooled connection found dead (Redis restarted), where it did not.
+            socket_timeout=settings.publish_timeout_seconds + 1.0,
             socket_connect_timeout=settings.publish_timeout_seconds,
             retry=Retry(NoBackoff(), 1),
             max_connections=64,
