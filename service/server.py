@@ -143,9 +143,12 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
-        if self._drain_task is not None or runtime is None or self._loop is None or self.should_exit:
-            super().handle_exit(sig, frame)
+        if runtime is None or self._loop is None or self.should_exit or runtime.draining:
+            super().handle_exit(sig, frame)  # not serving yet, or a second signal: stop now
             return
+        # Set here, in the signal handler, so that no request handled after the signal (not even
+        # one whose bytes arrived in the same loop iteration) still sees the replica as ready.
+        runtime.draining = True
         self._loop.call_soon_threadsafe(self._start_drain, runtime, sig)
 
     def _start_drain(self, runtime: Runtime, sig: int) -> None:
