@@ -105,8 +105,4 @@ class Hub:
         """The broker could not replay what this replica missed (Redis came back empty): every
         local socket is asked to refetch. Replayable gaps are replayed by the broker itself, in id
         order, through `on_frame`."""
-        self._resync(self._all)
-
-    def _resync(self, conns: set[Connection] | tuple[()]) -> None:
-        for conn in conns:
-            conn.push(RESYNC)
+        self.on_frame(None, RESYNC)

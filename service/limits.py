@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+Header = tuple[bytes, bytes]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -46,17 +49,35 @@ class RequestLimits:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        delivered = False
+        first: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay(first, receive), send)
 
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        await self.app(scope, replay, send)
+def replay(first: Message, receive: Receive) -> Receive:
+    """A `receive` that gives `first` (a message already read) once, then reads on."""
+    delivered = False
+
+    async def replayed() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return first
+        return await receive()
+
+    return replayed
+
+
+async def send_json(send: Send, status: int, payload: dict[str, object], headers: Iterable[Header] = ()) -> None:
+    """A complete JSON response, without going through the framework."""
+    body = orjson.dumps(payload)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _too_large(send: Send, limit: int) -> None:
@@ -64,12 +85,4 @@ async def _too_large(send: Send, limit: int) -> None:
 
 
 async def _error(send: Send, status: int, code: str, message: str) -> None:
-    body = orjson.dumps({"error": code, "message": message})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, status, {"error": code, "message": message})

@@ -149,14 +149,13 @@ class DrainingServer(uvicorn.Server):
         # Set here, in the signal handler, so that no request handled after the signal (not even
         # one whose bytes arrived in the same loop iteration) still sees the replica as ready.
         runtime.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain, runtime, sig)
+        self._loop.call_soon_threadsafe(self._start_drain, runtime)
 
-    def _start_drain(self, runtime: Runtime, sig: int) -> None:
+    def _start_drain(self, runtime: Runtime) -> None:
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain(runtime, sig))
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(runtime))
 
-    async def _drain(self, runtime: Runtime, sig: int) -> None:
-        runtime.draining = True
+    async def _drain(self, runtime: Runtime) -> None:
         conns = list(runtime.hub.connections)
         logger.info("draining %d connections over %gs", len(conns), self._drain_seconds)
         random.shuffle(conns)

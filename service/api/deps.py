@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -23,34 +24,26 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def bearer_token(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    """The token from `Authorization: Bearer`, else from `?token=` (browsers cannot set headers on EventSource)."""
-    if credentials is not None:
-        return credentials.credentials
-    return request.query_params.get("token")
+def _service(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller is a backend whose token (header only) carries `scope`."""
 
+    async def principal(runtime: RuntimeDep, credentials: BearerDep) -> Principal:
+        verified = await runtime.verifier.verify(credentials.credentials if credentials else None)
+        verified.require(scope)
+        return verified
 
-async def publisher(request: Request, runtime: RuntimeDep, credentials: BearerDep) -> Principal:
-    principal = await runtime.verifier.verify(credentials.credentials if credentials else None)
-    principal.require(PUBLISH_SCOPE)
-    return principal
-
-
-async def reader(request: Request, runtime: RuntimeDep, credentials: BearerDep) -> Principal:
-    principal = await runtime.verifier.verify(credentials.credentials if credentials else None)
-    principal.require(READ_SCOPE)
     return principal
 
 
 async def client(
-    request: Request,
     runtime: RuntimeDep,
     credentials: BearerDep,
     token: Annotated[str | None, Query(description="Client JWT, for clients that cannot set headers.")] = None,
 ) -> Principal:
-    return await runtime.verifier.verify(bearer_token(request, credentials))
+    """A client: its token from `Authorization: Bearer`, else `?token=` (EventSource sets no headers)."""
+    return await runtime.verifier.verify(credentials.credentials if credentials else token)
 
 
-PublisherDep = Annotated[Principal, Depends(publisher)]
-ReaderDep = Annotated[Principal, Depends(reader)]
+PublisherDep = Annotated[Principal, Depends(_service(PUBLISH_SCOPE))]
+ReaderDep = Annotated[Principal, Depends(_service(READ_SCOPE))]
 ClientDep = Annotated[Principal, Depends(client)]

@@ -9,22 +9,16 @@ retrying the publish on the slow path would double its deadline.
 
 from __future__ import annotations
 
-import logging
-
-import orjson
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth import PUBLISH_SCOPE
 from ..errors import InvalidToken, ServiceError
 from ..ids import is_valid_user_id
+from ..limits import replay, send_json
 from ..models import PublishRequest
 from ..runtime import Runtime
 from .publish import _check_rate, _publish
-
-logger = logging.getLogger("service.publish")
-
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class PublishFastPath:
@@ -57,7 +51,7 @@ class PublishFastPath:
         message = await receive()
         body: bytes = message.get("body", b"")
         if authorization is None or message.get("more_body") or not authorization.startswith(b"Bearer "):
-            await self.app(scope, _replay(message, receive), send)
+            await self.app(scope, replay(message, receive), send)
             return
         runtime: Runtime = scope["state"]["runtime"]
         try:
@@ -67,7 +61,7 @@ class PublishFastPath:
             principal = None
         key = idempotency_key.decode("latin-1") if idempotency_key is not None else None
         if principal is None or PUBLISH_SCOPE not in principal.scopes or (key is not None and not 0 < len(key) <= 256):
-            await self.app(scope, _replay(message, receive), send)
+            await self.app(scope, replay(message, receive), send)
             return
         try:
             _check_rate(runtime, principal)
@@ -75,32 +69,7 @@ class PublishFastPath:
         except ServiceError as exc:
             runtime.metrics.errors.labels(exc.code).inc()
             extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-            await _respond(send, exc.status_code, {"error": exc.code, "message": exc.message}, extra)
+            await send_json(send, exc.status_code, {"error": exc.code, "message": exc.message}, extra)
             return
         answer = {"id": published.id, "ts": published.ts, "online": published.online, "duplicate": published.duplicate}
-        await _respond(send, 202, answer, [])
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return first
-        return await receive()
-
-    return replay
-
-
-async def _respond(send: Send, status: int, payload: dict[str, object], headers: list[tuple[bytes, bytes]]) -> None:
-    body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+        await send_json(send, 202, answer)

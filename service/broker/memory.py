@@ -160,6 +160,7 @@ class MemoryBroker:
             now = _now_ms()
             for user_id in [u for u, s in self._streams.items() if s.last_write_ms < now - self._ttl_ms]:
                 del self._streams[user_id]
-                self._read.pop(user_id, None) if user_id is not None else None
+                if user_id is not None:
+                    self._read.pop(user_id, None)
             for key in [k for k, (_, expires) in self._idempotency.items() if expires <= now]:
                 del self._idempotency[key]

@@ -206,8 +206,7 @@ class RedisBroker:
         entries, info = await self._call(pipe.execute(raise_on_error=False))
         if isinstance(entries, Exception):
             raise BrokerUnavailable("could not read history") from entries
-        max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
-        recovered = is_recoverable(id_key(after), max_deleted, time.time_ns() // 1_000_000, self._ttl_ms)
+        recovered = self._recovered(info, after, time.time_ns() // 1_000_000)
         return HistoryPage([fields["f"] for _, fields in entries], recovered)
 
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
@@ -247,6 +246,12 @@ class RedisBroker:
 
     def _presence_key(self, user_id: str) -> str:
         return f"{self._prefix}:o:{user_id}"
+
+    def _recovered(self, info: object, after: str, now_ms: int) -> bool:
+        """Whether a stream (its XINFO, or an error for a stream that does not exist) still holds
+        everything after `after`."""
+        max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
+        return is_recoverable(id_key(after), max_deleted, now_ms, self._ttl_ms)
 
     async def _call(self, awaitable: Any, deadline: float | None = None) -> Any:
         """Run one Redis call under the publish deadline; every failure becomes BrokerUnavailable."""
@@ -349,8 +354,7 @@ class RedisBroker:
                     entries, info = replies[2 * i], replies[2 * i + 1]
                     if isinstance(entries, Exception):
                         raise BrokerUnavailable("could not read history")
-                    max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
-                    if not is_recoverable(id_key(after), max_deleted, now_ms, self._ttl_ms):
+                    if not self._recovered(info, after, now_ms):
                         lost.append(target)
                         continue
                     frames += [(id_key(id_), target, fields["f"]) for id_, fields in entries]
