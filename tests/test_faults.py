@@ -8,7 +8,6 @@ recorded in docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from .proxy import TcpProxy
-from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publish
+from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publish, started
 
 # Publishes during an outage must answer within this (the issue's bound), and never 202.
 PUBLISH_DEADLINE = 2.0
@@ -29,17 +28,6 @@ def report(name: str, **figures: Any) -> None:
     """One line of measured figures; `pytest -s` shows them."""
     shown = (f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
     print(f"\nFIGURES {name}: " + ", ".join(shown))
-
-
-@contextlib.contextmanager
-def started(*replicas: Replica, wait_ready: bool = True) -> Iterator[tuple[Replica, ...]]:
-    try:
-        for replica in replicas:
-            replica.start(wait_ready=wait_ready)
-        yield replicas
-    finally:
-        for replica in replicas:
-            replica.stop()
 
 
 async def is_ready(http: httpx.AsyncClient, replica: Replica) -> bool:
@@ -126,6 +114,27 @@ async def all_receive_next_broadcast(http: httpx.AsyncClient, replica: Replica, 
     return [kind for _, seen in results for kind in seen]
 
 
+async def two_hundred_sockets(a: Replica, b: Replica, prefix: str) -> list[Client]:
+    """100 users' sockets on each replica."""
+    return [
+        *await connect_many(a, [f"{prefix}{i}" for i in range(100)]),
+        *await connect_many(b, [f"{prefix}{i}" for i in range(100, 200)]),
+    ]
+
+
+async def recover(
+    http: httpx.AsyncClient, replicas: tuple[Replica, ...], via: Replica, clients: list[Client]
+) -> tuple[float, float, list[str]]:
+    """After a fault ends: seconds until every replica is ready, seconds until every client has the
+    next broadcast on its old socket, and the control frames seen on the way."""
+    back_at = time.monotonic()
+    for r in replicas:
+        await wait_for(lambda r=r: is_ready(http, r), 15)
+    recover_s = time.monotonic() - back_at
+    control = await all_receive_next_broadcast(http, via, clients)
+    return recover_s, time.monotonic() - back_at, control
+
+
 # ---- Redis killed outright
 
 
@@ -137,10 +146,7 @@ async def test_redis_killed_with_200_sockets(own_redis, http):
     env = cluster_env(own_redis, NOTIFY_RECONNECT_MAX_SECONDS="2")
     with started(Replica(env), Replica(env)) as replicas:
         a, b = replicas
-        clients = [
-            *await connect_many(a, [f"k{i}" for i in range(100)]),
-            *await connect_many(b, [f"k{i}" for i in range(100, 200)]),
-        ]
+        clients = await two_hundred_sockets(a, b, "k")
         before = await metrics(http, a)
 
         killed_at = time.monotonic()
@@ -152,12 +158,7 @@ async def test_redis_killed_with_200_sockets(own_redis, http):
 
         await asyncio.sleep(1.0)
         own_redis.start()
-        back_at = time.monotonic()
-        for r in replicas:
-            await wait_for(lambda r=r: is_ready(http, r), 15)
-        recover_s = time.monotonic() - back_at
-        control = await all_receive_next_broadcast(http, a, clients)
-        delivered_s = time.monotonic() - back_at
+        recover_s, delivered_s, control = await recover(http, replicas, a, clients)
         assert control.count("resync") == len(clients), "Redis lost its data: every socket must be told to refetch"
 
         after = await metrics(http, a)
@@ -191,10 +192,7 @@ async def test_redis_hung_with_200_sockets(own_redis, http):
     env = cluster_env(own_redis, NOTIFY_RECONNECT_MAX_SECONDS="2")
     with started(Replica(env), Replica(env)) as replicas:
         a, b = replicas
-        clients = [
-            *await connect_many(a, [f"h{i}" for i in range(100)]),
-            *await connect_many(b, [f"h{i}" for i in range(100, 200)]),
-        ]
+        clients = await two_hundred_sockets(a, b, "h")
         before = await metrics(http, b)
 
         own_redis.pause()
@@ -206,12 +204,7 @@ async def test_redis_hung_with_200_sockets(own_redis, http):
             await asyncio.sleep(0.5)
         finally:
             own_redis.resume()
-        back_at = time.monotonic()
-        for r in replicas:
-            await wait_for(lambda r=r: is_ready(http, r), 15)
-        recover_s = time.monotonic() - back_at
-        control = await all_receive_next_broadcast(http, b, clients)
-        delivered_s = time.monotonic() - back_at
+        recover_s, delivered_s, control = await recover(http, replicas, b, clients)
         assert "resync" not in control, "Redis kept its data: nothing to refetch"
 
         after = await metrics(http, b)

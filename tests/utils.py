@@ -207,15 +207,22 @@ class Replica:
 
 
 @contextlib.contextmanager
-def replicas(count: int, env: dict[str, str] | None = None) -> Iterator[list[Replica]]:
-    started: list[Replica] = []
+def started(*replicas: Replica, wait_ready: bool = True) -> Iterator[tuple[Replica, ...]]:
+    """Start the replicas (ready, unless told otherwise); stop every one of them afterwards."""
     try:
-        for _ in range(count):
-            started.append(Replica(env).start())
-        yield started
+        for replica in replicas:
+            replica.start(wait_ready=wait_ready)
+        yield replicas
     finally:
-        for replica in started:
+        for replica in replicas:
             replica.stop()
+
+
+@contextlib.contextmanager
+def replicas(count: int, env: dict[str, str] | None = None) -> Iterator[tuple[Replica, ...]]:
+    """`count` replicas with the same environment."""
+    with started(*(Replica(env) for _ in range(count))) as running:
+        yield running
 
 
 def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:

@@ -100,19 +100,21 @@ class _Base(WSListener):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed before ready ({self.close_code})"))
 
-    def _close_frame(self, frame: WSFrame) -> None:
-        self.close_code = int(frame.get_close_code())
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            self.on_text(transport, frame)
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code())
+            transport.disconnect()
+
+    def on_text(self, transport: WSTransport, frame: WSFrame) -> None:
+        raise NotImplementedError
 
 
 class NotifyListener(_Base):
     """The service's protocol: `welcome`, then `notification` frames."""
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type != WSMsgType.TEXT:
-            if frame.msg_type == WSMsgType.CLOSE:
-                self._close_frame(frame)
-                transport.disconnect()
-            return
+    def on_text(self, transport: WSTransport, frame: WSFrame) -> None:
         now = perf()
         msg = orjson.loads(frame.get_payload_as_memoryview())
         kind = msg.get("type")
@@ -125,12 +127,7 @@ class NotifyListener(_Base):
 class SocketIOListener(_Base):
     """Engine.IO 4 / Socket.IO 5 over a bare WebSocket, as `socket.io-client` with transports=['websocket']."""
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type != WSMsgType.TEXT:
-            if frame.msg_type == WSMsgType.CLOSE:
-                self._close_frame(frame)
-                transport.disconnect()
-            return
+    def on_text(self, transport: WSTransport, frame: WSFrame) -> None:
         payload = frame.get_payload_as_bytes()
         head = payload[:2]
         if head == b"42":

@@ -107,30 +107,15 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     ob, pb = ours.get("broadcast", {}), peer.get("broadcast", {})
     op, pp = ours.get("pair", {}), peer.get("pair", {})
     rows = [
-        (
-            "targeted: deliveries per server CPU-s at 1,000 POST/s",
-            _f(o1.get("deliveries_per_cpu_s")),
-            _f(p1.get("deliveries_per_cpu_s")),
-            _ratio(o1.get("deliveries_per_cpu_s"), p1.get("deliveries_per_cpu_s")),
-        ),
-        (
-            "  same, counting Redis CPU too",
-            _f(o1.get("deliveries_per_cpu_s_with_redis")),
-            _f(p1.get("deliveries_per_cpu_s_with_redis")),
-            _ratio(o1.get("deliveries_per_cpu_s_with_redis"), p1.get("deliveries_per_cpu_s_with_redis")),
-        ),
+        _compare("targeted: deliveries per server CPU-s at 1,000 POST/s", o1, p1, "deliveries_per_cpu_s"),
+        _compare("  same, counting Redis CPU too", o1, p1, "deliveries_per_cpu_s_with_redis"),
         (
             "targeted at 1,000 POST/s: p50 / p99 end-to-end (ms)",
             f"{_f(o1.get('p50_ms'), 1)} / {_f(o1.get('p99_ms'), 1)}",
             f"{_f(p1.get('p50_ms'), 1)} / {_f(p1.get('p99_ms'), 1)}",
             "",
         ),
-        (
-            f"targeted knee (POST/s; p99 ≤ {KNEE_P99_MS:g} ms, all delivered)",
-            _f(ours.get("knee")),
-            _f(peer.get("knee")),
-            _ratio(ours.get("knee"), peer.get("knee")),
-        ),
+        _compare(f"targeted knee (POST/s; p99 ≤ {KNEE_P99_MS:g} ms, all delivered)", ours, peer, "knee"),
         (
             "  p99 at the knee (ms)",
             _f(_at(ours, ours.get("knee"), "p99_ms"), 1),
@@ -143,36 +128,16 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
             f"{_f(pb.get('fanout_p50_ms'), 1)} / {_f(pb.get('fanout_p99_ms'), 1)}",
             _ratio(ob.get("fanout_p99_ms"), pb.get("fanout_p99_ms"), invert=True),
         ),
-        (
-            "broadcast: deliveries per server CPU-s",
-            _f(ob.get("deliveries_per_cpu_s")),
-            _f(pb.get("deliveries_per_cpu_s")),
-            _ratio(ob.get("deliveries_per_cpu_s"), pb.get("deliveries_per_cpu_s")),
-        ),
+        _compare("broadcast: deliveries per server CPU-s", ob, pb, "deliveries_per_cpu_s"),
         ("broadcast: deliveries/s", _f(ob.get("delivered_per_s")), _f(pb.get("delivered_per_s")), ""),
-        (
-            "idle RSS per socket (KB)",
-            _f(ours.get("rss_kb_per_socket"), 1),
-            _f(peer.get("rss_kb_per_socket"), 1),
-            _ratio(ours.get("rss_kb_per_socket"), peer.get("rss_kb_per_socket"), invert=True),
-        ),
-        (
-            "authenticated connects/s",
-            _f(ours.get("connects_per_s")),
-            _f(peer.get("connects_per_s")),
-            _ratio(ours.get("connects_per_s"), peer.get("connects_per_s")),
-        ),
-        (
-            "  connects per server CPU-s",
-            _f(ours.get("connects_per_cpu_s")),
-            _f(peer.get("connects_per_cpu_s")),
-            _ratio(ours.get("connects_per_cpu_s"), peer.get("connects_per_cpu_s")),
-        ),
-        (
+        _compare("idle RSS per socket (KB)", ours, peer, "rss_kb_per_socket", 1, invert=True),
+        _compare("authenticated connects/s", ours, peer, "connects_per_s"),
+        _compare("  connects per server CPU-s", ours, peer, "connects_per_cpu_s"),
+        _compare(
             f"two replicas, {plan['pair_rate']:g} POST/s to A: deliveries per server CPU-s (A+B)",
-            _f(op.get("deliveries_per_cpu_s")),
-            _f(pp.get("deliveries_per_cpu_s")),
-            _ratio(op.get("deliveries_per_cpu_s"), pp.get("deliveries_per_cpu_s")),
+            op,
+            pp,
+            "deliveries_per_cpu_s",
         ),
         (
             "  p50 / p99 (ms)",
@@ -369,6 +334,18 @@ def _error_notes(results: dict[str, Any]) -> list[str]:
 
 def _pct(x: Any) -> Any:
     return None if x is None else 100 * x
+
+
+def _compare(
+    label: str, ours: dict[str, Any], peer: dict[str, Any], key: str, digits: int = 0, invert: bool = False
+) -> tuple[str, str, str, str]:
+    """One summary row: the same figure for both systems, and their ratio."""
+    return (
+        label,
+        _f(ours.get(key), digits),
+        _f(peer.get(key), digits),
+        _ratio(ours.get(key), peer.get(key), invert=invert),
+    )
 
 
 def _at(summary: dict[str, Any], rate: Any, key: str) -> Any:
