@@ -83,6 +83,11 @@ class Hub:
 
     def on_frame(self, user_id: str | None, frame: str) -> None:
         """Deliver one frame from the broker to this replica's sockets: encoded once, queued to each."""
+        # A user who left this replica may still have frames in flight: nothing to deliver, nothing
+        # to remember (a stale newest id would drop that user's frames after a reconnect here).
+        targets = self._all if user_id is None else self._users.get(user_id)
+        if not targets:
+            return
         id_ = frame_id(frame)
         if id_ is not None:
             key = id_key(id_)
@@ -93,9 +98,6 @@ class Hub:
             self._last[user_id] = key
             # The id's first part is the publish time (the frame's `ts`).
             self._metrics.delivery_latency.observe(max(0.0, time.time() - key[0] / 1000))
-        targets = self._all if user_id is None else self._users.get(user_id)
-        if not targets:
-            return
         wire = wire_text(frame)  # encoded once, written as is to every socket that can take it
         for conn in targets:
             conn.push(frame, wire)
