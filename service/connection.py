@@ -43,6 +43,7 @@ class Connection:
         "_max_bytes",
         "_ready",
         "_held",
+        "_floors",
         "_closer",
         "_metrics",
         "_close_task",
@@ -64,6 +65,8 @@ class Connection:
         self._ready: asyncio.Event | None = None  # made by the first `next_batch` (SSE only)
         # While history is replayed, live frames wait here so that none overtakes the replay.
         self._held: list[str] | None = None
+        # After a replay: the newest (user, broadcast) ids it covered, until live frames pass them.
+        self._floors: tuple[IdKey | None, IdKey | None] | None = None
         self._closer = closer
         self._metrics = metrics
         self._close_task: asyncio.Task[None] | None = None
@@ -96,6 +99,8 @@ class Connection:
             if len(self._held) > self._max_frames:
                 self._overflow()
             return
+        if self._floors is not None and self._replayed(frame):
+            return
         self._enqueue(frame, wire)
 
     def hold(self) -> None:
@@ -103,17 +108,32 @@ class Connection:
         self._held = []
 
     def release(self, replayed: list[str], user_floor: IdKey | None, broadcast_floor: IdKey | None) -> None:
-        """Queue replayed frames, then the held live ones that the replay did not already cover."""
+        """Queue replayed frames, then the live ones that the replay did not already cover."""
         held, self._held = self._held or [], None
+        if user_floor is not None or broadcast_floor is not None:
+            self._floors = (user_floor, broadcast_floor)
         for frame in replayed:
             self._enqueue(frame)
         for frame in held:
-            id_ = frame_id(frame)
-            if id_ is not None:
-                floor = broadcast_floor if frame.endswith(_BROADCAST_TAIL) else user_floor
-                if floor is not None and id_key(id_) <= floor:
-                    continue
-            self._enqueue(frame)
+            self.push(frame)
+
+    def _replayed(self, frame: str) -> bool:
+        """Whether the replay already sent this live frame. One can arrive after the release: the
+        history read saw it while its pub/sub message was still on the way to this replica."""
+        id_ = frame_id(frame)
+        if id_ is None or self._floors is None:
+            return False
+        user_floor, broadcast_floor = self._floors
+        broadcast = frame.endswith(_BROADCAST_TAIL)
+        floor = broadcast_floor if broadcast else user_floor
+        if floor is None:
+            return False
+        if id_key(id_) <= floor:
+            return True
+        # Live frames of one stream arrive in id order: once one is past the floor, none after it is covered.
+        floors = (user_floor, None) if broadcast else (None, broadcast_floor)
+        self._floors = None if floors == (None, None) else floors
+        return False
 
     async def next_batch(self) -> list[str]:
         """Wait for queued frames and take them all; empty once the connection is closed."""
