@@ -129,3 +129,44 @@ async def test_redis_publish_fails_fast_when_unreachable():
                 await impl.publish("x", '"e"', "1", None)
     finally:
         await impl.stop()
+
+
+async def test_concurrent_publishes_each_get_their_own_answer(broker):
+    """Publishes in flight together (pipelined on one Redis connection) each get their own id, and
+    are delivered and stored in the order of those ids."""
+    impl, received = broker
+    await impl.subscribe("c")
+    results = await asyncio.gather(
+        *(impl.publish("c", '"e"', str(n), f"key-{n}" if n % 3 else None) for n in range(200))
+    )
+    ids = [r.id for r in results]
+    assert len(set(ids)) == 200 and not any(r.duplicate for r in results)
+    await eventually(lambda: sum(1 for target, _ in received if target == "c") == 200)
+    delivered = [orjson.loads(frame) for target, frame in received if target == "c"]
+    assert [f["id"] for f in delivered] == sorted(ids, key=id_key)
+    assert {f["id"]: f["data"] for f in delivered} == {r.id: n for n, r in enumerate(results)}
+    again = await impl.publish("c", '"e"', "1", "key-1")
+    assert again.duplicate and again.id == ids[1]
+
+
+async def test_publish_survives_a_flushed_script_cache(redis_server):
+    """Redis restarted or SCRIPT FLUSH: the next publish loads the script again instead of failing."""
+    import redis.asyncio as aioredis
+
+    settings = Settings(jwt_secret=SECRET, redis_url=redis_server.url, redis_prefix=f"f{uuid.uuid4().hex[:8]}")  # type: ignore[arg-type]
+    impl = create_broker(settings, "r", Metrics("r"))
+
+    async def on_lost() -> None:
+        return None
+
+    await impl.start(lambda *_: None, on_lost)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        first = await impl.publish("s", '"e"', "1", None)
+        await admin.script_flush()
+        second = await impl.publish("s", '"e"', "2", None)
+        assert id_key(second.id) > id_key(first.id)
+        assert [orjson.loads(f)["data"] for f in (await impl.history("s", "0-1", 10)).frames] == [1, 2]
+    finally:
+        await admin.aclose()
+        await impl.stop()

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from ..errors import BrokerUnavailable
 from ..frames import RESYNC
@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, frame_id
+from .pipeline import AutoPipeline, pack
 
 logger = logging.getLogger("service.broker")
 
@@ -72,7 +73,9 @@ class RedisBroker:
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
-        self._publish_script = self._redis.register_script(scripts.PUBLISH)
+        # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
+        self._pipeline = AutoPipeline(self._redis)
+        self._publish_sha = self._redis.register_script(scripts.PUBLISH).sha
         self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
         self._unread_script = self._redis.register_script(scripts.UNREAD)
         self._mark_script = self._redis.register_script(scripts.MARK)
@@ -121,6 +124,7 @@ class RedisBroker:
                 pipe.zrem(self._key_replicas, self.replica_id)
                 await pipe.execute()
         await self._close_pubsub()
+        await self._pipeline.aclose()
         await self._redis.aclose()
         await self._sub_client.aclose()
 
@@ -195,8 +199,17 @@ class RedisBroker:
             "1" if idem else "0",
             int(s.probe_timeout_seconds * 3000),
         ]
-        id_, duplicate, online = await self._call(self._publish_script(keys=keys, args=args))
+        id_, duplicate, online = await self._call(self._run_publish([len(keys), *keys, *args]))
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
+
+    async def _run_publish(self, keys_and_args: list[str | int]) -> Any:
+        try:
+            return await self._pipeline.execute(pack("EVALSHA", self._publish_sha, *keys_and_args))
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
+        return await self._pipeline.execute(pack("EVAL", scripts.PUBLISH, *keys_and_args))
 
     async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
         stream = self._broadcast_stream if user_id is None else self._stream(user_id)
