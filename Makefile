@@ -45,9 +45,15 @@ lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
 
-# Side-by-side load benchmark against python-socketio (about 20 minutes); writes docs/benchmark.md and docs/bench/.
+# Side-by-side load benchmark against python-socketio and Node Socket.IO (about 30 minutes); writes docs/benchmark.md
+# and docs/bench/. Without node (and npm) on PATH the Node server is left out, and the report's conditions say so.
 bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix tests/load/node --no-audit --no-fund; \
+	else \
+	  echo "node or npm not on PATH: Node Socket.IO is left out of the benchmark"; \
+	fi
 	$(PY) -m tests.load --out docs/bench
 
 # A few minutes of connects, disconnects and publishes, then a 1,000-socket drain: resources must come back.

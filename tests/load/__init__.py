@@ -1,4 +1,4 @@
-"""Load benchmark: the service against python-socketio, as real processes over loopback.
+"""Load benchmark: the service against python-socketio and Node Socket.IO, as real processes over loopback.
 
     .venv/bin/python -m tests.load [--quick] [--scale N] [--out docs/bench]
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import NOTIFY, SOCKETIO, Plan, run
-from .procs import System
+from .bench import NODE_SOCKETIO, NOTIFY, SOCKETIO, Plan, run
+from .procs import System, node_status
 
 
 def _variant(spec: str) -> System:
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--rates", default=None, help="comma-separated targeted rates")
     parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair")
-    parser.add_argument("--only", choices=["notify", "socketio"], default=None, help="run one system only")
+    parser.add_argument(
+        "--only",
+        choices=["notify", "socketio", "node-socketio"],
+        default=None,
+        help="run one system only (socketio: python-socketio)",
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -82,12 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         plan.sessions = ns.sessions.split(",")
     plan.profile_dir = ns.profile
 
+    node = node_status()
+    node_wanted = not ns.variant and ns.only in (None, "node-socketio")
     systems = [] if ns.no_baseline else [NOTIFY]
     systems += [_variant(v) for v in ns.variant]
     if not ns.variant and ns.only != "notify":
         systems.append(SOCKETIO)
+        if "left_out" not in node:
+            systems.append(NODE_SOCKETIO)
+        elif ns.only is None:
+            print(f"Node Socket.IO left out: {node['left_out']}", file=sys.stderr)
     if ns.only == "socketio":
         systems = [SOCKETIO]
+    if ns.only == "node-socketio":
+        if "left_out" in node:
+            parser.error(f"node-socketio cannot run: {node['left_out']}")
+        systems = [NODE_SOCKETIO]
 
     import uvloop
 
@@ -95,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     results = uvloop.run(run(systems, plan))
     command = "python -m tests.load " + shlex.join(argv if argv is not None else sys.argv[1:])
     results["command"], results["started"] = command.strip(), started
+    if node_wanted:
+        results["node"] = node  # its versions, or why it was left out, for the report's conditions
     summary = json.dumps(results["summary"], indent=1, default=str)
     if ns.no_report or ns.variant or ns.profile:
         print(summary)

@@ -17,6 +17,7 @@ from .procs import Deployment, System
 
 NOTIFY = System("notify-service", "notify")
 SOCKETIO = System("python-socketio", "socketio")
+NODE_SOCKETIO = System("node-socketio", "socketio", server="node")
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""The processes under test: service replicas, python-socketio servers, redis-server; CPU and RSS from /proc."""
+"""The processes under test: service replicas, Socket.IO servers (python and Node), redis-server; CPU and RSS
+from /proc."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,10 +15,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.utils import SECRET, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR = Path(__file__).resolve().parent / "node"
+# Node packages whose installed versions the report lists, by label: `redis` there is node-redis, not the server.
+NODE_PACKAGES = {
+    "socket.io": "socket.io",
+    "engine.io": "engine.io",
+    "ws": "ws",
+    "@socket.io/redis-adapter": "@socket.io/redis-adapter",
+    "redis": "node-redis",
+    "jsonwebtoken": "jsonwebtoken",
+}
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -52,6 +66,27 @@ def http_ok(port: int, path: str) -> bool:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         return s.recv(16).startswith(b"HTTP/1.1 200")
     return False
+
+
+def node_status() -> dict[str, Any]:
+    """Whether the Node Socket.IO server can run here: `{"versions": {...}}`, or `{"left_out": why}`."""
+    node = shutil.which("node")
+    if node is None:
+        return {"left_out": "node is not on PATH"}
+    modules = NODE_DIR / "node_modules"
+    declared = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    if not all((modules / package / "package.json").is_file() for package in declared):
+        return {"left_out": f"its packages are not installed (`npm ci --prefix {NODE_DIR.relative_to(ROOT)}`)"}
+    versions = {"node": "?"}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+        versions["node"] = out.strip().lstrip("v") or "?"
+    for package, label in NODE_PACKAGES.items():
+        try:
+            versions[label] = json.loads((modules / package / "package.json").read_text())["version"]
+        except (OSError, ValueError, KeyError):
+            versions[label] = "?"
+    return {"versions": versions}
 
 
 class Server:
@@ -104,12 +139,19 @@ class System:
     kind: str  # "notify" or "socketio": which client protocol the generator speaks
     variant: dict[str, str] = field(default_factory=dict)  # runner options (notify only)
     env: dict[str, str] = field(default_factory=dict)
+    server: str = "python"  # socketio only: "python" (sio_server.py) or "node" (node/server.js)
 
     def replica(self, redis: RedisServer | None, namespace: str) -> Server:
         py = sys.executable
         if self.kind == "socketio":
             assert redis is not None
-            argv = [py, "-m", "tests.load.sio_server", "--port", "{port}", "--redis", redis.url, "--channel", namespace]
+            if self.server == "node":
+                node = shutil.which("node")
+                assert node is not None, "node_status() decides whether this system runs"
+                argv = [node, str(NODE_DIR / "server.js")]
+            else:
+                argv = [py, "-m", "tests.load.sio_server"]
+            argv += ["--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
         env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}
         if redis is not None:

@@ -1,0 +1,172 @@
+'use strict';
+// The Node comparison server: Socket.IO 4 with its Redis adapter, the counterpart of tests/load/sio_server.py.
+//
+// Set up the way Socket.IO's documentation describes for several servers behind one Redis: node-redis
+// clients `pubClient` and `pubClient.duplicate()`, `createAdapter(pubClient, subClient)` from
+// @socket.io/redis-adapter. A client authenticates with `auth: {token: <JWT>}` and joins a room named after
+// its `sub`; backends `POST /notify/:user` (emits to the room) and `POST /broadcast` (emits to everyone)
+// with a publisher JWT, like the service's publish API. Plain `http`, so nothing but Socket.IO sits in the path.
+//
+//     BENCH_SECRET=... node tests/load/node/server.js --port 8002 --redis redis://127.0.0.1:6390/0 --channel bench
+
+const http = require('node:http');
+const { parseArgs } = require('node:util');
+
+const jwt = require('jsonwebtoken');
+const { createClient } = require('redis');
+const { Server } = require('socket.io');
+const { createAdapter } = require('@socket.io/redis-adapter');
+
+const PUBLISH_SCOPE = 'notify:publish';
+const JSON_TYPE = 'application/json';
+
+function verifier(secret) {
+  return (token) => {
+    if (typeof token !== 'string') throw new jwt.JsonWebTokenError('missing token');
+    const claims = jwt.verify(token, secret, { algorithms: ['HS256'] });
+    // jsonwebtoken checks `exp` only when the token has one; the python server requires it.
+    if (typeof claims !== 'object' || claims === null || claims.exp === undefined) {
+      throw new jwt.JsonWebTokenError('exp required');
+    }
+    return claims;
+  };
+}
+
+function send(res, status, body, type = JSON_TYPE) {
+  res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    req.on('data', (chunk) => chunks.push(chunk));
+    req.on('end', () => resolve(Buffer.concat(chunks)));
+    req.on('error', reject);
+  });
+}
+
+function parseNotification(raw) {
+  let body;
+  try {
+    body = JSON.parse(raw.toString('utf8'));
+  } catch {
+    return null;
+  }
+  const isObject = typeof body === 'object' && body !== null && !Array.isArray(body);
+  return isObject && typeof body.event === 'string' ? body : null;
+}
+
+function decodePath(segment) {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment; // as Python's unquote: a malformed escape stays as written
+  }
+}
+
+function handler(io, verify) {
+  // A 401/403 body, or null when the request carries a publisher JWT.
+  function denied(req) {
+    const header = req.headers.authorization || '';
+    const space = header.indexOf(' ');
+    const scheme = space < 0 ? header : header.slice(0, space);
+    const token = space < 0 ? '' : header.slice(space + 1);
+    let claims;
+    try {
+      claims = verify(scheme.toLowerCase() === 'bearer' ? token : undefined);
+    } catch {
+      return [401, '{"error":"invalid_token"}'];
+    }
+    const scope = typeof claims.scope === 'string' ? claims.scope.split(/\s+/) : [];
+    return scope.includes(PUBLISH_SCOPE) ? null : [403, '{"error":"forbidden"}'];
+  }
+
+  async function publish(req, res, emit) {
+    const refusal = denied(req);
+    if (refusal) return send(res, ...refusal);
+    const body = parseNotification(await readBody(req));
+    if (body === null) return send(res, 422, '{"error":"invalid_request"}');
+    const ts = Date.now();
+    emit(body, ts);
+    return send(res, 202, JSON.stringify({ ts }));
+  }
+
+  return async (req, res) => {
+    const path = (req.url || '/').split('?', 1)[0];
+    if (path.startsWith('/notify/')) {
+      if (req.method !== 'POST') return send(res, 405, 'Method Not Allowed', 'text/plain; charset=utf-8');
+      const user = decodePath(path.slice('/notify/'.length));
+      return publish(req, res, (body, ts) => {
+        io.to(user).emit('notification', { event: body.event, data: body.data ?? null, ts });
+      });
+    }
+    if (path === '/broadcast') {
+      if (req.method !== 'POST') return send(res, 405, 'Method Not Allowed', 'text/plain; charset=utf-8');
+      return publish(req, res, (body, ts) => {
+        io.emit('notification', { event: body.event, data: body.data ?? null, ts, broadcast: true });
+      });
+    }
+    if (path === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
+      return send(res, 200, '{"status":"ok"}');
+    }
+    return send(res, 404, 'Not Found', 'text/plain; charset=utf-8');
+  };
+}
+
+async function main() {
+  const { values } = parseArgs({
+    options: {
+      port: { type: 'string' },
+      redis: { type: 'string' },
+      channel: { type: 'string', default: 'socketio' },
+    },
+  });
+  const secret = process.env.BENCH_SECRET;
+  if (!values.port || !values.redis || !secret) {
+    console.error('usage: BENCH_SECRET=... node server.js --port PORT --redis URL [--channel PREFIX]');
+    process.exit(2);
+  }
+  const verify = verifier(secret);
+
+  const pubClient = createClient({ url: values.redis });
+  const subClient = pubClient.duplicate();
+  // node-redis throws an unhandled 'error' event otherwise; it reconnects by itself, as redis-py does.
+  for (const client of [pubClient, subClient]) client.on('error', (err) => console.error('redis:', err.message));
+  await Promise.all([pubClient.connect(), subClient.connect()]);
+
+  // Socket.IO takes over the request listeners present when it attaches (it answers /socket.io/ itself and
+  // hands every other request on), so this one must exist before `io` does, and finds its handler later.
+  let handle = null;
+  const httpServer = http.createServer((req, res) => {
+    handle(req, res).catch((err) => {
+      console.error(err);
+      if (!res.headersSent) send(res, 500, 'Internal Server Error', 'text/plain; charset=utf-8');
+    });
+  });
+  const io = new Server(httpServer, {
+    adapter: createAdapter(pubClient, subClient, { key: values.channel }),
+    perMessageDeflate: false, // as the service and the python server: compression off
+    serveClient: false,
+  });
+  handle = handler(io, verify);
+  io.use((socket, next) => {
+    const auth = socket.handshake.auth;
+    let claims;
+    try {
+      claims = verify(auth && typeof auth === 'object' ? auth.token : undefined);
+    } catch {
+      return next(new Error('invalid token'));
+    }
+    if (typeof claims.sub !== 'string' || !claims.sub) return next(new Error('token lacks sub'));
+    // Joined before the CONNECT ack, as the python server does; a refused or closed socket leaves its rooms.
+    socket.join(claims.sub);
+    return next();
+  });
+  httpServer.listen(Number(values.port), '127.0.0.1');
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
