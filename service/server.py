@@ -10,15 +10,13 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import Gauge
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.http11 import Request
-from websockets.protocol import State
 
 from .app import create_app
-from .frames import SEND_FRAME_EXTENSION, CloseCode
+from .frames import CloseCode
 from .logs import log_config
 from .runtime import Runtime
 from .settings import Settings
+from .wsprotocol import BoundedWebSocketProtocol
 
 logger = logging.getLogger("service")
 
@@ -26,94 +24,6 @@ logger = logging.getLogger("service")
 GRACEFUL_SHUTDOWN_SECONDS = 3
 # Between closing the listening socket and shutting down the connections.
 LISTENER_CLOSE_SECONDS = 0.3
-# A peer gets this long to answer our close frame before its TCP connection is dropped.
-WS_CLOSE_TIMEOUT_SECONDS = 3.0
-# Once we close a socket, its last bytes get this long to leave; a peer that reads nothing is aborted.
-CLOSE_GRACE_SECONDS = 2.0
-
-
-class _AbortingTransport:
-    """The real transport, except that `close()` becomes `abort()` when the peer has not taken
-    the last bytes within a grace period: a peer that reads nothing never lets a close complete,
-    and would hold its socket, buffers and task until the kernel gave up minutes later."""
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._abort_timer: asyncio.TimerHandle | None = None
-        self.lost = False
-
-    def close(self) -> None:
-        self._transport.close()
-        if self._abort_timer is None and not self.lost:
-            self._abort_timer = self._loop.call_later(CLOSE_GRACE_SECONDS, self._abort_if_open)
-
-    def _abort_if_open(self) -> None:
-        if not self.lost:
-            self._transport.abort()
-
-    def connection_lost(self) -> None:
-        self.lost = True
-        if self._abort_timer is not None:
-            self._abort_timer.cancel()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._transport, name)
-
-
-class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, bounded against peers that stop reading.
-
-    - The app's close is never held back by a full send buffer: the close frame is queued behind
-      what is already buffered, the app is told the socket is gone, and the TCP connection is
-      aborted if the peer has not completed the close after WS_CLOSE_TIMEOUT_SECONDS + grace.
-    - Every other close (ping timeout, shutdown) likewise ends in an abort after the grace period.
-    """
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.close_timeout = WS_CLOSE_TIMEOUT_SECONDS
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(_AbortingTransport(transport, self.loop))  # type: ignore[arg-type]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if isinstance(self.transport, _AbortingTransport):
-            self.transport.connection_lost()
-        super().connection_lost(exc)
-
-    def handle_connect(self, event: Request) -> None:
-        super().handle_connect(event)
-        # The app task has not started yet: offer it the direct write (see `send_frame`).
-        if getattr(self, "scope", None) is not None:
-            self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
-
-    def send_frame(self, wire: bytes) -> bool:
-        """Write an already-encoded text frame now, if the socket is open and its buffer has room.
-
-        False means: use the ordinary ASGI send, which waits for room or reports the socket gone."""
-        if (
-            not self.handshake_complete
-            or self.close_sent
-            or self.disconnected
-            or not self.writable.is_set()
-            or self.conn.state is not State.OPEN
-        ):
-            return False
-        self.transport.write(wire)
-        return True
-
-    async def send(self, message: dict) -> None:  # type: ignore[override,type-arg]
-        if (
-            message["type"] == "websocket.close"
-            and self.handshake_complete
-            and not self.close_sent
-            and not self.disconnected
-            and not self.writable.is_set()
-        ):
-            # The peer is not reading: waiting for room in the buffer to say goodbye would wait forever.
-            self.writable.set()
-        await super().send(message)  # type: ignore[arg-type]
 
 
 class DrainingServer(uvicorn.Server):
