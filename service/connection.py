@@ -58,7 +58,8 @@ class Connection:
         self.expires_at = expires_at
         self.closed = False
         self.close_code: int | None = None
-        self._queue: deque[str] = deque()
+        # Made when a frame must wait, and let go once drained: most sockets idle with nothing queued.
+        self._queue: deque[str] | None = None
         self._queued_bytes = 0
         self._max_frames = settings.send_queue_frames
         self._max_bytes = settings.send_queue_bytes
@@ -147,7 +148,7 @@ class Connection:
         if self.closed:
             return []
         batch = list(self._queue)
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         return batch
 
@@ -157,7 +158,7 @@ class Connection:
             return
         self.closed = True
         self.close_code = code
-        self._queue.clear()
+        self._queue = None
         if self._ready is not None:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
@@ -169,6 +170,8 @@ class Connection:
             if wire is None or self._send_frame is None or not self._send_frame(wire):
                 self._write_now(frame)
             return
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(frame)
         self._queued_bytes += len(frame)
         if len(self._queue) > self._max_frames or self._queued_bytes > self._max_bytes:
@@ -205,10 +208,12 @@ class Connection:
             self._send = None
         finally:
             self._flush_task = None
+            if not self._queue:
+                self._queue = None
 
     def _overflow(self) -> None:
         self._metrics.slow_consumers.inc()
-        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue) + len(self._held or ()))
+        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + len(self._held or ()))
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
 
 

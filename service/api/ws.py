@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import QueryParams
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -25,25 +26,32 @@ PATH = "/ws"
 
 
 async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
-    """GET /ws as a bare ASGI app. The app hands sockets straight here rather than through the
-    middleware and routing layers, whose suspended frames would otherwise live as long as each
-    socket (about half of an idle socket's memory)."""
-    await socket(WebSocket(scope, receive, send))
+    """GET /ws as a bare ASGI app; see docs/protocol.md for frames and close codes.
 
-
-async def socket(websocket: WebSocket) -> None:
-    """Client socket; see docs/protocol.md for frames and close codes."""
+    The app hands sockets straight here rather than through the middleware and routing layers:
+    every suspended frame lives as long as its socket, and an idle socket is mostly such frames."""
+    websocket = WebSocket(scope, receive, send)
     runtime: Runtime = websocket.state.runtime
-    refusal = _refusal(runtime, websocket)
+    # Headers and query are read here, once, into locals: Starlette's cached copies would stay with
+    # the socket for its whole life.
+    origin = authorization = None
+    for name, value in scope["headers"]:
+        if name == b"origin" and origin is None:
+            origin = value.decode("latin-1")
+        elif name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+    query = QueryParams(scope["query_string"])
+    refusal = _refusal(runtime, origin)
     if refusal is not None:
         await websocket.send_denial_response(refusal)
         return
     try:
-        principal = await runtime.verifier.verify(_token(websocket))
+        principal = await runtime.verifier.verify(_token(authorization, query))
     except InvalidToken as exc:
         await _reject(websocket, CloseCode.UNAUTHORIZED, exc.message)
         return
-    resume = Resume(websocket.query_params.get("since"), websocket.query_params.get("broadcast_since"))
+    resume = Resume(query.get("since"), query.get("broadcast_since"))
+    del query
     try:
         conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _closer(websocket))
     except TooManyConnections:
@@ -51,6 +59,8 @@ async def socket(websocket: WebSocket) -> None:
         return
     try:
         await websocket.accept()
+        # Nothing reads the handshake again; let it go (the query may hold the token, too).
+        scope["headers"], scope["query_string"] = [], b""
         if (problem := resume.invalid()) is not None:
             conn.push(error("invalid_cursor", problem))
         await _serve(websocket, conn, runtime)
@@ -58,23 +68,21 @@ async def socket(websocket: WebSocket) -> None:
         await runtime.hub.unregister(conn)
 
 
-def _refusal(runtime: Runtime, websocket: WebSocket) -> JSONResponse | None:
+def _refusal(runtime: Runtime, origin: str | None) -> JSONResponse | None:
     if runtime.draining:
         return JSONResponse({"error": "draining", "message": "replica is shutting down"}, status_code=503)
     allowed = runtime.settings.allowed_origins
-    origin = websocket.headers.get("origin")
     # Browsers always send Origin; a client without one is not a browser and cannot be hijacked.
     if allowed and origin is not None and origin.rstrip("/") not in allowed:
         return JSONResponse({"error": "origin_not_allowed", "message": f"origin {origin!r} is not allowed"}, 403)
     return None
 
 
-def _token(websocket: WebSocket) -> str | None:
-    header = websocket.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
+def _token(authorization: str | None, query: QueryParams) -> str | None:
+    scheme, _, credentials = (authorization or "").partition(" ")
     if scheme.lower() == "bearer" and credentials:
         return credentials.strip()
-    return websocket.query_params.get("token")
+    return query.get("token")
 
 
 async def _reject(websocket: WebSocket, code: int, reason: str) -> None:
@@ -86,7 +94,7 @@ async def _reject(websocket: WebSocket, code: int, reason: str) -> None:
 def _closer(websocket: WebSocket) -> Any:
     async def close(code: int, reason: str) -> None:
         # The server's WebSocket protocol never lets a close wait on a full buffer: a peer that
-        # reads nothing has its TCP connection aborted (server.BoundedWebSocketProtocol).
+        # reads nothing has its TCP connection aborted (wsprotocol.BoundedWebSocketProtocol).
         try:
             if websocket.application_state == WebSocketState.CONNECTED:
                 await websocket.close(code, reason)
@@ -115,8 +123,9 @@ async def _receive_forever(
     websocket: WebSocket, conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
 ) -> asyncio.TimerHandle:
     bucket = TokenBucket(runtime.settings.max_inbound_rate)
+    receive = websocket._receive  # the raw ASGI receive: one suspended frame less per idle socket
     while not conn.closed:
-        message = await websocket.receive()
+        message = await receive()
         if message["type"] == "websocket.disconnect":
             break
         if bucket.take():
