@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .api import client_assets, events, health, inbox, publish, ws
@@ -38,13 +38,23 @@ The socket protocol is described in `openapi/asyncapi.yaml`."""
 
 
 class NotifyApp(FastAPI):
-    """FastAPI, except that client sockets go straight to their handler (see `api.ws.serve_socket`)."""
+    """FastAPI, except that the hot paths skip its layers: client sockets go straight to their
+    handler (`api.ws.serve_socket`), and a well-formed publish is answered by `PublishFastPath`
+    ahead of the framework's own middleware (the rest continue into FastAPI). Every HTTP request,
+    either way, passes the access log first."""
+
+    def __init__(self, *args: Any, access_log: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        entry: ASGIApp = PublishFastPath(super().__call__)
+        self._http: ASGIApp = AccessLog(entry) if access_log else entry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == ws.PATH:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket" and scope["path"] == ws.PATH:
             await ws.serve_socket(scope, receive, send)
-            return
-        await super().__call__(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -70,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        access_log=settings.access_log,
     )
     for module in (publish, inbox, events, health, client_assets):
         app.include_router(module.router)
@@ -82,10 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )
-    app.add_middleware(PublishFastPath)
     app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
-    if settings.access_log:
-        app.add_middleware(AccessLog)
     return app
 
 

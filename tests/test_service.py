@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -75,6 +76,35 @@ async def test_tokens_never_reach_the_log(single, http):
         for line in output.splitlines():
             if line.startswith("{"):
                 json.loads(line)  # structured JSON lines
+    finally:
+        replica.stop()
+
+
+async def test_every_request_is_logged_once_with_its_request_id(http):
+    """A publish answered on the fast path and one answered by the framework (a 422) each give one
+    access line with the caller's request id, which the answer echoes; the 202's names its notification."""
+    from .utils import Replica, publisher_headers
+
+    replica = Replica({"NOTIFY_LOG_LEVEL": "info"}).start()
+    try:
+        url = f"{replica.url}/notify/log-user"
+        fast = await http.post(url, json={"event": "e"}, headers={**publisher_headers(), "X-Request-ID": "req-fast"})
+        slow = await http.post(url, json={"data": 1}, headers={**publisher_headers(), "X-Request-ID": "req-slow"})
+        assert fast.status_code == 202 and fast.headers["x-request-id"] == "req-fast"
+        assert slow.status_code == 422 and slow.headers["x-request-id"] == "req-slow"
+        access: dict[str, dict] = {}
+        for _ in range(50):  # the line is written just after the answer leaves
+            lines = [json.loads(line) for line in replica.output().splitlines() if line.startswith("{")]
+            access = {}
+            for line in lines:
+                if line["logger"] == "service.access" and line["path"] == "/notify/log-user":
+                    assert line["request_id"] not in access, f"logged twice: {line}"
+                    access[line["request_id"]] = line
+            if len(access) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert access["req-fast"]["status"] == 202 and access["req-fast"]["notification_id"] == fast.json()["id"]
+        assert access["req-slow"]["status"] == 422 and "notification_id" not in access["req-slow"]
     finally:
         replica.stop()
 

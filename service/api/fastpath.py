@@ -1,10 +1,11 @@
 """PublishFastPath: well-formed publishes skip the framework's per-request layers.
 
-`POST /notify/{user}` and `POST /broadcast` are the hot path of every backend. A request with a
-valid, cached token and a valid body is published here with the same models and the same `_publish`
-as the routes; anything else (no or bad token, a bad body or id, a browser's Origin) goes on to the
-FastAPI route, which answers it with the usual error. Only broker errors are answered here, since
-retrying the publish on the slow path would double its deadline.
+`POST /notify/{user}` and `POST /broadcast` are the hot path of every backend. The app hands every
+HTTP request here first, ahead of FastAPI's middleware. A request with a valid, cached token and a
+valid body within the size limit is published here with the same models and the same `_publish` as
+the routes; anything else (no or bad token, a bad, chunked or oversized body, a bad id, a browser's
+Origin) goes on to the framework and its route, which answer it with the usual error. Only broker
+errors are answered here, since retrying the publish on the slow path would double its deadline.
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ class PublishFastPath:
                 break
         message = await receive()
         body: bytes = message.get("body", b"")
-        if authorization is None or message.get("more_body") or not authorization.startswith(b"Bearer "):
+        runtime: Runtime = scope["state"]["runtime"]
+        if (
+            authorization is None
+            or message.get("more_body")
+            or len(body) > runtime.settings.max_payload_bytes
+            or not authorization.startswith(b"Bearer ")
+        ):
             await self.app(scope, replay(message, receive), send)
             return
-        runtime: Runtime = scope["state"]["runtime"]
         try:
             principal = await runtime.verifier.verify(authorization[7:].decode("latin-1").strip())
             request = PublishRequest.model_validate_json(body)
