@@ -14,7 +14,8 @@ from .procs import System, node_status
 
 
 def _variant(spec: str) -> System:
-    """`ws=wsproto,loop=asyncio` (runner options) or `env:NOTIFY_ACCESS_LOG=false`: the service, changed."""
+    """`ws=wsproto,loop=asyncio` (runner options), `env:NOTIFY_ACCESS_LOG=false` or `tree=DIR` (another
+    checkout of the service): the service, changed."""
     variant: dict[str, str] = {}
     env: dict[str, str] = {}
     for part in spec.split(","):
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="also run the service changed: 'ws=wsproto', 'loop=asyncio,http=h11', "
-        "'patch=async-runtime-dep', 'env:NOTIFY_ACCESS_LOG=false'",
+        "'patch=redis-py-publish', 'env:NOTIFY_ACCESS_LOG=false', 'tree=DIR' (another checkout)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="with --variant: skip the unchanged service")
     parser.add_argument(

@@ -92,7 +92,8 @@ def node_status() -> dict[str, Any]:
 class Server:
     """One server process on a free loopback port."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str | None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], ready_path: str | None, cwd: Path = ROOT) -> None:
+        self.cwd = cwd
         self.port = free_port()
         self.argv = [a.replace("{port}", str(self.port)) for a in argv]
         self.env = {**os.environ, **env}
@@ -109,7 +110,7 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd)
         wait_port(self.port, self.proc, timeout, self.log)
         if self.ready_path:
             deadline = time.monotonic() + timeout
@@ -156,13 +157,17 @@ class System:
         env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}
         if redis is not None:
             env |= {"NOTIFY_REDIS_URL": redis.url, "NOTIFY_REDIS_PREFIX": namespace}
-        if self.variant:
+        options = dict(self.variant)
+        # tree=DIR: the service as another checkout has it (say, `git worktree add DIR <commit>`),
+        # to weigh a change against its parent in one invocation.
+        tree = Path(options.pop("tree")).resolve() if "tree" in options else ROOT
+        if options:
             argv = [py, "-m", "tests.load.runner", "--port", "{port}"]
-            for key, value in self.variant.items():
+            for key, value in options.items():
                 argv += [f"--{key}", value]
         else:
             argv = [py, "-m", "service", "--host", "127.0.0.1", "--port", "{port}"]
-        return Server(argv, env, "/readyz")
+        return Server(argv, env, "/readyz", cwd=tree)
 
 
 class Deployment:
