@@ -21,6 +21,9 @@ class Metrics:
         self.published = Counter(
             "notify_notifications_published", "Notifications accepted by the publish API.", ["kind"], registry=r
         )
+        # Children looked up once: `labels()` takes a lock and a dict lookup on every call.
+        self.published_user = self.published.labels("user")
+        self.published_broadcast = self.published.labels("broadcast")
         self.delivered = Counter(
             "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
         )

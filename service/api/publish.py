@@ -124,7 +124,7 @@ async def _publish(
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
     logs.notification_id.set(published.id)
     if not published.duplicate:
-        runtime.metrics.published.labels("broadcast" if user_id is None else "user").inc()
+        (runtime.metrics.published_broadcast if user_id is None else runtime.metrics.published_user).inc()
     return published
 
 

@@ -6,6 +6,10 @@ and Redis answers in order, so they share one connection instead: each call appe
 command to a buffer, the buffer goes out in one write per event-loop turn (so concurrent publishes
 pipeline by themselves), and one reader feeds the replies to hiredis and hands them back in order.
 
+The deadline is kept per connection, not per call: replies come in order, so the oldest command
+waiting is the only one that can be late first. When it is, Redis is hung or the link is half-open,
+and the connection is dropped with every command on it; the next call reconnects.
+
 The connection is made and authenticated by redis-py (URL, TLS, AUTH, SELECT, RESP version all as
 configured); only the hot path bypasses it.
 """
@@ -23,65 +27,70 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 
-def pack(*args: str | int | bytes) -> bytes:
-    """One command in RESP, as Redis reads it."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
-    return b"".join(parts)
+def bulk(arg: str | int | bytes) -> bytes:
+    """One argument of a command in RESP, so that constant parts can be encoded once."""
+    raw = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
 
 class _Link:
     """One connected socket: commands out, replies matched to their callers in order."""
 
-    __slots__ = ("conn", "pending", "out", "flush_scheduled", "reader_task", "broken")
+    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken")
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.pending: deque[asyncio.Future[Any]] = deque()
+        self.sent_at: deque[float] = deque()  # loop time each pending command was queued
         self.out: list[bytes] = []
         self.flush_scheduled = False
+        self.watchdog: asyncio.TimerHandle | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.broken: BaseException | None = None
 
     def fail(self, exc: BaseException) -> None:
         if self.broken is None:
             self.broken = exc
+        kind = TimeoutError if isinstance(exc, TimeoutError) else RedisConnectionError
         while self.pending:
             waiter = self.pending.popleft()
             if not waiter.done():
-                waiter.set_exception(RedisConnectionError(str(exc) or type(exc).__name__))
+                waiter.set_exception(kind(str(exc) or type(exc).__name__))
+        self.sent_at.clear()
         self.out.clear()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
 
 
 class AutoPipeline:
-    """Send commands over one shared connection; made on first use and again after any failure."""
+    """Send commands over one shared connection; made on first use and again after any failure.
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    Every call gets its reply, an error reply raised as ResponseError, or within `deadline` seconds
+    a TimeoutError or redis ConnectionError."""
+
+    def __init__(self, client: aioredis.Redis, deadline: float) -> None:
         self._pool = client.connection_pool
+        self._deadline = deadline
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
 
     async def execute(self, command: bytes) -> Any:
-        """Send one packed command (see `pack`) and return its reply; an error reply is raised.
-
-        A caller that gives up (its deadline passed) takes the connection down with it: a reply
-        that is late may never come (half-open TCP, a stopped server), and the next call reconnects."""
+        """Send one command, already in RESP (see `bulk`), and return its reply."""
         link = self._link
         if link is None or link.broken is not None:
-            link = await self._connect()
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            async with asyncio.timeout(self._deadline):
+                link = await self._connect()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         link.out.append(command)
         link.pending.append(waiter)
+        link.sent_at.append(loop.time())
         if not link.flush_scheduled:
             link.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush, link)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self._drop(link, TimeoutError("a Redis reply did not come in time"))
-            raise
+            loop.call_soon(self._flush, link)
+        if link.watchdog is None:
+            link.watchdog = loop.call_later(self._deadline, self._watch, link)
+        return await waiter
 
     async def aclose(self) -> None:
         if self._connecting is not None:
@@ -99,6 +108,18 @@ class AutoPipeline:
             link.conn._writer.write(data)
         except Exception as exc:  # noqa: BLE001 - the socket is gone; every waiter hears it
             self._drop(link, exc)
+
+    def _watch(self, link: _Link) -> None:
+        """Check the oldest command waiting; one timer per connection, re-armed while commands wait."""
+        link.watchdog = None
+        if link.broken is not None or not link.sent_at:
+            return
+        loop = asyncio.get_running_loop()
+        late_by = loop.time() - link.sent_at[0] - self._deadline
+        if late_by >= 0:
+            self._drop(link, TimeoutError(f"no reply from Redis within {self._deadline:g}s"))
+        else:
+            link.watchdog = loop.call_later(-late_by, self._watch, link)
 
     async def _connect(self) -> _Link:
         # Callers that arrive while a connection is being made wait for that one; an attempt that
@@ -130,7 +151,7 @@ class AutoPipeline:
     async def _read(self, link: _Link) -> None:
         parser = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
         stream = link.conn._reader
-        pending = link.pending
+        pending, sent_at = link.pending, link.sent_at
         try:
             while True:
                 data = await stream.read(65536)
@@ -139,8 +160,9 @@ class AutoPipeline:
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     waiter = pending.popleft()
+                    sent_at.popleft()
                     if waiter.done():
-                        continue  # its caller gave up; the link is being dropped anyway
+                        continue  # its caller was cancelled
                     if isinstance(reply, ResponseError):
                         waiter.set_exception(reply)
                     else:

@@ -28,7 +28,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, frame_id
-from .pipeline import AutoPipeline, pack
+from .pipeline import AutoPipeline, bulk
 
 logger = logging.getLogger("service.broker")
 
@@ -36,6 +36,7 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 # A replica whose heartbeat is this old is gone (killed without saying goodbye): forget it.
 _FORGET_REPLICAS_MS = 600_000
 _PING_DEADLINE = 0.5
+_FLAG = {False: bulk("0"), True: bulk("1")}
 
 
 class RedisBroker:
@@ -74,8 +75,20 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 0),
         )
         # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
-        self._pipeline = AutoPipeline(self._redis)
-        self._publish_sha = self._redis.register_script(scripts.PUBLISH).sha
+        self._pipeline = AutoPipeline(self._redis, settings.publish_timeout_seconds)
+        # The publish command is encoded once around what changes per call (see `publish`): 18 parts,
+        # EVALSHA (or EVAL), the script, the key count, 7 keys and 8 arguments.
+        sha = self._redis.register_script(scripts.PUBLISH).sha
+        self._publish_head = {
+            run: b"*18\r\n" + bulk(run) + bulk(script) + bulk(7)
+            for run, script in (("EVALSHA", sha), ("EVAL", scripts.PUBLISH))
+        }
+        self._publish_counters = bulk(self._key_seq) + bulk(self._key_clock)
+        self._publish_replicas = bulk(self._key_replicas)
+        self._publish_bounds = (
+            bulk(settings.history_size) + bulk(self._ttl_ms) + bulk(settings.idempotency_ttl_seconds * 1000)
+        )
+        self._publish_window = bulk(int(settings.probe_timeout_seconds * 3000))
         self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
         self._unread_script = self._redis.register_script(scripts.UNREAD)
         self._mark_script = self._redis.register_script(scripts.MARK)
@@ -181,35 +194,42 @@ class RedisBroker:
     async def publish(
         self, user_id: str | None, event_json: str, data_json: str, idempotency_key: str | None
     ) -> Published:
-        s = self._settings
         if user_id is None:
             stream, channel, presence = self._broadcast_stream, self._broadcast_channel, f"{self._prefix}:o"
         else:
             stream, channel, presence = self._stream(user_id), self._user_channel(user_id), self._presence_key(user_id)
         idem = f"{self._prefix}:i:{hashlib.sha256(idempotency_key.encode()).hexdigest()}" if idempotency_key else ""
-        idem_key = idem or f"{self._prefix}:i:-"
-        keys = [stream, channel, self._key_seq, self._key_clock, idem_key, presence, self._key_replicas]
-        args = [
-            event_json,
-            data_json,
-            s.history_size,
-            self._ttl_ms,
-            s.idempotency_ttl_seconds * 1000,
-            "1" if user_id is None else "0",
-            "1" if idem else "0",
-            int(s.probe_timeout_seconds * 3000),
-        ]
-        id_, duplicate, online = await self._call(self._run_publish([len(keys), *keys, *args]))
+        # KEYS and ARGV in the order scripts.PUBLISH reads them.
+        body = b"".join(
+            (
+                bulk(stream),
+                bulk(channel),
+                self._publish_counters,
+                bulk(idem or f"{self._prefix}:i:-"),
+                bulk(presence),
+                self._publish_replicas,
+                bulk(event_json),
+                bulk(data_json),
+                self._publish_bounds,
+                _FLAG[user_id is None],
+                _FLAG[bool(idem)],
+                self._publish_window,
+            )
+        )
+        try:
+            id_, duplicate, online = await self._run_publish(body)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
 
-    async def _run_publish(self, keys_and_args: list[str | int]) -> Any:
+    async def _run_publish(self, body: bytes) -> Any:
         try:
-            return await self._pipeline.execute(pack("EVALSHA", self._publish_sha, *keys_and_args))
+            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(pack("EVAL", scripts.PUBLISH, *keys_and_args))
+        return await self._pipeline.execute(self._publish_head["EVAL"] + body)
 
     async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
         stream = self._broadcast_stream if user_id is None else self._stream(user_id)
@@ -275,8 +295,11 @@ class RedisBroker:
         except BrokerUnavailable:
             raise
         except _FAILURES as exc:
-            self._metrics.broker_errors.inc()
-            raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        self._metrics.broker_errors.inc()
+        return BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}")
 
     # ---- background loops
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="also run the service changed: 'ws=wsproto', 'loop=asyncio,http=h11', "
-        "'patch=redis-py-publish', 'env:NOTIFY_ACCESS_LOG=false', 'tree=DIR' (another checkout)",
+        "'patch=async-runtime-dep', 'env:NOTIFY_ACCESS_LOG=false', 'tree=DIR' (another checkout)",
     )
     parser.add_argument("--no-baseline", action="store_true", help="with --variant: skip the unchanged service")
     parser.add_argument(

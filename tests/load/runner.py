@@ -8,8 +8,6 @@ The app and every other setting are exactly what `python -m service` builds (ser
 
 - `async-runtime-dep`: the `get_runtime` dependency as `async def`; FastAPI runs a plain `def`
   dependency in a worker thread, once per request.
-- `redis-py-publish`: publishes through redis-py's pooled script call, as before the shared
-  pipelined connection (`service/broker/pipeline.py`).
 """
 
 from __future__ import annotations
@@ -26,20 +24,7 @@ def _async_runtime_dep() -> None:
     deps.get_runtime.__code__ = get_runtime.__code__
 
 
-def _redis_py_publish() -> None:
-    from service.broker import scripts
-    from service.broker.redis import RedisBroker
-
-    async def run_publish(self, keys_and_args):  # type: ignore[no-untyped-def]
-        script = self.__dict__.get("_bench_script") or self._redis.register_script(scripts.PUBLISH)
-        self.__dict__["_bench_script"] = script
-        count = keys_and_args[0]
-        return await script(keys=keys_and_args[1 : 1 + count], args=keys_and_args[1 + count :])
-
-    RedisBroker._run_publish = run_publish  # type: ignore[method-assign]
-
-
-PATCHES = {"async-runtime-dep": _async_runtime_dep, "redis-py-publish": _redis_py_publish}
+PATCHES = {"async-runtime-dep": _async_runtime_dep}
 
 
 def main() -> None:
