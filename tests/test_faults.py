@@ -291,6 +291,24 @@ async def test_client_kill_pubsub_while_publishing(own_redis, http):
             await close_all(group)
 
 
+@pytest.mark.slow
+async def test_client_resuming_while_the_subscription_is_rebuilt_loses_nothing(own_redis, http):
+    """A client resumes with `since` on a replica whose subscription was just dropped (it is in its
+    reconnect backoff), and notifications are published at once: they all arrive, once, in order."""
+    env = cluster_env(own_redis)
+    with started(Replica(env), Replica(env)) as (a, b):
+        user = "rebuild-user"
+        cursor = (await publish(http, a, user, "before")).json()["id"]
+        own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        client = await Client.connect(b, user, f"since={cursor}")
+        assert (await client.welcome())["recovered"] is True
+        sent = [(await publish(http, a, user, "during", n)).json()["id"] for n in range(20)]
+        frames = await client.notifications(len(sent), timeout=2 * TIMEOUT)
+        assert [f["id"] for f in frames] == sent
+        await client.nothing(0.3)
+        await client.close()
+
+
 def _key(id_: str) -> tuple[int, int]:
     ms, _, seq = id_.partition("-")
     return int(ms), int(seq)

@@ -329,7 +329,7 @@ class RedisBroker:
         pubsub = self._sub_client.pubsub()
         self._pubsub = pubsub
         self._early = []
-        before_break = users = set(self._users)
+        users = set(self._users)
         channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, users)]
         async with asyncio.timeout(self._settings.probe_timeout_seconds):
             await pubsub.subscribe(*channels)
@@ -362,7 +362,9 @@ class RedisBroker:
             # Redis lost its data when it restarted: nothing to replay from, clients must refetch.
             await self._on_lost()
         elif gap_from is not None:
-            await self._replay_gap(gap_from, mark, before_break & self._users)
+            # Every user subscribed now, including one who connected during this rebuild: its
+            # resume read history before its channel was subscribed again.
+            await self._replay_gap(gap_from, mark, set(self._users))
         self._watermark = max(self._watermark or "0-0", mark, key=id_key)
         logger.info("redis subscription ready: %d channels", len(channels))
 
