@@ -243,7 +243,10 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
                 }
                 for rate, steps in sorted(by_rate.items())
             }
-            summary["knee"] = _median([knee(r["targeted"]["steps"]) for r in per if "targeted" in r])
+            # The highest rate that held in every round: a median of per-round knees can be a rate
+            # that no round ran.
+            steps = [{"rate": rate, "holds": row["holds_all"]} for rate, row in summary["targeted"].items()]
+            summary["knee"] = knee(steps)
         if any("broadcast" in r for r in per):
             bs = [r["broadcast"]["broadcast"] for r in per if "broadcast" in r]
             summary["broadcast"] = {
