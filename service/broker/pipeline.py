@@ -10,27 +10,20 @@ The deadline is kept per connection, not per call: replies come in order, so the
 waiting is the only one that can be late first. When it is, Redis is hung or the link is half-open,
 and the connection is dropped with every command on it; the next call reconnects.
 
-The connection is made and authenticated by redis-py (URL, TLS, AUTH, SELECT, RESP version all as
-configured); only the hot path bypasses it.
+The connection is a `RawConnection` (see resp.py): made by redis-py, then written and read directly.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from typing import Any
 
-import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-
-def bulk(arg: str | int | bytes) -> bytes:
-    """One argument of a command in RESP, so that constant parts can be encoded once."""
-    raw = arg if isinstance(arg, bytes) else str(arg).encode()
-    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+from .resp import RawConnection
 
 
 class _Link:
@@ -38,7 +31,7 @@ class _Link:
 
     __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken")
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: RawConnection) -> None:
         self.conn = conn
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.sent_at: deque[float] = deque()  # loop time each pending command was queued
@@ -69,13 +62,13 @@ class AutoPipeline:
     a TimeoutError or redis ConnectionError."""
 
     def __init__(self, client: aioredis.Redis, deadline: float) -> None:
-        self._pool = client.connection_pool
+        self._client = client
         self._deadline = deadline
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
 
     async def execute(self, command: bytes) -> Any:
-        """Send one command, already in RESP (see `bulk`), and return its reply."""
+        """Send one command, already in RESP (see resp.py), and return its reply."""
         link = self._link
         if link is None or link.broken is not None:
             async with asyncio.timeout(self._deadline):
@@ -105,7 +98,7 @@ class AutoPipeline:
         data = b"".join(link.out) if len(link.out) > 1 else link.out[0]
         link.out.clear()
         try:
-            link.conn._writer.write(data)
+            link.conn.write(data)
         except Exception as exc:  # noqa: BLE001 - the socket is gone; every waiter hears it
             self._drop(link, exc)
 
@@ -136,29 +129,16 @@ class AutoPipeline:
         return link
 
     async def _open(self) -> _Link:
-        conn = self._pool.make_connection()
-        try:
-            await conn.connect()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-            raise
-        link = _Link(conn)
+        link = _Link(await RawConnection.open(self._client))
         link.reader_task = asyncio.get_running_loop().create_task(self._read(link), name="redis-pipeline-reader")
         self._link = link
         return link
 
     async def _read(self, link: _Link) -> None:
-        parser = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        stream = link.conn._reader
         pending, sent_at = link.pending, link.sent_at
         try:
             while True:
-                data = await stream.read(65536)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
+                for reply in await link.conn.replies():
                     waiter = pending.popleft()
                     sent_at.popleft()
                     if waiter.done():
@@ -178,11 +158,7 @@ class AutoPipeline:
             self._link = None
         if link.reader_task is not None and link.reader_task is not asyncio.current_task():
             link.reader_task.cancel()
-        writer = link.conn._writer
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                writer.transport.abort()
-        link.conn._reader = link.conn._writer = None
+        link.conn.abort()
 
 
 def _retrieve(task: asyncio.Task[_Link]) -> None:

@@ -28,7 +28,8 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, frame_id
-from .pipeline import AutoPipeline, bulk
+from .pipeline import AutoPipeline
+from .resp import RawConnection, bulk, command
 
 logger = logging.getLogger("service.broker")
 
@@ -66,7 +67,8 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 1),
             max_connections=64,
         )
-        # The subscriber waits for messages indefinitely; the probe, not a socket timeout, finds stalls.
+        # Makes the subscription's connection, which is then read raw (resp.RawConnection). It waits
+        # for messages indefinitely: the probe, not a socket timeout, finds stalls.
         self._sub_client = aioredis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
@@ -95,14 +97,16 @@ class RedisBroker:
 
         # Subscription state
         self._users: set[str] = set()
-        self._pubsub: Any = None
+        self._pubsub: RawConnection | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._lost_because: str | None = None  # why the subscription's connection was dropped, if we dropped it
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._subscribed = False
         self._subscribed_once = False
         self._last_probe = float("-inf")
         self._watermark: str | None = None
         self._run_id: str | None = None
-        self._early: list[dict[str, Any]] = []
+        self._early: list[Any] = []  # replies read while confirming subscriptions, for `_read_messages`
 
         # Presence: sockets per user on this replica, written to Redis in the background
         self._presence: dict[str, int] = {}
@@ -166,7 +170,7 @@ class RedisBroker:
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
         try:
-            await self._pubsub.subscribe(channel)
+            self._pubsub.write(command("SUBSCRIBE", channel))
             async with asyncio.timeout(self._settings.probe_timeout_seconds):
                 await confirmed
         except (*_FAILURES, asyncio.CancelledError):
@@ -179,7 +183,7 @@ class RedisBroker:
         self._users.discard(user_id)
         if self._pubsub is not None and self._subscribed:
             with contextlib.suppress(*_FAILURES):
-                await self._pubsub.unsubscribe(self._user_channel(user_id))
+                self._pubsub.write(command("UNSUBSCRIBE", self._user_channel(user_id)))
 
     def set_presence(self, user_id: str, sockets: int) -> None:
         if sockets:
@@ -326,14 +330,14 @@ class RedisBroker:
             await asyncio.sleep(random.uniform(cap / 2, cap))
 
     async def _subscribe_all(self) -> None:
-        pubsub = self._sub_client.pubsub()
-        self._pubsub = pubsub
         self._early = []
+        self._lost_because = None
         users = set(self._users)
         channels = [self._broadcast_channel, self._probe_channel, *map(self._user_channel, users)]
         async with asyncio.timeout(self._settings.probe_timeout_seconds):
-            await pubsub.subscribe(*channels)
-            await self._confirm(pubsub, set(channels), "subscribe")
+            pubsub = self._pubsub = await RawConnection.open(self._sub_client)
+            pubsub.write(command("SUBSCRIBE", *channels))
+            await self._confirm(pubsub, set(channels))
             info = await self._redis.info("server")
             # Users who connected or left while this ran: `subscribe`/`unsubscribe` left them to us.
             for _ in range(10):
@@ -342,10 +346,10 @@ class RedisBroker:
                     break
                 users = set(self._users)
                 if added:
-                    await pubsub.subscribe(*map(self._user_channel, added))
-                    await self._confirm(pubsub, set(map(self._user_channel, added)), "subscribe")
+                    pubsub.write(command("SUBSCRIBE", *map(self._user_channel, added)))
+                    await self._confirm(pubsub, set(map(self._user_channel, added)))
                 if removed:
-                    await pubsub.unsubscribe(*map(self._user_channel, removed))
+                    pubsub.write(command("UNSUBSCRIBE", *map(self._user_channel, removed)))
             self._subscribed = True  # from here on, `subscribe` and `unsubscribe` talk to Redis themselves
             self._last_probe = time.monotonic()
             # Every notification after the mark arrives on this subscription.
@@ -409,16 +413,16 @@ class RedisBroker:
             "replayed %d notifications missed by the subscription (%d streams lost some)", len(frames), len(lost)
         )
 
-    async def _confirm(self, pubsub: Any, pending: set[str], kind: str) -> None:
-        """Read until Redis confirmed every channel; messages met meanwhile wait for `_read_messages`."""
+    async def _confirm(self, pubsub: RawConnection, pending: set[str]) -> None:
+        """Read until Redis confirmed every channel; replies met meanwhile wait for `_read_messages`."""
         while pending:
-            message = await pubsub.get_message(timeout=self._settings.probe_timeout_seconds)
-            if message is None:
-                continue
-            if message["type"] == kind:
-                pending.discard(message["channel"])
-            else:
-                self._early.append(message)
+            for reply in await pubsub.replies():
+                if isinstance(reply, ResponseError):
+                    raise reply
+                if reply[0] == "subscribe" and reply[1] in pending:
+                    pending.discard(reply[1])
+                else:
+                    self._early.append(reply)
 
     async def _mark(self, publish: bool) -> str:
         """The current mark (see scripts.MARK); with `publish`, also sent round through our probe channel."""
@@ -427,52 +431,71 @@ class RedisBroker:
         return str(await self._mark_script(keys=keys, args=args))
 
     async def _read_messages(self) -> None:
+        """Deliver every message until the connection fails or the probe stops coming back."""
         pubsub = self._pubsub
+        assert pubsub is not None
         on_frame = self._on_frame
         assert on_frame is not None
         user_prefix = f"{self._prefix}:u:"
         skip = len(user_prefix)
+        probe_channel = self._probe_channel
+        batch, self._early = self._early, []
+        self._watch_probe(pubsub)
+        try:
+            while True:
+                for reply in batch:
+                    if isinstance(reply, ResponseError):
+                        raise reply
+                    kind, channel = reply[0], reply[1]
+                    if kind == "message":
+                        data = reply[2]
+                        if channel == probe_channel:
+                            # Everything published before the probe has been received: replays start later.
+                            self._last_probe = time.monotonic()
+                            if parse_id(data) is not None and self._watermark is not None:
+                                self._watermark = max(self._watermark, data, key=id_key)
+                            continue
+                        id_ = frame_id(data)
+                        if id_ is not None:
+                            self._watermark = id_
+                        on_frame(channel[skip:] if channel.startswith(user_prefix) else None, data)
+                    elif kind == "subscribe":
+                        confirmed = self._confirmations.pop(channel, None)
+                        if confirmed is not None and not confirmed.done():
+                            confirmed.set_result(None)
+                if batch:
+                    self._metrics.broker_last_message.set(time.time())
+                batch = await pubsub.replies()
+        except _FAILURES:
+            if self._lost_because is not None:
+                raise ConnectionError(self._lost_because) from None
+            raise
+
+    def _watch_probe(self, pubsub: RawConnection) -> None:
+        """Every probe interval: a subscription whose probe has not come back in time is dropped."""
+        self._probe_timer = None
+        if self._pubsub is not pubsub:
+            return
         timeout = self._settings.probe_timeout_seconds
-        early, self._early = self._early, []
-        while True:
-            if early:
-                message = early.pop(0)
-            else:
-                message = await pubsub.get_message(timeout=self._settings.probe_interval_seconds)
-            now = time.monotonic()
-            if message is None:
-                if now - self._last_probe > timeout:
-                    self._metrics.probe_failures.inc()
-                    raise ConnectionError(f"no probe back from Redis for {timeout:g}s")
-                continue
-            kind, channel, data = message["type"], message["channel"], message["data"]
-            if kind == "message":
-                self._metrics.broker_last_message.set(time.time())
-                if channel == self._probe_channel:
-                    # Everything published before the probe has been received: replays start later.
-                    self._last_probe = now
-                    if parse_id(data) is not None and self._watermark is not None:
-                        self._watermark = max(self._watermark, data, key=id_key)
-                    continue
-                id_ = frame_id(data)
-                if id_ is not None:
-                    self._watermark = id_
-                on_frame(channel[skip:] if channel.startswith(user_prefix) else None, data)
-            elif kind == "subscribe":
-                confirmed = self._confirmations.pop(channel, None)
-                if confirmed is not None and not confirmed.done():
-                    confirmed.set_result(None)
+        if time.monotonic() - self._last_probe > timeout:
+            self._metrics.probe_failures.inc()
+            self._lost_because = f"no probe back from Redis for {timeout:g}s"
+            pubsub.abort()  # the read fails at once, and the subscription is rebuilt
+            return
+        loop = asyncio.get_running_loop()
+        self._probe_timer = loop.call_later(self._settings.probe_interval_seconds, self._watch_probe, pubsub)
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
         for confirmed in self._confirmations.values():
             if not confirmed.done():
                 confirmed.cancel()
         self._confirmations.clear()
         if pubsub is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await pubsub.aclose()
+            pubsub.abort()  # Redis drops a connection's subscriptions with it
 
     async def _probe_forever(self) -> None:
         """Publish a probe to ourselves and refresh this replica's heartbeat, every interval."""
