@@ -187,6 +187,10 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     for label, cells, ratios in rows:
         add(f"| {label} | {' | '.join([*cells, *ratios])} | {TARGETS.get(label.strip(), '')} |")
     add("")
+    add("A peer that falls behind at 1,000 POST/s spends its CPU on a backlog, so its figure there, and the")
+    add("ratio against it, can swing from run to run; how python-socketio compares when it keeps up at that")
+    add("rate is in [bench/profile.md](bench/profile.md#python-socketio-at-1000-posts-two-regimes).")
+    add("")
     add(f"![p50 and p99 end-to-end latency against offered rate]({plot.relative_to(doc.parent)})")
     add("")
     add("## Targeted sweep")
