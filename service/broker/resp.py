@@ -51,7 +51,10 @@ class RawConnection:
         return cls(conn)
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
+        try:
+            self._writer.write(data)
+        except Exception as exc:  # noqa: BLE001 - uvloop raises RuntimeError once the transport is closed
+            raise RedisConnectionError("the connection to Redis is closed") from exc
 
     async def replies(self) -> list[Any]:
         """Every reply that has arrived, after waiting for at least one; raises once the connection is gone."""
