@@ -172,22 +172,26 @@ async def test_publish_survives_a_flushed_script_cache(redis_server):
         await impl.stop()
 
 
-async def test_raw_connection_reports_a_closed_link_as_a_redis_error(redis_server):
-    """A write on a dropped raw connection is a redis ConnectionError (which every caller treats as
-    Redis being unavailable), not the event loop's RuntimeError."""
+def test_raw_connection_reports_a_closed_link_as_a_redis_error(redis_server):
+    """On the service's loop (uvloop), a write on a dropped raw connection is a redis ConnectionError,
+    which every caller treats as Redis being unavailable, not the loop's RuntimeError."""
     import redis.asyncio as aioredis
+    import uvloop
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from service.broker.resp import RawConnection, command
 
-    client = aioredis.Redis.from_url(redis_server.url)
-    raw = await RawConnection.open(client)
-    try:
-        raw.write(command("PING"))
-        assert await raw.replies() == ["PONG"]
-        raw.abort()
-        await asyncio.sleep(0.01)
-        with pytest.raises(RedisConnectionError):
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        raw = await RawConnection.open(client)
+        try:
             raw.write(command("PING"))
-    finally:
-        await client.aclose()
+            assert await raw.replies() == ["PONG"]
+            raw.abort()
+            await asyncio.sleep(0.01)
+            with pytest.raises(RedisConnectionError):
+                raw.write(command("PING"))
+        finally:
+            await client.aclose()
+
+    uvloop.run(scenario())
