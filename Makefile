@@ -45,7 +45,7 @@ lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
 
-# Side-by-side load benchmark against python-socketio and Node Socket.IO (about 30 minutes); writes docs/benchmark.md
+# Side-by-side load benchmark against python-socketio and Node Socket.IO (about 20 minutes); writes docs/benchmark.md
 # and docs/bench/. Without node (and npm) on PATH the Node server is left out, and the report's conditions say so.
 bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
