@@ -17,7 +17,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
 from .api import client_assets, events, health, inbox, publish, ws
-from .api.fastpath import PublishFastPath
 from .auth import TokenVerifier
 from .broker import create_broker
 from .errors import ServiceError
@@ -38,15 +37,13 @@ The socket protocol is described in `openapi/asyncapi.yaml`."""
 
 
 class NotifyApp(FastAPI):
-    """FastAPI, except that the hot paths skip its layers: client sockets go straight to their
-    handler (`api.ws.serve_socket`), and a well-formed publish is answered by `PublishFastPath`
-    ahead of the framework's own middleware (the rest continue into FastAPI). Every HTTP request,
-    either way, passes the access log first."""
+    """FastAPI, except that client sockets skip its layers and go straight to their handler
+    (`api.ws.serve_socket`), and every HTTP request passes the access log first. (Under the
+    service's own server, a well-formed publish never reaches the app: see `httpprotocol.py`.)"""
 
     def __init__(self, *args: Any, access_log: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        entry: ASGIApp = PublishFastPath(super().__call__)
-        self._http: ASGIApp = AccessLog(entry) if access_log else entry
+        self._http: ASGIApp = AccessLog(super().__call__) if access_log else super().__call__
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

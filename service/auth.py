@@ -112,28 +112,36 @@ class TokenVerifier:
 
     async def verify(self, token: str | None) -> Principal:
         """The principal of a valid token; InvalidToken otherwise."""
+        principal = self.verify_now(token)
+        if principal is not None:
+            return principal
+        assert token is not None and self._jwks is not None
+        header = _header(token)
+        candidates = [*self._static, await self._jwks.key_for(header.get("kid"))]
+        return self._remember(token, self._principal(self._decode(token, header, candidates)))
+
+    def verify_now(self, token: str | None) -> Principal | None:
+        """`verify` without waiting: the principal, InvalidToken, or None when only a JWKS key
+        (which may have to be fetched) can verify the token."""
         if not token:
             raise InvalidToken("missing token")
-        digest = hashlib.sha256(token.encode()).digest()
+        digest = _digest(token)
         cached = self._cache.get(digest)
         if cached is not None and cached.expires_at > time.time():
             self._cache.move_to_end(digest)
             return cached
-        principal = self._principal(await self._claims(token))
-        self._cache[digest] = principal
+        header = _header(token)
+        if self._jwks is not None and header.get("alg", "").upper() not in ("HS256", "NONE"):
+            return None
+        return self._remember(token, self._principal(self._decode(token, header, self._static)))
+
+    def _remember(self, token: str, principal: Principal) -> Principal:
+        self._cache[_digest(token)] = principal
         if len(self._cache) > self._CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
 
-    async def _claims(self, token: str) -> dict[str, object]:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidToken("malformed token") from None
-        candidates = list(self._static)
-        if self._jwks is not None and header.get("alg", "").upper() not in ("HS256", "NONE"):
-            candidates.append(await self._jwks.key_for(header.get("kid")))
-        error = "token signature or algorithm not accepted"
+    def _decode(self, token: str, header: dict[str, object], candidates: list[tuple[object, str]]) -> dict[str, object]:
         for key, algorithm in candidates:
             if header.get("alg") != algorithm:
                 continue
@@ -154,7 +162,7 @@ class TokenVerifier:
                 raise InvalidToken(str(exc).lower()) from None
             except jwt.PyJWTError:
                 continue
-        raise InvalidToken(error)
+        raise InvalidToken("token signature or algorithm not accepted")
 
     @staticmethod
     def _principal(claims: dict[str, object]) -> Principal:
@@ -172,3 +180,14 @@ class TokenVerifier:
             scopes = frozenset()
         exp = claims["exp"]
         return Principal(sub, scopes, float(exp) if isinstance(exp, (int, float)) else 0.0)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _header(token: str) -> dict[str, object]:
+    try:
+        return jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise InvalidToken("malformed token") from None

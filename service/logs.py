@@ -16,6 +16,7 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 # Set by the publish route so the request's access line names the notification it created.
 notification_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("notification_id", default=None)
 
+_access = logging.getLogger("service.access")
 _SECRET = re.compile(r"((?:token|access_token|jwt)=)[^&\s\"']+|(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
 
@@ -77,14 +78,13 @@ class AccessLog:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.logger = logging.getLogger("service.access")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _header(scope, b"x-request-id") or secrets.token_hex(8)
-        token = request_id.set(rid[:64])
+        rid = request_id_of(scope["headers"])
+        token = request_id.set(rid)
         nid_token = notification_id.set(None)
         started = time.perf_counter()
         status = 500
@@ -94,29 +94,37 @@ class AccessLog:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid[:64].encode("latin-1"))]
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            if self.logger.isEnabledFor(logging.INFO):
-                path = scope["path"] + ("?" + scope["query_string"].decode("latin-1") if scope["query_string"] else "")
-                extra = {
-                    "method": scope["method"],
-                    "path": redact(path),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                }
-                if (nid := notification_id.get()) is not None:
-                    extra["notification_id"] = nid
-                self.logger.info("%s %s %d", scope["method"], redact(path), status, extra=extra)
+            query = scope["query_string"].decode("latin-1")
+            log_access(scope["method"], scope["path"] + ("?" + query if query else ""), status, started)
             notification_id.reset(nid_token)
             request_id.reset(token)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's X-Request-ID (at most 64 characters), or a new one."""
+    for key, value in headers:
+        if key == b"x-request-id" and value:
+            return value.decode("latin-1")[:64]
+    return secrets.token_hex(8)
+
+
+def log_access(method: str, path: str, status: int, started: float) -> None:
+    """The access line of one request, naming the notification it created, if any."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    path = redact(path)
+    extra: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if (nid := notification_id.get()) is not None:
+        extra["notification_id"] = nid
+    _access.info("%s %s %d", method, path, status, extra=extra)

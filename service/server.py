@@ -13,6 +13,7 @@ from prometheus_client import Gauge
 
 from .app import create_app
 from .frames import CloseCode
+from .httpprotocol import PublishingHttpProtocol
 from .logs import log_config
 from .runtime import Runtime
 from .settings import Settings
@@ -99,7 +100,7 @@ def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=PublishingHttpProtocol,
         ws=BoundedWebSocketProtocol,
         # Clients send only small control frames: a bigger one is closed with 1009 before it is buffered.
         ws_max_size=settings.max_inbound_bytes,

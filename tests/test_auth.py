@@ -204,3 +204,18 @@ async def test_jku_header_is_ignored(jwks, rsa_key):
     )
     with pytest.raises(InvalidToken):
         await TokenVerifier(settings(jwt_secret=None, jwks_url=jwks.url)).verify(forged)
+
+
+async def test_verify_now_answers_without_waiting_unless_a_jwks_key_is_needed(jwks, rsa_key):
+    """Secret-signed and already verified tokens are answered at once; a JWKS-signed one only once
+    `verify` has fetched its key; a bad one is refused either way."""
+    verifier = TokenVerifier(settings(jwks_url=jwks.url))
+    assert verifier.verify_now(token("svc", "notify:publish")).scopes == {"notify:publish"}  # type: ignore[union-attr]
+    signed = jwt.encode({"sub": "k", "exp": time.time() + 60}, rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    assert verifier.verify_now(signed) is None and jwks.fetches == 0
+    assert (await verifier.verify(signed)).user_id == "k"
+    assert verifier.verify_now(signed).user_id == "k"  # type: ignore[union-attr]
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify_now(token("svc", "notify:publish", ttl=-5))
+    with pytest.raises(InvalidToken, match="malformed"):
+        verifier.verify_now("nonsense")

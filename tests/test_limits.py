@@ -415,6 +415,21 @@ async def test_jwks_refetch_is_rate_limited(jwks_server, http):
         )
         response = await http.get(r.url + "/me/notifications", headers={"Authorization": f"Bearer {valid}"})
         assert response.status_code == 200, response.text
+        publisher = jwt.encode(
+            {"sub": "jwks-svc", "exp": int(time.time()) + 60, "scope": "notify:publish"},
+            key,
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+        # The first publish with a new JWKS token waits for its key; the second finds it verified.
+        ids = []
+        for _ in range(2):
+            published = await http.post(
+                r.url + "/notify/jwks-user", json={"event": "e"}, headers={"Authorization": f"Bearer {publisher}"}
+            )
+            assert published.status_code == 202, published.text
+            ids.append(published.json()["id"])
+        assert ids[0] != ids[1]
         handler.hits.clear()
         started = time.monotonic()
         statuses = []

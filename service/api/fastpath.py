@@ -1,81 +1,88 @@
-"""PublishFastPath: well-formed publishes skip the framework's per-request layers.
+"""The publish fast path: what a well-formed publish needs, decided without the framework.
 
-`POST /notify/{user}` and `POST /broadcast` are the hot path of every backend. The app hands every
-HTTP request here first, ahead of FastAPI's middleware. A request with a valid, cached token and a
-valid body within the size limit is published here with the same models and the same `_publish` as
-the routes; anything else (no or bad token, a bad, chunked or oversized body, a bad id, a browser's
-Origin) goes on to the framework and its route, which answer it with the usual error. Only broker
-errors are answered here, since retrying the publish on the slow path would double its deadline.
+`POST /notify/{user}` and `POST /broadcast` are the hot path of every backend. The HTTP protocol
+(`service/httpprotocol.py`) asks `publish_target` once the request line and headers are in (a POST), and
+`prepare` once the body is: a request with a valid token and a valid body within the size limit is
+published with the same models and the same `_publish` as the routes, and answered by `answer`.
+Anything else (no or bad token, a bad or oversized body, a bad id, a browser's Origin,
+a JWKS key still to fetch) goes on to the framework and its route, which answer it with the usual
+error. Only errors of the publish itself are answered here, since retrying it on the slow path
+would double its deadline.
 """
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from dataclasses import dataclass
 
-from ..auth import PUBLISH_SCOPE
+import orjson
+from pydantic import ValidationError
+
+from ..auth import PUBLISH_SCOPE, Principal
 from ..errors import InvalidToken, ServiceError
 from ..ids import is_valid_user_id
-from ..limits import replay, send_json
 from ..models import PublishRequest
 from ..runtime import Runtime
 from .publish import _check_rate, _publish
 
+Header = tuple[bytes, bytes]
 
-class PublishFastPath:
-    """Pure ASGI middleware in front of the app; see the module docstring."""
+# What `publish_target` answers for any other path (no user id is empty).
+NOT_A_PUBLISH = ""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if path == "/broadcast":
-            user_id: str | None = None
-        elif path.startswith("/notify/") and is_valid_user_id(path[8:]):
-            user_id = path[8:]
-        else:
-            await self.app(scope, receive, send)
-            return
-        authorization = idempotency_key = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-            elif name == b"idempotency-key":
-                idempotency_key = value
-            elif name == b"origin" or (name == b"content-type" and not value.startswith(b"application/json")):
-                authorization = None  # browsers get CORS headers and odd bodies get their 422: the full route
-                break
-        message = await receive()
-        body: bytes = message.get("body", b"")
-        runtime: Runtime = scope["state"]["runtime"]
-        if (
-            authorization is None
-            or message.get("more_body")
-            or len(body) > runtime.settings.max_payload_bytes
-            or not authorization.startswith(b"Bearer ")
-        ):
-            await self.app(scope, replay(message, receive), send)
-            return
-        try:
-            principal = await runtime.verifier.verify(authorization[7:].decode("latin-1").strip())
-            request = PublishRequest.model_validate_json(body)
-        except (InvalidToken, ValidationError):
-            principal = None
-        key = idempotency_key.decode("latin-1") if idempotency_key is not None else None
-        if principal is None or PUBLISH_SCOPE not in principal.scopes or (key is not None and not 0 < len(key) <= 256):
-            await self.app(scope, replay(message, receive), send)
-            return
-        try:
-            _check_rate(runtime, principal)
-            published = await _publish(runtime, principal, user_id, request, key or None)
-        except ServiceError as exc:
-            runtime.metrics.errors.labels(exc.code).inc()
-            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-            await send_json(send, exc.status_code, {"error": exc.code, "message": exc.message}, extra)
-            return
-        answer = {"id": published.id, "ts": published.ts, "online": published.online, "duplicate": published.duplicate}
-        await send_json(send, 202, answer)
+@dataclass(slots=True)
+class FastPublish:
+    """A publish that passed every check the route would make."""
+
+    principal: Principal
+    user_id: str | None
+    request: PublishRequest
+    idempotency_key: str | None
+
+
+def publish_target(path: str) -> str | None:
+    """The recipient of a POST to this path (None: everyone), or NOT_A_PUBLISH."""
+    if path == "/broadcast":
+        return None
+    if path.startswith("/notify/") and is_valid_user_id(path[8:]):
+        return path[8:]
+    return NOT_A_PUBLISH
+
+
+def prepare(runtime: Runtime, user_id: str | None, headers: list[Header], body: bytes) -> FastPublish | None:
+    """The checked publish, or None: the framework answers this request (see the module docstring).
+    The caller has held `body` to NOTIFY_MAX_PAYLOAD_BYTES."""
+    authorization = idempotency_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"idempotency-key":
+            idempotency_key = value
+        elif name == b"origin" or (name == b"content-type" and not value.startswith(b"application/json")):
+            return None  # browsers get CORS headers and odd bodies their 422: the full route
+    if authorization is None or not authorization.startswith(b"Bearer "):
+        return None
+    key = idempotency_key.decode("latin-1") if idempotency_key is not None else None
+    if key is not None and not 0 < len(key) <= 256:
+        return None
+    try:
+        principal = runtime.verifier.verify_now(authorization[7:].decode("latin-1").strip())
+        request = PublishRequest.model_validate_json(body)
+    except (InvalidToken, ValidationError):
+        return None
+    if principal is None or PUBLISH_SCOPE not in principal.scopes:
+        return None
+    return FastPublish(principal, user_id, request, key)
+
+
+async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[Header]]:
+    """Publish, and the response: status, JSON body and extra headers."""
+    try:
+        _check_rate(runtime, fast.principal)
+        published = await _publish(runtime, fast.principal, fast.user_id, fast.request, fast.idempotency_key)
+    except ServiceError as exc:
+        runtime.metrics.errors.labels(exc.code).inc()
+        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
+        return exc.status_code, orjson.dumps({"error": exc.code, "message": exc.message}), extra
+    payload = {"id": published.id, "ts": published.ts, "online": published.online, "duplicate": published.duplicate}
+    return 202, orjson.dumps(payload), []

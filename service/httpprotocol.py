@@ -1,0 +1,149 @@
+"""PublishingHttpProtocol: uvicorn's httptools protocol, with well-formed publishes answered in place.
+
+A publish is most of what a busy replica serves over HTTP, and most of its cost was the ASGI
+machinery around a few lines of work: a request-response cycle, a task through the middleware
+stack, message dicts both ways, a header check per response header. A publish that `api.fastpath`
+accepts skips all of that: its body is collected here, the publish runs, and the answer is written
+straight to the transport. Every other request, and every publish the fast path refuses (it is then
+handed to uvicorn as if nothing had happened), is uvicorn's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from . import logs
+from .api.fastpath import NOT_A_PUBLISH, FastPublish, answer, prepare, publish_target
+from .runtime import Runtime
+
+logger = logging.getLogger("service")
+
+_JSON = b"content-type: application/json\r\ncontent-length: "
+_INTERNAL_ERROR = orjson.dumps({"error": "internal_error", "message": "the publish failed unexpectedly"})
+
+
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
+_NO_EVENT = _NoEvent()
+
+
+class _Publish:
+    """Stands where uvicorn keeps its request-response cycle while a publish is read and answered,
+    with the fields uvicorn's own callbacks touch (connection lost, shutdown, a pipelined request)."""
+
+    __slots__ = ("user_id", "path", "headers", "body", "keep_alive", "disconnected", "response_complete")
+
+    message_event = _NO_EVENT
+
+    def __init__(self, user_id: str | None, path: str, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.user_id = user_id
+        self.path = path  # for the access log, query included
+        self.headers = headers
+        self.body = bytearray()
+        self.keep_alive = keep_alive
+        self.disconnected = False
+        self.response_complete = False
+
+
+class PublishingHttpProtocol(HttpToolsProtocol):
+    """See the module docstring. A publish is taken only when nothing else is in flight on the
+    connection; pipelined requests behind it wait their turn as uvicorn makes them."""
+
+    def on_headers_complete(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.expect_100_continue:
+            target = self._publish_target()
+            if target is not None:
+                keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                self.cycle = _Publish(*target, self.headers, keep_alive)  # type: ignore[assignment]
+                return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        publish = self.cycle
+        if type(publish) is not _Publish:
+            super().on_body(body)
+            return
+        publish.body += body
+        runtime: Runtime = self.app_state["runtime"]
+        if len(publish.body) > runtime.settings.max_payload_bytes:
+            self._hand_over(publish)  # the framework answers 413 without reading the rest
+
+    def on_message_complete(self) -> None:
+        publish = self.cycle
+        if type(publish) is not _Publish:
+            super().on_message_complete()
+            return
+        runtime: Runtime = self.app_state["runtime"]
+        try:
+            fast = prepare(runtime, publish.user_id, publish.headers, bytes(publish.body))
+        except Exception:
+            logger.exception("publish fast path failed; the framework answers")
+            fast = None
+        if fast is None:
+            self._hand_over(publish)
+            super().on_message_complete()
+            return
+        task = self.loop.create_task(self._answer(publish, runtime, fast))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _publish_target(self) -> tuple[str | None, str] | None:
+        """(recipient, path and query) of a publish request, None for any other request."""
+        if self.parser.get_method() != b"POST" or self.parser.should_upgrade():
+            return None
+        try:
+            url = httptools.parse_url(self.url)
+            path = url.path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return None
+        path = urllib.parse.unquote(path) if "%" in path else path
+        user_id = publish_target(path)
+        if user_id == NOT_A_PUBLISH:
+            return None
+        return user_id, path + ("?" + url.query.decode("latin-1") if url.query else "")
+
+    def _hand_over(self, publish: _Publish) -> None:
+        """Give the request to uvicorn after all, with the body read so far."""
+        self.cycle = None  # type: ignore[assignment]
+        super().on_headers_complete()
+        self.cycle.body = publish.body
+        self.cycle.message_event.set()
+
+    async def _answer(self, publish: _Publish, runtime: Runtime, fast: FastPublish) -> None:
+        started = time.perf_counter()
+        access_log = runtime.settings.access_log
+        rid = logs.request_id_of(publish.headers) if access_log else ""
+        logs.request_id.set(rid or None)  # this task's own context: the request's log lines carry it
+        try:
+            status, body, headers = await answer(runtime, fast)
+        except Exception:
+            logger.exception("publish failed")
+            status, body, headers = 500, _INTERNAL_ERROR, []
+            publish.keep_alive = False
+        if access_log:
+            headers.append((b"x-request-id", rid.encode("latin-1")))
+        self._respond(publish, status, body, headers)
+        if access_log:
+            logs.log_access("POST", publish.path, status, started)
+
+    def _respond(self, publish: _Publish, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if publish.disconnected or self.transport.is_closing():
+            return
+        out = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers):
+            out += (name, b": ", value, b"\r\n")
+        out += (_JSON, b"%d\r\n" % len(body), b"" if publish.keep_alive else b"connection: close\r\n", b"\r\n", body)
+        self.transport.write(b"".join(out))
+        publish.response_complete = True
+        if not publish.keep_alive:
+            self.transport.close()
+        self.on_response_complete()

@@ -1,0 +1,119 @@
+"""Publishes answered by the server's HTTP protocol itself, on raw connections: order, keep-alive,
+pipelining and clients that leave, against a real replica."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+
+from .utils import TIMEOUT, Client, publisher_headers
+
+
+def uid() -> str:
+    return f"p-{uuid.uuid4().hex[:8]}"
+
+
+def post(path: str, body: bytes, version: str = "1.1", extra: str = "") -> bytes:
+    headers = "".join(f"{k}: {v}\r\n" for k, v in publisher_headers().items())
+    return (
+        f"POST {path} HTTP/{version}\r\nHost: x\r\n{headers}Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+async def responses(reader: asyncio.StreamReader, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read `count` whole HTTP responses (each with a Content-Length)."""
+    out = []
+    async with asyncio.timeout(TIMEOUT):
+        for _ in range(count):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in head[1:] if line)}
+            body = await reader.readexactly(int(headers["content-length"]))
+            out.append((int(head[0].split()[1]), headers, body))
+    return out
+
+
+async def test_pipelined_requests_are_answered_in_order(single):
+    """Publishes, a refused publish and a GET sent in one write come back in order, each answered
+    as on its own, and only the accepted publishes are delivered."""
+    user = uid()
+    client = await Client.connect(single, user)
+    await client.welcome()
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    writer.write(
+        post(f"/notify/{user}", b'{"event":"first"}')
+        + post(f"/notify/{user}", b'{"data":1}')
+        + post(f"/notify/{user}", b'{"event":"second"}')
+        + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answers = await responses(reader, 4)
+    assert [status for status, _, _ in answers] == [202, 422, 202, 200]
+    assert orjson.loads(answers[1][2])["error"] == "invalid_request"
+    sent = [orjson.loads(body)["id"] for status, _, body in answers if status == 202]
+    got = await client.notifications(2)
+    assert [f["event"] for f in got] == ["first", "second"] and [f["id"] for f in got] == sent
+    await client.nothing(0.3)
+    writer.close()
+    await client.close()
+
+
+async def test_keep_alive_carries_many_publishes(single):
+    """One keep-alive connection publishes one after another; each answer is a complete 202."""
+    user = uid()
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    ids = []
+    for n in range(20):
+        writer.write(post(f"/notify/{user}", orjson.dumps({"event": "e", "data": n})))
+        [(status, headers, body)] = await responses(reader, 1)
+        assert status == 202 and headers["content-type"] == "application/json" and "date" in headers
+        ids.append(orjson.loads(body)["id"])
+    assert len(set(ids)) == 20
+    writer.close()
+
+
+async def test_http10_and_connection_close_are_honoured(single):
+    """HTTP/1.0 and `Connection: close` publishes get their 202, then the server closes the connection."""
+    for version, extra in (("1.0", ""), ("1.1", "Connection: close\r\n")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+        writer.write(post("/broadcast", b'{"event":"e"}', version, extra))
+        [(status, headers, _)] = await responses(reader, 1)
+        assert status == 202 and headers["connection"] == "close"
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.read() == b""
+        writer.close()
+
+
+async def test_publisher_that_leaves_at_once_still_publishes(single, http):
+    """A publisher that closes its connection right after sending still has its notification
+    delivered, and the replica goes on serving."""
+    user = uid()
+    client = await Client.connect(single, user)
+    await client.welcome()
+    for n in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", single.port)
+        writer.write(post(f"/notify/{user}", orjson.dumps({"event": "gone", "data": n})))
+        writer.transport.abort()
+    got = await client.notifications(5)
+    assert sorted(f["data"] for f in got) == list(range(5))
+    assert (await http.get(single.url + "/healthz")).status_code == 200
+    await client.close()
+
+
+async def test_body_in_pieces_and_oversized_body(single):
+    """A body that arrives in several writes is published; one over the limit is refused with 413."""
+    user = uid()
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    raw = post(f"/notify/{user}", b'{"event":"split","data":"' + b"x" * 5000 + b'"}')
+    for i in range(0, len(raw), 700):
+        writer.write(raw[i : i + 700])
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    [(status, _, _)] = await responses(reader, 1)
+    assert status == 202
+    big = b'{"event":"big","data":"' + b"x" * 70_000 + b'"}'
+    writer.write(post(f"/notify/{user}", big))
+    [(status, _, body)] = await responses(reader, 1)
+    assert status == 413 and orjson.loads(body)["error"] == "payload_too_large"
+    writer.close()
