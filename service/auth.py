@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -141,7 +142,7 @@ class TokenVerifier:
             self._cache.popitem(last=False)
         return principal
 
-    def _decode(self, token: str, header: dict[str, object], candidates: list[tuple[object, str]]) -> dict[str, object]:
+    def _decode(self, token: str, header: dict[str, Any], candidates: list[tuple[object, str]]) -> dict[str, object]:
         for key, algorithm in candidates:
             if header.get("alg") != algorithm:
                 continue
@@ -186,7 +187,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _header(token: str) -> dict[str, object]:
+def _header(token: str) -> dict[str, Any]:
     try:
         return jwt.get_unverified_header(token)
     except jwt.PyJWTError:
