@@ -98,7 +98,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         _count(request, exc.code)
-        return JSONResponse({"error": exc.code, "message": exc.message}, exc.status_code, headers=exc.headers())
+        return JSONResponse(exc.body(), exc.status_code, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -27,6 +27,10 @@ class ServiceError(Exception):
         """Extra response headers this error calls for."""
         return {}
 
+    def body(self) -> dict[str, str]:
+        """The JSON body of the answer: what went wrong, for a program and for a person."""
+        return {"error": self.code, "message": self.message}
+
 
 class InvalidToken(ServiceError):
     status_code = 401

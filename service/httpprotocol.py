@@ -15,17 +15,16 @@ import time
 import urllib.parse
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from . import logs
-from .api.fastpath import NOT_A_PUBLISH, FastPublish, answer, prepare, publish_target
+from .api.fastpath import NOT_A_PUBLISH, FastPublish, answer, error_answer, prepare, publish_target
+from .errors import ServiceError
 from .runtime import Runtime
 
 logger = logging.getLogger("service")
 
 _JSON = b"content-type: application/json\r\ncontent-length: "
-_INTERNAL_ERROR = orjson.dumps({"error": "internal_error", "message": "the publish failed unexpectedly"})
 
 
 class _NoEvent:
@@ -120,19 +119,19 @@ class PublishingHttpProtocol(HttpToolsProtocol):
 
     async def _answer(self, publish: _Publish, runtime: Runtime, fast: FastPublish) -> None:
         started = time.perf_counter()
-        access_log = runtime.settings.access_log
-        rid = logs.request_id_of(publish.headers) if access_log else ""
-        logs.request_id.set(rid or None)  # this task's own context: the request's log lines carry it
+        rid = logs.request_id_of(publish.headers) if runtime.settings.access_log else None
+        if rid is not None:
+            logs.request_id.set(rid)  # in this task's own context: the request's log lines carry it
         try:
             status, body, headers = await answer(runtime, fast)
         except Exception:
             logger.exception("publish failed")
-            status, body, headers = 500, _INTERNAL_ERROR, []
+            status, body, headers = error_answer(ServiceError("the publish failed unexpectedly"))
             publish.keep_alive = False
-        if access_log:
+        if rid is not None:
             headers.append((b"x-request-id", rid.encode("latin-1")))
         self._respond(publish, status, body, headers)
-        if access_log:
+        if rid is not None:
             logs.log_access("POST", publish.path, status, started)
 
     def _respond(self, publish: _Publish, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

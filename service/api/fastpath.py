@@ -82,7 +82,12 @@ async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[
         published = await _publish(runtime, fast.principal, fast.user_id, fast.request, fast.idempotency_key)
     except ServiceError as exc:
         runtime.metrics.errors.labels(exc.code).inc()
-        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
-        return exc.status_code, orjson.dumps({"error": exc.code, "message": exc.message}), extra
+        return error_answer(exc)
     payload = {"id": published.id, "ts": published.ts, "online": published.online, "duplicate": published.duplicate}
     return 202, orjson.dumps(payload), []
+
+
+def error_answer(exc: ServiceError) -> tuple[int, bytes, list[Header]]:
+    """An error's status, JSON body and extra headers, as the app's error handler gives them."""
+    headers = [(name.lower().encode(), value.encode()) for name, value in exc.headers().items()]
+    return exc.status_code, orjson.dumps(exc.body()), headers
