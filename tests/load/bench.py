@@ -24,7 +24,7 @@ NODE_SOCKETIO = System("node-socketio", "socketio", server="node")
 class Plan:
     users: int = 1000  # two sockets each
     duration: float = 20.0  # seconds per targeted step, broadcast run and batch run
-    rates: list[float] = field(default_factory=lambda: [250, 500, 1000, 2000, 3000, 4000, 6000])
+    rates: list[float] = field(default_factory=lambda: [250, 500, 1000, 2000, 3000, 4000, 6000, 8000])
     broadcast_rate: float = 10.0
     pair_rate: float = 1000.0
     batch_rate: float = 1000.0

@@ -301,9 +301,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     elif "left_out" in node:
         add(f"- node-socketio: left out of this run, {node['left_out']}.")
     add("- Generator (one process, uvloop): picows WebSocket clients, a raw HTTP/1.1 keep-alive publisher pool")
-    add("  (open loop: requests leave on schedule, queued for a free connection, never skipped), orjson;")
-    add("  its own CPU share is in the sweep table. Socket.IO clients speak Engine.IO 4 over a bare WebSocket,")
-    add("  as `socket.io-client` does with `transports: ['websocket']`.")
+    add("  (open loop: requests leave on schedule, to within uvloop's 1 ms timer, queued for a free connection,")
+    add("  never skipped), orjson; its own CPU share is in the sweep table. Socket.IO clients speak Engine.IO 4")
+    add("  over a bare WebSocket, as `socket.io-client` does with `transports: ['websocket']`.")
     if "node-socketio" in names:
         v |= node.get("versions", {})
     add("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
