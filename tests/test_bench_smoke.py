@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.load import workloads as W
-from tests.load.bench import NOTIFY
+from tests.load.bench import LEAN_PYTHON, NOTIFY
 from tests.load.clients import Fleet, Publisher
-from tests.load.procs import Deployment
+from tests.load.procs import Deployment, System
 
 
-async def _run() -> tuple[dict, dict, dict]:
-    with Deployment(NOTIFY, 1, embedded=True) as dep:
+async def _run(system: System) -> tuple[dict, dict, dict]:
+    # The service on its embedded broker; the lean reference needs the Redis the deployment starts.
+    with Deployment(system, 1, embedded=system is NOTIFY) as dep:
         port = dep.replicas[0].port
         fleet = Fleet("notify", users=5)
         connect = await W.connect(dep, fleet, lambda i: port, concurrency=10, timeout=10, settle=0.2)
@@ -29,8 +32,9 @@ async def _run() -> tuple[dict, dict, dict]:
     return connect, targeted, broadcast
 
 
-def test_bench_harness_counts_every_delivery():
-    connect, targeted, broadcast = asyncio.run(_run())
+@pytest.mark.parametrize("system", [NOTIFY, LEAN_PYTHON], ids=lambda s: s.name)
+def test_bench_harness_counts_every_delivery(system: System):
+    connect, targeted, broadcast = asyncio.run(_run(system))
     assert connect["sockets"] == 10 and connect["connect_failures"] == 0
     assert connect["connects_per_s"] > 0 and connect["rss_idle_mb"] > 0
 

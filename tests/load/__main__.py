@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import NODE_SOCKETIO, NOTIFY, SOCKETIO, Plan, run
+from .bench import LEAN_NODE, LEAN_PYTHON, NODE_SOCKETIO, NOTIFY, SOCKETIO, Plan, run
 from .procs import System, node_status
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair")
     parser.add_argument(
         "--only",
-        choices=["notify", "socketio", "node-socketio"],
+        choices=["notify", "socketio", "node-socketio", "lean-python", "lean-node"],
         default=None,
         help="run one system only (socketio: python-socketio)",
     )
@@ -89,21 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     plan.profile_dir = ns.profile
 
     node = node_status()
-    node_wanted = not ns.variant and ns.only in (None, "node-socketio")
+    peers = {"socketio": SOCKETIO, "node-socketio": NODE_SOCKETIO, "lean-python": LEAN_PYTHON, "lean-node": LEAN_NODE}
+    needs_node = {"node-socketio", "lean-node"}
+    node_wanted = not ns.variant and ns.only in (None, *needs_node)
     systems = [] if ns.no_baseline else [NOTIFY]
     systems += [_variant(v) for v in ns.variant]
-    if not ns.variant and ns.only != "notify":
-        systems.append(SOCKETIO)
-        if "left_out" not in node:
-            systems.append(NODE_SOCKETIO)
-        elif ns.only is None:
-            print(f"Node Socket.IO left out: {node['left_out']}", file=sys.stderr)
-    if ns.only == "socketio":
-        systems = [SOCKETIO]
-    if ns.only == "node-socketio":
+    if ns.only in peers:
+        if ns.only in needs_node and "left_out" in node:
+            parser.error(f"{ns.only} cannot run: {node['left_out']}")
+        systems = [peers[ns.only]]
+    elif not ns.variant and ns.only is None:
+        systems += [s for key, s in peers.items() if key not in needs_node or "left_out" not in node]
         if "left_out" in node:
-            parser.error(f"node-socketio cannot run: {node['left_out']}")
-        systems = [NODE_SOCKETIO]
+            print(f"Node Socket.IO and the lean Node reference left out: {node['left_out']}", file=sys.stderr)
 
     import uvloop
 

@@ -16,8 +16,11 @@ from .clients import Fleet, Publisher
 from .procs import Deployment, System
 
 NOTIFY = System("notify-service", "notify")
-SOCKETIO = System("python-socketio", "socketio")
+SOCKETIO = System("python-socketio", "socketio", server="python")
 NODE_SOCKETIO = System("node-socketio", "socketio", server="node")
+# Framework-free floors, speaking the service's protocol: what the service's extras cost.
+LEAN_PYTHON = System("lean-python", "notify", server="lean-python")
+LEAN_NODE = System("lean-node", "notify", server="lean-node")
 
 
 @dataclass
@@ -44,7 +47,7 @@ def _log(msg: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _session(system: System, plan: Plan, replicas: int = 1):  # type: ignore[no-untyped-def]
-    embedded = plan.embedded and system.kind == "notify"
+    embedded = plan.embedded and system.server == "service"
     with Deployment(system, replicas, embedded=embedded) as dep:
         fleet = Fleet(system.kind, plan.users)
         ports = [r.port for r in dep.replicas]
@@ -105,7 +108,7 @@ async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
         for rate in plan.rates:
             prof = (
                 _Profiler(plan, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration)
-                if system.kind == "notify" and rate == 1000
+                if system.server == "service" and rate == 1000
                 else None
             )
             step = await W.targeted(dep, fleet, pub, rate, plan.duration, plan.drain)
@@ -128,7 +131,7 @@ async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
 async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
     async with _session(system, plan) as (dep, fleet, pub, connect):
         out: dict[str, Any] = {"connect": connect}
-        if system.kind == "notify" and plan.batch_size:
+        if system.server == "service" and plan.batch_size:
             single = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain)
             batch = await W.targeted(dep, fleet, pub, plan.batch_rate, plan.duration, plan.drain, batch=plan.batch_size)
             out["batch_single"], out["batch"] = single, batch
@@ -136,7 +139,7 @@ async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
                 f"  {system.name} batch of {plan.batch_size} at {plan.batch_rate:g}/s: "
                 f"{batch['deliveries_per_cpu_s'] or 0:.0f}/cpu-s (single: {single['deliveries_per_cpu_s'] or 0:.0f})"
             )
-        prof = _Profiler(plan, "broadcast", dep.replicas[0].pid, plan.duration) if system.kind == "notify" else None
+        prof = _Profiler(plan, "broadcast", dep.replicas[0].pid, plan.duration) if system.server == "service" else None
         result = await W.broadcast(dep, fleet, pub, plan.broadcast_rate, plan.duration, plan.drain)
         if prof:
             prof.wait()

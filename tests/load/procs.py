@@ -138,20 +138,24 @@ class System:
 
     name: str
     kind: str  # "notify" or "socketio": which client protocol the generator speaks
-    variant: dict[str, str] = field(default_factory=dict)  # runner options (notify only)
+    variant: dict[str, str] = field(default_factory=dict)  # runner options (the service only)
     env: dict[str, str] = field(default_factory=dict)
-    server: str = "python"  # socketio only: "python" (sio_server.py) or "node" (node/server.js)
+    # Any server but the service: "python" or "node" (Socket.IO, sio_server.py or node/server.js),
+    # "lean-python" or "lean-node" (the lean references, lean_server.py or node/lean.js).
+    server: str = "service"
 
     def replica(self, redis: RedisServer | None, namespace: str) -> Server:
         py = sys.executable
-        if self.kind == "socketio":
+        if self.server != "service":
             assert redis is not None
-            if self.server == "node":
-                node = shutil.which("node")
-                assert node is not None, "node_status() decides whether this system runs"
-                argv = [node, str(NODE_DIR / "server.js")]
-            else:
-                argv = [py, "-m", "tests.load.sio_server"]
+            node = shutil.which("node")
+            assert node is not None or "node" not in self.server, "node_status() decides whether this system runs"
+            argv = {
+                "python": [py, "-m", "tests.load.sio_server"],
+                "node": [str(node), str(NODE_DIR / "server.js")],
+                "lean-python": [py, "-m", "tests.load.lean_server"],
+                "lean-node": [str(node), str(NODE_DIR / "lean.js")],
+            }[self.server]
             argv += ["--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
         env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}

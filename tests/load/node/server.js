@@ -12,78 +12,15 @@
 const http = require('node:http');
 const { parseArgs } = require('node:util');
 
-const jwt = require('jsonwebtoken');
 const { createClient } = require('redis');
 const { Server } = require('socket.io');
 const { createAdapter } = require('@socket.io/redis-adapter');
 
-const PUBLISH_SCOPE = 'notify:publish';
-const JSON_TYPE = 'application/json';
-
-function verifier(secret) {
-  return (token) => {
-    if (typeof token !== 'string') throw new jwt.JsonWebTokenError('missing token');
-    const claims = jwt.verify(token, secret, { algorithms: ['HS256'] });
-    // jsonwebtoken checks `exp` only when the token has one; the python server requires it.
-    if (typeof claims !== 'object' || claims === null || claims.exp === undefined) {
-      throw new jwt.JsonWebTokenError('exp required');
-    }
-    return claims;
-  };
-}
-
-function send(res, status, body, type = JSON_TYPE) {
-  res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(body) });
-  res.end(body);
-}
-
-function readBody(req) {
-  return new Promise((resolve, reject) => {
-    const chunks = [];
-    req.on('data', (chunk) => chunks.push(chunk));
-    req.on('end', () => resolve(Buffer.concat(chunks)));
-    req.on('error', reject);
-  });
-}
-
-function parseNotification(raw) {
-  let body;
-  try {
-    body = JSON.parse(raw.toString('utf8'));
-  } catch {
-    return null;
-  }
-  const isObject = typeof body === 'object' && body !== null && !Array.isArray(body);
-  return isObject && typeof body.event === 'string' ? body : null;
-}
-
-function decodePath(segment) {
-  try {
-    return decodeURIComponent(segment);
-  } catch {
-    return segment; // as Python's unquote: a malformed escape stays as written
-  }
-}
+const { decodePath, denied, parseNotification, readBody, send, verifier } = require('./common');
 
 function handler(io, verify) {
-  // A 401/403 body, or null when the request carries a publisher JWT.
-  function denied(req) {
-    const header = req.headers.authorization || '';
-    const space = header.indexOf(' ');
-    const scheme = space < 0 ? header : header.slice(0, space);
-    const token = space < 0 ? '' : header.slice(space + 1);
-    let claims;
-    try {
-      claims = verify(scheme.toLowerCase() === 'bearer' ? token : undefined);
-    } catch {
-      return [401, '{"error":"invalid_token"}'];
-    }
-    const scope = typeof claims.scope === 'string' ? claims.scope.split(/\s+/) : [];
-    return scope.includes(PUBLISH_SCOPE) ? null : [403, '{"error":"forbidden"}'];
-  }
-
   async function publish(req, res, emit) {
-    const refusal = denied(req);
+    const refusal = denied(req, verify);
     if (refusal) return send(res, ...refusal);
     const body = parseNotification(await readBody(req));
     if (body === null) return send(res, 422, '{"error":"invalid_request"}');

@@ -1,0 +1,70 @@
+'use strict';
+// What both Node comparison servers share: JWT verification as the python servers do it, and the HTTP helpers.
+
+const jwt = require('jsonwebtoken');
+
+const PUBLISH_SCOPE = 'notify:publish';
+const JSON_TYPE = 'application/json';
+
+function verifier(secret) {
+  return (token) => {
+    if (typeof token !== 'string') throw new jwt.JsonWebTokenError('missing token');
+    const claims = jwt.verify(token, secret, { algorithms: ['HS256'] });
+    // jsonwebtoken checks `exp` only when the token has one; the python server requires it.
+    if (typeof claims !== 'object' || claims === null || claims.exp === undefined) {
+      throw new jwt.JsonWebTokenError('exp required');
+    }
+    return claims;
+  };
+}
+
+// A 401/403 answer, or null when the request carries a publisher JWT.
+function denied(req, verify) {
+  const header = req.headers.authorization || '';
+  const space = header.indexOf(' ');
+  const scheme = space < 0 ? header : header.slice(0, space);
+  const token = space < 0 ? '' : header.slice(space + 1);
+  let claims;
+  try {
+    claims = verify(scheme.toLowerCase() === 'bearer' ? token : undefined);
+  } catch {
+    return [401, '{"error":"invalid_token"}'];
+  }
+  const scope = typeof claims.scope === 'string' ? claims.scope.split(/\s+/) : [];
+  return scope.includes(PUBLISH_SCOPE) ? null : [403, '{"error":"forbidden"}'];
+}
+
+function send(res, status, body, type = JSON_TYPE) {
+  res.writeHead(status, { 'content-type': type, 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    req.on('data', (chunk) => chunks.push(chunk));
+    req.on('end', () => resolve(Buffer.concat(chunks)));
+    req.on('error', reject);
+  });
+}
+
+function parseNotification(raw) {
+  let body;
+  try {
+    body = JSON.parse(raw.toString('utf8'));
+  } catch {
+    return null;
+  }
+  const isObject = typeof body === 'object' && body !== null && !Array.isArray(body);
+  return isObject && typeof body.event === 'string' ? body : null;
+}
+
+function decodePath(segment) {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return segment; // as Python's unquote: a malformed escape stays as written
+  }
+}
+
+module.exports = { decodePath, denied, parseNotification, readBody, send, verifier };

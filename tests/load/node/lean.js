@@ -1,0 +1,109 @@
+'use strict';
+// The lean Node reference: `ws` and node-redis, no framework; the counterpart of tests/load/lean_server.py.
+//
+// A client opens `/ws?token=<JWT>` and gets a `welcome` frame; this process subscribes to the exact Redis
+// channel of the token's `sub` while the user has a socket here, plus one broadcast channel. Backends
+// `POST /notify/:user` and `POST /broadcast` (publisher JWT) encode the frame once and PUBLISH it; each
+// process writes the bytes it receives to its sockets of that user.
+//
+//     BENCH_SECRET=... node tests/load/node/lean.js --port 8004 --redis redis://127.0.0.1:6390/0 --channel bench
+
+const http = require('node:http');
+const { parseArgs } = require('node:util');
+
+const { createClient } = require('redis');
+const { WebSocketServer } = require('ws');
+
+const { decodePath, denied, parseNotification, readBody, send, verifier } = require('./common');
+
+async function main() {
+  const { values } = parseArgs({
+    options: {
+      port: { type: 'string' },
+      redis: { type: 'string' },
+      channel: { type: 'string', default: 'lean' },
+    },
+  });
+  const secret = process.env.BENCH_SECRET;
+  if (!values.port || !values.redis || !secret) {
+    console.error('usage: BENCH_SECRET=... node lean.js --port PORT --redis URL [--channel PREFIX]');
+    process.exit(2);
+  }
+  const verify = verifier(secret);
+  const prefix = `${values.channel}:u:`;
+  const everyone = `${values.channel}:all`;
+
+  const pub = createClient({ url: values.redis });
+  const sub = pub.duplicate();
+  for (const client of [pub, sub]) client.on('error', (err) => console.error('redis:', err.message));
+  await Promise.all([pub.connect(), sub.connect()]);
+
+  const sockets = new Map(); // user -> Set of this process's open sockets of that user
+  const all = new Set();
+  const deliver = (targets) => (message) => {
+    for (const ws of targets) ws.send(message, { binary: false });
+  };
+  await sub.subscribe(everyone, deliver(all), true);
+
+  const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false });
+  const server = http.createServer((req, res) => {
+    handle(req, res).catch((err) => {
+      console.error(err);
+      if (!res.headersSent) send(res, 500, '{"error":"internal"}');
+    });
+  });
+
+  server.on('upgrade', (req, socket, head) => {
+    const url = new URL(req.url || '/', 'http://localhost');
+    let user;
+    try {
+      user = url.pathname === '/ws' ? verify(url.searchParams.get('token') ?? undefined).sub : undefined;
+    } catch {
+      user = undefined;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      if (typeof user !== 'string' || !user) return ws.close(4401, 'invalid token');
+      ws.send('{"type":"welcome"}');
+      let mine = sockets.get(user);
+      if (!mine) {
+        mine = new Set();
+        sockets.set(user, mine);
+        sub.subscribe(prefix + user, deliver(mine), true).catch((err) => console.error('subscribe:', err.message));
+      }
+      mine.add(ws);
+      all.add(ws);
+      ws.on('close', () => {
+        all.delete(ws);
+        mine.delete(ws);
+        if (mine.size === 0 && sockets.get(user) === mine) {
+          sockets.delete(user);
+          sub.unsubscribe(prefix + user).catch(() => {});
+        }
+      });
+    });
+  });
+
+  async function handle(req, res) {
+    const path = (req.url || '/').split('?', 1)[0];
+    if (path === '/healthz') return send(res, 200, '{"status":"ok"}');
+    if (req.method !== 'POST' || !(path === '/broadcast' || path.startsWith('/notify/'))) {
+      return send(res, 404, '{"error":"not_found"}');
+    }
+    const refusal = denied(req, verify);
+    if (refusal) return send(res, ...refusal);
+    const body = parseNotification(await readBody(req));
+    if (body === null) return send(res, 422, '{"error":"invalid_request"}');
+    const ts = Date.now();
+    const frame = JSON.stringify({ type: 'notification', event: body.event, data: body.data ?? null, ts });
+    const channel = path === '/broadcast' ? everyone : prefix + decodePath(path.slice('/notify/'.length));
+    await pub.publish(channel, frame);
+    return send(res, 202, JSON.stringify({ ts }));
+  }
+
+  server.listen(Number(values.port), '127.0.0.1');
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
