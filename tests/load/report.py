@@ -108,7 +108,7 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("also given per second of server CPU (read from `/proc/<pid>/stat` of the server processes), the")
     add("figure that holds on a shared machine. How the service spends that CPU: [bench/profile.md](bench/profile.md).")
     add("")
-    add(f"Run: `{command}`, {started}; {plan['rounds']} rounds.")
+    add(f"Run: `{command}`, {started}; {plan['rounds']} round{'s' if plan['rounds'] != 1 else ''}.")
     add("")
     add("## Summary")
     add("")
@@ -141,7 +141,11 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
         compare("  same, counting Redis CPU too", t1000, "deliveries_per_cpu_s_with_redis"),
         row("targeted at 1,000 POST/s: p50 / p99 end-to-end (ms)", t1000, p50_p99),
         compare(f"targeted knee (POST/s held in every round: p99 ≤ {KNEE_P99_MS:g} ms, all delivered)", whole, "knee"),
-        row("  p99 at the knee (ms)", whole, lambda s: _f(_at(s, s.get("knee"), "p99_ms"), 1)),
+        row(
+            "  p99 below the knee (the worst rate) / at the knee (ms)",
+            whole,
+            lambda s: f"{_f(_worst_below_knee(s), 1)} / {_f(_at(s, s.get('knee'), 'p99_ms'), 1)}",
+        ),
         row(
             f"broadcast {plan['broadcast_rate']:g}/s to all sockets: fan-out p50 / p99 (ms)",
             bcast,
@@ -307,8 +311,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     if "lean-python" in names:
         add("- lean-python: `tests/load/lean_server.py`, a bare ASGI app (no framework) on the same uvicorn setup with")
         add("  redis.asyncio: the JWT from the query, a `welcome` frame, one exact Redis channel per user with sockets")
-        add("  on the replica plus one broadcast channel; the publish routes verify the publisher JWT, encode the")
-        add("  frame once and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
+        add("  on the replica plus one broadcast channel; the publish routes verify the publisher JWT on every request")
+        add("  (as both Socket.IO servers do; the service keeps a verified token until its `exp`), encode the frame")
+        add("  once and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
     if "lean-node" in names:
         add("- lean-node: `tests/load/node/lean.js`, the same design on Node's `http`, `ws` and node-redis.")
     add("- Generator (one process, uvloop): picows WebSocket clients, a raw HTTP/1.1 keep-alive publisher pool")
@@ -327,7 +332,7 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
 TARGETS = {
     "targeted: deliveries per server CPU-s at 1,000 POST/s": "≥ 3.5x python-socketio, and ≥ 3,500",
     f"targeted knee (POST/s held in every round: p99 ≤ {KNEE_P99_MS:g} ms, all delivered)": "≥ 2,000 (stretch 4,000)",
-    "p99 at the knee (ms)": "≤ 50",
+    "p99 below the knee (the worst rate) / at the knee (ms)": "≤ 50 below",
     "broadcast 10/s to all sockets: fan-out p50 / p99 (ms)": "p99 ≤ 60",
     "broadcast: deliveries per server CPU-s": "≥ 50,000",
     "idle RSS per socket (KB)": "≤ 16",
@@ -374,6 +379,13 @@ def _at(summary: dict[str, Any], rate: Any, key: str) -> Any:
     if rate is None:
         return None
     return summary.get("targeted", {}).get(rate, {}).get(key)
+
+
+def _worst_below_knee(summary: dict[str, Any]) -> Any:
+    """The highest p99 of the rates under the knee: the latency a user gets while below saturation."""
+    knee = summary.get("knee")
+    below = [st["p99_ms"] for rate, st in summary.get("targeted", {}).items() if knee is not None and rate < knee]
+    return max(below) if below else None
 
 
 def _losses(results: dict[str, Any], name: str) -> str:
