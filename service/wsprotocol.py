@@ -97,6 +97,7 @@ class _AbortingTransport:
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
+        self.write = transport.write  # every frame goes through here: no __getattr__ on the way
         self._loop = loop
         self._abort_timer: asyncio.TimerHandle | None = None
         self.lost = False
