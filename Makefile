@@ -45,8 +45,9 @@ lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
 
-# Side-by-side load benchmark against python-socketio and Node Socket.IO (about 20 minutes); writes docs/benchmark.md
-# and docs/bench/. Without node (and npm) on PATH the Node server is left out, and the report's conditions say so.
+# Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references (about 30
+# minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on PATH the Node servers are left out,
+# and the report's conditions say so.
 bench: install
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
