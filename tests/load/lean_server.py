@@ -4,8 +4,9 @@ What the service does at its simplest, as a floor to measure the service against
 `/ws?token=<JWT>` and gets a `welcome` frame; its replica subscribes to the exact Redis channel of
 the token's `sub` while the user has a socket there, plus one broadcast channel. `POST /notify/{user}`
 and `POST /broadcast` (publisher JWT) encode the frame once and PUBLISH it; each replica writes the
-bytes it receives to its sockets of that user. No history, no resume, no limits, no metrics, no
-access log: everything the service adds on top is what the comparison prices.
+bytes it receives to its sockets of that user. A verified publisher token is kept until its `exp`,
+as the service does. No history, no resume, no limits, no metrics, no access log: everything the
+service adds on top is what the comparison prices.
 
     python -m tests.load.lean_server --port 8003 --redis redis://127.0.0.1:6390/0 --channel bench
 """
@@ -42,6 +43,8 @@ class LeanApp:
         self.pubsub = self.redis.pubsub()
         self.sockets: dict[str, set[Send]] = {}  # user -> this replica's open sockets of that user
         self.all: set[Send] = set()
+        # Verified publisher tokens, kept until their exp (a real server would bound this).
+        self.publishers: dict[str, dict[str, Any]] = {}
 
     def verify(self, token: str | None) -> dict[str, Any]:
         if not token:
@@ -122,10 +125,13 @@ class LeanApp:
             return await respond(send, 404, b'{"error":"not_found"}')
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").decode().partition(" ")
-        try:
-            claims = self.verify(token if scheme.lower() == "bearer" else None)
-        except jwt.PyJWTError:
-            return await respond(send, 401, b'{"error":"invalid_token"}')
+        token = token if scheme.lower() == "bearer" else ""
+        claims = self.publishers.get(token)
+        if claims is None or claims["exp"] <= time.time():
+            try:
+                claims = self.publishers[token] = self.verify(token)
+            except jwt.PyJWTError:
+                return await respond(send, 401, b'{"error":"invalid_token"}')
         if PUBLISH_SCOPE not in str(claims.get("scope", "")).split():
             return await respond(send, 403, b'{"error":"forbidden"}')
         body = b""

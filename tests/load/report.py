@@ -299,7 +299,8 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("  `AsyncServer(async_mode='asgi', client_manager=AsyncRedisManager(url))` in `ASGIApp` around a Starlette")
     add("  app with `POST /notify/{user}` (emit to the user's room) and `POST /broadcast`;")
     add("  the connect handler verifies the JWT from `auth` and joins the room; the publish routes verify the")
-    add("  publisher JWT. Same uvicorn setup as the service (uvloop, httptools, `websockets-sansio`, no deflate).")
+    add("  publisher JWT on every request. Same uvicorn setup as the service (uvloop, httptools, `websockets-sansio`,")
+    add("  no deflate).")
     node = results.get("node", {})
     if "node-socketio" in names:
         add("- node-socketio: `tests/load/node/server.js`, one Node process, set up as Socket.IO's documentation")
@@ -312,9 +313,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     if "lean-python" in names:
         add("- lean-python: `tests/load/lean_server.py`, a bare ASGI app (no framework) on the same uvicorn setup with")
         add("  redis.asyncio: the JWT from the query, a `welcome` frame, one exact Redis channel per user with sockets")
-        add("  on the replica plus one broadcast channel; the publish routes verify the publisher JWT on every request")
-        add("  (as both Socket.IO servers do; the service keeps a verified token until its `exp`), encode the frame")
-        add("  once and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
+        add("  on the replica plus one broadcast channel; the publish routes keep a verified publisher JWT until its")
+        add("  `exp`, as the service does (both Socket.IO servers verify it on every request), encode the frame once")
+        add("  and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
     if "lean-node" in names:
         add("- lean-node: `tests/load/node/lean.js`, the same design on Node's `http`, `ws` and node-redis.")
     add("- Generator (one process, uvloop): picows WebSocket clients, a raw HTTP/1.1 keep-alive publisher pool")
