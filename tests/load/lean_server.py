@@ -13,10 +13,8 @@ service adds on top is what the comparison prices.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -25,7 +23,8 @@ from urllib.parse import parse_qs, unquote
 import jwt
 import orjson
 import redis.asyncio as redis
-import uvicorn
+
+from .serve import serve
 
 PUBLISH_SCOPE = "notify:publish"
 Scope = MutableMapping[str, Any]
@@ -162,25 +161,7 @@ async def respond(send: Send, status: int, body: bytes) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="tests.load.lean_server")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--channel", default="lean")
-    ns = parser.parse_args()
-    app = LeanApp(ns.redis, ns.channel, os.environ["BENCH_SECRET"])
-    # The same uvicorn setup as the service and the python-socketio server.
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=ns.port,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-    )
+    serve("tests.load.lean_server", LeanApp, "lean")
 
 
 if __name__ == "__main__":

@@ -11,18 +11,17 @@ and joins a room named after its `sub`; backends `POST /notify/{user}` (emits to
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import jwt
 import orjson
 import socketio
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from .serve import serve
 
 PUBLISH_SCOPE = "notify:publish"
 
@@ -99,24 +98,7 @@ def build(redis_url: str, channel: str, secret: str) -> socketio.ASGIApp:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="tests.load.sio_server")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--channel", default="socketio")
-    ns = parser.parse_args()
-    app = build(ns.redis, ns.channel, os.environ["BENCH_SECRET"])
-    # The same uvicorn setup as the service: uvloop, httptools, the sans-I/O websockets protocol.
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=ns.port,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        log_level="warning",
-        access_log=False,
-    )
+    serve("tests.load.sio_server", build, "socketio")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,30 @@
 'use strict';
 // What both Node comparison servers share: JWT verification as the python servers do it, and the HTTP helpers.
 
+const { parseArgs } = require('node:util');
+
 const jwt = require('jsonwebtoken');
 
 const PUBLISH_SCOPE = 'notify:publish';
 const JSON_TYPE = 'application/json';
+
+// The command line every bench server takes: `--port N --redis URL [--channel PREFIX]`, BENCH_SECRET in the
+// environment; exits with usage otherwise.
+function serverOptions(script, defaultChannel) {
+  const { values } = parseArgs({
+    options: {
+      port: { type: 'string' },
+      redis: { type: 'string' },
+      channel: { type: 'string', default: defaultChannel },
+    },
+  });
+  const secret = process.env.BENCH_SECRET;
+  if (!values.port || !values.redis || !secret) {
+    console.error(`usage: BENCH_SECRET=... node ${script} --port PORT --redis URL [--channel PREFIX]`);
+    process.exit(2);
+  }
+  return { ...values, secret };
+}
 
 function verifier(secret) {
   return (token) => {
@@ -67,4 +87,4 @@ function decodePath(segment) {
   }
 }
 
-module.exports = { decodePath, denied, parseNotification, readBody, send, verifier };
+module.exports = { decodePath, denied, parseNotification, readBody, send, serverOptions, verifier };

@@ -10,27 +10,15 @@
 //     BENCH_SECRET=... node tests/load/node/lean.js --port 8004 --redis redis://127.0.0.1:6390/0 --channel bench
 
 const http = require('node:http');
-const { parseArgs } = require('node:util');
 
 const { createClient } = require('redis');
 const { WebSocketServer } = require('ws');
 
-const { decodePath, denied, parseNotification, readBody, send, verifier } = require('./common');
+const { decodePath, denied, parseNotification, readBody, send, serverOptions, verifier } = require('./common');
 
 async function main() {
-  const { values } = parseArgs({
-    options: {
-      port: { type: 'string' },
-      redis: { type: 'string' },
-      channel: { type: 'string', default: 'lean' },
-    },
-  });
-  const secret = process.env.BENCH_SECRET;
-  if (!values.port || !values.redis || !secret) {
-    console.error('usage: BENCH_SECRET=... node lean.js --port PORT --redis URL [--channel PREFIX]');
-    process.exit(2);
-  }
-  const verify = verifier(secret);
+  const values = serverOptions('lean.js', 'lean');
+  const verify = verifier(values.secret);
   // Verified publisher tokens, kept until their exp as the service does (a real server would bound this).
   const publishers = new Map();
   const verifyPublisher = (token) => {

@@ -10,13 +10,12 @@
 //     BENCH_SECRET=... node tests/load/node/server.js --port 8002 --redis redis://127.0.0.1:6390/0 --channel bench
 
 const http = require('node:http');
-const { parseArgs } = require('node:util');
 
 const { createClient } = require('redis');
 const { Server } = require('socket.io');
 const { createAdapter } = require('@socket.io/redis-adapter');
 
-const { decodePath, denied, parseNotification, readBody, send, verifier } = require('./common');
+const { decodePath, denied, parseNotification, readBody, send, serverOptions, verifier } = require('./common');
 
 function handler(io, verify) {
   async function publish(req, res, emit) {
@@ -52,19 +51,8 @@ function handler(io, verify) {
 }
 
 async function main() {
-  const { values } = parseArgs({
-    options: {
-      port: { type: 'string' },
-      redis: { type: 'string' },
-      channel: { type: 'string', default: 'socketio' },
-    },
-  });
-  const secret = process.env.BENCH_SECRET;
-  if (!values.port || !values.redis || !secret) {
-    console.error('usage: BENCH_SECRET=... node server.js --port PORT --redis URL [--channel PREFIX]');
-    process.exit(2);
-  }
-  const verify = verifier(secret);
+  const values = serverOptions('server.js', 'socketio');
+  const verify = verifier(values.secret);
 
   const pubClient = createClient({ url: values.redis });
   const subClient = pubClient.duplicate();
