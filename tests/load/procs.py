@@ -140,8 +140,8 @@ class System:
     kind: str  # "notify" or "socketio": which client protocol the generator speaks
     variant: dict[str, str] = field(default_factory=dict)  # runner options (the service only)
     env: dict[str, str] = field(default_factory=dict)
-    # Any server but the service: "python" or "node" (Socket.IO, sio_server.py or node/server.js),
-    # "lean-python" or "lean-node" (the lean references, lean_server.py or node/lean.js).
+    # "service", "python" or "node" (the Socket.IO servers, sio_server.py and node/server.js), or
+    # "lean-python" or "lean-node" (the lean references, lean_server.py and node/lean.js).
     server: str = "service"
 
     def replica(self, redis: RedisServer | None, namespace: str) -> Server:
