@@ -113,31 +113,35 @@ class TokenVerifier:
 
     async def verify(self, token: str | None) -> Principal:
         """The principal of a valid token; InvalidToken otherwise."""
-        principal = self.verify_now(token)
+        digest, header, principal = self._lookup(token)
         if principal is not None:
             return principal
         assert token is not None and self._jwks is not None
-        header = _header(token)
         candidates = [*self._static, await self._jwks.key_for(header.get("kid"))]
-        return self._remember(token, self._principal(self._decode(token, header, candidates)))
+        return self._remember(digest, self._principal(self._decode(token, header, candidates)))
 
     def verify_now(self, token: str | None) -> Principal | None:
         """`verify` without waiting: the principal, InvalidToken, or None when only a JWKS key
         (which may have to be fetched) can verify the token."""
+        return self._lookup(token)[2]
+
+    def _lookup(self, token: str | None) -> tuple[bytes, dict[str, Any], Principal | None]:
+        """(digest, header, principal) of a token: from the cache, or verified with the static keys;
+        the principal is None when only a JWKS key can verify it."""
         if not token:
             raise InvalidToken("missing token")
-        digest = _digest(token)
+        digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest)
         if cached is not None and cached.expires_at > time.time():
             self._cache.move_to_end(digest)
-            return cached
+            return digest, {}, cached
         header = _header(token)
         if self._jwks is not None and header.get("alg", "").upper() not in ("HS256", "NONE"):
-            return None
-        return self._remember(token, self._principal(self._decode(token, header, self._static)))
+            return digest, header, None
+        return digest, header, self._remember(digest, self._principal(self._decode(token, header, self._static)))
 
-    def _remember(self, token: str, principal: Principal) -> Principal:
-        self._cache[_digest(token)] = principal
+    def _remember(self, digest: bytes, principal: Principal) -> Principal:
+        self._cache[digest] = principal
         if len(self._cache) > self._CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
@@ -181,10 +185,6 @@ class TokenVerifier:
             scopes = frozenset()
         exp = claims["exp"]
         return Principal(sub, scopes, float(exp) if isinstance(exp, (int, float)) else 0.0)
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 def _header(token: str) -> dict[str, Any]:
