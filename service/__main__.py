@@ -39,13 +39,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_settings():  # type: ignore[no-untyped-def]
+    from pydantic_settings import SettingsError
+
     from .settings import Settings
 
     try:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"notify-service: {first['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            # Which setting, and where inside a JSON one: NOTIFY_TOPICS chat.bogus: ...
+            name, *inside = map(str, first["loc"])
+            message = f"NOTIFY_{name.upper()}{' ' + '.'.join(inside) if inside else ''}: {message}"
+        print(f"notify-service: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SettingsError as exc:
+        print(f"notify-service: {exc} (it must be valid JSON)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

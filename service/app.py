@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
-from .api import client_assets, events, health, inbox, publish, ws
+from .api import client_assets, events, health, inbox, publish, topics, ws
 from .auth import TokenVerifier
 from .broker import create_broker
 from .errors import ServiceError
@@ -26,6 +26,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .runtime import Runtime
 from .settings import Settings
+from .topics import Topics
 
 logger = logging.getLogger("service")
 
@@ -61,9 +62,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         replica_id = uuid.uuid4().hex[:12]
         metrics = Metrics(replica_id)
-        broker = create_broker(settings, replica_id, metrics)
+        topics = Topics(settings.topics, settings.presence_leave_grace_seconds)
+        broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
-        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings))
+        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
         logger.info("replica %s started", replica_id, extra={"replica": replica_id})
@@ -79,14 +81,14 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         access_log=settings.access_log,
     )
-    for module in (publish, inbox, events, health, client_assets):
+    for module in (publish, topics, inbox, events, health, client_assets):
         app.include_router(module.router)
     _install_error_handlers(app)
     # Bearer tokens, never cookies: a browser page may read /me/* and /events cross-origin only with a token.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins or ["*"],
-        allow_methods=["GET", "POST"],
+        allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )

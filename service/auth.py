@@ -19,6 +19,7 @@ from .settings import Settings
 
 PUBLISH_SCOPE = "notify:publish"
 READ_SCOPE = "notify:read"
+ADMIN_SCOPE = "notify:admin"
 
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
@@ -30,6 +31,10 @@ class Principal:
     user_id: str
     scopes: frozenset[str]
     expires_at: float
+    # Topics the token lets its user join: exact names, or `ns:*` for a whole namespace.
+    topics: tuple[str, ...] = ()
+    # The one topic a topic token (given in a join frame) is for.
+    topic: str | None = None
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -184,7 +189,16 @@ class TokenVerifier:
         else:
             scopes = frozenset()
         exp = claims["exp"]
-        return Principal(sub, scopes, float(exp) if isinstance(exp, (int, float)) else 0.0)
+        raw_topics = claims.get("topics")
+        topics = tuple(t for t in raw_topics if isinstance(t, str)) if isinstance(raw_topics, list) else ()
+        topic = claims.get("topic")
+        return Principal(
+            sub,
+            scopes,
+            float(exp) if isinstance(exp, (int, float)) else 0.0,
+            topics,
+            topic if isinstance(topic, str) else None,
+        )
 
 
 def _header(token: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ Sender = Callable[[str], Coroutine[Any, Any, None]]
 # Writes a pre-encoded frame at once if the socket can take it; False means "use the Sender".
 FrameWriter = Callable[[bytes], bool]
 
-_BROADCAST_TAIL = ',"broadcast":true}'
 # The server's protocol aborts a peer that does not take its close frame well within this.
 _CLOSE_WAIT = 10.0
 
@@ -44,6 +43,8 @@ class Connection:
         "_ready",
         "_held",
         "_floors",
+        "topics",
+        "grants",
         "_closer",
         "_metrics",
         "_close_task",
@@ -64,10 +65,12 @@ class Connection:
         self._max_frames = settings.send_queue_frames
         self._max_bytes = settings.send_queue_bytes
         self._ready: asyncio.Event | None = None  # made by the first `next_batch` (SSE only)
-        # While history is replayed, live frames wait here so that none overtakes the replay.
-        self._held: list[str] | None = None
-        # After a replay: the newest (user, broadcast) ids it covered, until live frames pass them.
-        self._floors: tuple[IdKey | None, IdKey | None] | None = None
+        # While a stream's history is replayed, its live frames wait here so none overtakes the replay.
+        self._held: dict[str, list[str]] | None = None
+        # After a replay: the newest id it covered per stream, until live frames pass it.
+        self._floors: dict[str, IdKey] | None = None
+        self.topics: set[str] | None = None  # the topics this socket joined
+        self.grants: tuple[str, ...] = ()  # the topics its token lets it join (the `topics` claim)
         self._closer = closer
         self._metrics = metrics
         self._close_task: asyncio.Task[None] | None = None
@@ -92,48 +95,59 @@ class Connection:
         if self._close_task is not None:
             await asyncio.wait([self._close_task], timeout=_CLOSE_WAIT)
 
-    def push(self, frame: str, wire: bytes | None = None) -> None:
-        """Send or queue a frame (`wire`: the same frame already encoded for the socket); never
-        blocks, so no socket can slow the broker or other sockets."""
+    def push(self, stream: str, frame: str, wire: bytes | None = None) -> None:
+        """Send or queue a frame of a stream (`wire`: the same frame already encoded for the
+        socket); never blocks, so no socket can slow the broker or other sockets."""
         if self._held is not None:
-            self._held.append(frame)
-            if len(self._held) > self._max_frames:
-                self._overflow()
-            return
-        if self._floors is not None and self._replayed(frame):
+            held = self._held.get(stream)
+            if held is not None:
+                held.append(frame)
+                if len(held) > self._max_frames:
+                    self._overflow()
+                return
+        if self._floors is not None and self._replayed(stream, frame):
             return
         self._enqueue(frame, wire)
 
-    def hold(self) -> None:
-        """Start holding live frames back (before subscribing, when the client resumes)."""
-        self._held = []
+    def send(self, frame: str) -> None:
+        """Queue a frame for this socket alone (answers, errors): it belongs to no stream."""
+        self._enqueue(frame)
 
-    def release(self, replayed: list[str], user_floor: IdKey | None, broadcast_floor: IdKey | None) -> None:
-        """Queue replayed frames, then the live ones that the replay did not already cover."""
-        held, self._held = self._held or [], None
-        if user_floor is not None or broadcast_floor is not None:
-            self._floors = (user_floor, broadcast_floor)
+    def hold(self, *streams: str) -> None:
+        """Start holding the streams' live frames back (before subscribing, when resuming)."""
+        if self._held is None:
+            self._held = {}
+        for stream in streams:
+            self._held[stream] = []
+
+    def release(self, replayed: list[str], floors: dict[str, IdKey], *streams: str) -> None:
+        """Queue `replayed` (an answer and the streams' replay), then the live frames the replay
+        did not already cover."""
+        held = {stream: self._held.pop(stream, []) for stream in streams} if self._held else {}
+        if not self._held:
+            self._held = None
+        if floors:
+            self._floors = {**(self._floors or {}), **floors}
         for frame in replayed:
             self._enqueue(frame)
-        for frame in held:
-            self.push(frame)
+        for stream, frames in held.items():
+            for frame in frames:
+                self.push(stream, frame)
 
-    def _replayed(self, frame: str) -> bool:
+    def _replayed(self, stream: str, frame: str) -> bool:
         """Whether the replay already sent this live frame. One can arrive after the release: the
         history read saw it while its pub/sub message was still on the way to this replica."""
+        assert self._floors is not None
+        floor = self._floors.get(stream)
         id_ = frame_id(frame)
-        if id_ is None or self._floors is None:
-            return False
-        user_floor, broadcast_floor = self._floors
-        broadcast = frame.endswith(_BROADCAST_TAIL)
-        floor = broadcast_floor if broadcast else user_floor
-        if floor is None:
+        if floor is None or id_ is None:
             return False
         if id_key(id_) <= floor:
             return True
         # Live frames of one stream arrive in id order: once one is past the floor, none after it is covered.
-        floors = (user_floor, None) if broadcast else (None, broadcast_floor)
-        self._floors = None if floors == (None, None) else floors
+        del self._floors[stream]
+        if not self._floors:
+            self._floors = None
         return False
 
     async def next_batch(self) -> list[str]:

@@ -45,6 +45,11 @@ class MissingScope(ServiceError):
     code = "missing_scope"
 
 
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     status_code = 404
     code = "not_found"

@@ -16,6 +16,7 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012  # replica draining: reconnect (with `since`) after a short random delay
     SLOW_CONSUMER = 4008  # the client did not read fast enough; reconnect with `since`
     UNAUTHORIZED = 4401  # missing, invalid or expired token: get a new token before reconnecting
+    DISCONNECTED = 4403  # disconnected by the server (logout everywhere, a ban): do not reconnect with this token
     TOO_MANY = 4029  # too many sockets for this user, or too many frames per second
 
 
@@ -23,17 +24,28 @@ def encode(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def welcome(user_id: str, connection_id: str, recovered: bool | None, cursor: str | None, expires_at: float) -> str:
+def welcome(
+    user_id: str,
+    connection_id: str,
+    recovered: bool | None,
+    cursors: tuple[str | None, str | None],
+    expires_at: float,
+) -> str:
+    """The first frame; `cursors`: where the user's and the broadcast stream stand on this replica."""
     frame: dict[str, Any] = {"type": "welcome", "user": user_id, "connection_id": connection_id}
     if recovered is not None:
         frame["recovered"] = recovered
-    elif cursor is not None:
-        frame["cursor"] = cursor
+    if cursors[0] is not None:
+        frame["cursor"] = cursors[0]
+    if cursors[1] is not None:
+        frame["broadcast_cursor"] = cursors[1]
     frame["expires_at"] = int(expires_at)
     return encode(frame)
 
 
-def error(code: str, message: str) -> str:
+def error(code: str, message: str, topic: str | None = None) -> str:
+    if topic is not None:
+        return encode({"type": "error", "code": code, "message": message, "topic": topic})
     return encode({"type": "error", "code": code, "message": message})
 
 
@@ -64,10 +76,11 @@ RESYNC = '{"type":"resync"}'
 class BadFrame(Exception):
     """An inbound frame the server cannot act on; answered with an error frame."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, topic: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.topic = topic  # the topic a refused topic frame named
 
 
 def parse_client_frame(text: str) -> dict[str, Any]:

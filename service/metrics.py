@@ -24,6 +24,7 @@ class Metrics:
         # Children looked up once: `labels()` takes a lock and a dict lookup on every call.
         self.published_user = self.published.labels("user")
         self.published_broadcast = self.published.labels("broadcast")
+        self.published_topic = self.published.labels("topic")
         self.delivered = Counter(
             "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 USER_ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]{1,256}$"
 NOTIFICATION_ID_PATTERN = r"^[0-9]{1,15}-[0-9]{1,19}$"
@@ -29,11 +29,43 @@ class PublishRequest(BaseModel):
 
 
 class BatchItem(PublishRequest):
-    """One notification of a batch, with its recipient."""
+    """One notification of a batch, with its recipient: a user, or a topic."""
 
     model_config = ConfigDict(extra="forbid")
 
-    user: UserId
+    user: UserId | None = None
+    topic: str | None = Field(None, min_length=1, max_length=200, examples=["chat:lobby"])
+
+    @model_validator(mode="after")
+    def _one_recipient(self) -> BatchItem:
+        if (self.user is None) == (self.topic is None):
+            raise ValueError('an item names exactly one of "user" and "topic"')
+        return self
+
+
+class TopicAccepted(BaseModel):
+    """The message is stored in the topic's history and handed to every replica."""
+
+    id: str = Field(description="Unique, opaque; ordered within the topic.")
+    ts: int = Field(description="Publish time, unix milliseconds.")
+    members: int = Field(description="The topic's distinct members across replicas, now.")
+    duplicate: bool = Field(False, description="True when an Idempotency-Key repeated an earlier request.")
+
+
+class TopicPresence(BaseModel):
+    """A topic's members: distinct users across replicas."""
+
+    topic: str
+    count: int
+    users: list[str] = Field(description="Sorted; at most 1,000.")
+    truncated: bool = Field(False, description="True when there are more members than `users` lists.")
+
+
+class TopicHistory(BaseModel):
+    """A topic's retained messages, newest first."""
+
+    topic: str
+    notifications: list[dict[str, Any]]
 
 
 class PublishAccepted(BaseModel):

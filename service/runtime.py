@@ -10,6 +10,7 @@ from .broker import Broker
 from .hub import Hub
 from .metrics import Metrics
 from .settings import Settings
+from .topics import Topics
 
 
 @dataclass(slots=True)
@@ -44,5 +45,6 @@ class Runtime:
     broker: Broker
     hub: Hub
     verifier: TokenVerifier
+    topics: Topics
     draining: bool = False
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)

@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .topic_options import TopicOptions
+
 
 class Settings(BaseSettings):
     """Service configuration; defaults are the production defaults."""
@@ -40,6 +42,14 @@ class Settings(BaseSettings):
     history_size: int = Field(100, gt=0)
     history_ttl_seconds: int = Field(86400, gt=0)
 
+    # Topics: namespace -> options, as JSON (see topics.py); a topic outside them does not exist.
+    topics: dict[str, TopicOptions] = Field(default_factory=dict)
+    max_topics_per_connection: int = Field(64, gt=0)
+    # A user's last socket leaving a topic is told to its members after this, unless they are back.
+    presence_leave_grace_seconds: float = Field(3.0, ge=0)
+    # A replica whose heartbeat stops for this long is taken out of presence by the others.
+    presence_dead_after_seconds: float = Field(6.0, gt=0)
+
     # Sockets.
     ping_interval: float = Field(20.0, gt=0)
     ping_timeout: float = Field(20.0, gt=0)
@@ -71,6 +81,14 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # Streams' names are the hash tags of their keys: a brace in the prefix would move them.
+        if "{" in value or "}" in value:
+            raise ValueError("NOTIFY_REDIS_PREFIX may not contain '{' or '}'")
         return value
 
     @model_validator(mode="after")

@@ -9,13 +9,17 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from service.broker import Broker, create_broker
+from service.broker import Broker, StreamRules, create_broker
 from service.errors import BrokerUnavailable
 from service.ids import id_key
 from service.metrics import Metrics
 from service.settings import Settings
 
 from .utils import SECRET
+
+
+def _rules(stream: str) -> StreamRules:
+    return StreamRules()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -29,7 +33,7 @@ async def broker(request, redis_server) -> AsyncIterator[tuple[Broker, list]]:
         probe_interval_seconds=0.2,
     )
     received: list[tuple[str | None, str]] = []
-    impl = create_broker(settings, "replica-1", Metrics("replica-1"))
+    impl = create_broker(settings, "replica-1", Metrics("replica-1"), _rules)
 
     async def on_lost() -> None:
         return None
@@ -54,14 +58,14 @@ async def eventually(check, timeout: float = 2.0) -> None:
 async def test_publish_reaches_subscribers_only(broker):
     """A subscribed user's frame arrives whole; an unsubscribed user's does not."""
     impl, received = broker
-    await impl.subscribe("a*")
-    published = await impl.publish("a*", '"e"', '{"x":1}', None)
-    await impl.publish("ab", '"e"', "2", None)
+    await impl.subscribe("u:a*")
+    published = await impl.publish("u:a*", '"e"', '{"x":1}', None)
+    await impl.publish("u:ab", '"e"', "2", None)
     await eventually(lambda: len(received) >= 1)
     await asyncio.sleep(0.1)
     assert len(received) == 1
     target, frame = received[0]
-    assert target == "a*"
+    assert target == "u:a*"
     assert orjson.loads(frame) == {
         "type": "notification",
         "id": published.id,
@@ -71,29 +75,34 @@ async def test_publish_reaches_subscribers_only(broker):
     }
 
 
-async def test_ids_are_unique_and_ordered_across_streams(broker):
+async def test_ids_are_unique_and_ordered_within_each_stream(broker):
+    """Each stream has its own sequence: ids only grow within it, whatever other streams do."""
     impl, _ = broker
-    ids = [(await impl.publish(user, '"e"', "null", None)).id for user in ("u1", None, "u2", "u1", None)]
-    assert len(set(ids)) == 5
-    assert sorted(ids, key=id_key) == ids
+    streams = ("u:u1", "b", "u:u2", "u:u1", "b", "t:x", "u:u1")
+    published = [(stream, (await impl.publish(stream, '"e"', "null", None)).id) for stream in streams]
+    for stream in set(streams):
+        ids = [id_ for s, id_ in published if s == stream]
+        assert len(set(ids)) == len(ids) and sorted(ids, key=id_key) == ids
+    frames = (await impl.history("u:u1", "0-0", 10)).frames
+    assert [orjson.loads(f)["id"] for f in frames] == [id_ for s, id_ in published if s == "u:u1"]
 
 
 async def test_history_is_bounded_and_knows_what_it_lost(broker):
     """History keeps the newest N; resuming before the trimmed ones is not recovered."""
     impl, _ = broker
-    ids = [(await impl.publish("h", '"e"', str(n), None)).id for n in range(8)]
-    page = await impl.history("h", ids[2], 100)
+    ids = [(await impl.publish("u:h", '"e"', str(n), None)).id for n in range(8)]
+    page = await impl.history("u:h", ids[2], 100)
     assert [orjson.loads(f)["data"] for f in page.frames] == [3, 4, 5, 6, 7] and page.recovered
-    page = await impl.history("h", ids[1], 100)
+    page = await impl.history("u:h", ids[1], 100)
     assert not page.recovered
-    empty = await impl.history("nobody", ids[-1], 100)
+    empty = await impl.history("u:nobody", ids[-1], 100)
     assert empty.frames == [] and empty.recovered
 
 
 async def test_read_marker_clamps_and_never_moves_back(broker):
     impl, received = broker
-    await impl.subscribe("r")
-    ids = [(await impl.publish("r", '"e"', str(n), None)).id for n in range(4)]
+    await impl.subscribe("u:r")
+    ids = [(await impl.publish("u:r", '"e"', str(n), None)).id for n in range(4)]
     assert await impl.mark_read("r", ids[1]) == 2
     assert await impl.mark_read("r", ids[0]) == 2
     assert await impl.mark_read("r", "99999999999999-1") == 0, "clamped to the newest entry"
@@ -105,8 +114,8 @@ async def test_read_marker_clamps_and_never_moves_back(broker):
 
 async def test_idempotency_key_returns_the_first(broker):
     impl, received = broker
-    first = await impl.publish("i", '"e"', "1", "k1")
-    again = await impl.publish("i", '"e"', "1", "k1")
+    first = await impl.publish("u:i", '"e"', "1", "k1")
+    again = await impl.publish("u:i", '"e"', "1", "k1")
     assert again.id == first.id and again.duplicate and not first.duplicate
     assert len((await impl.inbox("i", None, 10)).frames) == 1
 
@@ -116,7 +125,7 @@ async def test_redis_publish_fails_fast_when_unreachable():
     from .utils import free_port
 
     settings = Settings(jwt_secret=SECRET, redis_url=f"redis://127.0.0.1:{free_port()}/0")  # type: ignore[arg-type]
-    impl = create_broker(settings, "r", Metrics("r"))
+    impl = create_broker(settings, "r", Metrics("r"), _rules)
 
     async def on_lost() -> None:
         return None
@@ -126,7 +135,7 @@ async def test_redis_publish_fails_fast_when_unreachable():
         assert not impl.ready
         async with asyncio.timeout(2):
             with pytest.raises(BrokerUnavailable):
-                await impl.publish("x", '"e"', "1", None)
+                await impl.publish("u:x", '"e"', "1", None)
     finally:
         await impl.stop()
 
@@ -135,17 +144,17 @@ async def test_concurrent_publishes_each_get_their_own_answer(broker):
     """Publishes in flight together (pipelined on one Redis connection) each get their own id, and
     are delivered and stored in the order of those ids."""
     impl, received = broker
-    await impl.subscribe("c")
+    await impl.subscribe("u:c")
     results = await asyncio.gather(
-        *(impl.publish("c", '"e"', str(n), f"key-{n}" if n % 3 else None) for n in range(200))
+        *(impl.publish("u:c", '"e"', str(n), f"key-{n}" if n % 3 else None) for n in range(200))
     )
     ids = [r.id for r in results]
     assert len(set(ids)) == 200 and not any(r.duplicate for r in results)
-    await eventually(lambda: sum(1 for target, _ in received if target == "c") == 200)
-    delivered = [orjson.loads(frame) for target, frame in received if target == "c"]
+    await eventually(lambda: sum(1 for target, _ in received if target == "u:c") == 200)
+    delivered = [orjson.loads(frame) for target, frame in received if target == "u:c"]
     assert [f["id"] for f in delivered] == sorted(ids, key=id_key)
     assert {f["id"]: f["data"] for f in delivered} == {r.id: n for n, r in enumerate(results)}
-    again = await impl.publish("c", '"e"', "1", "key-1")
+    again = await impl.publish("u:c", '"e"', "1", "key-1")
     assert again.duplicate and again.id == ids[1]
 
 
@@ -154,7 +163,7 @@ async def test_publish_survives_a_flushed_script_cache(redis_server):
     import redis.asyncio as aioredis
 
     settings = Settings(jwt_secret=SECRET, redis_url=redis_server.url, redis_prefix=f"f{uuid.uuid4().hex[:8]}")  # type: ignore[arg-type]
-    impl = create_broker(settings, "r", Metrics("r"))
+    impl = create_broker(settings, "r", Metrics("r"), _rules)
 
     async def on_lost() -> None:
         return None
@@ -162,11 +171,11 @@ async def test_publish_survives_a_flushed_script_cache(redis_server):
     await impl.start(lambda *_: None, on_lost)
     admin = aioredis.Redis.from_url(redis_server.url)
     try:
-        first = await impl.publish("s", '"e"', "1", None)
+        first = await impl.publish("u:s", '"e"', "1", None)
         await admin.script_flush()
-        second = await impl.publish("s", '"e"', "2", None)
+        second = await impl.publish("u:s", '"e"', "2", None)
         assert id_key(second.id) > id_key(first.id)
-        assert [orjson.loads(f)["data"] for f in (await impl.history("s", "0-1", 10)).frames] == [1, 2]
+        assert [orjson.loads(f)["data"] for f in (await impl.history("u:s", "0-1", 10)).frames] == [1, 2]
     finally:
         await admin.aclose()
         await impl.stop()

@@ -86,17 +86,17 @@ async def test_glob_ids_reach_exactly_that_user_across_replicas(pair, http, redi
 
 
 async def test_channel_is_released_when_the_last_socket_leaves(pair, redis_server):
-    """A replica subscribes a user's channel with the first socket and unsubscribes after the last."""
+    """A replica subscribes a user's (sharded) channel with the first socket and unsubscribes after the last."""
     a, _ = pair
     user = uid()
-    channel = f"{a.env['NOTIFY_REDIS_PREFIX']}:u:{user}"
+    channel = f"{a.env['NOTIFY_REDIS_PREFIX']}:{{u:{user}}}:c"
 
     def subscribers() -> int:
         import redis
 
         client = redis.Redis(port=redis_server.port)
         try:
-            return int(dict(client.pubsub_numsub(channel))[channel.encode()])
+            return int(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
         finally:
             client.close()
 

@@ -11,7 +11,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from service.broker.base import build_frame
+from service.broker.base import build_frame, frame_parts
 from service.connection import Connection
 from service.ids import id_key
 from service.metrics import Metrics
@@ -64,18 +64,21 @@ async def test_since_older_than_history_says_not_recovered(pair, http):
 
 
 async def test_broadcast_cursor_resumes_broadcasts(pair, http):
-    """`broadcast_since` replays broadcasts missed while offline; user and broadcast replays are merged in order."""
+    """`broadcast_since` replays broadcasts missed while offline, and `since` the user's own; each
+    stream in its own order (ids are never compared across streams)."""
     a, b = pair
     user = uid()
-    cursor = (await publish(http, a, None, "b0")).json()["id"]
-    expected = []
+    broadcast_cursor = (await publish(http, a, None, "b0")).json()["id"]
+    cursor = (await publish(http, b, user, "m0")).json()["id"]
+    broadcasts, mine = [], []
     for n in range(3):
-        expected.append((await publish(http, a, None, "bcast", n)).json()["id"])
-        expected.append((await publish(http, b, user, "mine", n)).json()["id"])
-    client = await Client.connect(b, user, f"since={cursor}&broadcast_since={cursor}")
+        broadcasts.append((await publish(http, a, None, "bcast", n)).json()["id"])
+        mine.append((await publish(http, b, user, "mine", n)).json()["id"])
+    client = await Client.connect(b, user, f"since={cursor}&broadcast_since={broadcast_cursor}")
     assert (await client.welcome())["recovered"] is True
     frames = await client.notifications(6)
-    assert [f["id"] for f in frames] == expected
+    assert [f["id"] for f in frames if f.get("broadcast")] == broadcasts
+    assert [f["id"] for f in frames if not f.get("broadcast")] == mine
     await client.close()
 
 
@@ -132,19 +135,19 @@ async def test_live_frame_that_the_replay_covered_is_not_sent_again():
     async def close(code: int, reason: str) -> None:
         raise AssertionError(f"closed {code} {reason}")
 
-    def frame(n: int, broadcast: bool = False) -> str:
-        return build_frame(f"1000-{n}", '"e"', str(n), 1, broadcast)
+    def frame(n: int, stream: str = "u:u") -> str:
+        return build_frame(f"1000-{n}", '"e"', str(n), 1, frame_parts(stream))
 
     conn = Connection("u", 2e9, Settings(jwt_secret=SECRET), Metrics("r"), close)  # type: ignore[arg-type]
-    conn.hold()
-    conn.push(frame(3))  # live while the history was read: held, and covered by the replay
-    conn.release(["welcome", frame(2), frame(3), frame(4)], id_key("1000-4"), None)
+    conn.hold("u:u", "b")
+    conn.push("u:u", frame(3))  # live while the history was read: held, and covered by the replay
+    conn.release(["welcome", frame(2), frame(3), frame(4)], {"u:u": id_key("1000-4")}, "u:u", "b")
     conn.attach(send)
     for n in (4, 5, 6):  # 4 arrives late, after the release; 5 and 6 are new
-        conn.push(frame(n))
-    conn.push(frame(1, broadcast=True))  # no broadcast cursor: broadcasts are not filtered
+        conn.push("u:u", frame(n))
+    conn.push("b", frame(1, "b"))  # no broadcast cursor: broadcasts are not filtered
     await asyncio.sleep(0.05)
-    assert sent == ["welcome", frame(2), frame(3), frame(4), frame(5), frame(6), frame(1, broadcast=True)]
+    assert sent == ["welcome", frame(2), frame(3), frame(4), frame(5), frame(6), frame(1, "b")]
 
 
 @pytest.mark.slow
@@ -290,22 +293,27 @@ async def sse_events(url: str, headers: dict[str, str], count: int) -> list[dict
 
 
 async def test_sse_receives_and_resumes_with_last_event_id(pair, http):
-    """SSE streams notifications with id: set; reconnecting with Last-Event-ID resumes without loss."""
+    """SSE streams notifications with id: set to the position of every stream it carries;
+    reconnecting with Last-Event-ID resumes each of them without loss."""
     a, b = pair
     user = uid()
     url = f"{a.url}/events?token={token(user)}"
-    reader = asyncio.create_task(sse_events(url, {}, 3))
+    reader = asyncio.create_task(sse_events(url, {}, 4))
     await asyncio.sleep(0.3)
     first = (await publish(http, b, user, "sse", 1)).json()["id"]
     second = (await publish(http, b, user, "sse", 2)).json()["id"]
+    everyone = (await publish(http, b, None, "sse-all", 3)).json()["id"]
     events = await reader
     assert events[0]["data"]["type"] == "welcome"
-    assert [e.get("id") for e in events[1:]] == [first, second]
+    assert [e["id"].split(",")[0] for e in events[1:]] == [first, second, second]
+    assert events[-1]["id"].split(",")[1] == everyone
     assert events[1]["data"]["event"] == "sse" and events[1]["data"]["data"] == 1
-    missed = [(await publish(http, a, user, "sse", n)).json()["id"] for n in range(3, 6)]
-    resumed = await sse_events(f"{b.url}/events?token={token(user)}", {"Last-Event-ID": second}, 4)
+    missed = [(await publish(http, a, user, "sse", n)).json()["id"] for n in range(4, 7)]
+    missed_broadcast = (await publish(http, a, None, "sse-all", 7)).json()["id"]
+    resumed = await sse_events(f"{b.url}/events?token={token(user)}", {"Last-Event-ID": events[-1]["id"]}, 5)
     assert resumed[0]["data"]["recovered"] is True
-    assert [e["id"] for e in resumed[1:]] == missed
+    assert [e["data"]["id"] for e in resumed[1:]] == [*missed, missed_broadcast]
+    assert resumed[-1]["id"] == f"{missed[-1]},{missed_broadcast}"
 
 
 async def test_sse_rejects_a_bad_token(single, http):

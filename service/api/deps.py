@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import PUBLISH_SCOPE, READ_SCOPE, Principal
+from ..auth import ADMIN_SCOPE, PUBLISH_SCOPE, READ_SCOPE, Principal
 from ..runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT signed with the configured key.")
@@ -46,4 +46,5 @@ async def client(
 
 PublisherDep = Annotated[Principal, Depends(_service(PUBLISH_SCOPE))]
 ReaderDep = Annotated[Principal, Depends(_service(READ_SCOPE))]
+AdminDep = Annotated[Principal, Depends(_service(ADMIN_SCOPE))]
 ClientDep = Annotated[Principal, Depends(client)]

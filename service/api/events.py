@@ -9,13 +9,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
-from ..broker import frame_id
-from ..errors import BrokerUnavailable, ServiceError
-from ..frames import CloseCode
+from ..auth import Principal
+from ..errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError
+from ..frames import BadFrame, CloseCode, error
 from ..hub import TooManyConnections
 from ..models import ErrorBody
 from ..runtime import Runtime
+from ..topics import TopicError
+from . import membership
 from .deps import ClientDep, RuntimeDep
+from .sse import Position
 from .stream import Resume, open_stream, schedule_expiry
 
 router = APIRouter(tags=["client"])
@@ -26,15 +29,23 @@ class _TooMany(ServiceError):
     code = "too_many_connections"
 
 
+class _UnknownTopic(ServiceError):
+    status_code = 404
+    code = "unknown_namespace"
+
+
 @router.get(
     "/events",
     response_class=StreamingResponse,
     responses={
         200: {
             "content": {"text/event-stream": {}},
-            "description": "One event per frame; `id:` is the notification id.",
+            "description": "One event per frame; `id:` is the stream position (see docs/protocol.md).",
         },
         401: {"model": ErrorBody},
+        403: {"model": ErrorBody, "description": "The token does not permit joining a topic asked for."},
+        404: {"model": ErrorBody, "description": "A topic asked for is in no configured namespace."},
+        422: {"model": ErrorBody, "description": "A topic name or the cursor is malformed."},
         429: {"model": ErrorBody, "description": "Too many open streams for this user."},
         503: {"model": ErrorBody, "description": "The replica is draining."},
     },
@@ -42,19 +53,33 @@ class _TooMany(ServiceError):
 async def events(
     principal: ClientDep,
     runtime: RuntimeDep,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
-    since: Annotated[str | None, Query(max_length=64, description="Resume after this id (as Last-Event-ID).")] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=8192)] = None,
+    since: Annotated[
+        str | None, Query(max_length=8192, description="Resume from this position (as Last-Event-ID).")
+    ] = None,
+    topics: Annotated[str | None, Query(max_length=8192, description="Topics to join, comma-separated.")] = None,
 ) -> StreamingResponse:
-    """Stream the user's notifications; reconnecting with Last-Event-ID resumes like `since` on /ws.
-
-    Ids are ordered across the user's and the broadcast stream, so one cursor resumes both."""
+    """Stream the user's notifications, broadcasts and the topics asked for; reconnecting with
+    Last-Event-ID resumes every one of them from its own position."""
     if runtime.draining:
         raise BrokerUnavailable("replica is shutting down: reconnect to another one")
+    names = [name for name in (topics or "").split(",") if name]
+    if len(names) > runtime.settings.max_topics_per_connection:
+        raise InvalidRequest(f"at most {runtime.settings.max_topics_per_connection} topics per stream")
+    for name in names:
+        try:
+            options = runtime.topics.options(name)
+        except TopicError as exc:
+            raise (_UnknownTopic if exc.code == "unknown_namespace" else InvalidRequest)(exc.message) from None
+        if not runtime.topics.may_join(name, options, principal.user_id, principal.topics, None):
+            raise Forbidden(f"this token does not permit joining {name!r}")
+    position = Position.parse(last_event_id or since, len(names))
+    if position is None:
+        raise InvalidRequest("Last-Event-ID (or since) is not a position this service gave")
     if not runtime.hub.has_room(principal.user_id):
         raise _TooMany("too many connections for this user")
-    cursor = last_event_id or since
     return StreamingResponse(
-        _stream(runtime, principal.user_id, principal.expires_at, Resume(cursor, cursor)),
+        _stream(runtime, principal, names, position),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -64,18 +89,28 @@ async def _noop_closer(code: int, reason: str) -> None:
     """SSE has no close frame: the stream simply ends when the connection is closed."""
 
 
-async def _stream(runtime: Runtime, user_id: str, expires_at: float, resume: Resume) -> AsyncIterator[str]:
+async def _stream(runtime: Runtime, principal: Principal, topics: list[str], position: Position) -> AsyncIterator[str]:
     # Registered here, not in the route: a response that is never iterated (the client left at
     # once) never runs this generator's `finally`, and would leave the registration behind.
     yield "retry: 2000\n\n"
+    resume = Resume(position.ids[0], position.ids[1]) if position.resumed else Resume()
     try:
-        conn = await open_stream(runtime, user_id, expires_at, resume, _noop_closer)
+        conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _noop_closer)
     except TooManyConnections:  # another stream took the last place since the route checked
         yield f'event: close\ndata: {{"code":{CloseCode.TOO_MANY}}}\n\n'
         return
+    conn.grants = principal.topics
     expiry = schedule_expiry(conn)
     heartbeat = runtime.settings.sse_heartbeat_seconds
     try:
+        for index, topic in enumerate(topics):
+            join: dict[str, object] = {"type": "join", "topic": topic}
+            if position.ids[2 + index] is not None:
+                join["since"] = position.ids[2 + index]
+            try:
+                await membership.handle(join, conn, runtime)
+            except BadFrame as exc:
+                conn.send(error(exc.code, exc.message, exc.topic))
         while True:
             try:
                 async with asyncio.timeout(heartbeat):
@@ -87,12 +122,7 @@ async def _stream(runtime: Runtime, user_id: str, expires_at: float, resume: Res
                 if conn.close_code is not None:
                     yield f'event: close\ndata: {{"code":{conn.close_code}}}\n\n'
                 return
-            yield "".join(map(_event, batch))
+            yield "".join(position.event(frame, topics) for frame in batch)
     finally:
         expiry.cancel()
         await runtime.hub.unregister(conn)
-
-
-def _event(frame: str) -> str:
-    id_ = frame_id(frame)
-    return f"id: {id_}\ndata: {frame}\n\n" if id_ is not None else f"data: {frame}\n\n"

@@ -22,6 +22,7 @@ from ..errors import InvalidToken, ServiceError
 from ..ids import is_valid_user_id
 from ..models import PublishRequest
 from ..runtime import Runtime
+from ..streams import BROADCAST, user_stream
 from .publish import _check_rate, _publish
 
 Header = tuple[bytes, bytes]
@@ -79,7 +80,8 @@ async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[
     """Publish, and the response: status, JSON body and extra headers."""
     try:
         _check_rate(runtime, fast.principal)
-        published = await _publish(runtime, fast.principal, fast.user_id, fast.request, fast.idempotency_key)
+        stream = BROADCAST if fast.user_id is None else user_stream(fast.user_id)
+        published = await _publish(runtime, fast.principal, stream, fast.request, fast.idempotency_key)
     except ServiceError as exc:
         runtime.metrics.errors.labels(exc.code).inc()
         return error_answer(exc)

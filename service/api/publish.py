@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Header, Path
 from .. import logs
 from ..auth import Principal
 from ..broker import Published
-from ..errors import InvalidRequest, PayloadTooLarge, RateLimited, ServiceError
+from ..errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
 from ..models import (
     USER_ID_PATTERN,
     BatchAccepted,
@@ -24,21 +24,28 @@ from ..models import (
     PublishRequest,
 )
 from ..runtime import Runtime, TokenBucket
+from ..streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..topics import TopicError
 from .deps import PublisherDep, RuntimeDep
 
 router = APIRouter(tags=["publish"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        401: "Missing, invalid or expired token.",
-        403: "The token lacks the `notify:publish` scope.",
-        413: "Body over NOTIFY_MAX_PAYLOAD_BYTES.",
-        422: "The body or user id breaks the contract.",
-        429: "Over NOTIFY_PUBLISH_RATE for this publisher; see Retry-After.",
-        503: "The broker is unreachable; nothing was published.",
-    }.items()
-}
+
+def _errors() -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": ErrorBody, "description": text}
+        for status, text in {
+            401: "Missing, invalid or expired token.",
+            403: "The token lacks the scope this call needs.",
+            413: "Body over NOTIFY_MAX_PAYLOAD_BYTES.",
+            422: "The body, user id or topic name breaks the contract.",
+            429: "Over NOTIFY_PUBLISH_RATE for this publisher; see Retry-After.",
+            503: "The broker is unreachable; nothing was published.",
+        }.items()
+    }
+
+
+_ERRORS = _errors()
 
 IdempotencyKey = Annotated[
     str | None,
@@ -60,7 +67,7 @@ async def notify(
 ) -> PublishAccepted:
     """Send a notification to every open socket of one user, on every replica."""
     _check_rate(runtime, publisher)
-    published = await _publish(runtime, publisher, user_id, body, idempotency_key)
+    published = await _publish(runtime, publisher, user_stream(user_id), body, idempotency_key)
     return PublishAccepted(id=published.id, ts=published.ts, online=published.online, duplicate=published.duplicate)
 
 
@@ -70,7 +77,7 @@ async def broadcast(
 ) -> PublishAccepted:
     """Send a notification to every open socket of every user."""
     _check_rate(runtime, publisher)
-    published = await _publish(runtime, publisher, None, body, idempotency_key)
+    published = await _publish(runtime, publisher, BROADCAST, body, idempotency_key)
     return PublishAccepted(id=published.id, ts=published.ts, duplicate=published.duplicate)
 
 
@@ -81,7 +88,7 @@ async def notify_batch(
     runtime: RuntimeDep,
     idempotency_key: IdempotencyKey = None,
 ) -> BatchAccepted:
-    """Send many user notifications in one request; each item gets its own result, in order.
+    """Send many notifications (to users or topics) in one request; each item gets its own result, in order.
 
     With an Idempotency-Key, a retried batch answers each item's first result and delivers none twice."""
     if len(body) > runtime.settings.batch_max_items:
@@ -89,7 +96,7 @@ async def notify_batch(
     _check_rate(runtime, publisher)
     keys = [f"{idempotency_key}\0{index}" if idempotency_key else None for index in range(len(body))]
     outcomes = await asyncio.gather(
-        *(_publish(runtime, publisher, item.user, item, key) for item, key in zip(body, keys, strict=True)),
+        *(_publish_item(runtime, publisher, item, key) for item, key in zip(body, keys, strict=True)),
         return_exceptions=True,
     )
     results = []
@@ -107,8 +114,24 @@ async def notify_batch(
     return BatchAccepted(results=results)
 
 
+async def _publish_item(runtime: Runtime, publisher: Principal, item: BatchItem, key: str | None) -> Published:
+    if item.user is not None:
+        return await _publish(runtime, publisher, user_stream(item.user), item, key)
+    assert item.topic is not None
+    return await _publish(runtime, publisher, topic_stream(check_topic(runtime, item.topic)), item, key)
+
+
+def check_topic(runtime: Runtime, topic: str) -> str:
+    """A topic a backend may publish to: 422 for a malformed name, 404 outside the namespaces."""
+    try:
+        runtime.topics.options(topic)
+    except TopicError as exc:
+        raise (NotFound if exc.code == "unknown_namespace" else InvalidRequest)(exc.message) from None
+    return topic
+
+
 async def _publish(
-    runtime: Runtime, publisher: Principal, user_id: str | None, body: PublishRequest, idempotency_key: str | None
+    runtime: Runtime, publisher: Principal, stream: str, body: PublishRequest, idempotency_key: str | None
 ) -> Published:
     try:
         data_json = orjson.dumps(body.data).decode()
@@ -120,11 +143,18 @@ async def _publish(
     if idempotency_key:
         scoped_key = hashlib.sha256(f"{publisher.user_id}\0{idempotency_key}".encode()).hexdigest()
     started = time.perf_counter()
-    published = await runtime.broker.publish(user_id, orjson.dumps(body.event).decode(), data_json, scoped_key)
+    published = await runtime.broker.publish(stream, orjson.dumps(body.event).decode(), data_json, scoped_key)
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
     logs.notification_id.set(published.id)
     if not published.duplicate:
-        (runtime.metrics.published_broadcast if user_id is None else runtime.metrics.published_user).inc()
+        metrics = runtime.metrics
+        (
+            metrics.published_broadcast
+            if stream == BROADCAST
+            else metrics.published_topic
+            if is_topic(stream)
+            else metrics.published_user
+        ).inc()
     return published
 
 

@@ -6,12 +6,13 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from ..broker import frame_id
+from ..broker import HistoryPage, frame_id
 from ..connection import Closer, Connection
 from ..errors import BrokerUnavailable
 from ..frames import CloseCode, welcome
 from ..ids import IdKey, id_key, parse_id
 from ..runtime import Runtime
+from ..streams import BROADCAST, user_stream
 
 
 @dataclass(slots=True)
@@ -37,38 +38,37 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
 
     Raises TooManyConnections."""
     conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer)
-    conn.hold()  # live frames wait until the welcome (and any replay) is queued
+    own = user_stream(user_id)
+    conn.hold(own, BROADCAST)  # live frames wait until the welcome (and any replay) is queued
     await runtime.hub.register(conn)
     recovered: bool | None = None
     replayed: list[str] = []
-    floors: list[IdKey | None] = [None, None]
+    floors: dict[str, IdKey] = {}
+    cursors: tuple[str | None, str | None] = (None, None)
     if resume.requested:
         recovered = resume.invalid() is None
         if recovered:
-            recovered, replayed, floors = await _replay(runtime, user_id, resume)
-    cursor = runtime.broker.position
-    conn.release([welcome(user_id, conn.id, recovered, cursor, expires_at), *replayed], floors[0], floors[1])
+            for stream, since in ((own, resume.since), (BROADCAST, resume.broadcast_since)):
+                if since is not None:
+                    page = await replay(runtime, stream, since, floors)
+                    recovered = recovered and page.recovered
+                    replayed += page.frames
+    else:
+        cursors = (runtime.broker.position(own), runtime.broker.position(BROADCAST))
+    conn.release([welcome(user_id, conn.id, recovered, cursors, expires_at), *replayed], floors, own, BROADCAST)
     return conn
 
 
-async def _replay(runtime: Runtime, user_id: str, resume: Resume) -> tuple[bool, list[str], list[IdKey | None]]:
-    recovered = True
-    frames: list[str] = []
-    floors: list[IdKey | None] = [None, None]
-    limit = runtime.settings.history_size
-    for slot, (target, cursor) in enumerate(((user_id, resume.since), (None, resume.broadcast_since))):
-        if cursor is None:
-            continue
-        try:
-            page = await runtime.broker.history(target, cursor, limit)
-        except BrokerUnavailable:
-            return False, [], [None, None]
-        recovered = recovered and page.recovered
-        frames.extend(page.frames)
-        last = frame_id(page.frames[-1]) if page.frames else None
-        floors[slot] = max(id_key(cursor), id_key(last)) if last else id_key(cursor)
-    frames.sort(key=lambda frame: id_key(frame_id(frame) or "0-0"))
-    return recovered, frames, floors
+async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, IdKey]) -> HistoryPage:
+    """The stream's retained frames after `since`, and in `floors` the newest id they cover; a
+    page that says not recovered when the broker cannot be read."""
+    try:
+        page = await runtime.broker.history(stream, since, runtime.settings.history_size)
+    except BrokerUnavailable:
+        return HistoryPage([], recovered=False)
+    last = frame_id(page.frames[-1]) if page.frames else None
+    floors[stream] = max(id_key(since), id_key(last)) if last else id_key(since)
+    return page
 
 
 def schedule_expiry(conn: Connection) -> asyncio.TimerHandle:

@@ -18,6 +18,7 @@ from ..frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, er
 from ..hub import TooManyConnections
 from ..ids import parse_id
 from ..runtime import Runtime, TokenBucket
+from . import membership
 from .stream import Resume, open_stream, schedule_expiry
 
 logger = logging.getLogger("service.ws")
@@ -57,12 +58,13 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
     except TooManyConnections:
         await _reject(websocket, CloseCode.TOO_MANY, "too many connections for this user")
         return
+    conn.grants = principal.topics
     try:
         await websocket.accept()
         # Nothing reads the handshake again; let it go (the query may hold the token, too).
         scope["headers"], scope["query_string"] = [], b""
         if (problem := resume.invalid()) is not None:
-            conn.push(error("invalid_cursor", problem))
+            conn.send(error("invalid_cursor", problem))
         await _serve(websocket, conn, runtime)
     finally:
         await runtime.hub.unregister(conn)
@@ -139,7 +141,7 @@ async def _receive_forever(
             expiry = await _handle(frame, conn, runtime, expiry)
         except BadFrame as exc:
             runtime.metrics.errors.labels(exc.code).inc()
-            conn.push(error(exc.code, exc.message))
+            conn.send(error(exc.code, exc.message, exc.topic))
     return expiry
 
 
@@ -148,7 +150,7 @@ async def _handle(
 ) -> asyncio.TimerHandle:
     kind = frame["type"]
     if kind == "ping":
-        conn.push(PONG)
+        conn.send(PONG)
     elif kind == "ack":
         up_to = frame.get("id")
         if not isinstance(up_to, str) or parse_id(up_to) is None:
@@ -167,8 +169,12 @@ async def _handle(
             raise BadFrame("invalid_token", "the new token is for another user")
         expiry.cancel()
         conn.expires_at = principal.expires_at
-        conn.push(encode({"type": "refreshed", "expires_at": int(principal.expires_at)}))
+        conn.grants = principal.topics
+        conn.send(encode({"type": "refreshed", "expires_at": int(principal.expires_at)}))
         return schedule_expiry(conn)
+    elif kind in membership.TOPIC_FRAMES:
+        await membership.handle(frame, conn, runtime)
     else:
-        raise BadFrame("unknown_type", f"unknown frame type {kind[:40]!r}; expected ping, ack or refresh")
+        expected = "ping, ack, refresh, join, leave, publish, signal or presence"
+        raise BadFrame("unknown_type", f"unknown frame type {kind[:40]!r}; expected {expected}")
     return expiry

@@ -6,23 +6,34 @@ import logging
 
 from ..metrics import Metrics
 from ..settings import Settings
-from .base import Broker, HistoryPage, Inbox, Published, ReadState, frame_id
+from .base import Broker, HistoryPage, Inbox, Published, ReadState, StreamRules, TopicFull, frame_id
+from .presence import RulesOf
 
-__all__ = ["Broker", "HistoryPage", "Inbox", "Published", "ReadState", "create_broker", "frame_id"]
+__all__ = [
+    "Broker",
+    "HistoryPage",
+    "Inbox",
+    "Published",
+    "ReadState",
+    "StreamRules",
+    "TopicFull",
+    "create_broker",
+    "frame_id",
+]
 
 logger = logging.getLogger("service.broker")
 
 
-def create_broker(settings: Settings, replica_id: str, metrics: Metrics) -> Broker:
-    """The broker the settings ask for."""
+def create_broker(settings: Settings, replica_id: str, metrics: Metrics, rules: RulesOf) -> Broker:
+    """The broker the settings ask for; `rules` tells it what sets each stream apart."""
     if settings.redis_url is None:
         from .memory import MemoryBroker
 
         logger.info("broker: embedded (single replica); set NOTIFY_REDIS_URL to scale out")
-        return MemoryBroker(settings, replica_id)
+        return MemoryBroker(settings, replica_id, rules)
     if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"unsupported NOTIFY_REDIS_URL scheme: {settings.redis_url.split(':', 1)[0]!r}")
     from .redis import RedisBroker
 
     logger.info("broker: redis")
-    return RedisBroker(settings, replica_id, metrics)
+    return RedisBroker(settings, replica_id, metrics, rules)

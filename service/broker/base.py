@@ -1,12 +1,17 @@
 """The broker interface: cross-replica fan-out plus the bounded history that resume reads.
 
+Everything is per stream (see streams.py: a user's, the broadcast stream, each topic).
 Guarantees every implementation keeps:
-- `publish` stores the notification in its history and hands it to every subscribed replica in
-  one atomic step, or raises BrokerUnavailable. It never returns for a notification it dropped.
-- Ids come from one counter: unique across all streams and ordered as published.
-- The handler gets the frames of one channel in publish order, from a single task.
-- A replica whose subscription broke replays from history, in id order, what it missed; where
-  history cannot cover the gap it calls the lost handler, and the hub asks every socket to resync.
+- `publish` stores the notification in its stream's history and hands it to every subscribed
+  replica in one atomic step, or raises BrokerUnavailable. It never returns for one it dropped.
+- Ids come from each stream's own sequence: unique and increasing within the stream. Nothing may
+  compare ids of two streams.
+- The handler gets the frames of one stream in publish order, each once, from a single task.
+- A replica whose subscription broke replays from history, per stream and in id order, what it
+  missed; where history cannot cover the gap the stream's sockets get `resync`, and where the
+  backend lost everything it calls the lost handler.
+- Presence: how many sockets each user has in a stream on each replica, summed across replicas;
+  a replica that dies without saying goodbye is reaped by the others.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# A frame for local sockets: the target user (None for a broadcast) and the JSON text to send.
-FrameHandler = Callable[[str | None, str], None]
+import orjson
+
+from ..streams import BROADCAST, topic_of
+
+# A frame for local sockets: the stream it belongs to and the JSON text to send. A text starting
+# with CONTROL is a message to the replicas themselves (see hub.py), never sent as it is.
+FrameHandler = Callable[[str, str], None]
 # Called when what this replica missed cannot be replayed (Redis came back without its data).
 LostHandler = Callable[[], Awaitable[None]]
 
 NOTIFICATION_PREFIX = '{"type":"notification","id":"'
+CONTROL = "!"
+BROADCAST_TAIL = ',"broadcast":true}'
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +43,22 @@ class Published:
     ts: int
     online: int | None = None
     duplicate: bool = False
+
+
+class TopicFull(Exception):
+    """The topic already has its maximum number of distinct members."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRules:
+    """What sets one stream apart: presence events to members, the leave grace, a member cap, and
+    its own history bounds (None: the global ones)."""
+
+    events: bool = False
+    grace_ms: int = 0
+    max_members: int | None = None
+    history_size: int | None = None
+    history_ttl_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +93,34 @@ def frame_id(frame: str) -> str | None:
     return frame[start : frame.index('"', start)]
 
 
-def build_frame(id_: str, event_json: str, data_json: str, ts: int, broadcast: bool) -> str:
+def frame_parts(stream: str, sender: str | None = None) -> tuple[str, str]:
+    """What a stream's notification frame carries besides id, event, data and ts: the part after
+    the id, and the closing part (the Lua script assembles the frame from the same parts)."""
+    if stream == BROADCAST:
+        return "", BROADCAST_TAIL
+    topic = topic_of(stream)
+    if topic is None:
+        return "", "}"
+    extra = ',"topic":' + orjson.dumps(topic).decode()
+    if sender is not None:
+        extra += ',"from":' + orjson.dumps(sender).decode()
+    return extra, "}"
+
+
+def build_frame(id_: str, event_json: str, data_json: str, ts: int, parts: tuple[str, str]) -> str:
     """The notification frame, assembled from pre-encoded JSON parts (the Lua script mirrors this)."""
-    tail = ',"broadcast":true}' if broadcast else "}"
-    return f'{NOTIFICATION_PREFIX}{id_}","event":{event_json},"data":{data_json},"ts":{ts}{tail}'
+    extra, tail = parts
+    return f'{NOTIFICATION_PREFIX}{id_}"{extra},"event":{event_json},"data":{data_json},"ts":{ts}{tail}'
+
+
+def presence_frame(topic: str, action: str, user_id: str, count: int) -> str:
+    return orjson.dumps(
+        {"type": "presence", "topic": topic, "action": action, "user": user_id, "count": count}
+    ).decode()
 
 
 class Broker(Protocol):
-    """Carries notifications between replicas and keeps their bounded history."""
+    """Carries notifications between replicas and keeps their bounded history, per stream."""
 
     replica_id: str
 
@@ -86,28 +134,48 @@ class Broker(Protocol):
     def ready(self) -> bool:
         """True while publishes can succeed and the subscription is known to be alive."""
 
-    @property
-    def position(self) -> str | None:
-        """An id such that every notification after it reaches this replica's subscribed channels.
+    def position(self, stream: str) -> str | None:
+        """For a subscribed stream: an id such that every notification after it reaches this
+        replica. A client that has seen nothing of the stream yet resumes from here."""
 
-        A client that has seen no notification yet resumes from here."""
+    async def subscribe(self, stream: str) -> None:
+        """Start receiving a stream on this replica (the hub refcounts calls)."""
 
-    async def subscribe(self, user_id: str) -> None:
-        """Start receiving a user's channel on this replica (the hub refcounts calls)."""
+    async def unsubscribe(self, stream: str) -> None:
+        """Stop receiving a stream on this replica."""
 
-    async def unsubscribe(self, user_id: str) -> None:
-        """Stop receiving a user's channel on this replica."""
+    def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
+        """Record the user's sockets in the stream on this replica, written in the background."""
 
-    def set_presence(self, user_id: str, sockets: int) -> None:
-        """Record how many sockets the user has open on this replica (written in the background)."""
+    async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
+        """Record the user's sockets in a topic now; answers the distinct members across replicas.
+
+        Members are told of a user's first socket anywhere (`rules.events`), and of their last
+        one leaving after the grace, unless they are back. Raises TopicFull, BrokerUnavailable."""
+
+    async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
+        """Up to `limit` members of a topic (sorted) and the number of distinct members."""
 
     async def publish(
-        self, user_id: str | None, event_json: str, data_json: str, idempotency_key: str | None
+        self,
+        stream: str,
+        event_json: str,
+        data_json: str,
+        idempotency_key: str | None,
+        sender: str | None = None,
     ) -> Published:
-        """Store and fan out one notification (user_id None: broadcast); raises BrokerUnavailable."""
+        """Store and fan out one notification (`sender`: the member who published it to a topic);
+        raises BrokerUnavailable."""
 
-    async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
-        """Retained frames of a user (None: broadcasts) with ids after `after`, oldest first."""
+    async def send(self, stream: str, frame: str) -> None:
+        """Fan out a frame that is neither stored nor replayed (signals, moderation); raises
+        BrokerUnavailable."""
+
+    async def history(self, stream: str, after: str, limit: int) -> HistoryPage:
+        """Retained frames of a stream with ids after `after`, oldest first."""
+
+    async def latest(self, stream: str, before: str | None, limit: int) -> list[str]:
+        """Retained frames of a stream older than `before`, newest first."""
 
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         """The user's retained notifications older than `before`, newest first, and the unread count."""

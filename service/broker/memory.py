@@ -10,16 +10,40 @@ from dataclasses import dataclass, field
 
 from ..ids import IdKey, id_key, is_recoverable
 from ..settings import Settings
-from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, build_frame
+from ..streams import BROADCAST, topic_of, user_of, user_stream
+from .base import (
+    FrameHandler,
+    HistoryPage,
+    Inbox,
+    LostHandler,
+    Published,
+    ReadState,
+    StreamRules,
+    TopicFull,
+    build_frame,
+    frame_parts,
+    presence_frame,
+)
+from .presence import RulesOf
 
 _SWEEP_SECONDS = 60.0
 
 
 @dataclass(slots=True)
 class _Stream:
-    entries: deque[tuple[IdKey, str, str]] = field(default_factory=deque)  # (key, id, frame)
+    entries: deque[tuple[IdKey, str]] = field(default_factory=deque)  # (key, frame)
     max_deleted: IdKey = (0, 0)
-    last_write_ms: int = 0
+    last: IdKey = (0, 0)  # the newest id ever given, kept while the stream lives
+    size: int = 100
+    ttl_ms: int = 86_400_000
+
+
+@dataclass(slots=True)
+class _Members:
+    """A topic's members on this (only) replica: sockets per user, and users inside their leave grace."""
+
+    sockets: dict[str, int] = field(default_factory=dict)
+    leaving: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
 
 
 def _now_ms() -> int:
@@ -27,20 +51,20 @@ def _now_ms() -> int:
 
 
 class MemoryBroker:
-    """Keeps history, read markers and idempotency keys in this process."""
+    """Keeps history, read markers, presence and idempotency keys in this process."""
 
-    def __init__(self, settings: Settings, replica_id: str) -> None:
+    def __init__(self, settings: Settings, replica_id: str, rules: RulesOf) -> None:
         self.replica_id = replica_id
+        self._rules = rules
         self._size = settings.history_size
         self._ttl_ms = settings.history_ttl_seconds * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_seconds * 1000
-        self._seq = 0
-        self._clock = 0
-        self._streams: dict[str | None, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}
         self._read: dict[str, IdKey] = {}
-        self._idempotency: dict[str, tuple[Published, int]] = {}
-        self._subscribed: set[str] = set()
-        self._presence: dict[str, int] = {}
+        self._idempotency: dict[tuple[str, str], tuple[Published, int]] = {}
+        self._subscribed: set[str] = {BROADCAST}
+        self._online: dict[str, int] = {}  # user stream -> sockets
+        self._topics: dict[str, _Members] = {}
         self._on_frame: FrameHandler | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -53,6 +77,9 @@ class MemoryBroker:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for members in self._topics.values():
+            for timer in members.leaving.values():
+                timer.cancel()
         self._on_frame = None
 
     @property
@@ -62,104 +89,163 @@ class MemoryBroker:
     async def ping(self) -> None:
         return None
 
-    @property
-    def position(self) -> str:
+    def position(self, stream: str) -> str:
         # Before any publish (or long after the last), "now" is a cursor history can still vouch for.
-        return max(f"{self._clock}-{self._seq}", f"{_now_ms() - 1000}-0", key=id_key)
+        last = self._streams[stream].last if stream in self._streams else (0, 0)
+        return "{}-{}".format(*max(last, (_now_ms() - 1000, 0)))
 
-    async def subscribe(self, user_id: str) -> None:
-        self._subscribed.add(user_id)
+    async def subscribe(self, stream: str) -> None:
+        self._subscribed.add(stream)
 
-    async def unsubscribe(self, user_id: str) -> None:
-        self._subscribed.discard(user_id)
+    async def unsubscribe(self, stream: str) -> None:
+        self._subscribed.discard(stream)
 
-    def set_presence(self, user_id: str, sockets: int) -> None:
+    def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         if sockets:
-            self._presence[user_id] = sockets
+            self._online[stream] = sockets
         else:
-            self._presence.pop(user_id, None)
+            self._online.pop(stream, None)
+
+    async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
+        members = self._topics.setdefault(stream, _Members())
+        present = user_id in members.sockets
+        if sockets and not present and rules.max_members is not None and len(members.sockets) >= rules.max_members:
+            raise TopicFull(stream)
+        if sockets:
+            back = members.leaving.pop(user_id, None)
+            if back is not None:
+                back.cancel()  # back within the grace: nobody was told they left
+            members.sockets[user_id] = sockets
+            if not present and rules.events:
+                self._deliver(stream, presence_frame(topic_of(stream) or "", "join", user_id, len(members.sockets)))
+        elif present and user_id not in members.leaving:
+            loop = asyncio.get_running_loop()
+            members.sockets[user_id] = 0
+            members.leaving[user_id] = loop.call_later(rules.grace_ms / 1000, self._left, stream, user_id, rules)
+        return len(members.sockets)
+
+    def _left(self, stream: str, user_id: str, rules: StreamRules) -> None:
+        members = self._topics.get(stream)
+        if members is None or members.leaving.pop(user_id, None) is None:
+            return
+        del members.sockets[user_id]
+        if rules.events:
+            self._deliver(stream, presence_frame(topic_of(stream) or "", "leave", user_id, len(members.sockets)))
+        if not members.sockets:
+            del self._topics[stream]
+
+    async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
+        members = self._topics.get(stream)
+        users = sorted(members.sockets) if members else []
+        return users[:limit], len(users)
 
     async def publish(
-        self, user_id: str | None, event_json: str, data_json: str, idempotency_key: str | None
+        self,
+        stream: str,
+        event_json: str,
+        data_json: str,
+        idempotency_key: str | None,
+        sender: str | None = None,
     ) -> Published:
         now = _now_ms()
         if idempotency_key is not None:
-            known = self._idempotency.get(idempotency_key)
+            known = self._idempotency.get((stream, idempotency_key))
             if known is not None and known[1] > now:
                 first = known[0]
-                return Published(first.id, first.ts, self._online(user_id), duplicate=True)
-        self._clock = max(self._clock, now)
-        self._seq += 1
-        key = (self._clock, self._seq)
+                return Published(first.id, first.ts, self._count(stream), duplicate=True)
+        entries = self._streams.get(stream)
+        if entries is None:
+            size, ttl_ms = self._bounds(stream)
+            entries = self._streams[stream] = _Stream(size=size, ttl_ms=ttl_ms)
+        key = (max(entries.last[0], now), entries.last[1] + 1)
         id_ = f"{key[0]}-{key[1]}"
-        frame = build_frame(id_, event_json, data_json, key[0], broadcast=user_id is None)
-        self._append(user_id, key, id_, frame)
-        published = Published(id_, key[0], self._online(user_id))
+        frame = build_frame(id_, event_json, data_json, key[0], frame_parts(stream, sender))
+        self._append(entries, key, frame)
+        published = Published(id_, key[0], self._count(stream))
         if idempotency_key is not None:
-            self._idempotency[idempotency_key] = (published, now + self._idem_ttl_ms)
-        if self._on_frame is not None and (user_id is None or user_id in self._subscribed):
-            self._on_frame(user_id, frame)
+            self._idempotency[(stream, idempotency_key)] = (published, now + self._idem_ttl_ms)
+        self._deliver(stream, frame)
         return published
 
-    async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
-        after_key = id_key(after)
-        stream = self._streams.get(user_id)
-        if stream is None:
-            return HistoryPage([], is_recoverable(after_key, (0, 0), _now_ms(), self._ttl_ms))
-        frames = [frame for key, _, frame in stream.entries if key > after_key][:limit]
-        return HistoryPage(frames, is_recoverable(after_key, stream.max_deleted, _now_ms(), self._ttl_ms))
+    async def send(self, stream: str, frame: str) -> None:
+        self._deliver(stream, frame)
 
-    async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
-        stream = self._streams.get(user_id)
-        entries = list(stream.entries) if stream else []
+    async def history(self, stream: str, after: str, limit: int) -> HistoryPage:
+        after_key = id_key(after)
+        entries = self._streams.get(stream)
+        now = _now_ms()
+        if entries is None:
+            return HistoryPage([], is_recoverable(after_key, (0, 0), now, self._bounds(stream)[1]))
+        frames = [frame for key, frame in self._fresh(entries, now) if key > after_key][:limit]
+        return HistoryPage(frames, is_recoverable(after_key, entries.max_deleted, now, entries.ttl_ms))
+
+    async def latest(self, stream: str, before: str | None, limit: int) -> list[str]:
+        entries = self._streams.get(stream)
+        kept = self._fresh(entries, _now_ms()) if entries else []
         if before is not None:
             before_key = id_key(before)
-            entries = [entry for entry in entries if entry[0] < before_key]
-        frames = [frame for _, _, frame in reversed(entries[-limit:])] if limit else []
-        return Inbox(frames, self._unread(user_id))
+            kept = [entry for entry in kept if entry[0] < before_key]
+        return [frame for _, frame in reversed(kept[-limit:])] if limit else []
+
+    async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
+        return Inbox(await self.latest(user_stream(user_id), before, limit), self._unread(user_id))
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
-        stream = self._streams.get(user_id)
-        if stream is None or not stream.entries:
+        stream = user_stream(user_id)
+        entries = self._streams.get(stream)
+        if entries is None or not entries.entries:
             return 0
-        target = min(id_key(up_to), stream.entries[-1][0])
+        target = min(id_key(up_to), entries.entries[-1][0])
         if target > self._read.get(user_id, (0, 0)):
             self._read[user_id] = target
             count = self._unread(user_id)
-            if self._on_frame is not None and user_id in self._subscribed:
-                self._on_frame(user_id, f'{{"type":"unread","count":{count}}}')
+            self._deliver(stream, f'{{"type":"unread","count":{count}}}')
             return count
         return self._unread(user_id)
 
     async def read_state(self, user_id: str, notification_id: str) -> ReadState:
         key = id_key(notification_id)
-        stream = self._streams.get(user_id)
-        retained = stream is not None and any(entry[0] == key for entry in stream.entries)
+        entries = self._streams.get(user_stream(user_id))
+        retained = entries is not None and any(entry[0] == key for entry in self._fresh(entries, _now_ms()))
         return ReadState(read=key <= self._read.get(user_id, (0, 0)), retained=retained)
 
-    def _online(self, user_id: str | None) -> int | None:
-        return None if user_id is None else self._presence.get(user_id, 0)
+    def _deliver(self, stream: str, frame: str) -> None:
+        if self._on_frame is not None and stream in self._subscribed:
+            self._on_frame(stream, frame)
+
+    def _count(self, stream: str) -> int | None:
+        return self._online.get(stream, 0) if user_of(stream) is not None else None
 
     def _unread(self, user_id: str) -> int:
-        stream = self._streams.get(user_id)
+        entries = self._streams.get(user_stream(user_id))
         marker = self._read.get(user_id, (0, 0))
-        return sum(1 for entry in stream.entries if entry[0] > marker) if stream else 0
+        return sum(1 for key, _ in self._fresh(entries, _now_ms()) if key > marker) if entries else 0
 
-    def _append(self, user_id: str | None, key: IdKey, id_: str, frame: str) -> None:
-        stream = self._streams.setdefault(user_id, _Stream())
-        stream.entries.append((key, id_, frame))
-        stream.last_write_ms = key[0]
-        oldest_kept = key[0] - self._ttl_ms
-        while stream.entries and (len(stream.entries) > self._size or stream.entries[0][0][0] < oldest_kept):
-            stream.max_deleted = stream.entries.popleft()[0]
+    def _bounds(self, stream: str) -> tuple[int, int]:
+        rules = self._rules(stream)
+        return rules.history_size or self._size, rules.history_ttl_ms or self._ttl_ms
+
+    def _fresh(self, entries: _Stream, now_ms: int) -> list[tuple[IdKey, str]]:
+        """The entries young enough to be served: the age bound holds on every read, not only
+        when the next publish trims the stream."""
+        oldest = now_ms - entries.ttl_ms
+        return [entry for entry in entries.entries if entry[0][0] >= oldest]
+
+    def _append(self, entries: _Stream, key: IdKey, frame: str) -> None:
+        entries.entries.append((key, frame))
+        entries.last = key
+        oldest_kept = key[0] - entries.ttl_ms
+        while entries.entries and (len(entries.entries) > entries.size or entries.entries[0][0][0] < oldest_kept):
+            entries.max_deleted = entries.entries.popleft()[0]
 
     async def _sweep_forever(self) -> None:
         """Forget idle streams and stale idempotency keys, as Redis expiry would."""
         while True:
             await asyncio.sleep(_SWEEP_SECONDS)
             now = _now_ms()
-            for user_id in [u for u, s in self._streams.items() if s.last_write_ms < now - self._ttl_ms]:
-                del self._streams[user_id]
+            for stream in [s for s, e in self._streams.items() if e.last[0] < now - e.ttl_ms]:
+                del self._streams[stream]
+                user_id = user_of(stream)
                 if user_id is not None:
                     self._read.pop(user_id, None)
             for key in [k for k, (_, expires) in self._idempotency.items() if expires <= now]:

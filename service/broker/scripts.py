@@ -1,43 +1,43 @@
-"""Lua run inside Redis, so each step is atomic: nothing is published without being stored."""
+"""Lua run inside Redis, so each step is atomic: nothing is published without being stored.
+
+Every script touches the keys of one stream only, all carrying that stream's hash tag (see
+RedisBroker._key), so each runs in one slot of a Redis Cluster as well as on a single Redis.
+"""
 
 from __future__ import annotations
 
-# KEYS: stream, channel, seq counter, clock, idempotency key, presence hash, live-replicas zset
-# ARGV: event JSON, data JSON, max length, ttl ms, idempotency ttl ms, broadcast flag,
-#       use-idempotency flag, replica liveness window ms
-# Returns {id, duplicate (0/1), online (-1 for broadcasts)}.
-PUBLISH = """
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: history, channel, last id, idempotency key, members.
+# ARGV: event JSON, data JSON, max length, ttl ms, idempotency ttl ms, use-idempotency flag,
+#       frame part after the id, frame tail, the user whose sockets are counted ('' for none).
+# Returns {id, duplicate (0/1), online (-1 when not counted)}.
+PUBLISH = (
+    _NOW
+    + """
 local function online()
-  if ARGV[6] == '1' then return -1 end
-  local t = redis.call('TIME')
-  local oldest = tonumber(t[1]) * 1000 - tonumber(ARGV[8])
-  local fields = redis.call('HGETALL', KEYS[6])
-  local n = 0
-  for i = 1, #fields, 2 do
-    local seen = redis.call('ZSCORE', KEYS[7], fields[i])
-    if seen and tonumber(seen) >= oldest then
-      n = n + tonumber(fields[i + 1])
-    else
-      redis.call('HDEL', KEYS[6], fields[i])
-    end
-  end
-  return n
+  if ARGV[9] == '' then return -1 end
+  return tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0')
 end
-if ARGV[7] == '1' then
-  local first = redis.call('GET', KEYS[5])
+if ARGV[6] == '1' then
+  local first = redis.call('GET', KEYS[4])
   if first then return {first, 1, online()} end
 end
-local t = redis.call('TIME')
-local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = tonumber(redis.call('GET', KEYS[4]) or '0')
-if ms < last then ms = last else redis.call('SET', KEYS[4], string.format('%d', ms)) end
-local seq = redis.call('INCR', KEYS[3])
+local ms, seq = now, 1
+local last = redis.call('GET', KEYS[3])
+if last then
+  local lms, lseq = string.match(last, '^(%d+)-(%d+)$')
+  seq = tonumber(lseq) + 1
+  if ms < tonumber(lms) then ms = tonumber(lms) end
+end
 local id = string.format('%d-%d', ms, seq)
-local tail = '}'
-if ARGV[6] == '1' then tail = ',"broadcast":true}' end
-local frame = '{"type":"notification","id":"' .. id .. '","event":' .. ARGV[1] .. ',"data":' .. ARGV[2]
-  .. ',"ts":' .. string.format('%d', ms) .. tail
 local ttl = tonumber(ARGV[4])
+redis.call('SET', KEYS[3], id, 'PX', ttl)
+local frame = '{"type":"notification","id":"' .. id .. '"' .. ARGV[7] .. ',"event":' .. ARGV[1] .. ',"data":'
+  .. ARGV[2] .. ',"ts":' .. string.format('%d', ms) .. ARGV[8]
 local maxlen = tonumber(ARGV[3])
 local length = redis.call('XLEN', KEYS[1])
 local dropped = nil
@@ -50,10 +50,22 @@ redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, id, 'f', frame)
 if dropped then redis.call('XSETID', KEYS[1], id, 'MAXDELETEDID', dropped) end
 redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', ms - ttl))
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', KEYS[2], frame)
-if ARGV[7] == '1' then redis.call('SET', KEYS[5], id, 'PX', ARGV[5]) end
+redis.call('SPUBLISH', KEYS[2], frame)
+if ARGV[6] == '1' then redis.call('SET', KEYS[4], id, 'PX', ARGV[5]) end
 return {id, 0, online()}
 """
+)
+
+# KEYS: last id. Returns a cursor: every notification of the stream published after this call
+# has a greater id (the newest id, or just below the current millisecond, whichever is later).
+CURSOR = (
+    _NOW
+    + """
+local last = redis.call('GET', KEYS[1])
+if last and tonumber(string.match(last, '^(%d+)-')) >= now - 1 then return last end
+return string.format('%d-0', now - 1)
+"""
+)
 
 _COMPARE = """
 local function key(id)
@@ -67,11 +79,12 @@ local function later(a, b)
 end
 """
 
-# KEYS: read marker, stream, user channel. ARGV: up_to id, ttl ms.
-# Moves the marker forward (never past the newest entry), returns the unread count, and tells
-# every socket of the user when the marker moved.
+# KEYS: read marker, history, channel. ARGV: up_to id, ttl ms.
+# Moves the marker forward (never past the newest entry), returns the unread count (entries after
+# the marker and young enough to be served), and tells every socket of the user when it moved.
 MARK_READ = (
-    _COMPARE
+    _NOW
+    + _COMPARE
     + """
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #newest == 0 then return 0 end
@@ -83,38 +96,139 @@ if moved then
   marker = target
   redis.call('SET', KEYS[1], marker, 'PX', ARGV[2])
 end
-local count = #redis.call('XRANGE', KEYS[2], '(' .. marker, '+')
-if moved then redis.call('PUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}') end
+local floor = string.format('%d-0', now - tonumber(ARGV[2]))
+local from = '(' .. marker
+if later(floor, marker) then from = floor end
+local count = #redis.call('XRANGE', KEYS[2], from, '+')
+if moved then redis.call('SPUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}') end
 return count
 """
 )
 
-# KEYS: read marker, stream. Returns the unread count.
-UNREAD = """
+# KEYS: read marker, history. ARGV: ttl ms. Returns the unread count.
+UNREAD = (
+    _NOW
+    + _COMPARE
+    + """
+local floor = string.format('%d-0', now - tonumber(ARGV[1]))
 local marker = redis.call('GET', KEYS[1])
-if marker then return #redis.call('XRANGE', KEYS[2], '(' .. marker, '+') end
-return redis.call('XLEN', KEYS[2])
+local from = floor
+if marker and later(marker, floor) then from = '(' .. marker end
+return #redis.call('XRANGE', KEYS[2], from, '+')
+"""
+)
+
+_PRESENCE_EVENT = """
+local function tell(action, user)
+  if ARGV[3] ~= '1' then return end
+  redis.call('SPUBLISH', KEYS[4], '{"type":"presence","topic":' .. ARGV[6] .. ',"action":"' .. action
+    .. '","user":' .. cjson.encode(user) .. ',"count":' .. redis.call('HLEN', KEYS[1]) .. '}')
+end
 """
 
-# KEYS: clock, seq counter, live-replicas zset, probe channel.
-# ARGV: replica id, forget-replicas-after ms, publish flag.
-# Returns a mark: an id such that every notification published before this call has an id at or
-# below it, and every one published after has a greater id (the newest id, or just below the
-# current millisecond, whichever is later). With the publish flag, the mark is also published to
-# this replica's probe channel: when it comes back, everything up to the mark has been received,
-# so the mark is where a replay starts if the subscription breaks later. It also refreshes this
-# replica's heartbeat and forgets replicas silent for long (killed ones never say goodbye).
-MARK = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local clock = tonumber(redis.call('GET', KEYS[1]) or '0')
-local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
-local mark
-if clock >= now - 1 then mark = string.format('%d-%d', clock, seq) else mark = string.format('%d-0', now - 1) end
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[3], now, ARGV[1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]))
-  redis.call('PUBLISH', KEYS[4], mark)
+# KEYS: members (user -> sockets on every replica), this replica's members (user -> sockets here),
+#       leaving (user -> when their leave is due), channel.
+# ARGV: user, sockets here now, events flag, grace ms, member cap (0: none), topic JSON, ttl ms.
+# Returns {status, members}: status 0 done, 1 refused (the cap), 2 a leave is now due at ARGV[4]
+# from now (the caller registers it for `FINALIZE`).
+PRESENCE = (
+    _NOW
+    + _PRESENCE_EVENT
+    + """
+local user, n = ARGV[1], tonumber(ARGV[2])
+local mine = tonumber(redis.call('HGET', KEYS[2], user) or '0')
+local known = redis.call('HEXISTS', KEYS[1], user) == 1
+local cap = tonumber(ARGV[5])
+if n > 0 and not known and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
+  return {1, redis.call('HLEN', KEYS[1])}
 end
-return mark
+if n == mine then return {0, redis.call('HLEN', KEYS[1])} end
+if n > 0 then redis.call('HSET', KEYS[2], user, n) else redis.call('HDEL', KEYS[2], user) end
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+local total = tonumber(redis.call('HINCRBY', KEYS[1], user, n - mine))
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+if total > 0 then
+  -- Back within the grace: nobody was told they left, so nobody is told they joined.
+  if redis.call('ZREM', KEYS[3], user) == 0 and not known then tell('join', user) end
+  return {0, redis.call('HLEN', KEYS[1])}
+end
+redis.call('HSET', KEYS[1], user, 0)
+local grace = tonumber(ARGV[4])
+if grace > 0 then
+  redis.call('ZADD', KEYS[3], now + grace, user)
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  return {2, redis.call('HLEN', KEYS[1])}
+end
+redis.call('HDEL', KEYS[1], user)
+redis.call('ZREM', KEYS[3], user)
+tell('leave', user)
+return {0, redis.call('HLEN', KEYS[1])}
+"""
+)
+
+# KEYS: members, unused, leaving, channel. ARGV: unused, unused, events flag, unused, unused, topic JSON.
+# Ends every leave whose grace is over (the user has no socket anywhere): removed, members told.
+# Returns when the next leave still waiting for its grace is due (0: none).
+FINALIZE = (
+    _NOW
+    + _PRESENCE_EVENT
+    + """
+for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('ZREM', KEYS[3], user)
+  if tonumber(redis.call('HGET', KEYS[1], user) or '0') <= 0 then
+    redis.call('HDEL', KEYS[1], user)
+    tell('leave', user)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return 0 end
+return tonumber(nxt[2])
+"""
+)
+
+# KEYS: members, the dead replica's members, leaving, channel. ARGV: unused, unused, events flag,
+# unused, unused, topic JSON. Takes a replica that died without saying goodbye out of one stream:
+# a user whose only sockets were there has left (their grace has passed while it was found dead).
+REAP = (
+    _PRESENCE_EVENT
+    + """
+local gone = redis.call('HGETALL', KEYS[2])
+for i = 1, #gone, 2 do
+  local user = gone[i]
+  local total = tonumber(redis.call('HINCRBY', KEYS[1], user, -tonumber(gone[i + 1])))
+  if total <= 0 then
+    redis.call('HDEL', KEYS[1], user)
+    redis.call('ZREM', KEYS[3], user)
+    tell('leave', user)
+  end
+end
+redis.call('DEL', KEYS[2])
+return #gone / 2
+"""
+)
+
+# KEYS: live replicas (replica -> heartbeat ms). ARGV: replica id. Returns 1 when this replica was
+# not there (first beat, or the others reaped it, or Redis lost its data): its presence must be
+# written again.
+HEARTBEAT = (
+    _NOW
+    + """
+return redis.call('ZADD', KEYS[1], now, ARGV[1])
+"""
+)
+
+# KEYS: live replicas. ARGV: silent for this many ms. Returns the replicas that stopped beating.
+SILENT = (
+    _NOW
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+"""
+)
+
+# KEYS: streams with leaves waiting (stream -> when the first is due). ARGV: stream, the due time
+# that was read. Forgets the stream unless another leave was registered since it was read.
+GRACE_DONE = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due and tonumber(due) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
 """

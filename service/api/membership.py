@@ -1,0 +1,129 @@
+"""Topic frames on the client socket: join, leave, publish, signal and presence.
+
+Every permission is checked here from the connection's token (or a topic token it presents),
+never from what a frame claims; `from` is set from the token too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from ..broker import TopicFull
+from ..connection import Connection
+from ..errors import BrokerUnavailable, InvalidToken
+from ..frames import BadFrame, encode
+from ..hub import SIGNAL, control
+from ..ids import IdKey, parse_id
+from ..runtime import Runtime
+from ..streams import topic_stream
+from ..topic_options import TopicOptions
+from ..topics import TopicError
+from .stream import replay
+
+MEMBERS_SHOWN = 1000
+_EVENT = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+
+TOPIC_FRAMES = frozenset({"join", "leave", "publish", "signal", "presence"})
+
+
+async def handle(frame: dict[str, Any], conn: Connection, runtime: Runtime) -> None:
+    """Act on one topic frame; BadFrame (carrying the topic) for anything refused."""
+    kind, topic = frame["type"], frame.get("topic")
+    try:
+        options = runtime.topics.options(topic)
+    except TopicError as exc:
+        raise BadFrame(exc.code, exc.message, topic if isinstance(topic, str) else None) from None
+    assert isinstance(topic, str)
+    member = conn.topics is not None and topic in conn.topics
+    if kind == "join":
+        await _join(frame, topic, options, conn, runtime)
+    elif kind == "leave":
+        await runtime.hub.leave(conn, topic)
+        conn.send(encode({"type": "left", "topic": topic}))
+    elif not member:
+        raise BadFrame("forbidden", f"join {topic!r} first", topic)
+    elif kind == "publish":
+        if not options.publish:
+            raise BadFrame("forbidden", "members may not publish in this namespace", topic)
+        event, data = _message(frame, topic)
+        try:
+            published = await runtime.broker.publish(topic_stream(topic), event, data, None, sender=conn.user_id)
+        except BrokerUnavailable as exc:
+            raise BadFrame("unavailable", exc.message, topic) from None
+        runtime.metrics.published_topic.inc()
+        conn.send(encode({"type": "published", "topic": topic, "id": published.id}))
+    elif kind == "signal":
+        if not options.signals:
+            raise BadFrame("forbidden", "signals are off in this namespace", topic)
+        event, data = _message(frame, topic)
+        signal = f'{{"type":"signal","topic":{orjson.dumps(topic).decode()},"event":{event},"data":{data},'
+        signal += f'"from":{orjson.dumps(conn.user_id).decode()}}}'
+        try:
+            await runtime.broker.send(topic_stream(topic), control(SIGNAL, conn.id, signal))
+        except BrokerUnavailable as exc:
+            raise BadFrame("unavailable", exc.message, topic) from None
+    else:  # presence
+        if not options.presence:
+            raise BadFrame("forbidden", "presence is off in this namespace", topic)
+        try:
+            users, count = await runtime.broker.members(topic_stream(topic), MEMBERS_SHOWN)
+        except BrokerUnavailable as exc:
+            raise BadFrame("unavailable", exc.message, topic) from None
+        conn.send(encode({"type": "members", "topic": topic, "users": users, "count": count}))
+
+
+async def _join(frame: dict[str, Any], topic: str, options: TopicOptions, conn: Connection, runtime: Runtime) -> None:
+    if conn.topics is not None and topic in conn.topics:
+        raise BadFrame("already_joined", f"this socket is already a member of {topic!r}", topic)
+    if conn.topics is not None and len(conn.topics) >= runtime.settings.max_topics_per_connection:
+        limit = runtime.settings.max_topics_per_connection
+        raise BadFrame("too_many_topics", f"a socket may be in at most {limit} topics", topic)
+    since = frame.get("since")
+    if since is not None and (not isinstance(since, str) or parse_id(since) is None):
+        raise BadFrame("invalid_cursor", "since is not a notification id", topic)
+    topic_token = None
+    if frame.get("token") is not None:
+        try:
+            topic_token = await runtime.verifier.verify(frame["token"] if isinstance(frame["token"], str) else None)
+        except InvalidToken as exc:
+            raise BadFrame("forbidden", f"topic token refused: {exc.message}", topic) from None
+    if not runtime.topics.may_join(topic, options, conn.user_id, conn.grants, topic_token):
+        raise BadFrame("forbidden", f"this token does not permit joining {topic!r}", topic)
+    stream = topic_stream(topic)
+    conn.hold(stream)  # the topic's live frames wait until `joined` (and any replay) is queued
+    try:
+        count = await runtime.hub.join(conn, topic, runtime.topics.rules(topic))
+    except TopicFull:
+        conn.release([], {}, stream)
+        raise BadFrame("full", f"{topic!r} has its maximum number of members", topic) from None
+    except BrokerUnavailable as exc:
+        conn.release([], {}, stream)
+        raise BadFrame("unavailable", exc.message, topic) from None
+    joined: dict[str, Any] = {"type": "joined", "topic": topic}
+    floors: dict[str, IdKey] = {}
+    frames: list[str] = []
+    if since is not None:
+        page = await replay(runtime, stream, since, floors)
+        joined["recovered"] = page.recovered
+        frames = page.frames
+    cursor = runtime.broker.position(stream)
+    if cursor is not None:
+        joined["cursor"] = cursor
+    if options.presence:
+        joined["count"] = count
+    conn.release([encode(joined), *frames], floors, stream)
+
+
+def _message(frame: dict[str, Any], topic: str) -> tuple[str, str]:
+    """The event and data of a publish or signal frame, as JSON."""
+    event = frame.get("event")
+    if not isinstance(event, str) or not _EVENT.fullmatch(event):
+        raise BadFrame("invalid_frame", '"event" must be 1 to 128 characters, no control characters', topic)
+    try:
+        data = orjson.dumps(frame.get("data")).decode()
+    except orjson.JSONEncodeError:
+        raise BadFrame("invalid_frame", '"data" must be JSON whose integers fit in 64 bits', topic) from None
+    return orjson.dumps(event).decode(), data

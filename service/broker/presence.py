@@ -1,0 +1,214 @@
+"""Presence in Redis: who has sockets in which stream, on which replica, summed across replicas.
+
+Per stream (a user's, or a topic) Redis keeps `members` (user -> sockets on every replica) and,
+per replica, `members:<replica>` (user -> sockets there), so the sum survives any one replica:
+- a user's own stream is written in the background, batched (it feeds `online` in a publish's
+  answer); a topic is written at once, because a join answers the member count;
+- each replica beats every probe interval; one that stops beating for `dead_after` is reaped by
+  whichever live replica claims it first: its sockets are taken out of every stream it had, and
+  topic members are told of every user who had sockets only there;
+- a user's last socket leaving a topic starts a grace; a global set lists the topics with leaves
+  waiting, and every replica sweeps it, so a leave is told even when its replica is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..errors import BrokerUnavailable
+from ..settings import Settings
+from ..streams import is_topic, topic_of, user_of
+from . import scripts
+from .base import StreamRules, TopicFull
+
+logger = logging.getLogger("service.broker")
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+_CLAIM_MS = 30_000
+_NO_RULES = StreamRules()
+
+KeyOf = Callable[[str, str], str]
+RulesOf = Callable[[str], StreamRules]
+
+
+class Presence:
+    """This replica's share of presence, and the reaping of replicas that died."""
+
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, key: KeyOf, prefix: str, replica_id: str, rules: RulesOf
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._key = key
+        self._replica = replica_id
+        self._rules = rules
+        self._ttl_ms = settings.history_ttl_seconds * 1000
+        self._replicas = f"{prefix}:replicas"
+        self._graces = f"{prefix}:leaving"
+        self._streams_of = f"{prefix}:replica:{{0}}:streams"
+        self._claim = f"{prefix}:reaping:{{0}}"
+        self._dead_after_ms = int(settings.presence_dead_after_seconds * 1000)
+        self._script = redis.register_script(scripts.PRESENCE)
+        self._finalize = redis.register_script(scripts.FINALIZE)
+        self._reap = redis.register_script(scripts.REAP)
+        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
+        self._silent = redis.register_script(scripts.SILENT)
+        self._grace_done = redis.register_script(scripts.GRACE_DONE)
+        self.sockets: dict[tuple[str, str], int] = {}  # (stream, user) -> sockets on this replica
+        self._users_in: dict[str, int] = {}  # stream -> users with sockets on this replica
+        self._dirty: set[tuple[str, str]] = set()
+        self._dirty_event = asyncio.Event()
+
+    # ---- writes
+
+    def set(self, stream: str, user_id: str, sockets: int) -> None:
+        """Record in the background (a user's own stream)."""
+        self._remember(stream, user_id, sockets)
+        self._dirty.add((stream, user_id))
+        self._dirty_event.set()
+
+    async def join(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
+        """Record now (a topic); answers the distinct members across replicas."""
+        previous = self.sockets.get((stream, user_id), 0)
+        self._remember(stream, user_id, sockets)
+        try:
+            status, count = await self._write(self._redis, stream, user_id, sockets, rules)
+        except _FAILURES as exc:
+            self._remember(stream, user_id, previous)
+            raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+        if status == 1:
+            self._remember(stream, user_id, previous)
+            raise TopicFull(stream)
+        return int(count)
+
+    def _remember(self, stream: str, user_id: str, sockets: int) -> None:
+        had = (stream, user_id) in self.sockets
+        if sockets:
+            self.sockets[(stream, user_id)] = sockets
+            if not had:
+                self._users_in[stream] = self._users_in.get(stream, 0) + 1
+        elif had:
+            del self.sockets[(stream, user_id)]
+            left = self._users_in.pop(stream) - 1
+            if left:
+                self._users_in[stream] = left
+
+    async def _write(
+        self, client: aioredis.Redis, stream: str, user_id: str, sockets: int, rules: StreamRules
+    ) -> tuple[int, int]:
+        topic = topic_of(stream)
+        keys = [self._key(stream, "m"), self._key(stream, f"m:{self._replica}"), self._key(stream, "g")]
+        keys.append(self._key(stream, "c"))
+        args = [user_id, sockets, int(rules.events), rules.grace_ms, rules.max_members or 0]
+        args += [orjson.dumps(topic or "").decode(), self._ttl_ms]
+        pipe = client.pipeline(transaction=False)
+        await self._script(keys=keys, args=args, client=pipe)
+        if sockets:
+            pipe.sadd(self._streams_of.format(self._replica), stream)
+        elif stream not in self._users_in:
+            pipe.srem(self._streams_of.format(self._replica), stream)
+        status, count = (await pipe.execute())[0]
+        if status == 2:
+            # A leave waits for its grace; whichever replica sweeps first after it tells the members.
+            due = await self._redis.time()
+            await self._redis.zadd(self._graces, {stream: due[0] * 1000 + due[1] // 1000 + rules.grace_ms}, lt=True)
+        return int(status), int(count)
+
+    def _rules_for(self, stream: str) -> StreamRules:
+        return self._rules(stream) if is_topic(stream) else _NO_RULES
+
+    async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hlen(self._key(stream, "m"))
+        pipe.hkeys(self._key(stream, "m"))
+        count, users = await pipe.execute()
+        return sorted(users)[:limit], int(count)
+
+    async def online(self, stream: str) -> int:
+        user_id = user_of(stream)
+        return int(await self._redis.hget(self._key(stream, "m"), user_id or "") or 0)
+
+    # ---- background
+
+    async def write_forever(self) -> None:
+        """Write changed socket counts of users' own streams to Redis, batched."""
+        while True:
+            await self._dirty_event.wait()
+            await asyncio.sleep(0.01)  # let a burst of connects coalesce into one batch
+            self._dirty_event.clear()
+            dirty, self._dirty = self._dirty, set()
+            try:
+                async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
+                    await asyncio.gather(
+                        *(
+                            self._write(self._redis, s, u, self.sockets.get((s, u), 0), self._rules_for(s))
+                            for s, u in dirty
+                        )
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis is down: written again when it is back
+                self._dirty |= dirty
+                self._dirty_event.set()
+                await asyncio.sleep(1.0)
+
+    async def beat(self) -> None:
+        """Say this replica is alive; if the others had reaped it (or Redis lost its data), write
+        all of its presence again. Then reap the dead and tell the leaves that are due."""
+        if await self._heartbeat(keys=[self._replicas], args=[self._replica]):
+            self.rewrite()
+        for dead in await self._silent(keys=[self._replicas], args=[self._dead_after_ms]):
+            if dead != self._replica:
+                await self._reap_replica(dead)
+        await self._sweep_graces()
+
+    def rewrite(self) -> None:
+        """Everything this replica holds goes to Redis again (topics too: their members see joins)."""
+        self._dirty.update(self.sockets)
+        self._dirty_event.set()
+
+    async def _reap_replica(self, dead: str) -> None:
+        if not await self._redis.set(self._claim.format(dead), self._replica, nx=True, px=_CLAIM_MS):
+            return  # another replica is on it
+        streams_key = self._streams_of.format(dead)
+        reaped = 0
+        async for stream in self._redis.sscan_iter(streams_key, count=500):
+            rules = self._rules_for(stream)
+            keys = [self._key(stream, "m"), self._key(stream, f"m:{dead}"), self._key(stream, "g")]
+            keys.append(self._key(stream, "c"))
+            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
+            reaped += int(await self._reap(keys=keys, args=args))
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(streams_key)
+        pipe.zrem(self._replicas, dead)
+        await pipe.execute()
+        logger.warning("replica %s stopped beating: took its %d memberships out of presence", dead, reaped)
+
+    async def _sweep_graces(self) -> None:
+        now = await self._redis.time()
+        now_ms = now[0] * 1000 + now[1] // 1000
+        for stream, due in await self._redis.zrangebyscore(self._graces, "-inf", now_ms, withscores=True):
+            rules = self._rules(stream)
+            keys = [self._key(stream, "m"), self._key(stream, "m"), self._key(stream, "g"), self._key(stream, "c")]
+            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
+            following = int(await self._finalize(keys=keys, args=args))
+            if following:
+                await self._redis.zadd(self._graces, {stream: following}, xx=True)
+            else:
+                await self._grace_done(keys=[self._graces], args=[stream, int(due)])
+
+    async def forget(self) -> None:
+        """On a clean stop: this replica's sockets are gone from every stream (topics' leaves wait
+        for their grace, told by the replicas that remain)."""
+        with contextlib.suppress(*_FAILURES):
+            async with asyncio.timeout(self._settings.publish_timeout_seconds * 2):
+                held, self.sockets = list(self.sockets), {}
+                await asyncio.gather(*(self._write(self._redis, s, u, 0, self._rules_for(s)) for s, u in held))
+                await self._redis.zrem(self._replicas, self._replica)

@@ -1,0 +1,22 @@
+"""A topic namespace's options: what NOTIFY_TOPICS maps each namespace name to."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TopicOptions(BaseModel):
+    """One namespace's options (NOTIFY_TOPICS maps namespace names to these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    join: Literal["token", "any"] = "token"
+    publish: bool = False
+    signals: bool = False
+    presence: bool = False
+    join_leave: bool = False
+    history_size: int | None = Field(None, gt=0)
+    history_ttl_seconds: int | None = Field(None, gt=0)
+    max_members: int | None = Field(None, gt=0)

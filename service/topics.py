@@ -1,0 +1,79 @@
+"""Topics: names, namespaces and who may join. No sockets or Redis in here.
+
+A topic name is `namespace:rest` (the namespace ends at the first colon) or a bare `rest` (the
+namespace ""). A topic exists only in a namespace configured in NOTIFY_TOPICS.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .auth import Principal
+from .broker.base import StreamRules
+from .streams import topic_of
+from .topic_options import TopicOptions
+
+_NAME = re.compile(r"[A-Za-z0-9_\-.:@=]{1,200}")
+NAME_RULE = "1 to 200 characters from A-Z a-z 0-9 _ - . : @ ="
+
+
+class TopicError(Exception):
+    """A topic that cannot be used; `code` is the error frame's code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def namespace_of(topic: str) -> str:
+    return topic.partition(":")[0] if ":" in topic else ""
+
+
+class Topics:
+    """The configured namespaces, and the checks every topic name and join goes through."""
+
+    def __init__(self, namespaces: dict[str, TopicOptions], grace_seconds: float) -> None:
+        self._namespaces = namespaces
+        self._grace_ms = int(grace_seconds * 1000)
+
+    def options(self, topic: object) -> TopicOptions:
+        """The options of a well-formed topic in a configured namespace; TopicError otherwise."""
+        if not isinstance(topic, str) or not _NAME.fullmatch(topic):
+            raise TopicError("invalid_topic", f"a topic name is {NAME_RULE}")
+        options = self._namespaces.get(namespace_of(topic))
+        if options is None:
+            raise TopicError("unknown_namespace", f"no namespace {namespace_of(topic)!r} is configured")
+        return options
+
+    def rules(self, topic: str) -> StreamRules:
+        """How the broker keeps this topic (an unconfigured one: quietly, with global bounds)."""
+        options = self._namespaces.get(namespace_of(topic))
+        if options is None:
+            return StreamRules(grace_ms=self._grace_ms)
+        ttl = options.history_ttl_seconds
+        return StreamRules(
+            options.join_leave, self._grace_ms, options.max_members, options.history_size, ttl and ttl * 1000
+        )
+
+    def stream_rules(self, stream: str) -> StreamRules:
+        """`rules` by stream name, as the broker asks (users and broadcasts: the defaults)."""
+        topic = topic_of(stream)
+        return self.rules(topic) if topic is not None else StreamRules()
+
+    @staticmethod
+    def may_join(
+        topic: str, options: TopicOptions, user_id: str, grants: tuple[str, ...], topic_token: Principal | None
+    ) -> bool:
+        """Whether the connection's user may join: any user where the namespace says so, else a
+        `topics` claim of the connection token (exact, or `ns:*`), or a topic token for exactly
+        this user and topic."""
+        if options.join == "any":
+            return True
+        if topic_token is not None:
+            return topic_token.user_id == user_id and topic_token.topic == topic
+        namespace = namespace_of(topic)
+        return any(
+            granted == topic or (granted.endswith(":*") and granted[:-2] == namespace and ":" in topic)
+            for granted in grants
+        )
