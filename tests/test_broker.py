@@ -204,3 +204,32 @@ def test_raw_connection_reports_a_closed_link_as_a_redis_error(redis_server):
             await client.aclose()
 
     uvloop.run(scenario())
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_history_older_than_the_ttl_is_never_served(backend, redis_server):
+    """The age bound holds on every read, even when a later publish kept the stream alive: an entry
+    older than NOTIFY_HISTORY_TTL_SECONDS is neither replayed, nor in the inbox, nor unread."""
+    url = redis_server.url if backend == "redis" else None
+    settings = Settings(
+        jwt_secret=SECRET, redis_url=url, redis_prefix=f"t{uuid.uuid4().hex[:8]}", history_ttl_seconds=1
+    )  # type: ignore[arg-type]
+    impl = create_broker(settings, "r", Metrics("r"), _rules)
+
+    async def on_lost() -> None:
+        return None
+
+    await impl.start(lambda *_: None, on_lost)
+    try:
+        old = await impl.publish("u:ttl", '"e"', "1", None)
+        await asyncio.sleep(0.7)
+        young = await impl.publish("u:ttl", '"e"', "2", None)
+        await asyncio.sleep(0.5)  # `old` is now past the bound, `young` is not
+        page = await impl.history("u:ttl", "0-0", 10)
+        assert [orjson.loads(f)["id"] for f in page.frames] == [young.id]
+        inbox = await impl.inbox("ttl", None, 10)
+        assert [orjson.loads(f)["id"] for f in inbox.frames] == [young.id] and inbox.unread == 1
+        assert not (await impl.read_state("ttl", old.id)).retained
+        assert [orjson.loads(f)["id"] for f in await impl.latest("u:ttl", None, 10)] == [young.id]
+    finally:
+        await impl.stop()

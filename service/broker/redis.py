@@ -197,9 +197,10 @@ class RedisBroker:
             raise self._unavailable(exc) from None
 
     async def history(self, stream: str, after: str, limit: int) -> HistoryPage:
-        key = self._key(stream, "h")
+        key, floor = self._key(stream, "h"), self._floor(stream)
+        start = floor if id_key(after) < id_key(floor) else f"({after}"
         pipe = self._redis.pipeline(transaction=True)
-        pipe.xrange(key, f"({after}", "+", count=limit)
+        pipe.xrange(key, start, "+", count=limit)
         pipe.xinfo_stream(key)
         entries, info = await self._call(pipe.execute(raise_on_error=False))
         if isinstance(entries, Exception):
