@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
+# Exact versions with hashes (`make lock` writes them): the service's own dependencies, and those
+# plus the test extras.
+LOCK      := deploy/requirements.lock
+TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test openapi lint bench soak cluster clean
+.PHONY: install system-deps run test lock openapi lint bench soak cluster clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +42,20 @@ test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10
 	$(PY) -m pytest -q -m slow --durations=10
 
+# Rewrite the lock files from pyproject.toml, for CPython 3.11 on x86_64 Linux (the Dockerfile's
+# python:3.11-slim), with every file's hash. Pins that still fit are kept; UPGRADE=1 moves
+# everything to the newest releases within the bounds.
+LOCK_VENV  := .venv-lock
+UV         := $(LOCK_VENV)/bin/uv
+UV_VERSION := 0.13.9
+LOCK_FLAGS  = --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+              --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+lock:
+	test -x $(UV) && $(UV) --version | grep -q ' $(UV_VERSION)' || \
+	  { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q 'uv==$(UV_VERSION)'; }
+	$(UV) pip compile $(LOCK_FLAGS) pyproject.toml -o $(LOCK)
+	$(UV) pip compile $(LOCK_FLAGS) pyproject.toml --extra test --constraint $(LOCK) -o $(TEST_LOCK)
+
 openapi: install
 	$(PY) -m service.openapi > openapi/openapi.json
 
@@ -68,4 +86,4 @@ cluster: install system-deps
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
