@@ -36,11 +36,14 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The service on http://$(HOST):$(PORT), embedded broker, with a development secret kept in .dev-secret.
+# The service on http://$(HOST):$(PORT), embedded broker, with a development secret kept in .dev-secret,
+# and two demo topic namespaces: chat rooms anyone may join and talk in, and read-only dashboards.
+DEMO_TOPICS := {"chat":{"join":"any","publish":true,"signals":true,"presence":true,"join_leave":true},"dashboard":{"join":"any","presence":true}}
 run: install
 	@test -s .dev-secret || $(PY) -c "import secrets; print(secrets.token_urlsafe(32))" > .dev-secret
 	@NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) -m service.devhelp --host $(HOST) --port $(PORT)
-	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" NOTIFY_DEMO=true NOTIFY_LOG_JSON=false $(PY) -m service --host $(HOST) --port $(PORT)
+	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" NOTIFY_DEMO=true NOTIFY_LOG_JSON=false NOTIFY_TOPICS='$(DEMO_TOPICS)' \
+	  $(PY) -m service --host $(HOST) --port $(PORT)
 
 test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10

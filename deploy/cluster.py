@@ -204,6 +204,13 @@ class _Stop(Exception):
     pass
 
 
+# The demo page's chat rooms and dashboards, as `make run` configures them.
+DEMO_TOPICS = (
+    '{"chat":{"join":"any","publish":true,"signals":true,"presence":true,"join_leave":true},'
+    '"dashboard":{"join":"any","presence":true}}'
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Redis, N replicas and nginx on 127.0.0.1, no containers.")
     parser.add_argument("--port", type=int, default=8080, help="nginx's port (default 8080)")
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "NOTIFY_DRAIN_SECONDS": str(args.drain_seconds),
             "NOTIFY_DEMO": os.environ.get("NOTIFY_DEMO", "true"),
             "NOTIFY_LOG_JSON": os.environ.get("NOTIFY_LOG_JSON", "false"),
+            "NOTIFY_TOPICS": os.environ.get("NOTIFY_TOPICS", DEMO_TOPICS),
         }
         for i, port in enumerate(replica_ports, 1):
             command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
