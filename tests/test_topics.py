@@ -326,3 +326,30 @@ async def test_presence_is_right_again_after_a_replica_is_killed(redis_server, h
     finally:
         doomed.stop()
         survivor.stop()
+
+
+async def test_topics_on_the_embedded_broker(http):
+    """One replica without Redis keeps the same topic contract: joins, messages, presence, leave after the grace."""
+    replica = Replica({"NOTIFY_TOPICS": json.dumps(NAMESPACES), "NOTIFY_PRESENCE_LEAVE_GRACE_SECONDS": "0.5"}).start()
+    try:
+        topic = f"chat:{uid('e')}"
+        first, second = uid("one"), uid("two")
+        one, two = await connect(replica, first), await connect(replica, second)
+        assert (await join(one, topic))["count"] == 1
+        assert (await join(two, topic))["count"] == 2
+        assert (await frame_of(one, "presence"))["user"] == second
+        response = await http.post(
+            f"{replica.url}/topics/{topic}", json={"event": "e", "data": 1}, headers=publisher_headers()
+        )
+        assert response.status_code == 202 and response.json()["members"] == 2
+        for client in (one, two):
+            [message] = await client.notifications(1)
+            assert message["id"] == response.json()["id"] and "from" not in message
+        await two.close()
+        leave = await frame_of(one, "presence", timeout=3 * TIMEOUT)
+        assert leave["action"] == "leave" and leave["user"] == second and leave["count"] == 1
+        presence = await http.get(f"{replica.url}/topics/{topic}/presence", headers=publisher_headers())
+        assert presence.json()["users"] == [first]
+        await one.close()
+    finally:
+        replica.stop()

@@ -41,8 +41,7 @@ async def publish_to_topic(
     stream = topic_stream(check_topic(runtime, topic))
     _check_rate(runtime, publisher)
     published = await _publish(runtime, publisher, stream, body, idempotency_key)
-    _, members = await runtime.broker.members(stream, 0)
-    return TopicAccepted(id=published.id, ts=published.ts, members=members, duplicate=published.duplicate)
+    return TopicAccepted(id=published.id, ts=published.ts, members=published.online or 0, duplicate=published.duplicate)
 
 
 @router.get("/topics/{topic}/presence", response_model=TopicPresence, responses=_TOPIC_ERRORS)

@@ -37,7 +37,8 @@ BROADCAST_TAIL = ',"broadcast":true}'
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """What `publish` answers: the id, and how many of the user's sockets were online."""
+    """What `publish` answers: the id, and how many of the user's sockets were online (for a
+    topic: its distinct members; for broadcasts: None)."""
 
     id: str
     ts: int

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..ids import IdKey, id_key, is_recoverable
 from ..settings import Settings
-from ..streams import BROADCAST, topic_of, user_of, user_stream
+from ..streams import BROADCAST, is_topic, topic_of, user_of, user_stream
 from .base import (
     FrameHandler,
     HistoryPage,
@@ -101,12 +101,18 @@ class MemoryBroker:
         self._subscribed.discard(stream)
 
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
-        if sockets:
+        if is_topic(stream):
+            with contextlib.suppress(TopicFull):
+                self._topic_presence(stream, user_id, sockets, self._rules(stream))
+        elif sockets:
             self._online[stream] = sockets
         else:
             self._online.pop(stream, None)
 
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
+        return self._topic_presence(stream, user_id, sockets, rules)
+
+    def _topic_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         members = self._topics.setdefault(stream, _Members())
         present = user_id in members.sockets
         if sockets and not present and rules.max_members is not None and len(members.sockets) >= rules.max_members:
@@ -214,6 +220,9 @@ class MemoryBroker:
             self._on_frame(stream, frame)
 
     def _count(self, stream: str) -> int | None:
+        if is_topic(stream):
+            members = self._topics.get(stream)
+            return len(members.sockets) if members else 0
         return self._online.get(stream, 0) if user_of(stream) is not None else None
 
     def _unread(self, user_id: str) -> int:

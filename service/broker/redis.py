@@ -37,6 +37,8 @@ logger = logging.getLogger("service.broker")
 _FAILURES = (RedisError, OSError, TimeoutError)
 _PING_DEADLINE = 0.5
 _FLAG = {False: bulk("0"), True: bulk("1")}
+# What a publish answers counting, by the stream's kind: a user's sockets, a topic's members, nothing.
+_COUNTED = {"u": "=", "t": "#", "b": ""}
 
 
 class RedisBroker:
@@ -172,7 +174,7 @@ class RedisBroker:
                 _FLAG[bool(idem)],
                 bulk(extra),
                 bulk(tail),
-                bulk(user_of(stream) or ""),
+                bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
             )
         )
         try:

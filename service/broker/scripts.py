@@ -13,14 +13,16 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS: history, channel, last id, idempotency key, members.
 # ARGV: event JSON, data JSON, max length, ttl ms, idempotency ttl ms, use-idempotency flag,
-#       frame part after the id, frame tail, the user whose sockets are counted ('' for none).
-# Returns {id, duplicate (0/1), online (-1 when not counted)}.
+#       frame part after the id, frame tail, what to count: '=<user>' that user's sockets, '#' the
+#       distinct members, '' nothing.
+# Returns {id, duplicate (0/1), the count (-1 when nothing is counted)}.
 PUBLISH = (
     _NOW
     + """
 local function online()
   if ARGV[9] == '' then return -1 end
-  return tonumber(redis.call('HGET', KEYS[5], ARGV[9]) or '0')
+  if ARGV[9] == '#' then return redis.call('HLEN', KEYS[5]) end
+  return tonumber(redis.call('HGET', KEYS[5], string.sub(ARGV[9], 2)) or '0')
 end
 if ARGV[6] == '1' then
   local first = redis.call('GET', KEYS[4])
