@@ -353,3 +353,29 @@ async def test_topics_on_the_embedded_broker(http):
         await one.close()
     finally:
         replica.stop()
+
+
+async def test_batch_carries_topic_items_beside_user_items(rooms, http):
+    a, b = rooms
+    topic, user = f"dash:{uid('b')}", uid("batch")
+    member, person = await connect(b, uid("m")), await connect(b, user)
+    await join(member, topic)
+    items = [
+        {"topic": topic, "event": "t", "data": 1},
+        {"user": user, "event": "u", "data": 2},
+        {"topic": "chat:bad name", "event": "t"},
+        {"topic": "nowhere:x", "event": "t"},
+        {"topic": topic, "user": user, "event": "both"},
+    ]
+    response = await http.post(f"{a.url}/notify", json=items[:4], headers=publisher_headers())
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [202, 202, 422, 404]
+    assert results[0]["online"] == 1, "a topic item counts the topic's members"
+    [to_topic] = await member.notifications(1)
+    [to_user] = await person.notifications(1)
+    assert (to_topic["id"], to_topic["topic"]) == (results[0]["id"], topic) and to_user["id"] == results[1]["id"]
+    both = await http.post(f"{a.url}/notify", json=items[4:], headers=publisher_headers())
+    assert both.status_code == 422 and both.json()["error"] == "invalid_request"
+    await member.close()
+    await person.close()
