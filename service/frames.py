@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 
+from .streams import topic_of
+
 
 class CloseCode(IntEnum):
     """Close codes a client may see, and what each means."""
@@ -71,6 +73,12 @@ def wire_text(text: str) -> bytes:
 
 PONG = '{"type":"pong"}'
 RESYNC = '{"type":"resync"}'
+
+
+def resync(stream: str) -> str:
+    """What a stream's sockets get when its gap could not be replayed: refetch (a topic's history)."""
+    topic = topic_of(stream)
+    return RESYNC if topic is None else encode({"type": "resync", "topic": topic})
 
 
 class BadFrame(Exception):

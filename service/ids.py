@@ -1,9 +1,10 @@
 """Notification ids and user ids.
 
-A notification id is `<unix ms>-<seq>`, which is also its Redis stream id. `seq` comes from one
-counter shared by every stream and `ms` never goes backwards, so ids are unique across users and
-broadcasts, and `(ms, seq)` orders any two of them the way they were published, even after Redis
-lost its data and the counter started again.
+A notification id is `<unix ms>-<seq>`, which is also its Redis stream id. Each stream (a user's,
+the broadcasts, a topic: see streams.py) has its own sequence: `seq` counts up and `ms` never goes
+backwards within it, so `(ms, seq)` orders two ids of one stream the way they were published, even
+after the stream's counter expired or Redis lost its data and it started again. Ids of two streams
+are never compared.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ async def soak(server: RedisServer, seconds: float = 180, sockets: int = 300, rs
             await publish(http, replicas[0], None, "warm")
             await asyncio.gather(*(c.close() for c in warm))
             result.start = await settle(http, replicas)
-            result.channels_start = len(direct.pubsub_channels(f"{prefix}:*"))
+            result.channels_start = len(direct.execute_command("PUBSUB", "SHARDCHANNELS", f"{prefix}:*"))
 
             last_ids: dict[str, str] = {}
             stop_at = 0.0
@@ -156,8 +156,8 @@ async def soak(server: RedisServer, seconds: float = 180, sockets: int = 300, rs
             result.end = await settle(http, replicas)
             deadline = time.monotonic() + TIMEOUT
             while time.monotonic() < deadline:
-                result.channels_end = len(direct.pubsub_channels(f"{prefix}:*"))
-                result.presence_keys_end = len(list(direct.scan_iter(f"{prefix}:o:*", count=1000)))
+                result.channels_end = len(direct.execute_command("PUBSUB", "SHARDCHANNELS", f"{prefix}:*"))
+                result.presence_keys_end = len(list(direct.scan_iter(f"{prefix}:*:m:*", count=1000)))
                 if result.channels_end <= result.channels_start and not result.presence_keys_end:
                     break
                 await asyncio.sleep(0.2)

@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ..frames import RESYNC
+from ..frames import resync
 from ..ids import IdKey, id_key, is_recoverable
 from ..metrics import Metrics
 from ..settings import Settings
@@ -207,7 +207,7 @@ class Subscription:
                 if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, self._ttl_ms):
                     lost += 1
                     self._metrics.dropped.labels("gap_unrecoverable").inc()
-                    on_frame(stream, RESYNC)
+                    on_frame(stream, resync(stream))
                     continue
                 for id_, fields in entries:
                     self._positions[stream] = id_key(id_)
