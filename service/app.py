@@ -107,11 +107,20 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
             for error in exc.errors()
         ]
-        summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details[:5])
+        unparsed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if unparsed is not None:
+            summary = f"the body is not valid JSON: {unparsed.get('ctx', {}).get('error', 'cannot be parsed')}"
+        else:
+            summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details[:5])
         return JSONResponse({"error": "invalid_request", "message": summary, "details": details}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body", on a route that does not parse with `api.body`:
+            # still a body that cannot be parsed, answered like every other one.
+            _count(request, "invalid_request")
+            return JSONResponse({"error": "invalid_request", "message": "the body cannot be parsed"}, 422)
         code = {401: "invalid_token", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )

@@ -19,9 +19,10 @@ from ..models import (
     NotificationStatus,
     UnreadCount,
 )
+from .body import JsonRoute
 from .deps import ClientDep, ReaderDep, RuntimeDep
 
-router = APIRouter(tags=["inbox"])
+router = APIRouter(tags=["inbox"], route_class=JsonRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},

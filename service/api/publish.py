@@ -24,9 +24,10 @@ from ..models import (
     PublishRequest,
 )
 from ..runtime import Runtime, TokenBucket
+from .body import JsonRoute
 from .deps import PublisherDep, RuntimeDep
 
-router = APIRouter(tags=["publish"])
+router = APIRouter(tags=["publish"], route_class=JsonRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
