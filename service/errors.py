@@ -7,7 +7,10 @@ ServiceError
 ├── InvalidRequest      422  a body or parameter that breaks the contract
 ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
-└── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+│   answered by the server's protocols, before any routing (`wsprotocol.py`):
+├── MalformedRequest    400  not HTTP the parser accepts
+└── HeadersTooLarge     431  a request head, or one line of a WebSocket handshake, too large
 """
 
 from __future__ import annotations
@@ -75,3 +78,13 @@ class RateLimited(ServiceError):
 class BrokerUnavailable(ServiceError):
     status_code = 503
     code = "broker_unavailable"
+
+
+class MalformedRequest(ServiceError):
+    status_code = 400
+    code = "malformed_request"
+
+
+class HeadersTooLarge(ServiceError):
+    status_code = 431
+    code = "headers_too_large"
