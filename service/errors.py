@@ -8,8 +8,9 @@ ServiceError
 ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
 ├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
-│   answered by the server's protocols, before any routing (`wsprotocol.py`):
+│   answered by the server's protocols, before any routing (`guardedhttp.py`, `wsprotocol.py`):
 ├── MalformedRequest    400  not HTTP the parser accepts
+├── RequestTimeout      408  no complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS
 └── HeadersTooLarge     431  a request head, or one line of a WebSocket handshake, too large
 """
 
@@ -83,6 +84,11 @@ class BrokerUnavailable(ServiceError):
 class MalformedRequest(ServiceError):
     status_code = 400
     code = "malformed_request"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
 
 
 class HeadersTooLarge(ServiceError):
