@@ -5,7 +5,8 @@ a connection that sends nothing, or one header line every few seconds (slow-lori
 descriptor for ever. Here every connection gets NOTIFY_HEADER_TIMEOUT_SECONDS, from opening or from
 its previous response, to complete a request head; one that sent part of a head is told 408, one
 that sent nothing is closed. A head is also bounded in size (431), uvicorn's parse errors are
-answered as JSON like every other error. Everything happens before a request reaches the app, so it
+answered as JSON like every other error, and the first request of each connection passes the
+connection ceilings (`exposure.py`). Everything happens before a request reaches the app, so it
 covers plain HTTP, SSE, WebSocket handshakes and the publish fast path alike.
 """
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError
-from .exposure import MAX_HEAD_BYTES, Exposure
+from .exposure import EXEMPT_PATHS, MAX_HEAD_BYTES, Exposure
 
 _JSON = b"content-type: application/json\r\ncontent-length: "
 
@@ -50,6 +52,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, exposure: Exposure, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.exposure = exposure
+        self._admitted = False
+        self._client: str | None = None  # the address this connection is counted under, if any
         self._in_head = False
         self._head_bytes = 0
         self._heads = 0  # request heads completed on this connection
@@ -67,6 +71,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._client is not None:
+            self.exposure.release(self._client)
+            self._client = None
         super().connection_lost(exc)
 
     def _await_head(self) -> None:
@@ -122,17 +129,52 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_deadline = None
         if self.cycle is _ANSWERED:
             return  # pipelined behind a request answered here
+        if not self._admitted and not self._admit():
+            return
         self.serve_head()
 
     def serve_head(self) -> None:
         """Serve a request whose head is complete; uvicorn's own handling unless overridden."""
         HttpToolsProtocol.on_headers_complete(self)
 
+    def _admit(self) -> bool:
+        exposure = self.exposure
+        client = self.client[0] if self.client else None
+        if exposure.max_per_ip is not None:
+            forwarded = None
+            for name, value in self.headers:
+                if name == b"x-forwarded-for":
+                    forwarded = value
+            client = exposure.client_of(client, forwarded)
+        refusal = exposure.admit(len(self.connections), client)
+        if refusal is None:
+            self._admitted = True
+            if exposure.max_per_ip is not None:
+                self._client = client
+            return True
+        if self._path() in EXEMPT_PATHS:
+            return True  # served, and this connection is still not admitted
+        exposure.refused(refusal, client)
+        self.answer(refusal)
+        return False
+
+    def _path(self) -> str | None:
+        try:
+            return httptools.parse_url(self.url).path.decode("latin-1")
+        except httptools.HttpParserInvalidURLError:
+            return None
+
     def handle_websocket_upgrade(self) -> None:
+        if self.transport.is_closing():
+            return  # the handshake was refused
         super().handle_websocket_upgrade()
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._client is not None:
+            # The socket's protocol owns the connection from here: its close frees the address's place.
+            self.transport.get_protocol().on_lost = self.exposure.releaser(self._client)  # type: ignore[attr-defined]
+            self._client = None
 
     # ---- answers written here
 

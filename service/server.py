@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 
 from .app import create_app
-from .exposure import Exposure
+from .exposure import Exposure, raise_fd_limit
 from .frames import CloseCode
 from .httpprotocol import PublishingHttpProtocol
 from .logs import log_config
@@ -99,7 +99,8 @@ class DrainingServer(uvicorn.Server):
 
 def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
     app = create_app(settings)
-    exposure = Exposure(settings)
+    fd_limit = raise_fd_limit()
+    exposure = Exposure(settings, fd_limit)
     config = uvicorn.Config(
         app,
         host=host,
@@ -118,4 +119,7 @@ def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
         access_log=False,
         server_header=False,
     )
+    # The addresses uvicorn takes X-Forwarded-For from, read by uvicorn (FORWARDED_ALLOW_IPS).
+    exposure.trust(config.forwarded_allow_ips)
+    exposure.log_limits(fd_limit)  # after uvicorn.Config, which sets logging up
     return DrainingServer(config, app, settings.drain_seconds, exposure)

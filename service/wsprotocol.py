@@ -8,6 +8,7 @@ a connection but needs only for a moment is made on demand or let go after the h
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -135,6 +136,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
       is answered at once with a JSON error; uvicorn left the connection hanging.
     """
 
+    # Set by the HTTP protocol that handed the connection over: frees the connection's place
+    # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
+    on_lost: Callable[[], None] | None = None
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.close_timeout = WS_CLOSE_TIMEOUT_SECONDS
@@ -148,6 +153,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(self.transport, _AbortingTransport):
             self.transport.connection_lost()
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

@@ -1,5 +1,5 @@
 """Direct exposure: slow and silent connections, request heads too large or not HTTP, against
-real replicas on raw sockets (bodies: test_bodies.py).
+real replicas on raw sockets (ceilings: test_ceilings.py; bodies: test_bodies.py).
 
 Each test does what a careless or hostile client would do and checks what every client sees: the
 answer (status, JSON error, Retry-After), when the connection closes, and that well-behaved
