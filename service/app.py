@@ -24,6 +24,7 @@ from .hub import Hub
 from .limits import RequestLimits
 from .logs import AccessLog
 from .metrics import Metrics
+from .models import ErrorBody
 from .runtime import Runtime
 from .settings import Settings
 
@@ -34,6 +35,17 @@ DESCRIPTION = """User-targeted real-time notifications.
 Backends publish with `POST /notify/{user_id}` and `POST /broadcast` (scope `notify:publish`);
 clients receive on `GET /ws` (WebSocket) or `GET /events` (Server-Sent Events) with their JWT.
 The socket protocol is described in `openapi/asyncapi.yaml`."""
+
+# What any request may be answered before it reaches a route (`guardedhttp.py`, `exposure.py`).
+CONNECTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorBody, "description": "No complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS."},
+    429: {
+        "model": ErrorBody,
+        "description": "Over NOTIFY_MAX_CONNECTIONS_PER_IP for the caller's address; see Retry-After.",
+    },
+    431: {"model": ErrorBody, "description": "A request head over 64 KB."},
+    503: {"model": ErrorBody, "description": "The replica is at NOTIFY_MAX_CONNECTIONS; see Retry-After."},
+}
 
 
 class NotifyApp(FastAPI):
@@ -79,8 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         access_log=settings.access_log,
     )
-    for module in (publish, inbox, events, health, client_assets):
-        app.include_router(module.router)
+    for module in (publish, inbox, events, client_assets):
+        app.include_router(module.router, responses=CONNECTION_ERRORS)
+    app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
     # Bearer tokens, never cookies: a browser page may read /me/* and /events cross-origin only with a token.
     app.add_middleware(

@@ -35,8 +35,15 @@ class _TooMany(ServiceError):
             "description": "One event per frame; `id:` is the notification id.",
         },
         401: {"model": ErrorBody},
-        429: {"model": ErrorBody, "description": "Too many open streams for this user."},
-        503: {"model": ErrorBody, "description": "The replica is draining."},
+        429: {
+            "model": ErrorBody,
+            "description": "Too many open streams for this user, or connections from this address"
+            " (NOTIFY_MAX_CONNECTIONS_PER_IP; see Retry-After).",
+        },
+        503: {
+            "model": ErrorBody,
+            "description": "The replica is draining, or at NOTIFY_MAX_CONNECTIONS (see Retry-After).",
+        },
     },
 )
 async def events(

@@ -36,8 +36,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         403: "The token lacks the `notify:publish` scope.",
         413: "Body over NOTIFY_MAX_PAYLOAD_BYTES.",
         422: "The body or user id breaks the contract.",
-        429: "Over NOTIFY_PUBLISH_RATE for this publisher; see Retry-After.",
-        503: "The broker is unreachable; nothing was published.",
+        429: "Over NOTIFY_PUBLISH_RATE for this publisher, or NOTIFY_MAX_CONNECTIONS_PER_IP for this address;"
+        " see Retry-After.",
+        503: "The broker is unreachable (nothing was published), or the replica is at NOTIFY_MAX_CONNECTIONS"
+        " (see Retry-After).",
     }.items()
 }
 
