@@ -128,10 +128,24 @@ async def test_per_ip_cap_429_other_addresses_unaffected(http):
             await c.close()
 
 
-async def test_default_ceiling_follows_the_descriptor_limit(single, http):
-    """Unset, NOTIFY_MAX_CONNECTIONS comes from the replica's file-descriptor limit (its soft limit
-    raised to the hard one), leaving room for Redis, logs and refusals; /metrics shows it."""
-    soft, hard = psutil.Process(single.proc.pid).rlimit(psutil.RLIMIT_NOFILE)  # type: ignore[union-attr]
-    assert soft == min(hard, 1 << 20) or hard == resource.RLIM_INFINITY
-    assert await metric(http, single, "notify_max_connections") == default_max_connections(soft)
-    assert default_max_connections(soft) < soft - 100
+async def test_default_ceiling_follows_the_descriptor_limit(http):
+    """Unset, NOTIFY_MAX_CONNECTIONS comes from the replica's file-descriptor limit, leaving room
+    for Redis, logs and refusals, and /metrics shows it. A replica started with the usual soft limit
+    of 1,024 first raises it to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 1024)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))  # inherited by the replica
+    try:
+        r = Replica().start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        replica_soft, _ = psutil.Process(r.proc.pid).rlimit(psutil.RLIMIT_NOFILE)  # type: ignore[union-attr]
+        expected = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+        assert replica_soft == expected, (lowered, replica_soft, hard)
+        ceiling = await metric(http, r, "notify_max_connections")
+        assert ceiling == default_max_connections(replica_soft)
+        assert replica_soft - 128 - replica_soft // 10 <= ceiling < replica_soft - 128
+        report("default_ceiling", soft_at_start=lowered, fd_limit=replica_soft, max_connections=ceiling)
+    finally:
+        r.stop()
