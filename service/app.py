@@ -24,6 +24,7 @@ from .hub import Hub
 from .limits import RequestLimits
 from .logs import AccessLog
 from .metrics import Metrics
+from .models import ErrorBody
 from .runtime import Runtime
 from .settings import Settings
 from .topics import Topics
@@ -35,6 +36,17 @@ DESCRIPTION = """User-targeted real-time notifications.
 Backends publish with `POST /notify/{user_id}` and `POST /broadcast` (scope `notify:publish`);
 clients receive on `GET /ws` (WebSocket) or `GET /events` (Server-Sent Events) with their JWT.
 The socket protocol is described in `openapi/asyncapi.yaml`."""
+
+# What any request may be answered before it reaches a route (`guardedhttp.py`, `exposure.py`).
+CONNECTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    408: {"model": ErrorBody, "description": "No complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS."},
+    429: {
+        "model": ErrorBody,
+        "description": "Over NOTIFY_MAX_CONNECTIONS_PER_IP for the caller's address; see Retry-After.",
+    },
+    431: {"model": ErrorBody, "description": "A request head over 64 KB."},
+    503: {"model": ErrorBody, "description": "The replica is at NOTIFY_MAX_CONNECTIONS; see Retry-After."},
+}
 
 
 class NotifyApp(FastAPI):
@@ -81,8 +93,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         access_log=settings.access_log,
     )
-    for module in (publish, topics, inbox, events, health, client_assets):
-        app.include_router(module.router)
+    for module in (publish, topics, inbox, events, client_assets):
+        app.include_router(module.router, responses=CONNECTION_ERRORS)
+    app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
     # Bearer tokens, never cookies: a browser page may read /me/* and /events cross-origin only with a token.
     app.add_middleware(
@@ -109,11 +122,20 @@ def _install_error_handlers(app: FastAPI) -> None:
             {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type", "")}
             for error in exc.errors()
         ]
-        summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details[:5])
+        unparsed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if unparsed is not None:
+            summary = f"the body is not valid JSON: {unparsed.get('ctx', {}).get('error', 'cannot be parsed')}"
+        else:
+            summary = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details[:5])
         return JSONResponse({"error": "invalid_request", "message": summary, "details": details}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "error parsing the body", on a route that does not parse with `api.body`:
+            # still a body that cannot be parsed, answered like every other one.
+            _count(request, "invalid_request")
+            return JSONResponse({"error": "invalid_request", "message": "the body cannot be parsed"}, 422)
         code = {401: "invalid_token", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )

@@ -7,7 +7,13 @@ ServiceError
 ├── InvalidRequest      422  a body or parameter that breaks the contract
 ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
-└── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+│   └── TooManyConnections  429  this address over NOTIFY_MAX_CONNECTIONS_PER_IP
+├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
+│   answered by the server's protocols, before any routing (`guardedhttp.py`, `wsprotocol.py`):
+├── MalformedRequest    400  not HTTP the parser accepts
+├── RequestTimeout      408  no complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS
+├── HeadersTooLarge     431  a request head, or one line of a WebSocket handshake, too large
+└── OverCapacity        503  the replica at NOTIFY_MAX_CONNECTIONS (carries retry_after)
 """
 
 from __future__ import annotations
@@ -80,3 +86,34 @@ class RateLimited(ServiceError):
 class BrokerUnavailable(ServiceError):
     status_code = 503
     code = "broker_unavailable"
+
+
+class TooManyConnections(RateLimited):
+    code = "too_many_connections"
+
+
+class OverCapacity(ServiceError):
+    status_code = 503
+    code = "over_capacity"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class MalformedRequest(ServiceError):
+    status_code = 400
+    code = "malformed_request"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ServiceError):
+    status_code = 431
+    code = "headers_too_large"

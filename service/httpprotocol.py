@@ -5,7 +5,8 @@ machinery around a few lines of work: a request-response cycle, a task through t
 stack, message dicts both ways, a header check per response header. A publish that `api.fastpath`
 accepts skips all of that: its body is collected here, the publish runs, and the answer is written
 straight to the transport. Every other request, and every publish the fast path refuses (it is then
-handed to uvicorn as if nothing had happened), is uvicorn's own.
+handed to uvicorn as if nothing had happened), is uvicorn's own. Connection-level guards (header
+timeout, ceilings) come first, from `guardedhttp.GuardedHttpProtocol`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,15 @@ import time
 import urllib.parse
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import logs
 from .api.fastpath import NOT_A_PUBLISH, FastPublish, answer, error_answer, prepare, publish_target
 from .errors import ServiceError
+from .guardedhttp import NO_EVENT, GuardedHttpProtocol
 from .runtime import Runtime
 
 logger = logging.getLogger("service")
-
-_JSON = b"content-type: application/json\r\ncontent-length: "
-
-
-class _NoEvent:
-    def set(self) -> None:
-        pass
-
-
-_NO_EVENT = _NoEvent()
 
 
 class _Publish:
@@ -41,7 +33,7 @@ class _Publish:
 
     __slots__ = ("user_id", "path", "headers", "body", "keep_alive", "disconnected", "response_complete")
 
-    message_event = _NO_EVENT
+    message_event = NO_EVENT
 
     def __init__(self, user_id: str | None, path: str, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.user_id = user_id
@@ -53,18 +45,18 @@ class _Publish:
         self.response_complete = False
 
 
-class PublishingHttpProtocol(HttpToolsProtocol):
+class PublishingHttpProtocol(GuardedHttpProtocol):
     """See the module docstring. A publish is taken only when nothing else is in flight on the
     connection; pipelined requests behind it wait their turn as uvicorn makes them."""
 
-    def on_headers_complete(self) -> None:
+    def serve_head(self) -> None:
         if (self.cycle is None or self.cycle.response_complete) and not self.expect_100_continue:
             target = self._publish_target()
             if target is not None:
                 keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
                 self.cycle = _Publish(*target, self.headers, keep_alive)  # type: ignore[assignment]
                 return
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
         publish = self.cycle
@@ -113,7 +105,7 @@ class PublishingHttpProtocol(HttpToolsProtocol):
     def _hand_over(self, publish: _Publish) -> None:
         """Give the request to uvicorn after all, with the body read so far."""
         self.cycle = None  # type: ignore[assignment]
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
         self.cycle.body = publish.body
         self.cycle.message_event.set()
 
@@ -137,11 +129,7 @@ class PublishingHttpProtocol(HttpToolsProtocol):
     def _respond(self, publish: _Publish, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         if publish.disconnected or self.transport.is_closing():
             return
-        out = [STATUS_LINE[status]]
-        for name, value in (*self.server_state.default_headers, *headers):
-            out += (name, b": ", value, b"\r\n")
-        out += (_JSON, b"%d\r\n" % len(body), b"" if publish.keep_alive else b"connection: close\r\n", b"\r\n", body)
-        self.transport.write(b"".join(out))
+        self.write_response(status, body, headers, publish.keep_alive)
         publish.response_complete = True
         if not publish.keep_alive:
             self.transport.close()

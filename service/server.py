@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from types import FrameType
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 
 from .app import create_app
+from .exposure import Exposure, raise_fd_limit
 from .frames import CloseCode
 from .httpprotocol import PublishingHttpProtocol
 from .logs import log_config
@@ -31,10 +33,11 @@ class DrainingServer(uvicorn.Server):
     """On the first SIGTERM/SIGINT: refuse new sockets, close open ones with 1012 spread over the
     drain time, then let uvicorn finish in-flight requests and stop. A second signal stops at once."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float, exposure: Exposure) -> None:
         super().__init__(config)
         self._app = app
         self._drain_seconds = drain_seconds
+        self._exposure = exposure
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -51,6 +54,7 @@ class DrainingServer(uvicorn.Server):
             registry = runtime.metrics.registry
             tasks = Gauge("notify_event_loop_tasks", "Tasks alive on the event loop.", registry=registry)
             tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
+            self._exposure.bind(runtime.metrics, self.server_state.connections)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
@@ -95,12 +99,14 @@ class DrainingServer(uvicorn.Server):
 
 def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
     app = create_app(settings)
+    fd_limit = raise_fd_limit()
+    exposure = Exposure(settings, fd_limit)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=PublishingHttpProtocol,
+        http=functools.partial(PublishingHttpProtocol, exposure=exposure),  # type: ignore[arg-type]
         ws=BoundedWebSocketProtocol,
         # Clients send only small control frames: a bigger one is closed with 1009 before it is buffered.
         ws_max_size=settings.max_inbound_bytes,
@@ -113,4 +119,7 @@ def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
         access_log=False,
         server_header=False,
     )
-    return DrainingServer(config, app, settings.drain_seconds)
+    # The addresses uvicorn takes X-Forwarded-For from, read by uvicorn (FORWARDED_ALLOW_IPS).
+    exposure.trust(config.forwarded_allow_ips)
+    exposure.log_limits(fd_limit)  # after uvicorn.Config, which sets logging up
+    return DrainingServer(config, app, settings.drain_seconds, exposure)

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     probe_timeout_seconds: float = Field(3.0, gt=0)
     reconnect_max_seconds: float = Field(10.0, gt=0)
 
+    # Direct exposure. A connection gets this long, from opening or from its previous response, to
+    # send a complete request head (408 when it sent part of one); slow-loris holds nothing longer.
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    # Open connections beyond which new requests and handshakes get 503; unset: sized from the
+    # file-descriptor limit at start-up (`exposure.py`).
+    max_connections: int | None = Field(None, gt=0)
+    # Per client address (the peer, or X-Forwarded-For from a FORWARDED_ALLOW_IPS peer); 429 beyond.
+    max_connections_per_ip: int | None = Field(None, gt=0)
+
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
 

@@ -8,12 +8,17 @@ a connection but needs only for a moment is made on demand or let go after the h
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import SecurityError
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from .errors import HeadersTooLarge, MalformedRequest, ServiceError
 from .frames import SEND_FRAME_EXTENSION
 
 # A peer gets this long to answer our close frame before its TCP connection is dropped.
@@ -127,7 +132,13 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
       what is already buffered, the app is told the socket is gone, and the TCP connection is
       aborted if the peer has not completed the close after WS_CLOSE_TIMEOUT_SECONDS + grace.
     - Every other close (ping timeout, shutdown) likewise ends in an abort after the grace period.
+    - A handshake the websockets parser refuses (a header line over 8 KB, more than 128 headers)
+      is answered at once with a JSON error; uvicorn left the connection hanging.
     """
+
+    # Set by the HTTP protocol that handed the connection over: frees the connection's place
+    # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
+    on_lost: Callable[[], None] | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -142,7 +153,38 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(self.transport, _AbortingTransport):
             self.transport.connection_lost()
+        if self.on_lost is not None:
+            self.on_lost()
+            self.on_lost = None
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.close_sent:
+            self._refuse_handshake(self.conn.handshake_exc)
+
+    def _refuse_handshake(self, exc: Exception) -> None:
+        """The parser has given up on the request (its own answer, if any, is never written out by
+        uvicorn): answer in the service's error shape and close."""
+        self.conn.data_to_send()  # websockets' plain-text answer, replaced by ours
+        error: ServiceError
+        if isinstance(exc, SecurityError):  # a line too long, too many headers
+            error = HeadersTooLarge(f"WebSocket handshake refused: {exc}")
+        else:
+            error = MalformedRequest("WebSocket handshake refused: not a valid HTTP request")
+        body = orjson.dumps(error.body())
+        self.transport.write(
+            b"".join(
+                (
+                    STATUS_LINE[error.status_code],
+                    *(name + b": " + value + b"\r\n" for name, value in self.default_headers),
+                    b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+                    body,
+                )
+            )
+        )
+        self.close_sent = self.handshake_complete = True
+        self.transport.close()
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

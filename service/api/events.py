@@ -46,8 +46,15 @@ class _UnknownTopic(ServiceError):
         403: {"model": ErrorBody, "description": "The token does not permit joining a topic asked for."},
         404: {"model": ErrorBody, "description": "A topic asked for is in no configured namespace."},
         422: {"model": ErrorBody, "description": "A topic name or the cursor is malformed."},
-        429: {"model": ErrorBody, "description": "Too many open streams for this user."},
-        503: {"model": ErrorBody, "description": "The replica is draining."},
+        429: {
+            "model": ErrorBody,
+            "description": "Too many open streams for this user, or connections from this address"
+            " (NOTIFY_MAX_CONNECTIONS_PER_IP; see Retry-After).",
+        },
+        503: {
+            "model": ErrorBody,
+            "description": "The replica is draining, or at NOTIFY_MAX_CONNECTIONS (see Retry-After).",
+        },
     },
 )
 async def events(

@@ -66,6 +66,8 @@ def prepare(runtime: Runtime, user_id: str | None, headers: list[Header], body: 
     key = idempotency_key.decode("latin-1") if idempotency_key is not None else None
     if key is not None and not 0 < len(key) <= 256:
         return None
+    if b"NaN" in body or b"Infinity" in body:
+        return None  # pydantic would read these literals here; the route's parser refuses them (`api.body`)
     try:
         principal = runtime.verifier.verify_now(authorization[7:].decode("latin-1").strip())
         request = PublishRequest.model_validate_json(body)

@@ -18,7 +18,12 @@ async def healthz(runtime: RuntimeDep) -> dict[str, str]:
     return {"status": "ok", "replica": runtime.replica_id}
 
 
-@router.get("/readyz", responses={503: {"description": "Draining, or the broker is unreachable."}})
+@router.get(
+    "/readyz",
+    responses={
+        503: {"description": "Draining, the broker is unreachable, or the replica is at NOTIFY_MAX_CONNECTIONS."}
+    },
+)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready for traffic: not draining, and the broker answers with a live subscription."""
     if runtime.draining:

@@ -19,14 +19,18 @@ from ..models import (
     NotificationStatus,
     UnreadCount,
 )
+from .body import JsonRoute
 from .deps import ClientDep, ReaderDep, RuntimeDep
 
-router = APIRouter(tags=["inbox"])
+router = APIRouter(tags=["inbox"], route_class=JsonRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
     403: {"model": ErrorBody},
-    503: {"model": ErrorBody},
+    503: {
+        "model": ErrorBody,
+        "description": "The broker is unreachable, or the replica is at NOTIFY_MAX_CONNECTIONS (see Retry-After).",
+    },
 }
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 Before = Annotated[

@@ -26,9 +26,10 @@ from ..models import (
 from ..runtime import Runtime, TokenBucket
 from ..streams import BROADCAST, is_topic, topic_stream, user_stream
 from ..topics import TopicError
+from .body import JsonRoute
 from .deps import PublisherDep, RuntimeDep
 
-router = APIRouter(tags=["publish"])
+router = APIRouter(tags=["publish"], route_class=JsonRoute)
 
 
 def _errors() -> dict[int | str, dict[str, Any]]:
@@ -39,8 +40,10 @@ def _errors() -> dict[int | str, dict[str, Any]]:
             403: "The token lacks the scope this call needs.",
             413: "Body over NOTIFY_MAX_PAYLOAD_BYTES.",
             422: "The body, user id or topic name breaks the contract.",
-            429: "Over NOTIFY_PUBLISH_RATE for this publisher; see Retry-After.",
-            503: "The broker is unreachable; nothing was published.",
+            429: "Over NOTIFY_PUBLISH_RATE for this publisher, or NOTIFY_MAX_CONNECTIONS_PER_IP for this address;"
+            " see Retry-After.",
+            503: "The broker is unreachable (nothing was published), or the replica is at NOTIFY_MAX_CONNECTIONS"
+            " (see Retry-After).",
         }.items()
     }
 

@@ -18,11 +18,12 @@ from ..models import (
     TopicPresence,
 )
 from ..streams import topic_stream, user_stream
+from .body import JsonRoute
 from .deps import AdminDep, PublisherDep, ReaderDep, RuntimeDep
 from .membership import MEMBERS_SHOWN
 from .publish import IdempotencyKey, _check_rate, _errors, _publish, check_topic
 
-router = APIRouter(tags=["topics"])
+router = APIRouter(tags=["topics"], route_class=JsonRoute)
 
 TopicName = Annotated[str, Path(description='`namespace:rest`, or a bare name in the namespace "".')]
 UserName = Annotated[str, Path(min_length=1, max_length=256, pattern=USER_ID_PATTERN)]

@@ -1,0 +1,195 @@
+"""Exposure: the limits a replica facing clients directly puts on its connections.
+
+The server's HTTP protocol (`guardedhttp.py`) applies the header timeout and the largest request
+head, and asks here, once per connection, whether the first request may be served: a replica past
+NOTIFY_MAX_CONNECTIONS answers 503, an address past NOTIFY_MAX_CONNECTIONS_PER_IP answers 429.
+Both are decided at the first request, not at accept: only a request can be answered, and a
+connection that never sends one is closed by the header timeout anyway. A connection once
+admitted is never refused later, so open sockets and the keep-alive connections of publishers
+keep working whatever arrives after them.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from collections.abc import Callable, Sized
+
+from prometheus_client import Counter, Gauge
+from uvicorn.middleware.proxy_headers import _TrustedHosts
+
+from .errors import OverCapacity, ServiceError, TooManyConnections
+from .metrics import Metrics
+from .settings import Settings
+
+logger = logging.getLogger("service")
+
+# Descriptors kept out of the connection ceiling: the Redis pool (64) and the publish and
+# subscription connections, a JWKS fetch, log files, the listener and the event loop's own.
+RESERVED_FDS = 128
+# Past the ceiling connections are still accepted, to be answered 503; this share of the
+# descriptors left is kept for them, so that refusing never turns into failing to accept.
+REFUSAL_HEADROOM = 0.1
+# Raising the soft limit stops here even when the hard limit is unlimited.
+FD_LIMIT_CAP = 1 << 20
+# A refused client may retry this soon: sockets close all the time on a busy replica.
+RETRY_AFTER_SECONDS = 1
+# Served even past the ceilings: an orchestrator must still see the process alive, and an operator
+# the refusals. /readyz is refused like anything else, which takes the replica out of rotation.
+EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
+# A request head (request line and headers) larger than this is answered 431.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as far as FD_LIMIT_CAP; the soft limit after.
+
+    A socket server is bounded by its descriptors, and the usual soft default (1,024) is a limit
+    nobody chose for it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_LIMIT_CAP if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_CAP)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            logger.warning("could not raise the file-descriptor limit from %d to %d", soft, target)
+    return FD_LIMIT_CAP if soft == resource.RLIM_INFINITY else soft
+
+
+def default_max_connections(fd_limit: int) -> int:
+    """The connection ceiling a descriptor limit allows, with room for Redis, logs and refusals."""
+    return max(1, fd_limit // 2, int((fd_limit - RESERVED_FDS) * (1 - REFUSAL_HEADROOM)))
+
+
+class Exposure:
+    """Connection ceilings and the header timeout, shared by every connection of one server."""
+
+    def __init__(self, settings: Settings, fd_limit: int) -> None:
+        self.header_timeout = settings.header_timeout_seconds
+        self.max_connections = settings.max_connections or default_max_connections(fd_limit)
+        self.max_per_ip = settings.max_connections_per_ip
+        self._trusted: _TrustedHosts | None = None
+        self._per_ip: dict[str, int] = {}
+        self._capped_ips: set[str] = set()
+        self._full = False
+        self._refused_while_full = 0
+        self._refused: Counter | None = None
+        self.header_timeouts: Counter | None = None
+
+    def log_limits(self, fd_limit: int) -> None:
+        logger.info(
+            "serving up to %d connections (file-descriptor limit %d); request heads due within %gs",
+            self.max_connections,
+            fd_limit,
+            self.header_timeout,
+        )
+        if self.max_connections > fd_limit - RESERVED_FDS:
+            logger.warning(
+                "NOTIFY_MAX_CONNECTIONS=%d is more than the file-descriptor limit (%d) allows: accepting will "
+                "fail before the ceiling is reached",
+                self.max_connections,
+                fd_limit,
+            )
+
+    def trust(self, forwarded_allow_ips: list[str] | str) -> None:
+        """Peers whose X-Forwarded-For names the client: uvicorn's FORWARDED_ALLOW_IPS, read the way
+        uvicorn's proxy-headers middleware reads it, so the count and the logs agree on who called."""
+        self._trusted = _TrustedHosts(forwarded_allow_ips)
+
+    def bind(self, metrics: Metrics, connections: Sized) -> None:
+        """Export the figures on the app's registry, once the app's lifespan has made it."""
+        registry = metrics.registry
+        self._refused = Counter(
+            "notify_connections_refused",
+            "Requests and handshakes refused at a connection ceiling, by ceiling.",
+            ["reason"],
+            registry=registry,
+        )
+        self.header_timeouts = Counter(
+            "notify_header_timeouts",
+            "Connections closed for not sending a complete request head in time: "
+            "partial (answered 408) or silent (closed without a word).",
+            ["kind"],
+            registry=registry,
+        )
+        open_connections = Gauge(
+            "notify_open_connections", "Open TCP connections: HTTP, WebSocket and SSE.", registry=registry
+        )
+        open_connections.set_function(lambda: len(connections))
+        ceiling = Gauge("notify_max_connections", "The connection ceiling in effect.", registry=registry)
+        ceiling.set(self.max_connections)
+
+    def client_of(self, peer: str | None, forwarded_for: bytes | None) -> str | None:
+        """The address a connection is counted under."""
+        if forwarded_for is not None and self._trusted is not None and peer in self._trusted:
+            host, _ = self._trusted.get_trusted_client_address(forwarded_for.decode("latin-1"))
+            return host or peer
+        return peer
+
+    def admit(self, open_connections: int, client: str | None) -> ServiceError | None:
+        """None: serve the first request of a new connection (counted under `client` until
+        `release`); otherwise the refusal to answer it with. The caller reports a refusal it
+        answered with `refused`."""
+        if open_connections > self.max_connections:
+            return OverCapacity(
+                f"this replica is at its ceiling of {self.max_connections} connections: retry shortly",
+                RETRY_AFTER_SECONDS,
+            )
+        if self._full:
+            self._full = False
+            logger.warning(
+                "below the connection ceiling again (%d open of %d); %d requests were refused meanwhile",
+                open_connections,
+                self.max_connections,
+                self._refused_while_full,
+            )
+        if self.max_per_ip is not None and client is not None:
+            held = self._per_ip.get(client, 0)
+            if held >= self.max_per_ip:
+                return TooManyConnections(
+                    f"{client} already has {held} connections open, the most allowed per address",
+                    RETRY_AFTER_SECONDS,
+                )
+            self._per_ip[client] = held + 1
+        return None
+
+    def refused(self, refusal: ServiceError, client: str | None) -> None:
+        """Count a refusal; say once, not once per refusal, that a ceiling was reached."""
+        if isinstance(refusal, OverCapacity):
+            reason = "max_connections"
+            self._refused_while_full += 1
+            if not self._full:
+                self._full = True
+                self._refused_while_full = 1
+                logger.warning(
+                    "connection ceiling reached: NOTIFY_MAX_CONNECTIONS=%d; new requests and handshakes get 503 "
+                    "until connections close (open sockets are not affected)",
+                    self.max_connections,
+                )
+        else:
+            reason = "max_connections_per_ip"
+            if client is not None and client not in self._capped_ips:
+                self._capped_ips.add(client)
+                logger.warning(
+                    "%s reached NOTIFY_MAX_CONNECTIONS_PER_IP=%d; its new connections get 429", client, self.max_per_ip
+                )
+        if self._refused is not None:
+            self._refused.labels(reason).inc()
+
+    def release(self, client: str) -> None:
+        """The admitted connection counted under `client` has closed."""
+        held = self._per_ip.get(client, 0) - 1
+        if held > 0:
+            self._per_ip[client] = held
+        else:
+            self._per_ip.pop(client, None)
+        if self.max_per_ip is not None and held < self.max_per_ip:
+            self._capped_ips.discard(client)
+
+    def releaser(self, client: str) -> Callable[[], None]:
+        return lambda: self.release(client)
+
+    def timed_out(self, partial: bool) -> None:
+        if self.header_timeouts is not None:
+            self.header_timeouts.labels("partial" if partial else "silent").inc()

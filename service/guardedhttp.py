@@ -1,0 +1,202 @@
+"""GuardedHttpProtocol: uvicorn's httptools protocol, safe to face clients without a proxy.
+
+uvicorn arms no timer until a first response, and none at all while a request head trickles in:
+a connection that sends nothing, or one header line every few seconds (slow-loris), holds its
+descriptor for ever. Here every connection gets NOTIFY_HEADER_TIMEOUT_SECONDS, from opening or from
+its previous response, to complete a request head; one that sent part of a head is told 408, one
+that sent nothing is closed. A head is also bounded in size (431), uvicorn's parse errors are
+answered as JSON like every other error, and the first request of each connection passes the
+connection ceilings (`exposure.py`). Everything happens before a request reaches the app, so it
+covers plain HTTP, SSE, WebSocket handshakes and the publish fast path alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError
+from .exposure import EXEMPT_PATHS, MAX_HEAD_BYTES, Exposure
+
+_JSON = b"content-type: application/json\r\ncontent-length: "
+
+
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
+NO_EVENT = _NoEvent()
+
+
+class _Answered:
+    """Stands where uvicorn keeps its request-response cycle once the connection was answered here
+    and is closing: uvicorn's callbacks see a complete response and leave the rest of the request be."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = False
+    message_event = NO_EVENT
+
+
+_ANSWERED = _Answered()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """See the module docstring. `serve_head` is where a subclass takes a request over."""
+
+    def __init__(self, *args: Any, exposure: Exposure, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exposure = exposure
+        self._admitted = False
+        self._client: str | None = None  # the address this connection is counted under, if any
+        self._in_head = False
+        self._head_bytes = 0
+        self._heads = 0  # request heads completed on this connection
+        self._head_deadline: float | None = None  # while waiting for a head
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    # ---- the header timeout
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._client is not None:
+            self.exposure.release(self._client)
+            self._client = None
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        """Start the clock for the next request head. One timer serves many requests: it is
+        re-armed when it fires early, not set again for every response of a busy connection."""
+        self._head_deadline = self.loop.time() + self.exposure.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_clock)
+
+    def _head_clock(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None or self.transport.is_closing():
+            return
+        if self.loop.time() < deadline:
+            self._head_timer = self.loop.call_at(deadline, self._head_clock)
+            return
+        self.exposure.timed_out(self._in_head)
+        if self._in_head:
+            timeout = self.exposure.header_timeout
+            self.answer(RequestTimeout(f"no complete request head within {timeout:g} s"))
+        else:
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        # Counted only when the whole chunk belongs to the head still unfinished after it: never a
+        # body's bytes (no false 431), at the cost of missing the first chunk of a head that
+        # starts behind a body. Either way httptools holds no more than the limit and two chunks.
+        countable = self._in_head or not self._heads
+        heads = self._heads
+        super().data_received(data)
+        if countable and self._in_head and heads == self._heads:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.answer(HeadersTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes"))
+
+    def on_response_complete(self) -> None:
+        idle = not self.pipeline  # else the next request's head is in already
+        super().on_response_complete()
+        if idle and not self.transport.is_closing():
+            self._await_head()
+
+    # ---- each request head
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._heads += 1
+        self._head_deadline = None
+        if self.cycle is _ANSWERED:
+            return  # pipelined behind a request answered here
+        if not self._admitted and not self._admit():
+            return
+        self.serve_head()
+
+    def serve_head(self) -> None:
+        """Serve a request whose head is complete; uvicorn's own handling unless overridden."""
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def _admit(self) -> bool:
+        exposure = self.exposure
+        client = self.client[0] if self.client else None
+        if exposure.max_per_ip is not None:
+            forwarded = None
+            for name, value in self.headers:
+                if name == b"x-forwarded-for":
+                    forwarded = value
+            client = exposure.client_of(client, forwarded)
+        refusal = exposure.admit(len(self.connections), client)
+        if refusal is None:
+            self._admitted = True
+            if exposure.max_per_ip is not None:
+                self._client = client
+            return True
+        if self._path() in EXEMPT_PATHS:
+            return True  # served, and this connection is still not admitted
+        exposure.refused(refusal, client)
+        self.answer(refusal)
+        return False
+
+    def _path(self) -> str | None:
+        try:
+            return httptools.parse_url(self.url).path.decode("latin-1")
+        except httptools.HttpParserInvalidURLError:
+            return None
+
+    def handle_websocket_upgrade(self) -> None:
+        if self.transport.is_closing():
+            return  # the handshake was refused
+        super().handle_websocket_upgrade()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self._client is not None:
+            # The socket's protocol owns the connection from here: its close frees the address's place.
+            self.transport.get_protocol().on_lost = self.exposure.releaser(self._client)  # type: ignore[attr-defined]
+            self._client = None
+
+    # ---- answers written here
+
+    def send_400_response(self, msg: str) -> None:
+        self.answer(MalformedRequest(f"not a valid HTTP request: {msg}"))
+
+    def answer(self, error: ServiceError) -> None:
+        """Answer with `error` as JSON, and close the connection. Behind a response still being
+        written (a head trickling in after an event stream, say) there is no room for an answer:
+        the connection is only closed, and the request in flight learns it as uvicorn tells it."""
+        if self.cycle is None or self.cycle.response_complete:
+            headers = [(name.lower().encode(), value.encode()) for name, value in error.headers().items()]
+            self.write_response(error.status_code, orjson.dumps(error.body()), headers, keep_alive=False)
+            self.cycle = _ANSWERED  # type: ignore[assignment]
+        self.transport.close()
+
+    def write_response(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]], keep_alive: bool = True
+    ) -> None:
+        """A complete JSON response, written straight to the transport."""
+        out = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers):
+            out += (name, b": ", value, b"\r\n")
+        out += (_JSON, b"%d\r\n" % len(body), b"" if keep_alive else b"connection: close\r\n", b"\r\n", body)
+        self.transport.write(b"".join(out))

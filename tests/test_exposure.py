@@ -1,0 +1,281 @@
+"""Direct exposure: slow and silent connections, request heads too large or not HTTP, against
+real replicas on raw sockets (ceilings: test_ceilings.py; bodies: test_bodies.py).
+
+Each test does what a careless or hostile client would do and checks what every client sees: the
+answer (status, JSON error, Retry-After), when the connection closes, and that well-behaved
+sockets and publishers beside it are not disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import psutil
+import pytest
+import websockets
+
+from .rawhttp import SLACK, exchange, head, metric, report
+from .utils import ROOT, TIMEOUT, Client, Replica, cluster_env, publish, token
+
+WS_HEADERS = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+
+
+@contextlib.contextmanager
+def replica(env: dict[str, str]) -> Iterator[Replica]:
+    r = Replica(env).start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def quick() -> Iterator[Replica]:
+    """A replica whose connections get one second to send a request head."""
+    with replica({"NOTIFY_HEADER_TIMEOUT_SECONDS": "1"}) as r:
+        yield r
+
+
+# ---- the header timeout
+
+
+async def test_partial_heads_get_408_and_silent_connections_are_closed(quick, http):
+    """With NOTIFY_HEADER_TIMEOUT_SECONDS=1: a connection that sends nothing is closed without a
+    word; one that sent part of a head (a publish for the fast path, a batch for the framework, an
+    event stream, a WebSocket handshake, or one that keeps adding a header line) gets 408 in the
+    service's error shape, then is closed; all within the timeout plus slack, none before it."""
+    auth = f"Authorization: Bearer {token('backend', 'notify:publish')}"
+    partial = {
+        "fast publish": head("POST", "/notify/someone", auth, "Content-Type: application/json"),
+        "batch": head("POST", "/notify", auth),
+        "event stream": head("GET", f"/events?token={token('someone')}"),
+        "websocket": head("GET", f"/ws?token={token('someone')}", *WS_HEADERS),
+    }
+    timeouts_before = await metric(http, quick, 'notify_header_timeouts_total{kind="partial"}')
+    silent_before = await metric(http, quick, 'notify_header_timeouts_total{kind="silent"}')
+    answers = await asyncio.gather(
+        exchange(quick.port, b""),
+        *(exchange(quick.port, data) for data in partial.values()),
+        exchange(quick.port, head("GET", "/healthz"), trickle=[b"X-More: %d\r\n" % i for i in range(20)]),
+    )
+    silent, *partials, trickling = answers
+    assert silent.raw == b"" and silent.closed_after is not None and 0.9 <= silent.closed_after <= 1 + SLACK
+    for name, answer in zip([*partial, "one more header line every 0.3 s"], [*partials, trickling], strict=True):
+        assert answer.status == 408, (name, answer.raw)
+        assert answer.json()["error"] == "request_timeout", name
+        assert answer.headers["connection"] == "close", name
+        assert answer.closed_after is not None and 0.9 <= answer.closed_after <= 1 + SLACK, (name, answer.closed_after)
+    assert await metric(http, quick, 'notify_header_timeouts_total{kind="partial"}') >= timeouts_before + 5
+    assert await metric(http, quick, 'notify_header_timeouts_total{kind="silent"}') >= silent_before + 1
+    report("header_timeout", timeout_s=1.0, closed_after_s=max(a.closed_after or 0 for a in answers))
+
+
+async def test_header_clock_restarts_after_each_response(quick):
+    """On a keep-alive connection the clock runs from the previous response: requests every 0.5 s
+    for 3 s (three timeouts) are all answered on the same connection, and a head left unfinished
+    afterwards is answered 408 one timeout after the last response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
+    try:
+        for _ in range(6):
+            writer.write(head("GET", "/healthz") + b"\r\n")
+            async with asyncio.timeout(TIMEOUT):
+                response = await reader.readuntil(b"\r\n\r\n")
+                assert response.startswith(b"HTTP/1.1 200"), response
+                length = int(response.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            answered = time.monotonic()
+            await asyncio.sleep(0.5)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        async with asyncio.timeout(1 + SLACK):
+            rest = await reader.read()
+        waited = time.monotonic() - answered
+        assert rest.startswith(b"HTTP/1.1 408"), rest
+        assert 0.9 <= waited <= 1 + SLACK
+    finally:
+        writer.close()
+
+
+async def test_sockets_and_streams_outlive_the_header_timeout(quick, http):
+    """The timeout is for request heads only: a WebSocket and an event stream opened on that
+    replica still receive a notification published three timeouts later."""
+    user = "long-lived"
+    client = await Client.connect(quick, user)
+    await client.welcome()
+    async with http.stream("GET", f"{quick.url}/events?token={token(user)}") as stream:
+        lines = stream.aiter_lines()
+        async with asyncio.timeout(TIMEOUT):
+            while "welcome" not in await anext(lines):
+                pass
+        await asyncio.sleep(3)
+        sent = (await publish(http, quick, user, "late")).json()["id"]
+        [frame] = await client.notifications(1)
+        assert frame["id"] == sent
+        async with asyncio.timeout(TIMEOUT):
+            while sent not in await anext(lines):
+                pass
+    await client.close()
+
+
+# ---- heads too large, malformed requests
+
+
+async def test_oversized_handshakes_are_refused_at_once(single):
+    """A WebSocket handshake with a 10 KB header line, or with 200 headers, is answered 431 with a
+    JSON error within a second (it used to hang); so is any request whose head is over 64 KB, and a
+    request that is not HTTP gets a JSON 400. A normal handshake still works afterwards."""
+    ws = head("GET", f"/ws?token={token('big')}", *WS_HEADERS, "Sec-WebSocket-Version: 13")
+    cases = {
+        "websocket, 10 KB header line": ws + b"X-Big: " + b"a" * 10_000 + b"\r\n\r\n",
+        "websocket, 200 headers": ws + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+        "http, 70 KB head": head("GET", "/healthz") + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(70)),
+    }
+    answered_after = []
+    for name, data in cases.items():
+        answer = await exchange(single.port, data)
+        assert answer.status == 431, (name, answer.raw[:200])
+        assert answer.json()["error"] == "headers_too_large", name
+        assert answer.closed_after is not None and answer.closed_after < 1.0, (name, answer.closed_after)
+        answered_after.append(answer.closed_after)
+    report("oversized_heads", cases=len(cases), slowest_answer_s=max(answered_after))
+    bad = await exchange(single.port, b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n")
+    assert bad.status == 400 and bad.json()["error"] == "malformed_request", bad.raw
+    client = await Client.connect(single, "big")
+    await client.welcome()
+    await client.close()
+
+
+# ---- slow-loris against a working replica
+
+
+def _fds(proc: psutil.Process, redis_port: int) -> int:
+    """Descriptors other than connections to Redis (whose pool grows and shrinks by itself)."""
+    to_redis = sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == redis_port)
+    return proc.num_fds() - to_redis
+
+
+@pytest.mark.slow
+async def test_slowloris_and_silent_flood(redis_server):
+    """1,000 slow-loris connections (a partial head, then one header line a second) and 1,000
+    silent ones against one replica (header timeout 4 s) while a client socket receives and a
+    backend publishes: publishes keep answering 202 at their usual latency, the socket receives
+    everything, every attacking connection is closed within the timeout plus slack (slow ones
+    with 408), and the replica's descriptors return to their baseline."""
+    attackers = 1000
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * attackers + 200:
+        pytest.skip(f"the file-descriptor hard limit ({hard}) is too low for {2 * attackers} connections")
+    timeout = 4.0
+    env = cluster_env(redis_server, NOTIFY_HEADER_TIMEOUT_SECONDS=str(timeout))
+    with replica(env) as r:
+        proc = psutil.Process(r.proc.pid)  # type: ignore[union-attr]
+        client = await Client.connect(r, "victim")
+        await client.welcome()
+        received: list[str] = []
+
+        async def receive() -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                while True:
+                    frame = orjson.loads(await client.ws.recv())
+                    if frame["type"] == "notification":
+                        received.append(frame["id"])
+
+        reader = asyncio.create_task(receive())
+        sent: list[str] = []
+        async with httpx.AsyncClient(timeout=TIMEOUT, limits=httpx.Limits(max_connections=1)) as backend:
+
+            async def timed_publish() -> float:
+                started = time.perf_counter()
+                response = await publish(backend, r, "victim", "tick")
+                elapsed = time.perf_counter() - started
+                assert response.status_code == 202, response.text
+                sent.append(response.json()["id"])
+                return elapsed
+
+            for _ in range(20):
+                await timed_publish()
+            baseline = [await timed_publish() for _ in range(300)]
+            fds_before = _fds(proc, redis_server.port)
+
+            attack = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tests.slowloris",
+                "--port",
+                str(r.port),
+                "--slow",
+                str(attackers),
+                "--silent",
+                str(attackers),
+                "--interval",
+                "1",
+                "--seconds",
+                str(timeout + 4 * SLACK),
+                stdout=asyncio.subprocess.PIPE,
+                cwd=ROOT,
+            )
+            assert attack.stdout is not None
+            async with asyncio.timeout(4 * SLACK):
+                opened_line = (await attack.stdout.readline()).decode()
+            assert opened_line.startswith("opened "), opened_line
+            fds_peak = _fds(proc, redis_server.port)
+            under_attack: list[float] = []
+            attack_started = time.monotonic()
+            while attack.returncode is None and time.monotonic() - attack_started < timeout + 4 * SLACK:
+                under_attack.append(await timed_publish())
+                if len(under_attack) % 50 == 0:
+                    fds_peak = max(fds_peak, _fds(proc, redis_server.port))
+            async with asyncio.timeout(2 * SLACK):
+                summary = orjson.loads(await attack.stdout.read())
+                await attack.wait()
+            deadline = time.monotonic() + SLACK
+            while _fds(proc, redis_server.port) != fds_before and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            fds_after = _fds(proc, redis_server.port)
+        async with asyncio.timeout(TIMEOUT):
+            while len(received) < len(sent):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        reader.cancel()
+        await client.close()
+
+    p50_base, p50_attack = statistics.median(baseline), statistics.median(under_attack)
+    p90_base = statistics.quantiles(baseline, n=10)[-1]
+    p90_attack = statistics.quantiles(under_attack, n=10)[-1]
+    slow, silent = summary["slow"], summary["silent"]
+    report(
+        "slowloris",
+        slow=slow["opened"],
+        silent=silent["opened"],
+        header_timeout_s=timeout,
+        slow_closed_after_s_min=slow["min_held_s"],
+        slow_closed_after_s_max=slow["max_held_s"],
+        silent_closed_after_s_max=silent["max_held_s"],
+        slow_answers=str(slow["answers"]),
+        publish_p50_ms_baseline=p50_base * 1000,
+        publish_p50_ms_attack=p50_attack * 1000,
+        publish_p90_ms_baseline=p90_base * 1000,
+        publish_p90_ms_attack=p90_attack * 1000,
+        publishes_under_attack=len(under_attack),
+        fds_before=fds_before,
+        fds_peak=fds_peak,
+        fds_after=fds_after,
+    )
+    assert summary["failed_to_open"] == 0
+    assert slow["opened"] == silent["opened"] == attackers
+    assert slow["closed"] == silent["closed"] == attackers, summary
+    assert slow["answers"] == {"408": attackers} and silent["answers"] == {"none": attackers}
+    assert slow["max_lines_sent"] >= 3, "the slow connections did trickle"
+    for kind in (slow, silent):
+        assert timeout - 0.2 <= kind["min_held_s"] and kind["max_held_s"] <= timeout + SLACK, summary
+    assert fds_peak >= fds_before + 2 * attackers * 0.9, "the attack was not in place while publishing"
+    assert len(under_attack) >= 100
+    assert p50_attack <= 5 * p50_base, (p50_base, p50_attack)
+    assert sorted(received) == sorted(sent), "the socket missed notifications"
+    assert fds_after == fds_before, (fds_before, fds_after)
