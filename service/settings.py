@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from .broker.topology import Topology
 
 
 class Settings(BaseSettings):
@@ -72,6 +75,30 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _read_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .broker.topology import CLUSTER, SENTINEL, parse_redis_url
+
+            kind = parse_redis_url(value).kind
+            if kind == CLUSTER:
+                # The one place cluster mode is refused: it goes once broker/__init__.py can build a cluster broker.
+                raise ValueError(
+                    "NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; use redis://"
+                )
+            if kind == SENTINEL:
+                raise ValueError(
+                    "NOTIFY_REDIS_URL: Redis Sentinel (redis+sentinel://) is not available yet; use redis://"
+                )
+        return value
+
+    def redis_topology(self) -> Topology | None:
+        """What NOTIFY_REDIS_URL names (None: the embedded broker); checked when settings load."""
+        from .broker.topology import parse_redis_url
+
+        return None if self.redis_url is None else parse_redis_url(self.redis_url)
 
     @model_validator(mode="after")
     def _require_a_key(self) -> Settings:
