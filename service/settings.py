@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Namespace of every Redis key and channel, so several deployments can share one Redis.
     redis_prefix: str = "notify"
+    # TLS (rediss URLs): the CA that signed the Redis certificates (default: the system's CAs), and
+    # a client certificate for a Redis that asks for one.
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
 
     # Authentication. At least one key source is required.
     jwt_secret: SecretStr | None = None
@@ -93,6 +98,19 @@ class Settings(BaseSettings):
                     "NOTIFY_REDIS_URL: Redis Sentinel (redis+sentinel://) is not available yet; use redis://"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _check_redis_options(self) -> Settings:
+        from .broker.topology import check_tls_files, parse_redis_url
+
+        topology = parse_redis_url(self.redis_url) if self.redis_url is not None else None
+        tls_files = {"CA": self.redis_ca_file, "CERT": self.redis_cert_file, "KEY": self.redis_key_file}
+        for name, path in tls_files.items():
+            if path is not None and (topology is None or not topology.tls):
+                # Refused rather than ignored: whoever set it expects TLS, and would get plain text.
+                raise ValueError(f"NOTIFY_REDIS_{name}_FILE is set but NOTIFY_REDIS_URL is not a rediss URL")
+        check_tls_files(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+        return self
 
     def redis_topology(self) -> Topology | None:
         """What NOTIFY_REDIS_URL names (None: the embedded broker); checked when settings load."""

@@ -107,6 +107,10 @@ def test_refusals_never_show_the_password(url):
 SETTINGS_REFUSED = [
     ({"redis_url": "redis+cluster://n1:7000"}, "Redis Cluster (redis+cluster://) is not available yet"),
     ({"redis_url": "ftp://h/0"}, "NOTIFY_REDIS_URL: unknown scheme 'ftp'"),
+    ({"redis_url": "redis://h:1/0", "redis_ca_file": __file__}, "NOTIFY_REDIS_CA_FILE is set but"),
+    ({"redis_url": "rediss://h:1/0", "redis_ca_file": "/nonexistent/ca.pem"}, "is not a readable PEM CA certificate"),
+    ({"redis_url": "rediss://h:1/0", "redis_ca_file": __file__}, "is not a readable PEM CA certificate"),
+    ({"redis_url": "rediss://h:1/0", "redis_cert_file": __file__}, "go together"),
 ]
 
 
@@ -140,8 +144,13 @@ def test_settings_read_the_topology():
             "notify-service: NOTIFY_REDIS_URL: unknown scheme 'memcached'; expected one of redis://, rediss://, "
             "redis+sentinel://, rediss+sentinel://, redis+cluster://, rediss+cluster://, unix://",
         ),
+        (
+            {"NOTIFY_REDIS_URL": "rediss://h:1/0", "NOTIFY_REDIS_CA_FILE": "/nonexistent/ca.pem"},
+            "notify-service: NOTIFY_REDIS_CA_FILE '/nonexistent/ca.pem' is not a readable PEM CA certificate: "
+            "No such file or directory",
+        ),
     ],
-    ids=["two-hosts", "cluster", "scheme"],
+    ids=["two-hosts", "cluster", "scheme", "ca-file"],
 )
 def test_the_service_refuses_to_start(env, line):
     """A real `python -m service` exits non-zero at once with exactly one line saying why."""

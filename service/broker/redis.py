@@ -16,7 +16,6 @@ import random
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -28,6 +27,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, frame_id
+from .connector import Connector
 from .pipeline import AutoPipeline
 from .resp import RawConnection, bulk, command
 
@@ -55,9 +55,10 @@ class RedisBroker:
         self._probe_channel = f"{p}:probe:{replica_id}"
         self._prefix = p
         self._ttl_ms = settings.history_ttl_seconds * 1000
+        # Where Redis is and how to reach it (TLS).
+        self._connector = Connector(settings)
         # Commands get a hard deadline; the pool blocks rather than opening a socket per stuck call.
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
+        self._redis = self._connector.client(
             decode_responses=True,
             # The call's own deadline (`_call`) always fires before the socket times out: a reply that
             # is merely late is never retried, since the publish script may already have run.
@@ -69,8 +70,7 @@ class RedisBroker:
         )
         # Makes the subscription's connection, which is then read raw (resp.RawConnection). It waits
         # for messages indefinitely: the probe, not a socket timeout, finds stalls.
-        self._sub_client = aioredis.Redis.from_url(
-            settings.redis_url,
+        self._sub_client = self._connector.client(
             decode_responses=True,
             socket_connect_timeout=settings.publish_timeout_seconds,
             socket_keepalive=True,
@@ -121,6 +121,7 @@ class RedisBroker:
 
     async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         self._on_frame, self._on_lost = on_frame, on_lost
+        await self._connector.start()
         self._tasks = [
             asyncio.create_task(self._subscription_forever(), name="redis-subscription"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
@@ -144,6 +145,7 @@ class RedisBroker:
         await self._pipeline.aclose()
         await self._redis.aclose()
         await self._sub_client.aclose()
+        await self._connector.aclose()
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ here connects, and no message repeats the credentials: they end up in start-up e
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -167,3 +168,28 @@ def _visible(text: str) -> str:
     """Part of the URL for an error line: bounded, and printable."""
     shown = "".join(c if c.isprintable() else "?" for c in text)
     return shown if len(shown) <= 64 else shown[:61] + "..."
+
+
+def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """Refuse, at start, TLS files that every connection would fail on later, one by one."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("NOTIFY_REDIS_CERT_FILE and NOTIFY_REDIS_KEY_FILE go together: set both or neither")
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problem = f"NOTIFY_REDIS_CA_FILE {ca_file!r} is not a readable PEM CA certificate: {_reason(exc)}"
+            raise ValueError(problem) from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"NOTIFY_REDIS_CERT_FILE {cert_file!r} and NOTIFY_REDIS_KEY_FILE {key_file!r} are not a readable"
+                f" PEM certificate and its key: {_reason(exc)}"
+            ) from None
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    return str(getattr(exc, "reason", None) or exc.strerror or exc)
