@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     redis_ca_file: str | None = None
     redis_cert_file: str | None = None
     redis_key_file: str | None = None
+    # A publish is answered 202 only once this many replicas confirm they have it (WAIT), within
+    # the publish deadline; 503 otherwise. 0: as soon as the primary has it.
+    redis_replicas_ack: int = Field(0, ge=0)
 
     # Authentication. At least one key source is required.
     jwt_secret: SecretStr | None = None
@@ -109,6 +112,8 @@ class Settings(BaseSettings):
             if path is not None and (topology is None or not topology.tls):
                 # Refused rather than ignored: whoever set it expects TLS, and would get plain text.
                 raise ValueError(f"NOTIFY_REDIS_{name}_FILE is set but NOTIFY_REDIS_URL is not a rediss URL")
+        if self.redis_replicas_ack and topology is None:
+            raise ValueError("NOTIFY_REDIS_REPLICAS_ACK needs NOTIFY_REDIS_URL: the embedded broker has no replicas")
         check_tls_files(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
         return self
 

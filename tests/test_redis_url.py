@@ -111,6 +111,8 @@ SETTINGS_REFUSED = [
     ({"redis_url": "rediss://h:1/0", "redis_ca_file": "/nonexistent/ca.pem"}, "is not a readable PEM CA certificate"),
     ({"redis_url": "rediss://h:1/0", "redis_ca_file": __file__}, "is not a readable PEM CA certificate"),
     ({"redis_url": "rediss://h:1/0", "redis_cert_file": __file__}, "go together"),
+    ({"redis_replicas_ack": 1}, "NOTIFY_REDIS_REPLICAS_ACK needs NOTIFY_REDIS_URL"),
+    ({"redis_url": "redis://h:1/0", "redis_replicas_ack": -1}, "greater than or equal to 0"),
 ]
 
 

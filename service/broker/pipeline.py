@@ -10,6 +10,11 @@ The deadline is kept per connection, not per call: replies come in order, so the
 waiting is the only one that can be late first. When it is, Redis is hung or the link is half-open,
 and the connection is dropped with every command on it; the next call reconnects.
 
+Replicated acknowledgement (`execute(..., acknowledged=True)`): each write that carries such
+commands ends with one `WAIT <replicas> <ms>`, so the commands before it are confirmed by the
+replicas together; WAIT blocks the connection while it waits, and one per write rather than one per
+command keeps that to once per event-loop turn.
+
 The connection is a `RawConnection` (see resp.py): made by redis-py, then written and read directly.
 """
 
@@ -21,15 +26,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from .resp import RawConnection
+from .resp import RawConnection, command
+
+
+class NotReplicated(RedisError):
+    """Fewer replicas than required confirmed the write in time (it may still reach them)."""
 
 
 class _Link:
     """One connected socket: commands out, replies matched to their callers in order."""
 
-    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken")
+    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken", "acked")
 
     def __init__(self, conn: RawConnection) -> None:
         self.conn = conn
@@ -40,6 +49,7 @@ class _Link:
         self.watchdog: asyncio.TimerHandle | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.broken: BaseException | None = None
+        self.acked: asyncio.Future[Any] | None = None  # the WAIT that ends the next write, if any
 
     def fail(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -51,6 +61,8 @@ class _Link:
                 waiter.set_exception(kind(str(exc) or type(exc).__name__))
         self.sent_at.clear()
         self.out.clear()
+        if self.acked is not None and not self.acked.done():
+            self.acked.set_exception(kind(str(exc) or type(exc).__name__))
         if self.watchdog is not None:
             self.watchdog.cancel()
 
@@ -61,14 +73,18 @@ class AutoPipeline:
     Every call gets its reply, an error reply raised as ResponseError, or within `deadline` seconds
     a TimeoutError or redis ConnectionError."""
 
-    def __init__(self, client: aioredis.Redis, deadline: float) -> None:
+    def __init__(self, client: aioredis.Redis, deadline: float, replicas: int = 0) -> None:
         self._client = client
         self._deadline = deadline
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
+        self._replicas = replicas
+        # WAIT answers before the deadline drops the connection, so a shortfall is an answer, not a timeout.
+        self._wait = command("WAIT", replicas, max(1, int(deadline * 800))) if replicas else b""
 
-    async def execute(self, command: bytes) -> Any:
-        """Send one command, already in RESP (see resp.py), and return its reply."""
+    async def execute(self, command: bytes, acknowledged: bool = False) -> Any:
+        """Send one command, already in RESP (see resp.py), and return its reply; `acknowledged`:
+        only once the replicas asked for confirm it (NotReplicated otherwise)."""
         link = self._link
         if link is None or link.broken is not None:
             async with asyncio.timeout(self._deadline):
@@ -78,12 +94,23 @@ class AutoPipeline:
         link.out.append(command)
         link.pending.append(waiter)
         link.sent_at.append(loop.time())
+        acked = None
+        if acknowledged and self._replicas:
+            acked = link.acked
+            if acked is None:
+                acked = link.acked = loop.create_future()
+                acked.add_done_callback(_retrieve)
         if not link.flush_scheduled:
             link.flush_scheduled = True
             loop.call_soon(self._flush, link)
         if link.watchdog is None:
             link.watchdog = loop.call_later(self._deadline, self._watch, link)
-        return await waiter
+        reply = await waiter
+        if acked is not None:
+            confirmed = await acked
+            if confirmed < self._replicas:
+                raise NotReplicated(f"{confirmed} of {self._replicas} replicas confirmed within the deadline")
+        return reply
 
     async def aclose(self) -> None:
         if self._connecting is not None:
@@ -95,6 +122,11 @@ class AutoPipeline:
         link.flush_scheduled = False
         if not link.out or link.broken is not None:
             return
+        if link.acked is not None:
+            link.out.append(self._wait)
+            link.pending.append(link.acked)
+            link.sent_at.append(asyncio.get_running_loop().time())
+            link.acked = None
         data = b"".join(link.out) if len(link.out) > 1 else link.out[0]
         link.out.clear()
         try:
@@ -161,7 +193,8 @@ class AutoPipeline:
         link.conn.abort()
 
 
-def _retrieve(task: asyncio.Task[_Link]) -> None:
-    """A failed attempt whose callers all gave up is not an unhandled error: they got their 503."""
-    if not task.cancelled():
-        task.exception()
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A failure whose waiters all gave up (or heard of it otherwise) is not an unhandled error:
+    they got their 503."""
+    if not future.cancelled():
+        future.exception()

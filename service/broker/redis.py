@@ -77,7 +77,9 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 0),
         )
         # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
-        self._pipeline = AutoPipeline(self._redis, settings.publish_timeout_seconds)
+        self._pipeline = AutoPipeline(
+            self._redis, settings.publish_timeout_seconds, replicas=settings.redis_replicas_ack
+        )
         # The publish command is encoded once around what changes per call (see `publish`): 18 parts,
         # EVALSHA (or EVAL), the script, the key count, 7 keys and 8 arguments.
         sha = self._redis.register_script(scripts.PUBLISH).sha
@@ -229,13 +231,14 @@ class RedisBroker:
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
 
     async def _run_publish(self, body: bytes) -> Any:
+        # Acknowledged: with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT).
         try:
-            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body)
+            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body, acknowledged=True)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(self._publish_head["EVAL"] + body)
+        return await self._pipeline.execute(self._publish_head["EVAL"] + body, acknowledged=True)
 
     async def history(self, user_id: str | None, after: str, limit: int) -> HistoryPage:
         stream = self._broadcast_stream if user_id is None else self._stream(user_id)
