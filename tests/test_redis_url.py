@@ -111,6 +111,7 @@ SETTINGS_REFUSED = [
     ({"redis_url": "rediss://h:1/0", "redis_ca_file": "/nonexistent/ca.pem"}, "is not a readable PEM CA certificate"),
     ({"redis_url": "rediss://h:1/0", "redis_ca_file": __file__}, "is not a readable PEM CA certificate"),
     ({"redis_url": "rediss://h:1/0", "redis_cert_file": __file__}, "go together"),
+    ({"redis_url": "redis://h:1/0", "redis_sentinel_password": "x"}, "not a sentinel URL"),
     ({"redis_replicas_ack": 1}, "NOTIFY_REDIS_REPLICAS_ACK needs NOTIFY_REDIS_URL"),
     ({"redis_url": "redis://h:1/0", "redis_replicas_ack": -1}, "greater than or equal to 0"),
 ]
@@ -124,8 +125,8 @@ def test_settings_refuse_what_cannot_work(values, problem):
 
 
 def test_settings_read_the_topology():
-    settings = Settings(jwt_secret=SECRET, redis_url="redis://:pw@h:1/1")
-    assert settings.redis_topology() == Topology(SINGLE, (("h", 1),), password="pw", db=1)
+    settings = Settings(jwt_secret=SECRET, redis_url="redis+sentinel://:pw@s1:1,s2:2/m/1")
+    assert settings.redis_topology() == Topology(SENTINEL, (("s1", 1), ("s2", 2)), password="pw", master_name="m", db=1)
     assert Settings(jwt_secret=SECRET).redis_topology() is None
 
 
@@ -139,7 +140,8 @@ def test_settings_read_the_topology():
         ),
         (
             {"NOTIFY_REDIS_URL": "rediss+cluster://n1:7000,n2:7000"},
-            "notify-service: NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; use redis://",
+            "notify-service: NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; use redis:// "
+            "for one Redis or redis+sentinel:// for a Sentinel-managed primary",
         ),
         (
             {"NOTIFY_REDIS_URL": "memcached://h:1"},

@@ -1,5 +1,7 @@
 """Redis topologies for tests, as real processes on free loopback ports that the test owns.
 
+- `SentinelTopology`: one primary, its replicas and three sentinels (`redis-server --sentinel`)
+  that notice a dead primary after a second and fail over at once.
 - `TestCA` and `tls_redis`: a certificate authority made in the test, and a Redis that speaks
   only TLS with a certificate it signed.
 
@@ -126,6 +128,104 @@ class Node:
                 self.proc.wait(TIMEOUT)
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelTopology:
+    """A primary, `replicas` replicas and three sentinels (quorum 2, down after 1 s)."""
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        master_name: str = "notify-test",
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        self.master_name = master_name
+        self.password = password
+        self.sentinel_password = sentinel_password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        self.primary = Node(auth, password=password)
+        self.replicas = [Node(auth, password=password) for _ in range(replicas)]
+        self.sentinels: list[Node] = []
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.primary, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{self.master_name}/0"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Env for replicas of the service on this topology, in a key namespace of their own."""
+        env = {"NOTIFY_REDIS_URL": self.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}"}
+        if self.sentinel_password:
+            env["NOTIFY_REDIS_SENTINEL_PASSWORD"] = self.sentinel_password
+        return {**env, **extra}
+
+    def start(self) -> SentinelTopology:
+        try:
+            self.primary.start()
+            for replica in self.replicas:
+                replica.args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
+                replica.start()
+            name = self.master_name
+            conf = (
+                f"sentinel monitor {name} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {name} 1000\n"
+                f"sentinel failover-timeout {name} 2000\n"
+                f"sentinel parallel-syncs {name} 1\n"
+            )
+            if self.password:
+                conf += f"sentinel auth-pass {name} {self.password}\n"
+            if self.sentinel_password:
+                conf += f"requirepass {self.sentinel_password}\n"  # and the sentinels use it among themselves
+            self.sentinels = [Node(sentinel_conf=conf, password=self.sentinel_password) for _ in range(3)]
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self._wait_settled()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_settled(self) -> None:
+        """Until every replica is in sync and every sentinel knows the replicas and the other two."""
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                linked = all(r.client().info("replication")["master_link_status"] == "up" for r in self.replicas)
+                states = [s.client().sentinel_master(self.master_name) for s in self.sentinels]
+                if linked and all(
+                    st["num-slaves"] == len(self.replicas) and st["num-other-sentinels"] == len(self.sentinels) - 1
+                    for st in states
+                ):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("the sentinel topology did not settle")
+
+    def wait_promotion(self, old: Node, within: float) -> Node:
+        """The node other than `old` that says it is the primary, once one does (the sentinels may
+        not name it yet, and `old`, if still up, may still say it is the primary too)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node is not old and node.proc is not None and not node.paused and node.role() == "master":
+                    return node
+            time.sleep(0.02)
+        raise AssertionError(f"no replica was promoted within {within}s")
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, *self.nodes]:
+            node.stop()
+
+    def __enter__(self) -> SentinelTopology:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class TestCA:

@@ -15,6 +15,9 @@ commands ends with one `WAIT <replicas> <ms>`, so the commands before it are con
 replicas together; WAIT blocks the connection while it waits, and one per write rather than one per
 command keeps that to once per event-loop turn.
 
+A READONLY reply means the node is no longer the primary: the connection is dropped with every
+command on it, and `on_broken` (as for any dropped connection) lets the owner look for the primary.
+
 The connection is a `RawConnection` (see resp.py): made by redis-py, then written and read directly.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -73,7 +77,13 @@ class AutoPipeline:
     Every call gets its reply, an error reply raised as ResponseError, or within `deadline` seconds
     a TimeoutError or redis ConnectionError."""
 
-    def __init__(self, client: aioredis.Redis, deadline: float, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deadline: float,
+        replicas: int = 0,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
         self._deadline = deadline
         self._link: _Link | None = None
@@ -81,6 +91,7 @@ class AutoPipeline:
         self._replicas = replicas
         # WAIT answers before the deadline drops the connection, so a shortfall is an answer, not a timeout.
         self._wait = command("WAIT", replicas, max(1, int(deadline * 800))) if replicas else b""
+        self._on_broken = on_broken
 
     async def execute(self, command: bytes, acknowledged: bool = False) -> Any:
         """Send one command, already in RESP (see resp.py), and return its reply; `acknowledged`:
@@ -116,7 +127,17 @@ class AutoPipeline:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._link is not None:
-            self._drop(self._link, RedisConnectionError("closed"))
+            self._drop(self._link, RedisConnectionError("closed"), quietly=True)
+
+    def drop_link(self, reason: str, keep: Callable[[RawConnection], bool]) -> None:
+        """Drop the connection unless `keep` approves of it; commands on it fail, the next call reconnects."""
+        link = self._link
+        if link is not None and not keep(link.conn):
+            self._drop(link, RedisConnectionError(reason), quietly=True)
+        if self._connecting is not None and not self._connecting.done():
+            # It may be stuck on its way to the old node: the next call starts afresh, and this one,
+            # should it still succeed, is not used (see `_open`).
+            self._connecting = None
 
     def _flush(self, link: _Link) -> None:
         link.flush_scheduled = False
@@ -161,7 +182,11 @@ class AutoPipeline:
         return link
 
     async def _open(self) -> _Link:
-        link = _Link(await RawConnection.open(self._client))
+        conn = await RawConnection.open(self._client)
+        if self._connecting is not asyncio.current_task():
+            conn.abort()
+            raise RedisConnectionError("the connection was abandoned while it was being made")
+        link = _Link(conn)
         link.reader_task = asyncio.get_running_loop().create_task(self._read(link), name="redis-pipeline-reader")
         self._link = link
         return link
@@ -170,27 +195,34 @@ class AutoPipeline:
         pending, sent_at = link.pending, link.sent_at
         try:
             while True:
+                demoted = None
                 for reply in await link.conn.replies():
                     waiter = pending.popleft()
                     sent_at.popleft()
+                    if isinstance(reply, ResponseError) and str(reply).startswith("READONLY"):
+                        demoted = reply
                     if waiter.done():
                         continue  # its caller was cancelled
                     if isinstance(reply, ResponseError):
                         waiter.set_exception(reply)
                     else:
                         waiter.set_result(reply)
+                if demoted is not None:
+                    raise RedisConnectionError(f"no longer the primary: {demoted}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this link
             self._drop(link, exc)
 
-    def _drop(self, link: _Link, exc: BaseException) -> None:
+    def _drop(self, link: _Link, exc: BaseException, quietly: bool = False) -> None:
         link.fail(exc)
         if self._link is link:
             self._link = None
         if link.reader_task is not None and link.reader_task is not asyncio.current_task():
             link.reader_task.cancel()
         link.conn.abort()
+        if not quietly and self._on_broken is not None:
+            self._on_broken()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -55,7 +55,7 @@ class RedisBroker:
         self._probe_channel = f"{p}:probe:{replica_id}"
         self._prefix = p
         self._ttl_ms = settings.history_ttl_seconds * 1000
-        # Where Redis is and how to reach it (TLS).
+        # Where Redis is (one node, or the primary Sentinel names and follows) and how to reach it (TLS).
         self._connector = Connector(settings)
         # Commands get a hard deadline; the pool blocks rather than opening a socket per stuck call.
         self._redis = self._connector.client(
@@ -78,7 +78,10 @@ class RedisBroker:
         )
         # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
         self._pipeline = AutoPipeline(
-            self._redis, settings.publish_timeout_seconds, replicas=settings.redis_replicas_ack
+            self._redis,
+            settings.publish_timeout_seconds,
+            replicas=settings.redis_replicas_ack,
+            on_broken=self._connector.suspect,
         )
         # The publish command is encoded once around what changes per call (see `publish`): 18 parts,
         # EVALSHA (or EVAL), the script, the key count, 7 keys and 8 arguments.
@@ -107,7 +110,7 @@ class RedisBroker:
         self._subscribed_once = False
         self._last_probe = float("-inf")
         self._watermark: str | None = None
-        self._run_id: str | None = None
+        self._lineage: tuple[str, str] | None = None  # the data's replication ids, to tell a failover from a loss
         self._early: list[Any] = []  # replies read while confirming subscriptions, for `_read_messages`
 
         # Presence: sockets per user on this replica, written to Redis in the background
@@ -123,6 +126,7 @@ class RedisBroker:
 
     async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         self._on_frame, self._on_lost = on_frame, on_lost
+        self._connector.on_change(self._primary_changed)
         await self._connector.start()
         self._tasks = [
             asyncio.create_task(self._subscription_forever(), name="redis-subscription"),
@@ -151,7 +155,11 @@ class RedisBroker:
 
     @property
     def ready(self) -> bool:
-        return self._subscribed and time.monotonic() - self._last_probe < self._settings.probe_timeout_seconds
+        return (
+            self._subscribed
+            and time.monotonic() - self._last_probe < self._settings.probe_timeout_seconds
+            and self._connector.serves(self._pubsub)
+        )
 
     @property
     def position(self) -> str | None:
@@ -331,8 +339,9 @@ class RedisBroker:
             attempt += 1
             self._metrics.broker_reconnects.inc()
             # Capped exponential backoff with full jitter: replicas do not stampede a returning Redis.
+            # Cut short when Sentinel names a new primary: the retry then has somewhere to go.
             cap = min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 10))
-            await asyncio.sleep(random.uniform(cap / 2, cap))
+            await self._connector.pause(random.uniform(cap / 2, cap))
 
     async def _subscribe_all(self) -> None:
         self._early = []
@@ -343,7 +352,7 @@ class RedisBroker:
             pubsub = self._pubsub = await RawConnection.open(self._sub_client)
             pubsub.write(command("SUBSCRIBE", *channels))
             await self._confirm(pubsub, set(channels))
-            info = await self._redis.info("server")
+            info = await self._redis.info("replication")
             # Users who connected or left while this ran: `subscribe`/`unsubscribe` left them to us.
             for _ in range(10):
                 added, removed = self._users - users, users - self._users
@@ -359,11 +368,13 @@ class RedisBroker:
             self._last_probe = time.monotonic()
             # Every notification after the mark arrives on this subscription.
             mark = await self._mark(publish=False)
-        run_id = info.get("run_id")
+        # A promoted replica carries on its old primary's replication id (as replid2); a Redis that
+        # restarted, having lost or reloaded its data, starts a new one.
+        lineage = (str(info.get("master_replid")), str(info.get("master_replid2")))
         gap_from = self._watermark if self._subscribed_once else None
         self._subscribed_once = True
-        restarted = self._run_id is not None and run_id != self._run_id
-        self._run_id = run_id
+        restarted = self._lineage is not None and self._lineage[0] not in lineage
+        self._lineage = lineage
         if restarted:
             self._dirty.update(self._presence)  # Redis lost them with the rest of its data
             self._dirty_event.set()
@@ -477,7 +488,8 @@ class RedisBroker:
             raise
 
     def _watch_probe(self, pubsub: RawConnection) -> None:
-        """Every probe interval: a subscription whose probe has not come back in time is dropped."""
+        """Every probe interval: a subscription whose probe has not come back in time is dropped,
+        and so is one on a node that is not the primary (a demoted one still relays the probe)."""
         self._probe_timer = None
         if self._pubsub is not pubsub:
             return
@@ -487,8 +499,20 @@ class RedisBroker:
             self._lost_because = f"no probe back from Redis for {timeout:g}s"
             pubsub.abort()  # the read fails at once, and the subscription is rebuilt
             return
+        if not self._connector.serves(pubsub):
+            self._primary_changed()
+            return
         loop = asyncio.get_running_loop()
         self._probe_timer = loop.call_later(self._settings.probe_interval_seconds, self._watch_probe, pubsub)
+
+    def _primary_changed(self) -> None:
+        """Sentinel named another primary: publishes and the subscription move to it (the
+        subscription replays what it missed meanwhile, as after any break)."""
+        self._pipeline.drop_link("the Redis primary changed", keep=self._connector.serves)
+        pubsub = self._pubsub
+        if pubsub is not None and not self._connector.serves(pubsub):
+            self._lost_because = "the Redis primary changed"
+            pubsub.abort()
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
