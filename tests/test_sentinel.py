@@ -274,3 +274,30 @@ async def test_hung_primary_subscription_follows_the_switch(http):
             finally:
                 old.resume()
             await client.close()
+
+
+@pytest.mark.slow
+async def test_sentinels_down_at_start_are_waited_for(http):
+    """No sentinel answers at start: the replica serves /healthz, answers 503 on /readyz and to
+    publishes, and says why once in its log; the topology comes up: it is ready on its own, and
+    delivers."""
+    topo = SentinelTopology(replicas=1)
+    try:
+        with started(Replica(topo.env()), wait_ready=False) as (a,):
+            for _ in range(3):
+                assert not await is_ready(http, a)
+                assert (await publish(http, a, "early", "too-soon")).status_code == 503
+                await asyncio.sleep(0.3)
+            lines = [line for line in a.output().splitlines() if "no sentinel names a primary" in line]
+            assert len(lines) == 1, a.output()
+            topo.start()
+            ready_s = await wait_for(lambda: is_ready(http, a), 15)
+            client = await Client.connect(a, "early")
+            await client.welcome()
+            response = await publish(http, a, "early", "in-time")
+            assert response.status_code == 202
+            assert (await client.notifications(1))[0]["id"] == response.json()["id"]
+            report("sentinels_down_at_start", ready_after_topology_s=ready_s)
+            await client.close()
+    finally:
+        topo.stop()

@@ -146,7 +146,8 @@ class SentinelTopology:
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         self.primary = Node(auth, password=password)
         self.replicas = [Node(auth, password=password) for _ in range(replicas)]
-        self.sentinels: list[Node] = []
+        # Ports are known from here on, so a URL can be handed out before anything runs.
+        self.sentinels = [Node(sentinel_conf="", password=sentinel_password) for _ in range(3)]
 
     @property
     def nodes(self) -> list[Node]:
@@ -182,8 +183,8 @@ class SentinelTopology:
                 conf += f"sentinel auth-pass {name} {self.password}\n"
             if self.sentinel_password:
                 conf += f"requirepass {self.sentinel_password}\n"  # and the sentinels use it among themselves
-            self.sentinels = [Node(sentinel_conf=conf, password=self.sentinel_password) for _ in range(3)]
             for sentinel in self.sentinels:
+                sentinel.sentinel_conf = conf
                 sentinel.start()
             self._wait_settled()
         except BaseException:
