@@ -174,7 +174,9 @@ def check_tls_files(ca_file: str | None, cert_file: str | None, key_file: str | 
     """Refuse, at start, TLS files that every connection would fail on later, one by one."""
     if (cert_file is None) != (key_file is None):
         raise ValueError("NOTIFY_REDIS_CERT_FILE and NOTIFY_REDIS_KEY_FILE go together: set both or neither")
-    context = ssl.create_default_context()
+    if ca_file is None and cert_file is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # bare: the system's CAs are not what is checked
     if ca_file is not None:
         try:
             context.load_verify_locations(cafile=ca_file)
