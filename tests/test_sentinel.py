@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import orjson
@@ -45,14 +46,16 @@ async def history_ids(http: httpx.AsyncClient, replica: Replica, user: str) -> s
     raise AssertionError("history did not end within 100 pages")
 
 
-async def frames_until(client: Client, want: set[str], within: float) -> list[str]:
-    """Notification ids received until every id of `want` is in, then whatever else comes in 0.3 s."""
-    got: list[str] = []
+async def frames_until(client: Client, want: set[str], within: float) -> list[dict[str, Any]]:
+    """Notifications received until every id of `want` is in, then whatever else comes in 0.3 s."""
+    got: list[dict[str, Any]] = []
+    seen: set[str] = set()
     async with asyncio.timeout(within):
-        while not want.issubset(got):
+        while not want.issubset(seen):
             frame = orjson.loads(await client.ws.recv())
             if frame["type"] == "notification":
-                got.append(frame["id"])
+                got.append(frame)
+                seen.add(frame["id"])
             else:
                 assert frame["type"] != "resync", "a failover keeps the data: replay, not resync"
     try:
@@ -60,7 +63,7 @@ async def frames_until(client: Client, want: set[str], within: float) -> list[st
             while True:
                 frame = orjson.loads(await client.ws.recv())
                 if frame["type"] == "notification":
-                    got.append(frame["id"])
+                    got.append(frame)
     except TimeoutError:
         pass
     return got
@@ -88,11 +91,8 @@ async def test_sigkill_primary_under_two_publishers(http):
                 while not stop.is_set() and i < 40_000:
                     user = users[i % len(users)]
                     target = None if i % 25 == 0 else user
-                    try:
-                        response = await publish(http, replica, target, "seq", i)
-                        status = response.status_code
-                    except httpx.HTTPError:
-                        status = 0
+                    response = await publish(http, replica, target, "seq", i)
+                    status = response.status_code
                     outcomes[name].append((time.monotonic(), status))
                     if status == 202:
                         (broadcasts if target is None else sent[user]).append(response.json()["id"])
@@ -128,16 +128,18 @@ async def test_sigkill_primary_under_two_publishers(http):
 
             async def check(user: str, client: Client) -> int:
                 want = {*sent[user], *broadcasts}
-                got = await frames_until(client, want, TIMEOUT * 3)
+                frames = await frames_until(client, want, TIMEOUT * 3)
+                got = [frame["id"] for frame in frames]
                 dupes = len(got) - len(set(got))
                 assert dupes == 0, f"{user}: {dupes} duplicates"
                 assert got == sorted(got, key=_key), f"{user}: out of order"
-                return len(set(got) - want)
+                # A publish answered 503 may still have been stored and delivered (its script ran,
+                # then the deadline passed); anything else arriving is a bug.
+                extra = [frame["data"] for frame in frames if frame["id"] not in want]
+                assert set(extra) <= refused_data, f"{user}: delivered but never published: {extra[:5]}"
+                return len(extra)
 
             extra_total = sum(await asyncio.gather(*(check(user, c) for user in users for c in clients[user])))
-            # What was answered 503 may have been stored (the deadline passed after the script ran),
-            # never more than that.
-            assert extra_total <= 2 * len(refused_data) * len(users), extra_total
             for user in users:
                 kept = await history_ids(http, a, user)
                 missing = set(sent[user]) - kept
@@ -159,7 +161,7 @@ async def test_sigkill_primary_under_two_publishers(http):
                 frames_checked=sum(len(sent[u]) + len(broadcasts) for u in users) * 2,
                 lost=0,
                 duplicates=0,
-                delivered_after_503=extra_total,
+                frames_of_503_publishes=extra_total,
                 new_primary_port=new.port,
             )
             assert max(back_at.values()) - promoted_at < 10, "the service follows within 10 s of the promotion"
