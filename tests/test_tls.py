@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from .test_faults import is_ready
-from .topology import Node, TestCA, tls_redis
+from .topology import Node, SentinelTopology, TestCA, tls_redis
 from .utils import Client, Replica, publish, started
 
 
@@ -84,3 +84,12 @@ async def test_wrong_ca_is_refused_plainly(ca, http):
     finally:
         other.remove()
         node.stop()
+
+
+@pytest.mark.slow
+async def test_tls_sentinel_topology_delivers(ca, http):
+    """rediss+sentinel://: sentinels and data nodes all on TLS only; the replica asks the sentinels
+    over TLS, reaches the primary they name over TLS (its certificate names 127.0.0.1, as the
+    sentinels do), and delivers."""
+    with SentinelTopology(replicas=1, tls=ca) as topo, started(Replica(topo.env())) as (a,):
+        await delivered_end_to_end(http, a, "tls-sentinel")

@@ -51,9 +51,8 @@ class Node:
     def start(self) -> Node:
         if self.sentinel_conf is not None:
             conf = Path(self.dir, "sentinel.conf")  # Sentinel rewrites its file: each its own
-            conf.write_text(
-                f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n{self.sentinel_conf}"
-            )
+            listen = f"port 0\ntls-port {self.port}\n" if self.tls else f"port {self.port}\n"
+            conf.write_text(f"{listen}bind 127.0.0.1\nprotected-mode no\ndir {self.dir}\n{self.sentinel_conf}")
             command = [redis_binary(), str(conf), "--sentinel"]
         else:
             listen = ["--tls-port", str(self.port), "--port", "0"] if self.tls else ["--port", str(self.port)]
@@ -131,7 +130,8 @@ class Node:
 
 
 class SentinelTopology:
-    """A primary, `replicas` replicas and three sentinels (quorum 2, down after 1 s)."""
+    """A primary, `replicas` replicas and three sentinels (quorum 2, down after 1 s); with `tls`,
+    every node and sentinel listens only on TLS, with certificates that CA signed."""
 
     def __init__(
         self,
@@ -139,15 +139,26 @@ class SentinelTopology:
         master_name: str = "notify-test",
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls: TestCA | None = None,
     ) -> None:
         self.master_name = master_name
         self.password = password
         self.sentinel_password = sentinel_password
-        auth = ["--requirepass", password, "--masterauth", password] if password else []
-        self.primary = Node(auth, password=password)
-        self.replicas = [Node(auth, password=password) for _ in range(replicas)]
+        self.tls = tls
+        args = ["--requirepass", password, "--masterauth", password] if password else []
+        reach: dict[str, Any] | None = None
+        self._tls_conf = ""
+        if tls is not None:
+            cert, key = tls.issue("redis-node")
+            files = {"tls-cert-file": cert, "tls-key-file": key, "tls-ca-cert-file": tls.cert_file}
+            options = {**files, "tls-auth-clients": "no", "tls-replication": "yes"}  # replicas, sentinels: TLS too
+            args += [part for name, value in options.items() for part in (f"--{name}", value)]
+            self._tls_conf = "".join(f"{name} {value}\n" for name, value in options.items())
+            reach = {"ssl_ca_certs": tls.cert_file}
+        self.primary = Node(list(args), password=password, tls=reach)
+        self.replicas = [Node(list(args), password=password, tls=reach) for _ in range(replicas)]
         # Ports are known from here on, so a URL can be handed out before anything runs.
-        self.sentinels = [Node(sentinel_conf="", password=sentinel_password) for _ in range(3)]
+        self.sentinels = [Node(sentinel_conf="", password=sentinel_password, tls=reach) for _ in range(3)]
 
     @property
     def nodes(self) -> list[Node]:
@@ -157,13 +168,16 @@ class SentinelTopology:
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{auth}{hosts}/{self.master_name}/0"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://{auth}{hosts}/{self.master_name}/0"
 
     def env(self, **extra: str) -> dict[str, str]:
         """Env for replicas of the service on this topology, in a key namespace of their own."""
         env = {"NOTIFY_REDIS_URL": self.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}"}
         if self.sentinel_password:
             env["NOTIFY_REDIS_SENTINEL_PASSWORD"] = self.sentinel_password
+        if self.tls:
+            env["NOTIFY_REDIS_CA_FILE"] = self.tls.cert_file
         return {**env, **extra}
 
     def start(self) -> SentinelTopology:
@@ -178,6 +192,7 @@ class SentinelTopology:
                 f"sentinel down-after-milliseconds {name} 1000\n"
                 f"sentinel failover-timeout {name} 2000\n"
                 f"sentinel parallel-syncs {name} 1\n"
+                f"{self._tls_conf}"
             )
             if self.password:
                 conf += f"sentinel auth-pass {name} {self.password}\n"
