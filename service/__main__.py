@@ -48,7 +48,7 @@ def _load_settings():  # type: ignore[no-untyped-def]
     except ValidationError as exc:
         first = exc.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
-        if first["loc"]:
+        if first["loc"] and not message.startswith("NOTIFY_"):
             # Which setting, and where inside a JSON one: NOTIFY_TOPICS chat.bogus: ...
             name, *inside = map(str, first["loc"])
             message = f"NOTIFY_{name.upper()}{' ' + '.'.join(inside) if inside else ''}: {message}"

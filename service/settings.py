@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .topic_options import TopicOptions
+
+if TYPE_CHECKING:
+    from .broker.topology import Topology
 
 
 class Settings(BaseSettings):
@@ -19,6 +22,16 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Namespace of every Redis key and channel, so several deployments can share one Redis.
     redis_prefix: str = "notify"
+    # TLS (rediss URLs): the CA that signed the Redis certificates (default: the system's CAs), and
+    # a client certificate for a Redis that asks for one.
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
+    # The sentinels' own password; the URL's password is the data nodes'.
+    redis_sentinel_password: SecretStr | None = None
+    # A publish is answered 202 only once this many replicas confirm they have it (WAIT), within
+    # the publish deadline; 503 otherwise. 0: as soon as the primary has it.
+    redis_replicas_ack: int = Field(0, ge=0)
 
     # Authentication. At least one key source is required.
     jwt_secret: SecretStr | None = None
@@ -99,6 +112,43 @@ class Settings(BaseSettings):
         if "{" in value or "}" in value:
             raise ValueError("NOTIFY_REDIS_PREFIX may not contain '{' or '}'")
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _read_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from .broker.topology import CLUSTER, parse_redis_url
+
+            if parse_redis_url(value).kind == CLUSTER:
+                # The one place cluster mode is refused: it goes once broker/__init__.py can build a cluster broker.
+                raise ValueError(
+                    "NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; "
+                    "use redis:// for one Redis or redis+sentinel:// for a Sentinel-managed primary"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_redis_options(self) -> Settings:
+        from .broker.topology import SENTINEL, check_tls_files, parse_redis_url
+
+        topology = parse_redis_url(self.redis_url) if self.redis_url is not None else None
+        tls_files = {"CA": self.redis_ca_file, "CERT": self.redis_cert_file, "KEY": self.redis_key_file}
+        for name, path in tls_files.items():
+            if path is not None and (topology is None or not topology.tls):
+                # Refused rather than ignored: whoever set it expects TLS, and would get plain text.
+                raise ValueError(f"NOTIFY_REDIS_{name}_FILE is set but NOTIFY_REDIS_URL is not a rediss URL")
+        if self.redis_sentinel_password is not None and (topology is None or topology.kind != SENTINEL):
+            raise ValueError("NOTIFY_REDIS_SENTINEL_PASSWORD is set but NOTIFY_REDIS_URL is not a sentinel URL")
+        if self.redis_replicas_ack and topology is None:
+            raise ValueError("NOTIFY_REDIS_REPLICAS_ACK needs NOTIFY_REDIS_URL: the embedded broker has no replicas")
+        check_tls_files(self.redis_ca_file, self.redis_cert_file, self.redis_key_file)
+        return self
+
+    def redis_topology(self) -> Topology | None:
+        """What NOTIFY_REDIS_URL names (None: the embedded broker); checked when settings load."""
+        from .broker.topology import parse_redis_url
+
+        return None if self.redis_url is None else parse_redis_url(self.redis_url)
 
     @model_validator(mode="after")
     def _require_a_key(self) -> Settings:

@@ -31,8 +31,7 @@ def create_broker(settings: Settings, replica_id: str, metrics: Metrics, rules: 
 
         logger.info("broker: embedded (single replica); set NOTIFY_REDIS_URL to scale out")
         return MemoryBroker(settings, replica_id, rules)
-    if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"unsupported NOTIFY_REDIS_URL scheme: {settings.redis_url.split(':', 1)[0]!r}")
+    # Settings refuse a malformed URL, and cluster mode until it has a broker, before anything starts.
     from .redis import RedisBroker
 
     logger.info("broker: redis")

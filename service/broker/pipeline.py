@@ -10,6 +10,14 @@ The deadline is kept per connection, not per call: replies come in order, so the
 waiting is the only one that can be late first. When it is, Redis is hung or the link is half-open,
 and the connection is dropped with every command on it; the next call reconnects.
 
+Replicated acknowledgement (`execute(..., acknowledged=True)`): each write that carries such
+commands ends with one `WAIT <replicas> <ms>`, so the commands before it are confirmed by the
+replicas together; WAIT blocks the connection while it waits, and one per write rather than one per
+command keeps that to once per event-loop turn.
+
+A READONLY reply means the node is no longer the primary: the connection is dropped with every
+command on it, and `on_broken` (as for any dropped connection) lets the owner look for the primary.
+
 The connection is a `RawConnection` (see resp.py): made by redis-py, then written and read directly.
 """
 
@@ -17,19 +25,24 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from .resp import RawConnection
+from .resp import RawConnection, command
+
+
+class NotReplicated(RedisError):
+    """Fewer replicas than required confirmed the write in time (it may still reach them)."""
 
 
 class _Link:
     """One connected socket: commands out, replies matched to their callers in order."""
 
-    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken")
+    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken", "acked")
 
     def __init__(self, conn: RawConnection) -> None:
         self.conn = conn
@@ -40,6 +53,7 @@ class _Link:
         self.watchdog: asyncio.TimerHandle | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.broken: BaseException | None = None
+        self.acked: asyncio.Future[Any] | None = None  # the WAIT that ends the next write, if any
 
     def fail(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -51,6 +65,8 @@ class _Link:
                 waiter.set_exception(kind(str(exc) or type(exc).__name__))
         self.sent_at.clear()
         self.out.clear()
+        if self.acked is not None and not self.acked.done():
+            self.acked.set_exception(kind(str(exc) or type(exc).__name__))
         if self.watchdog is not None:
             self.watchdog.cancel()
 
@@ -61,14 +77,25 @@ class AutoPipeline:
     Every call gets its reply, an error reply raised as ResponseError, or within `deadline` seconds
     a TimeoutError or redis ConnectionError."""
 
-    def __init__(self, client: aioredis.Redis, deadline: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deadline: float,
+        replicas: int = 0,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
         self._deadline = deadline
         self._link: _Link | None = None
         self._connecting: asyncio.Task[_Link] | None = None
+        self._replicas = replicas
+        # WAIT answers before the deadline drops the connection, so a shortfall is an answer, not a timeout.
+        self._wait = command("WAIT", replicas, max(1, int(deadline * 800))) if replicas else b""
+        self._on_broken = on_broken
 
-    async def execute(self, command: bytes) -> Any:
-        """Send one command, already in RESP (see resp.py), and return its reply."""
+    async def execute(self, command: bytes, acknowledged: bool = False) -> Any:
+        """Send one command, already in RESP (see resp.py), and return its reply; `acknowledged`:
+        only once the replicas asked for confirm it (NotReplicated otherwise)."""
         link = self._link
         if link is None or link.broken is not None:
             async with asyncio.timeout(self._deadline):
@@ -78,23 +105,49 @@ class AutoPipeline:
         link.out.append(command)
         link.pending.append(waiter)
         link.sent_at.append(loop.time())
+        acked = None
+        if acknowledged and self._replicas:
+            acked = link.acked
+            if acked is None:
+                acked = link.acked = loop.create_future()
+                acked.add_done_callback(_retrieve)
         if not link.flush_scheduled:
             link.flush_scheduled = True
             loop.call_soon(self._flush, link)
         if link.watchdog is None:
             link.watchdog = loop.call_later(self._deadline, self._watch, link)
-        return await waiter
+        reply = await waiter
+        if acked is not None:
+            confirmed = await acked
+            if confirmed < self._replicas:
+                raise NotReplicated(f"{confirmed} of {self._replicas} replicas confirmed within the deadline")
+        return reply
 
     async def aclose(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
         if self._link is not None:
-            self._drop(self._link, RedisConnectionError("closed"))
+            self._drop(self._link, RedisConnectionError("closed"), quietly=True)
+
+    def drop_link(self, reason: str, keep: Callable[[RawConnection], bool]) -> None:
+        """Drop the connection unless `keep` approves of it; commands on it fail, the next call reconnects."""
+        link = self._link
+        if link is not None and not keep(link.conn):
+            self._drop(link, RedisConnectionError(reason), quietly=True)
+        if self._connecting is not None and not self._connecting.done():
+            # It may be stuck on its way to the old node: the next call starts afresh, and this one,
+            # should it still succeed, is not used (see `_open`).
+            self._connecting = None
 
     def _flush(self, link: _Link) -> None:
         link.flush_scheduled = False
         if not link.out or link.broken is not None:
             return
+        if link.acked is not None:
+            link.out.append(self._wait)
+            link.pending.append(link.acked)
+            link.sent_at.append(asyncio.get_running_loop().time())
+            link.acked = None
         data = b"".join(link.out) if len(link.out) > 1 else link.out[0]
         link.out.clear()
         try:
@@ -129,7 +182,11 @@ class AutoPipeline:
         return link
 
     async def _open(self) -> _Link:
-        link = _Link(await RawConnection.open(self._client))
+        conn = await RawConnection.open(self._client)
+        if self._connecting is not asyncio.current_task():
+            conn.abort()
+            raise RedisConnectionError("the connection was abandoned while it was being made")
+        link = _Link(conn)
         link.reader_task = asyncio.get_running_loop().create_task(self._read(link), name="redis-pipeline-reader")
         self._link = link
         return link
@@ -138,30 +195,38 @@ class AutoPipeline:
         pending, sent_at = link.pending, link.sent_at
         try:
             while True:
+                demoted = None
                 for reply in await link.conn.replies():
                     waiter = pending.popleft()
                     sent_at.popleft()
+                    if isinstance(reply, ResponseError) and str(reply).startswith("READONLY"):
+                        demoted = reply
                     if waiter.done():
                         continue  # its caller was cancelled
                     if isinstance(reply, ResponseError):
                         waiter.set_exception(reply)
                     else:
                         waiter.set_result(reply)
+                if demoted is not None:
+                    raise RedisConnectionError(f"no longer the primary: {demoted}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this link
             self._drop(link, exc)
 
-    def _drop(self, link: _Link, exc: BaseException) -> None:
+    def _drop(self, link: _Link, exc: BaseException, quietly: bool = False) -> None:
         link.fail(exc)
         if self._link is link:
             self._link = None
         if link.reader_task is not None and link.reader_task is not asyncio.current_task():
             link.reader_task.cancel()
         link.conn.abort()
+        if not quietly and self._on_broken is not None:
+            self._on_broken()
 
 
-def _retrieve(task: asyncio.Task[_Link]) -> None:
-    """A failed attempt whose callers all gave up is not an unhandled error: they got their 503."""
-    if not task.cancelled():
-        task.exception()
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A failure whose waiters all gave up (or heard of it otherwise) is not an unhandled error:
+    they got their 503."""
+    if not future.cancelled():
+        future.exception()

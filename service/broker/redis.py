@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -27,6 +26,7 @@ from ..settings import Settings
 from ..streams import BROADCAST, is_topic, user_of, user_stream
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
+from .connector import Connector
 from .pipeline import AutoPipeline
 from .presence import Presence, RulesOf
 from .resp import bulk
@@ -51,9 +51,10 @@ class RedisBroker:
         self._metrics = metrics
         self._prefix = settings.redis_prefix
         self._ttl_ms = settings.history_ttl_seconds * 1000
+        # Where Redis is (one node, or the primary Sentinel names and follows) and how to reach it (TLS).
+        self._connector = Connector(settings)
         # Commands get a hard deadline; the pool blocks rather than opening a socket per stuck call.
-        self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
+        self._redis = self._connector.client(
             decode_responses=True,
             # The call's own deadline (`_call`) always fires before the socket times out: a reply that
             # is merely late is never retried, since the publish script may already have run.
@@ -65,15 +66,19 @@ class RedisBroker:
         )
         # Makes the subscription's connection, which is then read raw (resp.RawConnection). It waits
         # for messages indefinitely: the probe, not a socket timeout, finds stalls.
-        self._sub_client = aioredis.Redis.from_url(
-            settings.redis_url,
+        self._sub_client = self._connector.client(
             decode_responses=True,
             socket_connect_timeout=settings.publish_timeout_seconds,
             socket_keepalive=True,
             retry=Retry(NoBackoff(), 0),
         )
         # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
-        self._pipeline = AutoPipeline(self._redis, settings.publish_timeout_seconds)
+        self._pipeline = AutoPipeline(
+            self._redis,
+            settings.publish_timeout_seconds,
+            replicas=settings.redis_replicas_ack,
+            on_broken=self._connector.suspect,
+        )
         # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
         # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments.
         sha = self._redis.register_script(scripts.PUBLISH).sha
@@ -88,7 +93,9 @@ class RedisBroker:
         self._unread_script = self._redis.register_script(scripts.UNREAD)
         probe = f"probe:{replica_id}"
         self._probe = bulk(self._key(probe, "c"))
-        self._subscription = Subscription(settings, metrics, self._redis, self._sub_client, self._key, probe)
+        self._subscription = Subscription(
+            settings, metrics, self._redis, self._sub_client, self._key, probe, self._connector
+        )
         self._rules = rules
         self._presence = Presence(settings, self._redis, self._key, self._prefix, replica_id, rules)
         self._subscription.restarted = self._presence.rewrite
@@ -99,6 +106,8 @@ class RedisBroker:
     async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         self._subscription.on_frame, self._subscription.on_lost = on_frame, on_lost
         await self._subscription.subscribe(BROADCAST)  # every replica has every socket in it
+        self._connector.on_change(self._primary_changed)
+        await self._connector.start()
         self._tasks = [
             asyncio.create_task(self._subscription.run_forever(), name="redis-subscription"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
@@ -116,11 +125,16 @@ class RedisBroker:
         await self._pipeline.aclose()
         await self._redis.aclose()
         await self._sub_client.aclose()
+        await self._connector.aclose()
 
     @property
     def ready(self) -> bool:
         sub = self._subscription
-        return sub.subscribed and time.monotonic() - sub.last_probe < self._settings.probe_timeout_seconds
+        return (
+            sub.subscribed
+            and time.monotonic() - sub.last_probe < self._settings.probe_timeout_seconds
+            and sub.on_primary()
+        )
 
     def position(self, stream: str) -> str | None:
         return self._subscription.position(stream)
@@ -184,13 +198,20 @@ class RedisBroker:
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
 
     async def _run_publish(self, body: bytes) -> Any:
+        # Acknowledged: with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT).
         try:
-            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body)
+            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body, acknowledged=True)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(self._publish_head["EVAL"] + body)
+        return await self._pipeline.execute(self._publish_head["EVAL"] + body, acknowledged=True)
+
+    def _primary_changed(self) -> None:
+        """Sentinel named another primary: publishes and the subscription move to it (the
+        subscription replays what it missed meanwhile, as after any break)."""
+        self._pipeline.drop_link("the Redis primary changed", keep=self._connector.serves)
+        self._subscription.primary_changed()
 
     async def send(self, stream: str, frame: str) -> None:
         try:

@@ -50,6 +50,12 @@ class RawConnection:
             raise
         return cls(conn)
 
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """Where the connection went (host, port); None for a unix socket."""
+        host, port = getattr(self._conn, "host", None), getattr(self._conn, "port", None)
+        return None if host is None or port is None else (str(host), int(port))
+
     def write(self, data: bytes) -> None:
         try:
             self._writer.write(data)

@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, LostHandler, frame_id
+from .connector import Connector
 from .resp import RawConnection, command
 
 logger = logging.getLogger("service.broker")
@@ -49,12 +50,14 @@ class Subscription:
         sub_client: aioredis.Redis,
         key: KeyOf,
         probe_stream: str,
+        connector: Connector,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._redis = redis
         self._sub_client = sub_client
         self._key = key
+        self._connector = connector
         self._ttl_ms = settings.history_ttl_seconds * 1000
         self._channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
         self._probe_channel = key(probe_stream, "c")
@@ -73,7 +76,18 @@ class Subscription:
         self._early: list[Any] = []  # replies read while confirming, for `_read_messages`
         self.subscribed = False
         self.last_probe = float("-inf")
-        self._run_id: str | None = None
+        self._lineage: tuple[str, str] | None = None  # the data's replication ids, to tell a failover from a loss
+
+    def on_primary(self) -> bool:
+        """Whether the subscription is on the primary: anywhere else it hears only what reaches that
+        node, if anything, however well its probe goes."""
+        return self._connector.serves(self._pubsub)
+
+    def primary_changed(self) -> None:
+        pubsub = self._pubsub
+        if pubsub is not None and not self._connector.serves(pubsub):
+            self._lost_because = "the Redis primary changed"
+            pubsub.abort()
 
     def position(self, stream: str) -> str | None:
         key = self._positions.get(stream) if self.subscribed else None
@@ -131,8 +145,9 @@ class Subscription:
             attempt += 1
             self._metrics.broker_reconnects.inc()
             # Capped exponential backoff with full jitter: replicas do not stampede a returning Redis.
+            # Cut short when Sentinel names a new primary: the retry then has somewhere to go.
             cap = min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 10))
-            await asyncio.sleep(random.uniform(cap / 2, cap))
+            await self._connector.pause(random.uniform(cap / 2, cap))
 
     async def _subscribe_all(self) -> None:
         self._early = []
@@ -141,7 +156,7 @@ class Subscription:
         async with asyncio.timeout(self._settings.probe_timeout_seconds):
             pubsub = self._pubsub = await RawConnection.open(self._sub_client)
             await self._ssubscribe(pubsub, [self._probe_channel, *(self._key(s, "c") for s in streams)])
-            info = await self._redis.info("server")
+            info = await self._redis.info("replication")
             # Streams joined or left while this ran: `subscribe`/`unsubscribe` left them to us.
             for _ in range(10):
                 added, removed = self._streams - streams, streams - self._streams
@@ -154,9 +169,11 @@ class Subscription:
                     pubsub.write(command("SUNSUBSCRIBE", *(self._key(s, "c") for s in removed)))
             self.subscribed = True  # from here on, `subscribe` and `unsubscribe` talk to Redis themselves
             self.last_probe = time.monotonic()
-        run_id = info.get("run_id")
-        restarted = self._run_id is not None and run_id != self._run_id
-        self._run_id = run_id
+        # A promoted replica carries on its old primary's replication id (as replid2); a Redis that
+        # restarted, having lost or reloaded its data, starts a new one.
+        lineage = (str(info.get("master_replid")), str(info.get("master_replid2")))
+        restarted = self._lineage is not None and self._lineage[0] not in lineage
+        self._lineage = lineage
         if restarted:
             # Redis lost its data: nothing to replay from, every id sequence starts again.
             self._positions.clear()
@@ -279,7 +296,8 @@ class Subscription:
             raise
 
     def _watch_probe(self, pubsub: RawConnection) -> None:
-        """Every probe interval: a subscription whose probe has not come back in time is dropped."""
+        """Every probe interval: a subscription whose probe has not come back in time is dropped,
+        and so is one on a node that is not the primary (a demoted one still relays the probe)."""
         self._probe_timer = None
         if self._pubsub is not pubsub:
             return
@@ -288,6 +306,9 @@ class Subscription:
             self._metrics.probe_failures.inc()
             self._lost_because = f"no probe back from Redis for {timeout:g}s"
             pubsub.abort()  # the read fails at once, and the subscription is rebuilt
+            return
+        if not self._connector.serves(pubsub):
+            self.primary_changed()
             return
         loop = asyncio.get_running_loop()
         self._probe_timer = loop.call_later(self._settings.probe_interval_seconds, self._watch_probe, pubsub)

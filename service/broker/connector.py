@@ -1,0 +1,340 @@
+"""Connector: the broker's Redis clients, made for the topology NOTIFY_REDIS_URL names.
+
+One Redis: every connection goes to it. Sentinel: every new connection goes to the primary the
+connector knows, and the connector keeps knowing it: it asks every sentinel at once and believes
+the answer with the highest config epoch (a sentinel that has not heard of a failover yet names the
+old primary with an older epoch), it hears `+switch-master` from a sentinel, it asks again every
+second in case that message was missed, and at once when a connection fails or Redis answers
+READONLY (redis-py's SentinelManagedConnection turns READONLY into a connection error). Connections
+already open are not moved by the pool: the connector tells the broker (`on_change`), which drops
+its publish connection and its subscription so both are made again on the new primary.
+
+TLS (rediss...): every connection verifies the server's certificate against NOTIFY_REDIS_CA_FILE
+(else the system's CAs) and its host name, and may present NOTIFY_REDIS_CERT_FILE; a handshake
+that fails is logged once, plainly, instead of showing up only as a broker that is never ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..settings import Settings
+from .resp import RawConnection
+from .topology import SENTINEL, Topology
+
+logger = logging.getLogger("service.broker")
+
+# A sentinel answers in well under a millisecond; one that does not within this is passed over.
+_SENTINEL_TIMEOUT = 0.5
+# How often the primary is asked for even when nothing suggests it moved (a missed +switch-master).
+_POLL_SECONDS = 1.0
+# Failed publishes each suspect the primary: they share one round of questions this far apart.
+_MIN_ASK_INTERVAL = 0.1
+
+Address = tuple[str, int]
+
+
+class Connector:
+    """Makes the broker's clients and, under Sentinel, knows and follows the primary."""
+
+    def __init__(self, settings: Settings) -> None:
+        topology = settings.redis_topology()
+        assert topology is not None
+        self.topology: Topology = topology
+        tls = _tls_options(settings) if topology.tls else {}
+        self._node_options: dict[str, Any] = {
+            "username": topology.username,
+            "password": topology.password,
+            "db": topology.db,
+            **tls,
+        }
+        self._primary: Address | None = None
+        self._changed = asyncio.Event()  # replaced at every change: `pause` waits for the next one
+        self._wake = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+        self._pools: list[_PrimaryPool] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._asking: asyncio.Task[None] | None = None
+        self._unnamed = False  # the last round found no primary
+        self._sentinel: Sentinel | None = None
+        if topology.kind == SENTINEL:
+            password = settings.redis_sentinel_password
+            self._sentinel = Sentinel(
+                list(topology.nodes),
+                sentinel_kwargs={
+                    "password": password.get_secret_value() if password else None,
+                    "socket_timeout": _SENTINEL_TIMEOUT,
+                    "socket_connect_timeout": _SENTINEL_TIMEOUT,
+                    "retry": Retry(NoBackoff(), 0),
+                    "decode_responses": True,
+                    **({"ssl": True, **tls} if tls else {}),
+                },
+            )
+
+    def client(self, **options: Any) -> aioredis.Redis:
+        """A client of the data node (the primary, under Sentinel) with these connection options."""
+        kwargs = {**self._node_options, **options}
+        topology = self.topology
+        pool: ConnectionPool
+        if self._sentinel is not None:
+            kind = _PrimaryTlsConnection if topology.tls else _PrimaryConnection
+            pool = _PrimaryPool(topology.master_name, self._sentinel, self, connection_class=kind, **kwargs)
+            self._pools.append(pool)
+        elif topology.path is not None:
+            pool = ConnectionPool(connection_class=UnixDomainSocketConnection, path=topology.path, **kwargs)
+        else:
+            (host, port), kind = topology.nodes[0], _TlsConnection if topology.tls else Connection
+            pool = ConnectionPool(connection_class=kind, host=host, port=port, **kwargs)
+        return aioredis.Redis.from_pool(pool)
+
+    async def start(self) -> None:
+        logger.info("redis: %s", self.topology.describe())
+        if self._sentinel is not None:
+            self._tasks = [
+                asyncio.create_task(self._poll_forever(), name="redis-sentinel-poll"),
+                asyncio.create_task(self._listen_forever(), name="redis-sentinel-listen"),
+            ]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._asking is not None:
+            self._asking.cancel()
+        if self._sentinel is not None:
+            with contextlib.suppress(Exception):
+                await self._sentinel.aclose()
+
+    # ---- what the broker asks
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever the primary moves (never for a single Redis)."""
+        self._listeners.append(listener)
+
+    def serves(self, conn: RawConnection | None) -> bool:
+        """Whether `conn` is connected to the current primary: a subscription anywhere else would
+        hear only what reaches that node, if anything, however well its probe goes."""
+        if self._sentinel is None:
+            return True
+        return conn is not None and self._primary is not None and conn.address == self._primary
+
+    def suspect(self) -> None:
+        """Something failed in a way a failover would explain: ask the sentinels now."""
+        self._wake.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, or less: until the primary moves, since a retry then has somewhere to go."""
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await changed.wait()
+
+    async def primary_address(self) -> Address:
+        """The primary new connections go to; raises MasterNotFoundError while none is known."""
+        if self._primary is None:
+            await self._ask()
+        if self._primary is None:
+            raise MasterNotFoundError(f"no sentinel names a primary for {self.topology.master_name!r}")
+        return self._primary
+
+    # ---- following the primary
+
+    async def _ask(self) -> None:
+        """One round of questions, shared by everyone who wants an answer meanwhile."""
+        task = self._asking
+        if task is None or task.done():
+            task = self._asking = asyncio.get_running_loop().create_task(self._ask_sentinels())
+            task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+
+    async def _ask_sentinels(self) -> None:
+        assert self._sentinel is not None
+        sentinels = self._sentinel.sentinels
+        answers = await asyncio.gather(*(self._ask_one(s) for s in sentinels), return_exceptions=True)
+        named = [answer for answer in answers if isinstance(answer, tuple)]
+        if not named:
+            problems = "; ".join(f"{_where(s)}: {a}" for s, a in zip(sentinels, answers, strict=True))
+            # Once per outage: during a failover every round fails, each a little differently.
+            level = logging.DEBUG if self._unnamed else logging.WARNING
+            logger.log(level, "redis: no sentinel names a primary for %r: %s", self.topology.master_name, problems)
+            self._unnamed = True
+            return
+        self._unnamed = False
+        _, address = max(named)
+        if address != self._primary:
+            await self._moved(address)
+
+    async def _ask_one(self, sentinel: aioredis.Redis) -> tuple[int, Address]:
+        assert self._sentinel is not None
+        name = self.topology.master_name
+        async with asyncio.timeout(_SENTINEL_TIMEOUT):
+            state = await sentinel.sentinel_master(name)
+        if not self._sentinel.check_master_state(state, name):
+            raise MasterNotFoundError(f"the primary is down ({state.get('flags')})")
+        return int(state["config-epoch"]), (str(state["ip"]), int(state["port"]))
+
+    async def _moved(self, address: Address) -> None:
+        old, self._primary = self._primary, address
+        if old is None:
+            logger.info("redis: primary %r is %s:%d", self.topology.master_name, *address)
+        else:
+            logger.warning("redis: primary %r moved from %s:%d to %s:%d", self.topology.master_name, *old, *address)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        for listener in self._listeners:
+            listener()
+        for pool in self._pools:
+            with contextlib.suppress(Exception):
+                await pool.get_master_address()  # idle connections to the old primary are closed
+
+    async def _poll_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._ask()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next round asks again
+                logger.debug("sentinel round failed: %s", exc)
+            await asyncio.sleep(_MIN_ASK_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_POLL_SECONDS):
+                    await self._wake.wait()
+
+    async def _listen_forever(self) -> None:
+        """Hear +switch-master from one sentinel at a time, moving on to the next when it fails."""
+        assert self._sentinel is not None
+        sentinels, name, turn = self._sentinel.sentinels, self.topology.master_name, 0
+        while True:
+            pubsub = sentinels[turn % len(sentinels)].pubsub()
+            turn += 1
+            try:
+                await pubsub.subscribe("+switch-master")
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    # "<name> <old-ip> <old-port> <new-ip> <new-port>": the message has no epoch, the answers do.
+                    if message is not None and str(message["data"]).split(" ", 1)[0] == name:
+                        self.suspect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the poll covers the gap; try the next sentinel
+                logger.debug("sentinel subscription failed: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(0.5)
+
+
+class _PrimaryPool(SentinelConnectionPool):
+    """Connections go to the primary the connector knows, instead of asking a sentinel each time."""
+
+    def __init__(self, service_name: str | None, sentinel: Sentinel, connector: Connector, **kwargs: Any) -> None:
+        self.connector = connector
+        super().__init__(service_name, sentinel, **kwargs)
+
+    async def get_master_address(self) -> Address:
+        address = await self.connector.primary_address()
+        if self.master_address != address:
+            self.master_address = address
+            await self.disconnect(inuse_connections=False)
+        return address
+
+
+class _TlsReported:
+    """Says plainly, once, why a TLS handshake failed (a wrong CA looks like Redis being down)."""
+
+    host: str
+    port: int
+
+    async def _connect(self) -> None:
+        try:
+            await super()._connect()  # type: ignore[misc]
+        except ssl.SSLError as exc:
+            _tls_failed(f"{self.host}:{self.port}", exc)
+            raise
+        _tls_failures.clear()
+
+
+class _TlsConnection(_TlsReported, SSLConnection):
+    pass
+
+
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the Sentinel-named primary that reports its failures to the connector."""
+
+    connection_pool: _PrimaryPool
+
+    async def connect(self) -> None:
+        try:
+            await super().connect()
+        except (RedisConnectionError, RedisTimeoutError):
+            self.connection_pool.connector.suspect()
+            raise
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError):
+            self.connection_pool.connector.suspect()  # READONLY arrives here as a ConnectionError
+            raise
+
+
+class _PrimaryTlsConnection(_TlsReported, _PrimaryConnection, SSLConnection):
+    pass
+
+
+_tls_failures: set[str] = set()
+
+
+def _tls_failed(address: str, exc: ssl.SSLError) -> None:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = f"certificate verify failed: {exc.verify_message}"
+    else:
+        reason = str(exc.reason or exc).lower().replace("_", " ")
+    line = f"redis: TLS handshake with {address} failed: {reason}"
+    if line in _tls_failures:
+        return
+    _tls_failures.add(line)
+    hint = (
+        "NOTIFY_REDIS_CA_FILE must hold the CA that signed the Redis server's certificate, which must name the host"
+        if isinstance(exc, ssl.SSLCertVerificationError)
+        else "check NOTIFY_REDIS_CA_FILE, NOTIFY_REDIS_CERT_FILE and NOTIFY_REDIS_KEY_FILE against the server's"
+        " TLS settings"
+    )
+    logger.error("%s; %s", line, hint)
+
+
+def _tls_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "ssl_ca_certs": settings.redis_ca_file,
+        "ssl_certfile": settings.redis_cert_file,
+        "ssl_keyfile": settings.redis_key_file,
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+    }
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A round whose askers all gave up is not an unhandled error: the next round asks again."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _where(client: aioredis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"
