@@ -44,7 +44,6 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
     recovered: bool | None = None
     replayed: list[str] = []
     floors: dict[str, IdKey] = {}
-    cursors: tuple[str | None, str | None] = (None, None)
     if resume.requested:
         recovered = resume.invalid() is None
         if recovered:
@@ -53,8 +52,11 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
                     page = await replay(runtime, stream, since, floors)
                     recovered = recovered and page.recovered
                     replayed += page.frames
-    else:
-        cursors = (runtime.broker.position(own), runtime.broker.position(BROADCAST))
+    # Where each stream the client gave no cursor for stands: it resumes from there next time.
+    cursors = (
+        runtime.broker.position(own) if resume.since is None else None,
+        runtime.broker.position(BROADCAST) if resume.broadcast_since is None else None,
+    )
     conn.release([welcome(user_id, conn.id, recovered, cursors, expires_at), *replayed], floors, own, BROADCAST)
     return conn
 

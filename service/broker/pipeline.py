@@ -24,8 +24,10 @@ The connection is a `RawConnection` (see resp.py): made by redis-py, then writte
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,6 +39,18 @@ from .resp import RawConnection, command
 
 class NotReplicated(RedisError):
     """Fewer replicas than required confirmed the write in time (it may still reach them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lua:
+    """A script, known to Redis by its SHA1 once it has run."""
+
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, text: str) -> Lua:
+        return cls(text, hashlib.sha1(text.encode()).hexdigest())
 
 
 class _Link:
@@ -92,6 +106,16 @@ class AutoPipeline:
         # WAIT answers before the deadline drops the connection, so a shortfall is an answer, not a timeout.
         self._wait = command("WAIT", replicas, max(1, int(deadline * 800))) if replicas else b""
         self._on_broken = on_broken
+
+    async def evaluate(self, script: Lua, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a script on the shared connection (loading it first if Redis does not know it)."""
+        tail = (len(keys), *keys, *args)
+        try:
+            return await self.execute(command("EVALSHA", script.sha, *tail))
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.execute(command("EVAL", script.text, *tail))
 
     async def execute(self, command: bytes, acknowledged: bool = False) -> Any:
         """Send one command, already in RESP (see resp.py), and return its reply; `acknowledged`:

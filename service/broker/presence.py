@@ -27,6 +27,8 @@ from ..settings import Settings
 from ..streams import is_topic, topic_of, user_of
 from . import scripts
 from .base import StreamRules, TopicFull
+from .pipeline import AutoPipeline, Lua
+from .resp import command
 
 logger = logging.getLogger("service.broker")
 
@@ -42,10 +44,20 @@ class Presence:
     """This replica's share of presence, and the reaping of replicas that died."""
 
     def __init__(
-        self, settings: Settings, redis: aioredis.Redis, key: KeyOf, prefix: str, replica_id: str, rules: RulesOf
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        pipeline: AutoPipeline,
+        key: KeyOf,
+        prefix: str,
+        replica_id: str,
+        rules: RulesOf,
     ) -> None:
         self._settings = settings
         self._redis = redis
+        # Presence writes share the publishes' pipelined connection: a burst of joins or a rewrite
+        # of every member is one write, never a pool connection each.
+        self._pipeline = pipeline
         self._key = key
         self._replica = replica_id
         self._rules = rules
@@ -55,12 +67,12 @@ class Presence:
         self._streams_of = f"{prefix}:replica:{{0}}:streams"
         self._claim = f"{prefix}:reaping:{{0}}"
         self._dead_after_ms = int(settings.presence_dead_after_seconds * 1000)
-        self._script = redis.register_script(scripts.PRESENCE)
-        self._finalize = redis.register_script(scripts.FINALIZE)
-        self._reap = redis.register_script(scripts.REAP)
-        self._heartbeat = redis.register_script(scripts.HEARTBEAT)
-        self._silent = redis.register_script(scripts.SILENT)
-        self._grace_done = redis.register_script(scripts.GRACE_DONE)
+        self._script = Lua.of(scripts.PRESENCE)
+        self._finalize = Lua.of(scripts.FINALIZE)
+        self._reap = Lua.of(scripts.REAP)
+        self._heartbeat = Lua.of(scripts.HEARTBEAT)
+        self._silent = Lua.of(scripts.SILENT)
+        self._grace_done = Lua.of(scripts.GRACE_DONE)
         self.sockets: dict[tuple[str, str], int] = {}  # (stream, user) -> sockets on this replica
         self._users_in: dict[str, int] = {}  # stream -> users with sockets on this replica
         self._dirty: set[tuple[str, str]] = set()
@@ -79,7 +91,7 @@ class Presence:
         previous = self.sockets.get((stream, user_id), 0)
         self._remember(stream, user_id, sockets)
         try:
-            status, count = await self._write(self._redis, stream, user_id, sockets, rules)
+            status, count = await self._write(stream, user_id, sockets, rules)
         except _FAILURES as exc:
             self._remember(stream, user_id, previous)
             raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
@@ -100,25 +112,23 @@ class Presence:
             if left:
                 self._users_in[stream] = left
 
-    async def _write(
-        self, client: aioredis.Redis, stream: str, user_id: str, sockets: int, rules: StreamRules
-    ) -> tuple[int, int]:
+    async def _write(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> tuple[int, int]:
         topic = topic_of(stream)
         keys = [self._key(stream, "m"), self._key(stream, f"m:{self._replica}"), self._key(stream, "g")]
         keys.append(self._key(stream, "c"))
         args = [user_id, sockets, int(rules.events), rules.grace_ms, rules.max_members or 0]
         args += [orjson.dumps(topic or "").decode(), self._ttl_ms]
-        pipe = client.pipeline(transaction=False)
-        await self._script(keys=keys, args=args, client=pipe)
+        streams_key = self._streams_of.format(self._replica)
+        # The script and the note of which streams this replica is in leave in one write.
+        calls = [self._pipeline.evaluate(self._script, keys, args)]
         if sockets:
-            pipe.sadd(self._streams_of.format(self._replica), stream)
+            calls.append(self._pipeline.execute(command("SADD", streams_key, stream)))
         elif stream not in self._users_in:
-            pipe.srem(self._streams_of.format(self._replica), stream)
-        status, count = (await pipe.execute())[0]
+            calls.append(self._pipeline.execute(command("SREM", streams_key, stream)))
+        (status, count, due), *_ = await asyncio.gather(*calls)
         if status == 2:
             # A leave waits for its grace; whichever replica sweeps first after it tells the members.
-            due = await self._redis.time()
-            await self._redis.zadd(self._graces, {stream: due[0] * 1000 + due[1] // 1000 + rules.grace_ms}, lt=True)
+            await self._pipeline.execute(command("ZADD", self._graces, "LT", due, stream))
         return int(status), int(count)
 
     def _rules_for(self, stream: str) -> StreamRules:
@@ -138,33 +148,35 @@ class Presence:
     # ---- background
 
     async def write_forever(self) -> None:
-        """Write changed socket counts of users' own streams to Redis, batched."""
+        """Write changed socket counts to Redis in the background (users' own streams, leaves from
+        topics, and everything after a rewrite), batched into one pipelined write."""
         while True:
             await self._dirty_event.wait()
             await asyncio.sleep(0.01)  # let a burst of connects coalesce into one batch
             self._dirty_event.clear()
             dirty, self._dirty = self._dirty, set()
+            batch = list(dirty)
             try:
                 async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
-                    await asyncio.gather(
-                        *(
-                            self._write(self._redis, s, u, self.sockets.get((s, u), 0), self._rules_for(s))
-                            for s, u in dirty
-                        )
+                    outcomes = await asyncio.gather(
+                        *(self._write(s, u, self.sockets.get((s, u), 0), self._rules_for(s)) for s, u in batch),
+                        return_exceptions=True,
                     )
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - Redis is down: written again when it is back
-                self._dirty |= dirty
+            except TimeoutError:
+                outcomes = [TimeoutError()] * len(batch)
+            failed = {entry for entry, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, Exception)}
+            if failed:  # Redis is away: only these are written again, once it is back
+                logger.debug("presence: %d writes failed, retried", len(failed))
+                self._dirty |= failed
                 self._dirty_event.set()
                 await asyncio.sleep(1.0)
 
     async def beat(self) -> None:
         """Say this replica is alive; if the others had reaped it (or Redis lost its data), write
         all of its presence again. Then reap the dead and tell the leaves that are due."""
-        if await self._heartbeat(keys=[self._replicas], args=[self._replica]):
+        if await self._pipeline.evaluate(self._heartbeat, [self._replicas], [self._replica]):
             self.rewrite()
-        for dead in await self._silent(keys=[self._replicas], args=[self._dead_after_ms]):
+        for dead in await self._pipeline.evaluate(self._silent, [self._replicas], [self._dead_after_ms]):
             if dead != self._replica:
                 await self._reap_replica(dead)
         await self._sweep_graces()
@@ -184,7 +196,7 @@ class Presence:
             keys = [self._key(stream, "m"), self._key(stream, f"m:{dead}"), self._key(stream, "g")]
             keys.append(self._key(stream, "c"))
             args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            reaped += int(await self._reap(keys=keys, args=args))
+            reaped += int(await self._pipeline.evaluate(self._reap, keys, args))
         pipe = self._redis.pipeline(transaction=False)
         pipe.delete(streams_key)
         pipe.zrem(self._replicas, dead)
@@ -198,11 +210,11 @@ class Presence:
             rules = self._rules(stream)
             keys = [self._key(stream, "m"), self._key(stream, "m"), self._key(stream, "g"), self._key(stream, "c")]
             args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            following = int(await self._finalize(keys=keys, args=args))
+            following = int(await self._pipeline.evaluate(self._finalize, keys, args))
             if following:
                 await self._redis.zadd(self._graces, {stream: following}, xx=True)
             else:
-                await self._grace_done(keys=[self._graces], args=[stream, int(due)])
+                await self._pipeline.evaluate(self._grace_done, [self._graces], [stream, int(due)])
 
     async def forget(self) -> None:
         """On a clean stop: this replica's sockets are gone from every stream (topics' leaves wait
@@ -210,5 +222,5 @@ class Presence:
         with contextlib.suppress(*_FAILURES):
             async with asyncio.timeout(self._settings.publish_timeout_seconds * 2):
                 held, self.sockets = list(self.sockets), {}
-                await asyncio.gather(*(self._write(self._redis, s, u, 0, self._rules_for(s)) for s, u in held))
+                await asyncio.gather(*(self._write(s, u, 0, self._rules_for(s)) for s, u in held))
                 await self._redis.zrem(self._replicas, self._replica)

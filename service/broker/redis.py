@@ -94,10 +94,10 @@ class RedisBroker:
         probe = f"probe:{replica_id}"
         self._probe = bulk(self._key(probe, "c"))
         self._subscription = Subscription(
-            settings, metrics, self._redis, self._sub_client, self._key, probe, self._connector
+            settings, metrics, self._redis, self._pipeline, self._sub_client, self._key, probe, self._connector
         )
         self._rules = rules
-        self._presence = Presence(settings, self._redis, self._key, self._prefix, replica_id, rules)
+        self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
         self._subscription.restarted = self._presence.rewrite
         self._tasks: list[asyncio.Task[None]] = []
 

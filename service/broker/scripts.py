@@ -131,8 +131,8 @@ end
 # KEYS: members (user -> sockets on every replica), this replica's members (user -> sockets here),
 #       leaving (user -> when their leave is due), channel.
 # ARGV: user, sockets here now, events flag, grace ms, member cap (0: none), topic JSON, ttl ms.
-# Returns {status, members}: status 0 done, 1 refused (the cap), 2 a leave is now due at ARGV[4]
-# from now (the caller registers it for `FINALIZE`).
+# Returns {status, members, due}: status 0 done, 1 refused (the cap), 2 a leave is now due at
+# `due` (unix ms; the caller registers it for `FINALIZE`).
 PRESENCE = (
     _NOW
     + _PRESENCE_EVENT
@@ -142,9 +142,9 @@ local mine = tonumber(redis.call('HGET', KEYS[2], user) or '0')
 local known = redis.call('HEXISTS', KEYS[1], user) == 1
 local cap = tonumber(ARGV[5])
 if n > 0 and not known and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
-  return {1, redis.call('HLEN', KEYS[1])}
+  return {1, redis.call('HLEN', KEYS[1]), 0}
 end
-if n == mine then return {0, redis.call('HLEN', KEYS[1])} end
+if n == mine then return {0, redis.call('HLEN', KEYS[1]), 0} end
 if n > 0 then redis.call('HSET', KEYS[2], user, n) else redis.call('HDEL', KEYS[2], user) end
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local total = tonumber(redis.call('HINCRBY', KEYS[1], user, n - mine))
@@ -152,19 +152,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if total > 0 then
   -- Back within the grace: nobody was told they left, so nobody is told they joined.
   if redis.call('ZREM', KEYS[3], user) == 0 and not known then tell('join', user) end
-  return {0, redis.call('HLEN', KEYS[1])}
+  return {0, redis.call('HLEN', KEYS[1]), 0}
 end
 redis.call('HSET', KEYS[1], user, 0)
 local grace = tonumber(ARGV[4])
 if grace > 0 then
   redis.call('ZADD', KEYS[3], now + grace, user)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {2, redis.call('HLEN', KEYS[1])}
+  return {2, redis.call('HLEN', KEYS[1]), now + grace}
 end
 redis.call('HDEL', KEYS[1], user)
 redis.call('ZREM', KEYS[3], user)
 tell('leave', user)
-return {0, redis.call('HLEN', KEYS[1])}
+return {0, redis.call('HLEN', KEYS[1]), 0}
 """
 )
 

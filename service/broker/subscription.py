@@ -28,6 +28,7 @@ from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, LostHandler, frame_id
 from .connector import Connector
+from .pipeline import AutoPipeline, Lua
 from .resp import RawConnection, command
 
 logger = logging.getLogger("service.broker")
@@ -47,6 +48,7 @@ class Subscription:
         settings: Settings,
         metrics: Metrics,
         redis: aioredis.Redis,
+        pipeline: AutoPipeline,
         sub_client: aioredis.Redis,
         key: KeyOf,
         probe_stream: str,
@@ -61,7 +63,8 @@ class Subscription:
         self._ttl_ms = settings.history_ttl_seconds * 1000
         self._channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
         self._probe_channel = key(probe_stream, "c")
-        self._cursor_script = redis.register_script(scripts.CURSOR)
+        self._pipeline = pipeline
+        self._cursor = Lua.of(scripts.CURSOR)
         self.on_frame: FrameHandler | None = None
         self.on_lost: LostHandler | None = None
         self.restarted: Callable[[], None] = lambda: None  # Redis came back without its data
@@ -96,7 +99,10 @@ class Subscription:
     async def subscribe(self, stream: str) -> None:
         self._streams.add(stream)
         if self._pubsub is None or not self.subscribed:
-            return  # the next (re)subscription includes it
+            # The next (re)subscription includes it, and replays what was published after this
+            # position: a client resuming meanwhile reads history only up to about here.
+            await self._read_position(stream)
+            return
         channel = self._key(stream, "c")
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
@@ -104,14 +110,23 @@ class Subscription:
             self._pubsub.write(command("SSUBSCRIBE", channel))
             async with asyncio.timeout(self._settings.probe_timeout_seconds):
                 await confirmed
-                cursor = id_key(await self._cursor_script(keys=[self._key(stream, "n")]))
-            if stream in self._streams:
-                self._positions[stream] = max(cursor, self._positions.get(stream, (0, 0)))
         except (*_FAILURES, asyncio.CancelledError):
             # The subscription loop notices a broken link and resubscribes every stream it holds.
             self._confirmations.pop(channel, None)
             if not confirmed.done():
                 confirmed.cancel()
+        await self._read_position(stream)
+
+    async def _read_position(self, stream: str) -> None:
+        """Everything published to the stream after this position reaches this replica (live, or
+        replayed after a rebuild). Without Redis there is none, and a rebuild starts from its cursor."""
+        try:
+            async with asyncio.timeout(self._settings.probe_timeout_seconds):
+                cursor = id_key(await self._pipeline.evaluate(self._cursor, [self._key(stream, "n")], []))
+        except _FAILURES:
+            return
+        if stream in self._streams:
+            self._positions[stream] = max(cursor, self._positions.get(stream, (0, 0)))
 
     async def unsubscribe(self, stream: str) -> None:
         self._streams.discard(stream)
@@ -192,10 +207,10 @@ class Subscription:
     async def _read_cursors(self, streams: list[str]) -> None:
         for start in range(0, len(streams), _REPLAY_CHUNK):
             chunk = streams[start : start + _REPLAY_CHUNK]
-            pipe = self._redis.pipeline(transaction=False)
-            for stream in chunk:
-                await self._cursor_script(keys=[self._key(stream, "n")], client=pipe)
-            for stream, cursor in zip(chunk, await pipe.execute(), strict=True):
+            cursors = await asyncio.gather(
+                *(self._pipeline.evaluate(self._cursor, [self._key(stream, "n")], []) for stream in chunk)
+            )
+            for stream, cursor in zip(chunk, cursors, strict=True):
                 if stream in self._streams:
                     self._positions[stream] = max(id_key(cursor), self._positions.get(stream, (0, 0)))
 
