@@ -6,8 +6,9 @@ Publishing (scope ``notify:publish``)::
         accepted = await pub.notify("alice", "order.shipped", {"order": 7})
         await pub.broadcast("maintenance", {"in_minutes": 5})
         results = await pub.notify_many([BatchItem("alice", "a"), BatchItem("bob", "b", [1])])
+        await pub.publish_topic("chat:lobby", "message", {"text": "hi"})
 
-``notify`` and ``broadcast`` always send an ``Idempotency-Key`` (one is generated when none is
+``notify``, ``broadcast`` and ``publish_topic`` always send an ``Idempotency-Key`` (one is generated when none is
 given) and retry 503s, 502/504s, 429s and network failures with capped exponential backoff and
 full jitter, reusing the same key: the server answers a repeated key with the first result, so a
 retry never delivers twice. Any other 4xx raises :class:`PublishError` carrying the server's JSON
@@ -15,14 +16,20 @@ error at once.
 
 Listening (a user's token)::
 
-    async for notification in listen("ws://127.0.0.1:8000/ws", token_or_callable):
-        print(notification.event, notification.data)
+    async for notification in listen("ws://127.0.0.1:8000/ws", token_or_callable, topics=["chat:lobby"]):
+        print(notification.stream, notification.event, notification.data)
 
-The listener follows docs/protocol.md: it reconnects with exponential backoff and full jitter,
-resumes with ``since`` / ``broadcast_since`` from the last ids it saw, drops duplicates by id,
-refetches the inbox when the server says it could not replay (``recovered: false`` or
-``resync``), refreshes the token before it expires when given a token callable, rotates through
-a list of URLs on reconnect, and stops on 4401 unless the token callable gives a new token.
+The listener follows docs/protocol.md: it reconnects with exponential backoff and full jitter and
+resumes every stream from its own cursor, since ids are ordered only within one stream: ``since``
+(the last id of the user's stream), ``broadcast_since`` (the last broadcast id) and, for each
+topic it was asked to join, a ``join`` frame with ``since`` (the last id seen in that topic, or
+the ``joined`` cursor). Before anything of a stream was seen, the welcome's ``cursor`` /
+``broadcast_cursor`` stands in; one stream's id is never used as another's cursor. It drops
+duplicates by (stream, id), refetches the inbox when the server says it could not replay
+(``recovered: false`` or ``resync``), refreshes the token before it expires when given a token
+callable, rotates through a list of URLs on reconnect, stops on 4401 unless the token callable
+gives a new token, and stops on 4403 (the server disconnected the user: never reconnect with the
+same token).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import httpx
 __all__ = [
     "BatchItem",
     "BatchResult",
+    "Disconnected",
     "Listener",
     "ListenerError",
     "Notification",
@@ -53,6 +61,7 @@ __all__ = [
     "PublishAccepted",
     "PublishError",
     "Publisher",
+    "TopicRefused",
     "Unauthorized",
     "listen",
 ]
@@ -103,14 +112,32 @@ class Unauthorized(ListenerError):
     """Closed with 4401 (token missing, invalid or expired) and no new token to retry with."""
 
 
+class Disconnected(Unauthorized):
+    """Closed with 4403: the server disconnected the user (logout everywhere, a ban). The listener
+    never reconnects with the same token; its cursors (``last_id``, ``last_broadcast_id``,
+    ``last_topic_ids``) stay readable, for a new listener with a new token to resume from."""
+
+
+class TopicRefused(ListenerError):
+    """The server refused to join one of the listener's topics (``forbidden``, ``full``,
+    ``unknown_namespace``, ...): ``topic`` and the error frame's ``error`` code and ``message``."""
+
+    def __init__(self, topic: str, error: str, message: str) -> None:
+        super().__init__(f"join {topic!r} refused: {error}: {message}")
+        self.topic = topic
+        self.error = error
+        self.message = message
+
+
 # ---------------------------------------------------------------- publisher
 
 
 @dataclass(frozen=True, slots=True)
 class PublishAccepted:
-    """What the server answered: the notification id, publish time (unix ms), and for user
-    notifications how many sockets of the user were online. ``duplicate`` is True when the
-    idempotency key repeated an earlier request (nothing was delivered again)."""
+    """What the server answered: the notification id, publish time (unix ms), for user
+    notifications how many sockets of the user were online, for topic messages how many distinct
+    members the topic has. ``duplicate`` is True when the idempotency key repeated an earlier
+    request (nothing was delivered again)."""
 
     id: str
     ts: int
@@ -118,6 +145,7 @@ class PublishAccepted:
     duplicate: bool = False
     idempotency_key: str | None = None
     attempts: int = 1
+    members: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +174,8 @@ class BatchResult:
 
 
 class Publisher:
-    """An async client for the publish API (``POST /notify/{user}``, ``/broadcast``, ``/notify``).
+    """An async client for the publish API (``POST /notify/{user}``, ``/broadcast``, ``/notify``,
+    ``/topics/{topic}``).
 
     ``token`` is a JWT with the ``notify:publish`` scope, or a callable returning a current one
     (called before every request). ``max_attempts`` bounds the tries of one call; the delay
@@ -195,6 +224,14 @@ class Publisher:
         """Deliver one notification to every connected user; retried safely."""
         return await self._publish("/broadcast", event, data, idempotency_key)
 
+    async def publish_topic(
+        self, topic: str, event: str, data: Any = None, *, idempotency_key: str | None = None
+    ) -> PublishAccepted:
+        """Send a message to every member socket of ``topic`` (``POST /topics/{topic}``), kept in
+        the topic's history; retried safely. The answer's ``members`` is the topic's distinct
+        members. A topic outside the configured namespaces raises :class:`PublishError` 404."""
+        return await self._publish(f"/topics/{quote(topic, safe=':@=')}", event, data, idempotency_key)
+
     async def notify_many(self, items: Iterable[BatchItem | Mapping[str, Any]]) -> list[BatchResult]:
         """Publish a batch (``POST /notify``); one result per item, in order.
 
@@ -219,6 +256,7 @@ class Publisher:
             duplicate=bool(body.get("duplicate")),
             idempotency_key=key,
             attempts=attempts,
+            members=body.get("members"),
         )
 
     async def _send(
@@ -306,7 +344,10 @@ def _key(id_: str) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """One notification as the socket delivered it; ``frame`` is the whole JSON frame."""
+    """One notification as the socket delivered it; ``frame`` is the whole JSON frame.
+
+    ``topic`` is set for a topic's messages, with ``sender`` the member who published it (None when
+    a backend did). Ids are ordered and unique only within one stream (see ``stream``)."""
 
     id: str
     event: str
@@ -314,9 +355,20 @@ class Notification:
     ts: int
     broadcast: bool = False
     frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    topic: str | None = None
+    sender: str | None = None
+
+    @property
+    def stream(self) -> str:
+        """The stream it came from: ``"user"``, ``"broadcast"`` or ``"topic:<topic>"``."""
+        if self.topic is not None:
+            return f"topic:{self.topic}"
+        return "broadcast" if self.broadcast else "user"
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
+        topic = frame.get("topic")
+        sender = frame.get("from")
         return cls(
             id=str(frame["id"]),
             event=str(frame["event"]),
@@ -324,6 +376,8 @@ class Notification:
             ts=int(frame.get("ts", 0)),
             broadcast=bool(frame.get("broadcast", False)),
             frame=dict(frame),
+            topic=str(topic) if topic is not None else None,
+            sender=str(sender) if sender is not None else None,
         )
 
 
@@ -331,26 +385,61 @@ class Notification:
 _CLOSE_FATAL = {1009: "an inbound frame was too big"}
 _CLOSE_NORMAL = 1000
 _CLOSE_UNAUTHORIZED = 4401
+_CLOSE_DISCONNECTED = 4403
 _CLOSE_TOO_MANY = 4029
 _CLOSE_RESTART = 1012
 
+# Dedupe keys: a stream and an id (ids of two streams may be equal).
+_USER, _BROADCAST = "u", "b"
+
+
+class _Pacer:
+    """Keeps this client's frames under the server's inbound rate (it closes with 4029 above it)."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._updated = time.monotonic()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._updated) * self._rate)
+            self._updated = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
 
 class Listener:
-    """Iterate over a user's notifications across reconnects; see :func:`listen`.
+    """Iterate over a user's notifications (and its topics' messages) across reconnects; see :func:`listen`.
 
-    Options: ``backoff_base`` / ``backoff_max`` (seconds; the delay before reconnect n is uniform
-    in ``[0, min(backoff_max, backoff_base * 2**n)]``, reset once a socket is welcomed; after 1012
-    a short random delay instead), ``max_attempts`` (failed connects in a row before
-    :class:`ListenerError`; None: never give up), ``refetch_on_gap`` (after ``recovered: false`` or
-    ``resync``, fetch ``GET /me/notifications`` and yield what is newer than the cursor),
-    ``refresh_margin`` (with a token callable, send ``refresh`` this long before ``exp``, at most a
-    third of the token's remaining life), ``open_timeout``, ``dedupe_window`` (ids remembered),
-    ``connect_options`` (passed to ``websockets.connect``, e.g. ``ssl`` or ``origin``). WebSocket
-    pings are answered, and sent every 20 s, by the websockets library.
+    Options: ``topics`` (topic names to join on every socket; their messages are yielded too, with
+    ``Notification.topic`` set), ``topic_tokens`` (topic -> topic token, or a callable giving one,
+    for topics the connection token does not open), ``topic_since`` (topic -> id to resume that
+    topic after on the first connection), ``backoff_base`` / ``backoff_max`` (seconds; the delay
+    before reconnect n is uniform in ``[0, min(backoff_max, backoff_base * 2**n)]``, reset once a
+    socket is welcomed; after 1012 a short random delay instead), ``max_attempts`` (failed connects
+    in a row before :class:`ListenerError`; None: never give up), ``refetch_on_gap`` (after
+    ``recovered: false`` or ``resync``, fetch ``GET /me/notifications`` and yield what is newer than
+    the cursor), ``refresh_margin`` (with a token callable, send ``refresh`` this long before
+    ``exp``, at most a third of the token's remaining life), ``open_timeout``, ``dedupe_window``
+    (ids remembered), ``send_rate`` (frames per second this client sends at most, under the
+    server's ``NOTIFY_MAX_INBOUND_RATE``), ``connect_options`` (passed to ``websockets.connect``,
+    e.g. ``ssl`` or ``origin``). WebSocket pings are answered, and sent every 20 s, by the
+    websockets library.
+
+    A topic the server refuses to join raises :class:`TopicRefused` (``unavailable`` is retried);
+    a topic this user is removed from (``left`` with ``reason: removed``) is dropped from
+    ``topics`` and not joined again. A topic whose ``joined`` says ``recovered: false`` lost
+    messages the server no longer retains (logged; ``topic_gaps`` counts them).
 
     Attributes a caller may read: ``state`` ("connecting", "open", "backoff", "closed"),
-    ``last_id`` / ``last_broadcast_id`` (the resume cursors), ``connection_id`` and ``url`` of the
-    current socket, ``reconnects`` (how many times it connected again after the first)."""
+    ``last_id`` / ``last_broadcast_id`` / ``last_topic_ids`` (the resume cursors, one per stream),
+    ``topics`` (the topics it joins), ``joined`` (those the current socket is in), ``connection_id``
+    and ``url`` of the current socket, ``reconnects`` (how many times it connected again after the
+    first)."""
 
     def __init__(
         self,
@@ -359,6 +448,9 @@ class Listener:
         *,
         since: str | None = None,
         broadcast_since: str | None = None,
+        topics: Iterable[str] = (),
+        topic_tokens: Mapping[str, TokenSource] | None = None,
+        topic_since: Mapping[str, str] | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_attempts: int | None = None,
@@ -366,29 +458,42 @@ class Listener:
         refresh_margin: float = 60.0,
         open_timeout: float = 10.0,
         dedupe_window: int = 2048,
+        send_rate: float = 15.0,
         connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("listen needs at least one URL")
+        if isinstance(topics, str):
+            raise TypeError("topics is a list of topic names, not one string")
         self.urls = [_ws_url(u) for u in url_list]
         self._token_source = token
         self._token: str | None = token if isinstance(token, str) else None
         self.last_id = since
         self.last_broadcast_id = broadcast_since
+        self.topics: list[str] = list(dict.fromkeys(topics))
+        unknown = set(topic_since or {}).union(topic_tokens or {}).difference(self.topics)
+        if unknown:
+            raise ValueError(f"topic_since / topic_tokens name topics not in topics: {sorted(unknown)}")
+        self.last_topic_ids: dict[str, str | None] = {t: (topic_since or {}).get(t) for t in self.topics}
+        self.topic_gaps = 0
+        self._topic_tokens = dict(topic_tokens or {})
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_attempts = max_attempts
         self._refetch_on_gap = refetch_on_gap
         self._refresh_margin = refresh_margin
         self._open_timeout = open_timeout
-        self._seen: set[str] = set()
-        self._seen_order: deque[str] = deque()
+        self._send_rate = send_rate
+        self._seen: set[tuple[str, str]] = set()
+        self._seen_order: deque[tuple[str, str]] = deque()
         self._dedupe_window = dedupe_window
         self._connect_options = dict(connect_options or {})
         self._url_index = 0
         self._stopped = False
         self._ws: Any = None
+        self._joining: set[str] = set()  # join sent on this socket, no answer yet
+        self._joined: set[str] = set()  # topics this socket is a member of
         self.state = "connecting"
         self.url: str | None = None
         self.connection_id: str | None = None
@@ -396,6 +501,11 @@ class Listener:
 
     def __aiter__(self) -> AsyncIterator[Notification]:
         return self._run()
+
+    @property
+    def joined(self) -> frozenset[str]:
+        """The topics the current socket is a member of (joined again on every new socket)."""
+        return frozenset(self._joined)
 
     async def close(self) -> None:
         """Stop: the iteration ends after the current socket closes."""
@@ -459,6 +569,13 @@ class Listener:
             if code in _CLOSE_FATAL:
                 self.state = "closed"
                 raise ListenerError(f"closed with {code}: {_CLOSE_FATAL[code]}", code)
+            if code == _CLOSE_DISCONNECTED:
+                self.state = "closed"
+                self._token = None
+                raise Disconnected(
+                    f"closed with 4403: {reason or 'disconnected by the server'}; not reconnecting with this token",
+                    _CLOSE_DISCONNECTED,
+                )
             if code == _CLOSE_UNAUTHORIZED:
                 await self._new_token_or_raise(reason)
             if not welcomed:
@@ -477,8 +594,17 @@ class Listener:
         self.state = "closed"
 
     async def _session(self, ws: Any) -> AsyncIterator[Notification | None]:
-        """Frames of one socket: None for the welcome, then notifications (deduped, in order)."""
+        """Frames of one socket: None for the welcome, then notifications (deduped, in order per stream)."""
         refresher: asyncio.Task[None] | None = None
+        pacer = _Pacer(self._send_rate)
+        senders: set[asyncio.Task[None]] = set()
+        self._joining, self._joined = set(), set()
+
+        def join_later(topic: str, delay: float = 0.0) -> None:
+            task = asyncio.get_running_loop().create_task(self._join(ws, pacer, topic, delay))
+            senders.add(task)
+            task.add_done_callback(senders.discard)
+
         try:
             async for raw in ws:
                 if not isinstance(raw, str):
@@ -495,62 +621,144 @@ class Listener:
                 elif kind == "welcome":
                     self.state = "open"
                     self.connection_id = frame.get("connection_id")
-                    cursor = frame.get("cursor")
-                    if isinstance(cursor, str):  # nothing seen yet: a reconnect resumes from here
-                        self.last_id = self.last_id or cursor
-                        self.last_broadcast_id = self.last_broadcast_id or cursor
+                    # Present when not resuming. Nothing of a stream seen yet: a reconnect resumes it from here.
+                    if self.last_id is None and isinstance(frame.get("cursor"), str):
+                        self.last_id = frame["cursor"]
+                    if self.last_broadcast_id is None and isinstance(frame.get("broadcast_cursor"), str):
+                        self.last_broadcast_id = frame["broadcast_cursor"]
+                    for topic in self.topics:
+                        join_later(topic)
                     yield None
                     if frame.get("recovered") is False:
                         for notification in await self._refetch():
                             yield notification
                     refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
+                elif kind == "joined":
+                    self._on_joined(frame)
+                elif kind == "left":
+                    self._on_left(frame)
                 elif kind == "refreshed":
                     refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
                 elif kind == "resync":
                     for notification in await self._refetch():
                         yield notification
                 elif kind == "error":
-                    logger.warning("server error frame: %s %s", frame.get("code"), frame.get("message"))
+                    topic = frame.get("topic")
+                    if isinstance(topic, str) and topic in self._joining:
+                        if self._join_refused(topic, str(frame.get("code")), str(frame.get("message", ""))):
+                            join_later(topic, random.uniform(0.5, 2.0))
+                    else:
+                        logger.warning("server error frame: %s %s", frame.get("code"), frame.get("message"))
         finally:
             if refresher is not None:
                 refresher.cancel()
+            for task in list(senders):
+                task.cancel()
+
+    async def _join(self, ws: Any, pacer: _Pacer, topic: str, delay: float) -> None:
+        """Send `join` for a topic, resuming after the last id seen in it (or its first `joined` cursor)."""
+        if delay:
+            await asyncio.sleep(delay)
+        await pacer.wait()
+        if topic not in self.last_topic_ids:  # removed meanwhile
+            return
+        frame: dict[str, Any] = {"type": "join", "topic": topic}
+        topic_token = self._topic_tokens.get(topic)
+        while topic_token is not None:
+            try:
+                frame["token"] = await _resolve(topic_token)
+                break
+            except Exception as exc:  # noqa: BLE001 - the caller's callable; try again while the socket lives
+                logger.warning("join %s: the topic token callable failed: %s", topic, exc)
+                await asyncio.sleep(random.uniform(1.0, 3.0))
+        since = self.last_topic_ids.get(topic)  # read last: nothing of this topic arrives before the join
+        if since is not None:
+            frame["since"] = since
+        self._joining.add(topic)
+        try:
+            await ws.send(json.dumps(frame))
+        except Exception as exc:  # noqa: BLE001 - the socket is closing; the next one joins again
+            logger.info("join %s not sent: %s", topic, exc)
+
+    def _on_joined(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic")
+        if not isinstance(topic, str) or topic not in self.last_topic_ids:
+            return
+        self._joining.discard(topic)
+        self._joined.add(topic)
+        cursor = frame.get("cursor")
+        if self.last_topic_ids[topic] is None and isinstance(cursor, str):
+            self.last_topic_ids[topic] = cursor
+        if frame.get("recovered") is False:
+            self.topic_gaps += 1
+            logger.warning("topic %s: some messages after the cursor are no longer retained", topic)
+
+    def _on_left(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic")
+        if not isinstance(topic, str):
+            return
+        self._joining.discard(topic)
+        self._joined.discard(topic)
+        if frame.get("reason") == "removed" and topic in self.last_topic_ids:
+            logger.warning("removed from topic %s by the server; not joining it again", topic)
+            self.topics.remove(topic)
+            del self.last_topic_ids[topic]
+
+    def _join_refused(self, topic: str, code: str, message: str) -> bool:
+        """An error answering a join: True to retry it later; raises TopicRefused when retrying cannot help."""
+        self._joining.discard(topic)
+        if code == "already_joined":
+            self._joined.add(topic)
+            return False
+        if code == "unavailable":
+            logger.info("join %s failed (%s); retrying", topic, message)
+            return True
+        self.state = "closed"
+        raise TopicRefused(topic, code, message)
 
     def _accept(self, frame: dict[str, Any]) -> Notification | None:
-        """The notification, or None when already seen (by id, or behind its stream's cursor)."""
+        """The notification, or None when already seen (by stream and id, or behind its stream's cursor)."""
         id_ = frame.get("id")
-        if not isinstance(id_, str) or id_ in self._seen:
+        if not isinstance(id_, str):
             return None
-        broadcast = bool(frame.get("broadcast"))
-        cursor = self.last_broadcast_id if broadcast else self.last_id
-        if cursor is not None and _key(id_) <= _key(cursor):
+        topic = frame.get("topic")
+        if topic is not None:
+            if not isinstance(topic, str) or topic not in self.last_topic_ids:
+                return None  # a topic this listener left or was removed from
+            stream, cursor = "t:" + topic, self.last_topic_ids[topic]
+        elif frame.get("broadcast"):
+            stream, cursor = _BROADCAST, self.last_broadcast_id
+        else:
+            stream, cursor = _USER, self.last_id
+        if (stream, id_) in self._seen or (cursor is not None and _key(id_) <= _key(cursor)):
             return None
-        self._remember(id_)
-        if broadcast:
+        try:
+            notification = Notification.from_frame(frame)
+        except (KeyError, TypeError, ValueError):
+            return None
+        self._remember((stream, id_))
+        if topic is not None:
+            self.last_topic_ids[topic] = id_
+        elif stream == _BROADCAST:
             self.last_broadcast_id = id_
         else:
             self.last_id = id_
-        try:
-            return Notification.from_frame(frame)
-        except (KeyError, TypeError, ValueError):
-            return None
+        return notification
 
-    def _remember(self, id_: str) -> None:
-        self._seen.add(id_)
-        self._seen_order.append(id_)
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._seen.add(key)
+        self._seen_order.append(key)
         while len(self._seen_order) > self._dedupe_window:
             self._seen.discard(self._seen_order.popleft())
 
     def _connect_url(self, url: str) -> str:
-        """The URL with resume cursors; a stream without a cursor of its own uses the other's."""
-        newest = max((c for c in (self.last_id, self.last_broadcast_id) if c), key=_key, default=None)
-        since = self.last_id or newest
-        broadcast_since = self.last_broadcast_id or newest
-        if since is None:
+        """The URL with the resume cursors: each stream's own, and none for a stream without one."""
+        cursors = [(k, v) for k, v in (("since", self.last_id), ("broadcast_since", self.last_broadcast_id)) if v]
+        if not cursors:
             return url
         parts = urlsplit(url)
         query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("since", "broadcast_since")]
-        query += [("since", since), ("broadcast_since", broadcast_since or since)]
-        return urlunsplit(parts._replace(query=urlencode(query)))
+        return urlunsplit(parts._replace(query=urlencode(query + cursors)))
 
     async def _new_token_or_raise(self, reason: str) -> None:
         rejected = self._token
@@ -620,6 +828,7 @@ def listen(
     *,
     since: str | None = None,
     broadcast_since: str | None = None,
+    topics: Iterable[str] = (),
     **options: Any,
 ) -> Listener:
     """Notifications of the token's user, forever: ``async for n in listen(url, token): ...``.
@@ -627,13 +836,16 @@ def listen(
     ``url``: ``ws://host:port/ws`` (``http(s)://host:port`` works too), or a list of them tried in
     turn on each reconnect. ``token``: a JWT, or a callable (sync or async) returning one; with a
     callable the listener refreshes the token before it expires and, on 4401, retries only when
-    the callable returns a different token. ``since`` / ``broadcast_since``: resume after these
-    ids on the first connection too. Other options: see :class:`Listener`.
+    the callable returns a different token. ``since`` / ``broadcast_since``: resume the user's
+    stream / the broadcast stream after these ids on the first connection too (each is an id of
+    its own stream). ``topics``: topics to join on every socket; their messages are yielded too
+    (``Notification.topic``). Other options: see :class:`Listener`.
 
-    Raises :class:`Unauthorized` on 4401 without a new token, :class:`ListenerError` on a refused
+    Raises :class:`Unauthorized` on 4401 without a new token, :class:`Disconnected` on 4403,
+    :class:`TopicRefused` when a topic cannot be joined, :class:`ListenerError` on a refused
     handshake, 1009 or after ``max_attempts`` failed connects in a row (default: never gives up).
     A server's 1000 close ends the iteration."""
-    return Listener(url, token, since=since, broadcast_since=broadcast_since, **options)
+    return Listener(url, token, since=since, broadcast_since=broadcast_since, topics=topics, **options)
 
 
 def _ws_url(url: str) -> str:

@@ -6,11 +6,13 @@ Chromium is Debian's (`apt-get install chromium`), driven by Playwright from PyP
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -56,8 +58,9 @@ async ([options, tokens]) => {
   const { NotifyClient } = await import("/client/notify.js");
   const Native = window.WebSocket;
   window.wsAttempts = 0;
+  window.wsUrls = [];
   window.WebSocket = class extends Native {
-    constructor(url) { super(url); window.wsAttempts += 1; }
+    constructor(url) { super(url); window.wsAttempts += 1; window.wsUrls.push(url); }
   };
   window.tokens = tokens;
   const client = new NotifyClient({
@@ -65,7 +68,10 @@ async ([options, tokens]) => {
     getToken: options.useGetToken ? async () => window.tokens.shift() : undefined,
   });
   window.client = client;
-  window.seen = { state: [], welcome: [], close: [], refreshed: [], notification: [], error: [] };
+  window.seen = {
+    state: [], welcome: [], close: [], refreshed: [], notification: [], error: [],
+    message: [], joined: [], left: [], presence: [], signal: [],
+  };
   for (const name of Object.keys(window.seen)) client.on(name, (payload) => window.seen[name].push(payload));
   client.connect();
 }
@@ -292,3 +298,150 @@ async def test_ping_detects_a_frozen_replica(demo_pair, page, http):
     assert await page.evaluate("window.seen.welcome.map(w => w.url)") == [a.url, b.url]
     assert await page.evaluate("window.seen.notification.map(n => n.id)") == [first, missed]
     assert await page.evaluate("window.seen.close.map(c => c.reason)") == ["no answer to ping"]
+
+
+# ---- topics, per-stream cursors and 4403
+
+NAMESPACES = {"chat": {"join": "any", "publish": True, "signals": True, "presence": True, "join_leave": True}}
+ADMIN = {"Authorization": f"Bearer {token('moderator', 'notify:admin')}"}
+
+
+@pytest.fixture
+def topic_pair(redis_server: RedisServer) -> Iterator[tuple[Replica, Replica]]:
+    """Two replicas sharing one Redis, with a topic namespace; a test may freeze either."""
+    env = cluster_env(redis_server, NOTIFY_TOPICS=json.dumps(NAMESPACES), NOTIFY_DRAIN_SECONDS="0.5")
+    a = Replica(env).start()
+    try:
+        b = Replica(env).start()
+    except BaseException:
+        a.stop()
+        raise
+    yield a, b
+    for replica in (a, b):
+        if replica.proc is not None:
+            replica.proc.send_signal(signal.SIGCONT)
+        replica.stop()
+
+
+async def _post(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    response = await http.post(url, json=body, headers=headers or publisher_headers())
+    assert response.status_code == 202, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def test_topics_resume_per_stream_across_replicas(topic_pair, page, http):
+    """Join, publish, presence and signals from the browser; then the replica freezes while a backend
+    publishes to the user, to everyone and to the topic: the client moves on and resumes each stream
+    from its own cursor (the topic by joining again with since), getting everything once, in order."""
+    a, b = topic_pair
+    user, lobby = _user(), f"chat:{uuid.uuid4().hex[:8]}"
+    await page.goto(f"{a.url}/healthz")
+    options = {"urls": [a.url, b.url], "token": token(user), "pingInterval": 300, "pongTimeout": 700}
+    await page.evaluate(HARNESS, [options, []])
+    await page.wait_for_function("window.client.state === 'open'")
+    welcome = (await page.evaluate("window.seen.welcome"))[0]
+    cursors = await page.evaluate("[window.client.lastUserId, window.client.lastBroadcastId]")
+    assert cursors == [welcome["cursor"], welcome["broadcast_cursor"]]
+
+    joined = await page.evaluate("t => window.client.join(t)", lobby)
+    assert joined["type"] == "joined" and joined["topic"] == lobby and joined["count"] == 1
+    assert await page.evaluate("t => window.client.lastTopicId(t)", lobby) == joined["cursor"]
+    own = await page.evaluate("t => window.client.publish(t, 'msg', {n: 0})", lobby)
+    assert own["type"] == "published" and own["topic"] == lobby
+    refused = await page.evaluate(
+        """async (t) => {
+             try { await window.client.publish(t, "msg", 1); return null; }
+             catch (e) { return { name: e.name, code: e.code, topic: e.topic }; }
+           }""",
+        "chat:elsewhere",
+    )
+    assert refused == {"name": "NotifyError", "code": "forbidden", "topic": "chat:elsewhere"}
+
+    # A second user in the same page: presence, and a signal from the first one.
+    bob = _user()
+    await page.evaluate(
+        """async ([t, token]) => {
+             const { NotifyClient } = await import("/client/notify.js");
+             window.bob = new NotifyClient({ url: location.origin, token });
+             window.bobSignals = [];
+             window.bob.on("signal", (s) => window.bobSignals.push(s));
+             window.bob.connect();
+             await window.bob.join(t);
+           }""",
+        [lobby, token(bob)],
+    )
+    await page.wait_for_function("window.seen.presence.some(p => p.action === 'join' && p.count === 2)")
+    members = await page.evaluate("t => window.client.presence(t)", lobby)
+    assert members["count"] == 2 and members["users"] == sorted([user, bob])
+    assert await page.evaluate("t => window.client.signal(t, 'typing', true)", lobby) is True
+    await page.wait_for_function("window.bobSignals.length === 1")
+    assert (await page.evaluate("window.bobSignals[0]"))["from"] == user
+    await page.evaluate("t => window.bob.leave(t).then(() => window.bob.close())", lobby)
+
+    sent: dict[str, list[str]] = {"user": [], "broadcast": [], "topic": [own["id"]]}
+
+    async def publish_round(n: int) -> None:
+        sent["user"].append(await _publish(http, b, user, n))
+        sent["broadcast"].append((await _post(http, f"{b.url}/broadcast", {"event": "b", "data": n}))["id"])
+        sent["topic"].append((await _post(http, f"{b.url}/topics/{lobby}", {"event": "m", "data": n}))["id"])
+
+    await publish_round(1)
+    await page.wait_for_function("window.seen.message.length === 2 && window.seen.notification.length === 2")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        for n in (2, 3):
+            await publish_round(n)
+        await page.wait_for_function("window.seen.welcome.length === 2")
+        await page.wait_for_function("window.seen.message.length === 4 && window.seen.notification.length === 6")
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    await publish_round(4)
+    await page.wait_for_function("window.seen.message.length === 5 && window.seen.notification.length === 8")
+    await asyncio.sleep(0.3)
+
+    assert await page.evaluate("window.seen.welcome.map(w => w.url)") == [a.url, b.url]
+    rejoined = (await page.evaluate("window.seen.joined"))[-1]
+    assert rejoined["topic"] == lobby and rejoined["recovered"] is True
+    assert await page.evaluate("window.seen.message.map(m => m.id)") == sent["topic"]
+    notifications = await page.evaluate("window.seen.notification")
+    assert [n["id"] for n in notifications if not n.get("broadcast")] == sent["user"]
+    assert [n["id"] for n in notifications if n.get("broadcast")] == sent["broadcast"]
+    assert await page.evaluate("t => window.client.lastTopicId(t)", lobby) == sent["topic"][-1]
+    # The second socket resumed each stream from its own cursor.
+    query = parse_qs(urlsplit(await page.evaluate("window.wsUrls.at(-1)")).query)  # [alice, bob, alice again]
+    assert await page.evaluate("window.wsUrls.length") == 3
+    assert (query["since"], query["broadcast_since"]) == ([sent["user"][0]], [sent["broadcast"][0]])
+
+
+async def test_stops_on_4403_without_asking_for_a_token(demo_single, page, http):
+    """Disconnected by the server: the client stops, does not call getToken by itself, and starts
+    again only when the application gives it a token."""
+    user = _user()
+    first = token(user)
+    await page.goto(f"{demo_single.url}/healthz")
+    await page.evaluate(HARNESS, [{"token": first, "useGetToken": True, "minDelay": 20}, [token(user, ttl=900)]])
+    await page.wait_for_function("window.client.state === 'open'")
+    await _post(http, f"{demo_single.url}/users/{user}/disconnect", headers=ADMIN)
+    await page.wait_for_function("window.client.state === 'unauthorized'")
+    await asyncio.sleep(0.5)
+    assert await page.evaluate("window.seen.close.map(c => c.code)") == [4403]
+    assert await page.evaluate("window.seen.state.at(-1)") == {
+        "state": "unauthorized",
+        "transport": "websocket",
+        "url": demo_single.url,
+        "attempt": 0,
+        "code": 4403,
+    }
+    assert await page.evaluate("[window.wsAttempts, window.tokens.length]") == [1, 1]
+
+    # The same token again is refused without a connection; a new one (another exp) starts it again.
+    await page.evaluate("t => window.client.setToken(t)", first)
+    await asyncio.sleep(0.3)
+    assert await page.evaluate("[window.client.state, window.wsAttempts]") == ["unauthorized", 1]
+    await page.evaluate("t => window.client.setToken(t)", token(user, ttl=1800))
+    await page.wait_for_function("window.client.state === 'open'")
+    assert await page.evaluate("window.wsAttempts") == 2

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import orjson
@@ -18,11 +22,13 @@ import pytest
 
 from service.client import (
     BatchItem,
+    Disconnected,
     Listener,
     ListenerError,
     Notification,
     Publisher,
     PublishError,
+    TopicRefused,
     Unauthorized,
     listen,
 )
@@ -30,6 +36,13 @@ from service.client import (
 from .utils import ROOT, SECRET, TIMEOUT, RedisServer, Replica, cluster_env, free_port, token
 
 PUBLISHER = token("backend", "notify:publish notify:read")
+ADMIN = token("moderator", "notify:admin")
+NAMESPACES = json.dumps(
+    {
+        "chat": {"join": "any", "publish": True, "signals": True, "presence": True, "join_leave": True},
+        "room": {"join": "token", "publish": True},
+    }
+)
 
 
 def publisher(replica: Replica, **options: Any) -> Publisher:
@@ -264,7 +277,8 @@ async def test_retry_after_a_lost_answer_does_not_deliver_twice(single):
 @pytest.mark.slow
 async def test_listener_resumes_across_a_replica_restart_without_loss_or_duplicates(own_redis):
     """The listener's replica restarts while a backend keeps publishing through another replica: the
-    listener reconnects with since= and gets every notification once, in order."""
+    listener reconnects with since= and broadcast_since= and gets every notification once, in order
+    within each stream (frames of two streams may interleave)."""
     env = cluster_env(own_redis, NOTIFY_DRAIN_SECONDS="0.2")
     a, b = Replica(env).start(), Replica(env).start()
     try:
@@ -282,8 +296,9 @@ async def test_listener_resumes_across_a_replica_restart_without_loss_or_duplica
                 sent += [(await pub.notify("cl-gina", "e", i)).id for i in range(20, 30)]
                 await until(lambda: len(received) >= 30)
                 await asyncio.sleep(0.3)
-            assert [n.id for n in received] == sent
-            assert [n.data for n in received] == list(range(30))
+            assert [n.id for n in received if n.stream == "user"] == sent[:10] + sent[11:]
+            assert [n.id for n in received if n.stream == "broadcast"] == [sent[10]]
+            assert sorted(n.data for n in received) == list(range(30))
             assert listener.reconnects >= 1
     finally:
         a.stop()
@@ -359,14 +374,208 @@ async def test_listener_refreshes_the_token_before_it_expires(single):
 async def test_listener_resumes_from_given_cursors_and_drops_duplicates(single):
     async with publisher(single) as pub:
         ids = [(await pub.notify("cl-lou", "e", i)).id for i in range(3)]
-        broadcast = await pub.broadcast("b")
-    listener = listen(single.url, token("cl-lou"), since=ids[0], broadcast_since=ids[0])
+        broadcasts = [(await pub.broadcast("b", i)).id for i in range(2)]
+    listener = listen(single.url, token("cl-lou"), since=ids[0], broadcast_since=broadcasts[0])
     got = await take(listener, 3)
-    assert [n.id for n in got] == [ids[1], ids[2], broadcast.id]
-    # Frames at or behind the cursors are dropped, whatever the server sends.
+    assert sorted(n.id for n in got if n.stream == "user") == [ids[1], ids[2]]
+    assert [n.id for n in got if n.stream == "broadcast"] == [broadcasts[1]]
+    # Frames at or behind their own stream's cursor are dropped, whatever the server sends.
     assert listener._accept({"type": "notification", "id": ids[2], "event": "e", "data": 1, "ts": 1}) is None
-    assert "since=" + ids[2] in listener._connect_url(single.ws_url)
-    assert "broadcast_since=" + broadcast.id in listener._connect_url(single.ws_url)
+    assert listener.last_id == ids[2] and listener.last_broadcast_id == broadcasts[1]
+    url = listener._connect_url(single.ws_url)
+    assert f"since={ids[2]}" in url and f"broadcast_since={broadcasts[1]}" in url
+    # Ids are per stream: an id equal to one of another stream is another notification.
+    same = {"type": "notification", "id": "9999999999999-1", "event": "e", "data": None, "ts": 1}
+    assert listener._accept(same) is not None
+    assert listener._accept({**same, "broadcast": True}) is not None
+    assert listener._accept(same) is None and listener._accept({**same, "broadcast": True}) is None
+    assert (listener.last_id, listener.last_broadcast_id) == ("9999999999999-1", "9999999999999-1")
+
+
+async def test_listener_keeps_one_cursor_per_stream_from_the_welcome(single):
+    """A fresh listener takes each stream's cursor from the welcome, never one stream's id for the other."""
+    user = f"cl-cur-{uuid.uuid4().hex[:6]}"
+    listener = listen(single.ws_url, token(user))
+    assert listener._connect_url(single.ws_url) == single.ws_url  # nothing seen: no cursor at all
+    async with running(listener) as received, publisher(single) as pub:
+        await until(lambda: listener.state == "open")
+        assert listener.last_id is not None and listener.last_broadcast_id is not None
+        broadcast = await pub.broadcast("b")
+        await until(lambda: len(received) == 1)
+        user_cursor = listener.last_id
+        assert listener.last_broadcast_id == broadcast.id and user_cursor != broadcast.id
+        url = listener._connect_url(single.ws_url)
+        assert f"since={user_cursor}" in url and f"broadcast_since={broadcast.id}" in url
+    only_user = listen(single.ws_url, token(user), since=user_cursor)._connect_url(single.ws_url)
+    assert parse_qs(urlsplit(only_user).query) == {"since": [user_cursor]}
+    only_broadcast = listen(single.ws_url, token(user), broadcast_since=broadcast.id)._connect_url(single.ws_url)
+    assert parse_qs(urlsplit(only_broadcast).query) == {"broadcast_since": [broadcast.id]}
+
+
+async def test_listener_stops_on_4403_and_does_not_reconnect(single):
+    """POST /users/{user}/disconnect closes with 4403: the listener stops at once, without asking the
+    token callable again, and keeps its cursors for whoever decides to start again."""
+    user = f"cl-ban-{uuid.uuid4().hex[:6]}"
+    calls: list[int] = []
+
+    def current() -> str:
+        calls.append(1)
+        return token(user)
+
+    listener = listen(single.ws_url, current, backoff_base=0.01)
+    bystander = listen(single.ws_url, token(f"{user}-other"))
+    got: list[Notification] = []
+
+    async def consume() -> None:
+        async for notification in listener:
+            got.append(notification)
+
+    task = asyncio.create_task(consume())
+    try:
+        async with publisher(single) as pub, running(bystander):
+            await until(lambda: listener.state == "open" and bystander.state == "open")
+            accepted = await pub.notify(user, "e")
+            await until(lambda: len(got) == 1)
+            answer = await pub._http.post(
+                f"{single.url}/users/{user}/disconnect", headers={"Authorization": f"Bearer {ADMIN}"}
+            )
+            assert answer.status_code == 202, answer.text
+            with pytest.raises(Disconnected, match="4403") as stopped:
+                await asyncio.wait_for(task, 2 * TIMEOUT)
+            assert stopped.value.code == 4403 and isinstance(stopped.value, Unauthorized)
+            assert listener.state == "closed" and listener.reconnects == 0 and len(calls) == 1
+            assert listener.last_id == accepted.id
+            await asyncio.sleep(0.2)
+            assert bystander.state == "open" and bystander.reconnects == 0  # only that user's sockets
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ListenerError):
+            await task
+
+
+# ---- topics
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def topic_single() -> Any:
+    """One replica on the embedded broker with topic namespaces configured."""
+    replica = Replica({"NOTIFY_TOPICS": NAMESPACES}).start()
+    yield replica
+    replica.stop()
+
+
+async def test_publish_topic_reaches_a_listener_once(topic_single):
+    lobby, user = f"chat:{uid('lobby')}", uid("cl-top")
+    listener = listen(topic_single.ws_url, token(user), topics=[lobby])
+    async with running(listener) as received, publisher(topic_single) as pub:
+        await until(lambda: lobby in listener.joined)
+        first = await pub.publish_topic(lobby, "msg", {"text": "hi"})
+        assert first.members == 1 and not first.duplicate and first.idempotency_key
+        again = await pub.publish_topic(lobby, "msg", {"text": "hi"}, idempotency_key=first.idempotency_key)
+        assert again.duplicate and again.id == first.id
+        await until(lambda: len(received) == 1)
+        await asyncio.sleep(0.3)
+        with pytest.raises(PublishError) as unknown:
+            await pub.publish_topic("nowhere:x", "e")
+        assert unknown.value.status == 404
+        with pytest.raises(PublishError) as invalid:
+            await pub.publish_topic("has space", "e")
+        assert invalid.value.status == 422
+    [message] = received
+    assert (message.id, message.topic, message.stream, message.sender) == (first.id, lobby, f"topic:{lobby}", None)
+    assert (message.event, message.data) == ("msg", {"text": "hi"})
+    assert listener.last_topic_ids[lobby] == first.id
+
+
+async def test_publish_topic_retry_after_a_lost_answer_does_not_deliver_twice(topic_single):
+    lobby = f"chat:{uid('lost')}"
+    listener = listen(topic_single.ws_url, token(uid("cl-top")), topics=[lobby])
+    async with running(listener) as received, answer_lost_once(topic_single.port) as url:
+        await until(lambda: lobby in listener.joined)
+        async with Publisher(url, PUBLISHER, backoff_base=0.01) as pub:
+            accepted = await pub.publish_topic(lobby, "once", 1)
+        assert accepted.attempts == 2 and accepted.duplicate
+        await until(lambda: len(received) == 1)
+        await asyncio.sleep(0.3)
+    assert [n.id for n in received] == [accepted.id]
+
+
+async def test_listener_topic_permissions_and_removal(topic_single):
+    room, user = f"room:{uid('r')}", uid("cl-top")
+    with pytest.raises(TopicRefused) as refused:
+        await take(listen(topic_single.ws_url, token(user), topics=[room]), 1, within=TIMEOUT)
+    assert (refused.value.topic, refused.value.error) == (room, "forbidden")
+
+    listener = listen(topic_single.ws_url, token(user), topics=[room], topic_tokens={room: token(user, topic=room)})
+    async with running(listener) as received, publisher(topic_single) as pub:
+        await until(lambda: room in listener.joined)
+        first = await pub.publish_topic(room, "e", 1)
+        await until(lambda: len(received) == 1)
+        removal = await pub._http.delete(
+            f"{topic_single.url}/topics/{room}/members/{user}", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert removal.status_code == 202, removal.text
+        await until(lambda: listener.topics == [])
+        await pub.publish_topic(room, "e", 2)
+        await asyncio.sleep(0.3)
+    assert [n.id for n in received] == [first.id] and room not in listener.last_topic_ids
+
+
+@pytest.mark.slow
+async def test_listener_resumes_topics_across_a_replica_switch(redis_server):
+    """The listener's replica freezes, then dies, while a backend publishes through another one to
+    the user, to everyone and to two topics: the listener moves on, resumes each stream from its own
+    cursor (the topics by joining again with since), and gets everything once, in order per stream."""
+    env = cluster_env(redis_server, NOTIFY_TOPICS=NAMESPACES, NOTIFY_DRAIN_SECONDS="0.2")
+    a, b = Replica(env).start(), Replica(env).start()
+    lobby, other, user = f"chat:{uid('lobby')}", f"chat:{uid('other')}", uid("cl-move")
+    sent: dict[str, list[str]] = {"user": [], "broadcast": [], f"topic:{lobby}": [], f"topic:{other}": []}
+    try:
+        async with publisher(b) as pub:
+
+            async def publish_round(n: int) -> None:
+                sent["user"].append((await pub.notify(user, "e", n)).id)
+                sent["broadcast"].append((await pub.broadcast("b", n)).id)
+                sent[f"topic:{lobby}"].append((await pub.publish_topic(lobby, "m", n)).id)
+                sent[f"topic:{other}"].append((await pub.publish_topic(other, "m", n)).id)
+
+            listener = listen(
+                [a.ws_url, b.ws_url], token(user), topics=[lobby, other], backoff_base=0.1, backoff_max=0.3
+            )
+            async with running(listener) as received:
+                await until(lambda: listener.state == "open" and listener.joined == {lobby, other})
+                for n in range(5):
+                    await publish_round(n)
+                await until(lambda: len(received) == 20)
+                # Frozen, `a` delivers nothing of what follows; killed, it never will: only the
+                # replay on `b` from each stream's own cursor can bring these.
+                assert a.proc is not None
+                a.proc.send_signal(signal.SIGSTOP)
+                try:
+                    for n in range(5, 10):
+                        await publish_round(n)
+                finally:
+                    a.proc.kill()
+                    a.proc.wait(TIMEOUT)
+                await until(lambda: len(received) == 40)
+                assert listener.url == b.ws_url and listener.joined == {lobby, other}
+                for n in range(10, 15):
+                    await publish_round(n)
+                await until(lambda: len(received) >= 60)
+                await asyncio.sleep(0.3)
+            by_stream: dict[str, list[str]] = {}
+            for notification in received:
+                by_stream.setdefault(notification.stream, []).append(notification.id)
+            assert by_stream == sent
+            assert listener.reconnects == 1 and listener.topic_gaps == 0
+            assert listener.last_topic_ids == {lobby: sent[f"topic:{lobby}"][-1], other: sent[f"topic:{other}"][-1]}
+    finally:
+        a.stop()
+        b.stop()
 
 
 # ---- command line
@@ -426,8 +635,15 @@ def test_cli_listen_prints_json_lines(single):
     )
     try:
         first = orjson.loads(cli("send", "cl-ned", "order.shipped", '{"n":1}', "--url", single.url).stdout)
+        # `--since` resumes the user's stream only; a broadcast is seen live, so wait until the
+        # listener has printed the first notification (it is connected then) before sending one.
+        assert listener.stdout is not None
+        ready, _, _ = select.select([listener.stdout], [], [], 3 * TIMEOUT)
+        assert ready, "the listener printed nothing"
+        head = listener.stdout.readline()
         second = orjson.loads(cli("broadcast", "hello", "[1,2]", "--url", single.url).stdout)
         out, err = listener.communicate(timeout=3 * TIMEOUT)
+        out = head + out
     finally:
         if listener.poll() is None:
             listener.kill()
