@@ -10,33 +10,41 @@ import asyncio
 import pytest
 
 from tests.load import workloads as W
-from tests.load.bench import LEAN_PYTHON, NOTIFY
+from tests.load.bench import LEAN_PYTHON, NOTIFY, TOPIC, with_topics
 from tests.load.clients import Fleet, Publisher
 from tests.load.procs import Deployment, System
 
 
-async def _run(system: System) -> tuple[dict, dict, dict]:
+async def _run(system: System) -> dict[str, dict]:
     # The service on its embedded broker; the lean reference needs the Redis the deployment starts.
-    with Deployment(system, 1, embedded=system is NOTIFY) as dep:
+    with Deployment(with_topics(system), 1, embedded=system is NOTIFY) as dep:
         port = dep.replicas[0].port
         fleet = Fleet("notify", users=5)
-        connect = await W.connect(dep, fleet, lambda i: port, concurrency=10, timeout=10, settle=0.2)
+        out = {"connect": await W.connect(dep, fleet, lambda i: port, concurrency=10, timeout=10, settle=0.2)}
         pub = Publisher(port, W.publisher_token())
         await pub.open(2)
         try:
-            targeted = await W.targeted(dep, fleet, pub, rate=100, duration=1.0, drain=5.0)
-            broadcast = await W.broadcast(dep, fleet, pub, rate=5, duration=1.0, drain=5.0)
+            # Sockets 8 and 9 stay out of the topic: a message reaching them would be misrouted.
+            out["join"] = await W.join(dep, fleet, TOPIC, concurrency=10, timeout=10, only=range(8))
+            out["targeted"] = await W.targeted(dep, fleet, pub, rate=100, duration=1.0, drain=5.0)
+            out["broadcast"] = await W.broadcast(dep, fleet, pub, rate=5, duration=1.0, drain=5.0)
+            out["topic"] = await W.topic(dep, fleet, pub, TOPIC, rate=3, duration=1.0, drain=5.0)
         finally:
             pub.close()
             await fleet.close_all()
-    return connect, targeted, broadcast
+    return out
 
 
 @pytest.mark.parametrize("system", [NOTIFY, LEAN_PYTHON], ids=lambda s: s.name)
 def test_bench_harness_counts_every_delivery(system: System):
-    connect, targeted, broadcast = asyncio.run(_run(system))
+    runs = asyncio.run(_run(system))
+    connect, join, targeted, broadcast, topic = (runs[k] for k in ("connect", "join", "targeted", "broadcast", "topic"))
     assert connect["sockets"] == 10 and connect["connect_failures"] == 0
     assert connect["connects_per_s"] > 0 and connect["rss_idle_mb"] > 0
+    assert connect["cpu_us_per_connect"] is not None  # ten connects may take less than a clock tick
+
+    assert join["joined"] == 8 and join["join_failures"] == 0 and join["joins_per_s"] > 0
+    assert join["cpu_us_per_join"] is not None  # a handful of joins may take less than a clock tick
 
     assert targeted["notifications"] == 100 and targeted["accepted"] == 100, targeted["statuses"]
     assert targeted["http_errors"] == 0
@@ -47,4 +55,12 @@ def test_bench_harness_counts_every_delivery(system: System):
 
     assert broadcast["accepted"] == 5 and broadcast["sockets"] == 10
     assert broadcast["delivered"] == 50 and broadcast["lost"] == 0 and broadcast["duplicates"] == 0
+    assert broadcast["misrouted"] == 0
     assert broadcast["complete_broadcasts"] == 5 and broadcast["fanout_p99_ms"] is not None
+
+    # Every member socket has every message once, and the two sockets outside the topic none.
+    assert topic["topic"] == TOPIC and topic["accepted"] == 3 and topic["http_errors"] == 0, topic["statuses"]
+    assert topic["sockets"] == 8 and topic["expected"] == 24 and topic["delivered"] == 24
+    assert topic["lost"] == 0 and topic["duplicates"] == 0 and topic["misrouted"] == 0 and topic["stale"] == 0
+    assert topic["complete_broadcasts"] == 3
+    assert 0 < topic["fanout_p50_ms"] <= topic["fanout_p99_ms"] <= topic["fanout_max_ms"]

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--rates", default=None, help="comma-separated targeted rates")
-    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair")
+    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic")
     parser.add_argument(
         "--only",
         choices=["notify", "socketio", "node-socketio", "lean-python", "lean-node"],

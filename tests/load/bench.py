@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,18 @@ NODE_SOCKETIO = System("node-socketio", "socketio", server="node")
 LEAN_PYTHON = System("lean-python", "notify", server="lean-python")
 LEAN_NODE = System("lean-node", "notify", server="lean-node")
 
+# The topic workload's one topic (a Socket.IO room of the same name), and the namespace the service is
+# configured with for it: any user may join, nothing else on (no presence, no member publishing).
+TOPIC = "bench:room"
+TOPIC_NAMESPACES = '{"bench":{"join":"any"}}'
+
+
+def with_topics(system: System) -> System:
+    """The system as the topic workload runs it: the service with the bench namespace configured."""
+    if system.server != "service":
+        return system  # the Socket.IO servers and the lean references take any room
+    return dataclasses.replace(system, env={**system.env, "NOTIFY_TOPICS": TOPIC_NAMESPACES})
+
 
 @dataclass
 class Plan:
@@ -29,13 +43,18 @@ class Plan:
     duration: float = 20.0  # seconds per targeted step, broadcast run and batch run
     rates: list[float] = field(default_factory=lambda: [250, 500, 1000, 2000, 3000, 4000, 6000, 8000])
     broadcast_rate: float = 10.0
+    topic_rate: float = 10.0  # messages per second to the one topic every socket joins
     pair_rate: float = 1000.0
     batch_rate: float = 1000.0
     batch_size: int = 100
     rounds: int = 2
     drain: float = 5.0  # seconds allowed after a run for the last deliveries before they count as lost
     concurrency: int = 100  # handshakes in flight while connecting
-    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair"])
+    # Joins in flight in the topic session. The service's Redis client pool holds 64 connections and a
+    # join takes one (its presence write), and the pool refuses rather than waits: at 100 in flight the
+    # service answers a share of joins `unavailable` (MaxConnectionsError), so fewer are sent at once.
+    join_concurrency: int = 32
+    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic"])
     embedded: bool = False  # notify only: no Redis (the smoke test)
     warmup: bool = True
     profile_dir: str | None = None
@@ -45,8 +64,13 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+AfterConnect = Callable[[Deployment, Fleet], Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
-async def _session(system: System, plan: Plan, replicas: int = 1):  # type: ignore[no-untyped-def]
+async def _session(  # type: ignore[no-untyped-def]
+    system: System, plan: Plan, replicas: int = 1, after_connect: AfterConnect | None = None
+):
     embedded = plan.embedded and system.server == "service"
     with Deployment(system, replicas, embedded=embedded) as dep:
         fleet = Fleet(system.kind, plan.users)
@@ -55,6 +79,8 @@ async def _session(system: System, plan: Plan, replicas: int = 1):  # type: igno
         pub = Publisher(ports[0], W.publisher_token())
         await pub.open(16)
         try:
+            if after_connect is not None:  # measured as connect was: on a server that has done nothing else
+                await after_connect(dep, fleet)
             if plan.warmup:  # code paths, pools and caches warm before anything is measured
                 await W.targeted(dep, fleet, pub, 200, 1.0, plan.drain)
             yield dep, fleet, pub, connect
@@ -102,7 +128,7 @@ class _Profiler:
                 self.proc.wait(5)
 
 
-async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
+async def run_targeted(system: System, plan: Plan, round_index: int = 0) -> dict[str, Any]:
     async with _session(system, plan) as (dep, fleet, pub, connect):
         steps = []
         for rate in plan.rates:
@@ -128,7 +154,7 @@ async def run_targeted(system: System, plan: Plan) -> dict[str, Any]:
         return {"connect": connect, "steps": steps}
 
 
-async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
+async def run_broadcast(system: System, plan: Plan, round_index: int = 0) -> dict[str, Any]:
     async with _session(system, plan) as (dep, fleet, pub, connect):
         out: dict[str, Any] = {"connect": connect}
         if system.server == "service" and plan.batch_size:
@@ -152,7 +178,7 @@ async def run_broadcast(system: System, plan: Plan) -> dict[str, Any]:
         return out
 
 
-async def run_pair(system: System, plan: Plan) -> dict[str, Any]:
+async def run_pair(system: System, plan: Plan, round_index: int = 0) -> dict[str, Any]:
     async with _session(system, plan, replicas=2) as (dep, fleet, pub, connect):
         step = await W.targeted(dep, fleet, pub, plan.pair_rate, plan.duration, plan.drain)
         _log(
@@ -162,7 +188,47 @@ async def run_pair(system: System, plan: Plan) -> dict[str, Any]:
         return {"connect": connect, "step": step}
 
 
-RUNNERS = {"targeted": run_targeted, "broadcast": run_broadcast, "pair": run_pair}
+async def run_topic(system: System, plan: Plan, round_index: int = 0) -> dict[str, Any]:
+    """Every socket joins one topic (a Socket.IO room), server CPU per join against per connect; then a
+    broadcast run and a topic run at the same rate over the same sockets, in the same process (which goes
+    first alternates by round): the topic's fan-out against the broadcast's, the same work."""
+    out: dict[str, Any] = {}
+
+    async def join_all(dep: Deployment, fleet: Fleet) -> None:
+        out["join"] = await W.join(dep, fleet, TOPIC, plan.join_concurrency)
+
+    async with _session(with_topics(system), plan, after_connect=join_all) as (dep, fleet, pub, connect):
+        out["connect"] = connect
+        join = out["join"]
+        _log(
+            f"  {system.name} join: {join['joined']} joined ({join['join_failures']} failed) at "
+            f"{join['joins_per_s'] or 0:.0f}/s; server CPU-us per join {join['cpu_us_per_join'] or 0:.0f}, "
+            f"per connect {connect['cpu_us_per_connect'] or 0:.0f}; idle server CPU after connecting "
+            f"{100 * (connect['idle_server_cpu_util'] or 0):.1f}%"
+            + (f"; failures: {join['join_errors']}" if join["join_failures"] else "")
+        )
+        # Both fan-out paths warm (a second each, not measured) before either is, so that neither run
+        # pays for first use; which is measured first still alternates by round.
+        if plan.warmup:
+            await W.broadcast(dep, fleet, pub, plan.topic_rate, 1.0, plan.drain)
+            await W.topic(dep, fleet, pub, TOPIC, plan.topic_rate, 1.0, plan.drain)
+        order = ["broadcast", "topic"] if round_index % 2 == 0 else ["topic", "broadcast"]
+        for kind in order:
+            if kind == "topic":
+                result = await W.topic(dep, fleet, pub, TOPIC, plan.topic_rate, plan.duration, plan.drain)
+            else:
+                result = await W.broadcast(dep, fleet, pub, plan.topic_rate, plan.duration, plan.drain)
+            out[kind] = result
+            _log(
+                f"  {system.name} {kind} {plan.topic_rate:g}/s to {result['sockets']}: fan-out p99 "
+                f"{result['fanout_p99_ms']} ms, {result['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, "
+                f"lost {result['lost']}, dup {result['duplicates']}, misrouted {result['misrouted']} "
+                f"{result['fanout_note']}"
+            )
+        return out
+
+
+RUNNERS = {"targeted": run_targeted, "broadcast": run_broadcast, "pair": run_pair, "topic": run_topic}
 
 
 async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
@@ -174,7 +240,7 @@ async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
         for session in plan.sessions:
             for system in order:
                 _log(f"round {r + 1}/{plan.rounds}: {system.name} {session}")
-                results[system.name][session] = await RUNNERS[session](system, plan)
+                results[system.name][session] = await RUNNERS[session](system, plan, r)
         rounds.append(results)
     return {
         "plan": asdict(plan),
@@ -217,6 +283,51 @@ _STEP_KEYS = [
 ]
 
 
+_FANOUT_KEYS = (
+    "fanout_p50_ms",
+    "fanout_p99_ms",
+    "fanout_max_ms",
+    "delivered_per_s",
+    "deliveries_per_cpu_s",
+    "deliveries_per_cpu_s_with_redis",
+    "lost",
+    "duplicates",
+    "server_cpu_util",
+    "sockets",
+)
+
+
+def _over(a: Any, b: Any) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _summarize_topic(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds; the topic-to-broadcast and join-to-connect ratios are taken within each
+    session (same process, same sockets) before the median."""
+    out: dict[str, Any] = {"runs": len(sessions)}
+    for kind in ("topic", "broadcast"):
+        runs = [s[kind] for s in sessions if kind in s]
+        out[kind] = {k: _median([x[k] for x in runs]) for k in _FANOUT_KEYS}
+        out[kind]["misrouted"] = _median([x.get("misrouted", 0) for x in runs])
+        out[kind]["notes"] = [x["fanout_note"] for x in runs if x["fanout_note"]]
+    both = [s for s in sessions if "topic" in s and "broadcast" in s]
+    out["per_cpu_vs_broadcast"] = _median(
+        [_over(s["topic"]["deliveries_per_cpu_s"], s["broadcast"]["deliveries_per_cpu_s"]) for s in both]
+    )
+    out["p99_vs_broadcast"] = _median(
+        [_over(s["topic"]["fanout_p99_ms"], s["broadcast"]["fanout_p99_ms"]) for s in both]
+    )
+    joins = [s["join"] for s in sessions]
+    for key in ("joined", "join_failures", "joins_per_s", "joins_per_cpu_s", "cpu_us_per_join"):
+        out[key] = _median([j[key] for j in joins])
+    out["cpu_us_per_connect"] = _median([s["connect"].get("cpu_us_per_connect") for s in sessions])
+    out["idle_server_cpu_util"] = _median([s["connect"].get("idle_server_cpu_util") for s in sessions])
+    out["join_vs_connect"] = _median(
+        [_over(s["join"]["cpu_us_per_join"], s["connect"].get("cpu_us_per_connect")) for s in sessions]
+    )
+    return out
+
+
 def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in systems:
@@ -252,21 +363,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
             summary["knee"] = knee(steps)
         if any("broadcast" in r for r in per):
             bs = [r["broadcast"]["broadcast"] for r in per if "broadcast" in r]
-            summary["broadcast"] = {
-                k: _median([b[k] for b in bs])
-                for k in (
-                    "fanout_p50_ms",
-                    "fanout_p99_ms",
-                    "fanout_max_ms",
-                    "delivered_per_s",
-                    "deliveries_per_cpu_s",
-                    "deliveries_per_cpu_s_with_redis",
-                    "lost",
-                    "duplicates",
-                    "server_cpu_util",
-                    "sockets",
-                )
-            }
+            summary["broadcast"] = {k: _median([b[k] for b in bs]) for k in _FANOUT_KEYS}
             summary["broadcast"]["notes"] = [b["fanout_note"] for b in bs if b["fanout_note"]]
             for key in ("batch", "batch_single"):
                 runs = [r["broadcast"][key] for r in per if key in r.get("broadcast", {})]
@@ -275,5 +372,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
         if any("pair" in r for r in per):
             ps = [r["pair"]["step"] for r in per if "pair" in r]
             summary["pair"] = {k: _median([p[k] for p in ps]) for k in _STEP_KEYS}
+        if any("topic" in r for r in per):
+            summary["topic"] = _summarize_topic([r["topic"] for r in per if "topic" in r])
         out[s.name] = summary
     return out

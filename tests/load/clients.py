@@ -13,7 +13,7 @@ import asyncio
 import collections
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import orjson
@@ -26,16 +26,19 @@ class Recorder:
     """What the sockets received, against what was published.
 
     A targeted notification carries `{"t": <publish time>, "k": <index>}` in its data, a broadcast
-    `{"t": ..., "b": <index>}`; `t` is the time the generator meant to send the POST (perf_counter,
-    same process), so a request held back by the generator still counts against the latency.
+    or topic message `{"t": ..., "b": <index>}`; `t` is the time the generator meant to send the POST
+    (perf_counter, same process), so a request held back by the generator still counts against the
+    latency. A fan-out to a topic names its member sockets: one reaching any other socket is
+    counted as misrouted, not as a delivery.
     """
 
     def __init__(self, sockets: int) -> None:
         self.sockets = sockets
         self.reset(0, 0)
 
-    def reset(self, targeted: int, broadcasts: int) -> int:
-        """Start a run; frames of earlier runs (late, after an overload) are counted as stale, not as this run's."""
+    def reset(self, targeted: int, broadcasts: int, members: bytearray | None = None) -> int:
+        """Start a run; frames of earlier runs (late, after an overload) are counted as stale, not as this run's.
+        `members`: a flag per socket, those that should get the run's fan-outs (None: every socket)."""
         self.run = getattr(self, "run", 0) + 1
         self.stale = 0
         self.seen: list[set[int]] = [set() for _ in range(self.sockets)]
@@ -48,6 +51,7 @@ class Recorder:
         self.b_count = array("i", [0]) * broadcasts
         self.b_last = array("d", [0.0]) * broadcasts
         self.b_seen = [bytearray(broadcasts) for _ in range(self.sockets)] if broadcasts else []
+        self.members = members
         return self.run
 
     def record(self, sock: int, data: Any, now: float) -> None:
@@ -73,6 +77,9 @@ class Recorder:
             return
         b = data.get("b")
         if b is not None and b < len(self.b_count):
+            if self.members is not None and not self.members[sock]:
+                self.misrouted += 1
+                return
             mark = self.b_seen[sock]
             if mark[b]:
                 self.duplicates += 1
@@ -91,6 +98,28 @@ class _Base(WSListener):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: WSTransport | None = None
         self.close_code: int | None = None
+        self.topics: set[str] = set()  # joined: the server said so
+        self.joining: dict[str, asyncio.Future[None]] = {}
+
+    def join(self, topic: str) -> asyncio.Future[None]:
+        """Ask to join a topic (a room); done when the server has answered that the socket is in."""
+        future = self.joining[topic] = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, self.join_frame(topic))
+        return future
+
+    def join_frame(self, topic: str) -> bytes:
+        raise NotImplementedError
+
+    def joined(self, topic: str, refusal: str | None = None) -> None:
+        future = self.joining.pop(topic, None)
+        if future is None or future.done():
+            return
+        if refusal is None:
+            self.topics.add(topic)
+            future.set_result(None)
+        else:
+            future.set_exception(ConnectionRefusedError(refusal))
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -99,6 +128,9 @@ class _Base(WSListener):
         self.fleet.on_closed(self)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed before ready ({self.close_code})"))
+        for future in self.joining.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"closed before joined ({self.close_code})"))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
@@ -112,7 +144,11 @@ class _Base(WSListener):
 
 
 class NotifyListener(_Base):
-    """The service's protocol: `welcome`, then `notification` frames."""
+    """The service's protocol: `welcome`, then `notification` frames; `join` answered by `joined` (or an
+    `error` naming the topic)."""
+
+    def join_frame(self, topic: str) -> bytes:
+        return orjson.dumps({"type": "join", "topic": topic})
 
     def on_text(self, transport: WSTransport, frame: WSFrame) -> None:
         now = perf()
@@ -122,10 +158,26 @@ class NotifyListener(_Base):
             self.fleet.recorder.record(self.index, msg.get("data"), now)
         elif kind == "welcome" and not self.ready.done():
             self.ready.set_result(None)
+        elif kind == "joined":
+            self.joined(msg.get("topic"))
+        elif kind == "error" and msg.get("topic") is not None:
+            self.joined(msg["topic"], f"{msg.get('code')}: {msg.get('message')}")
 
 
 class SocketIOListener(_Base):
-    """Engine.IO 4 / Socket.IO 5 over a bare WebSocket, as `socket.io-client` with transports=['websocket']."""
+    """Engine.IO 4 / Socket.IO 5 over a bare WebSocket, as `socket.io-client` with transports=['websocket'].
+
+    A join is the event `join` with the room's name and an ack, as `socket.emit("join", room, ack)`: the
+    servers call `socket.join(room)` and acknowledge."""
+
+    def __init__(self, fleet: Fleet, index: int, token: str) -> None:
+        super().__init__(fleet, index, token)
+        self.acks: dict[int, str] = {}  # ack id -> the room it answers for
+
+    def join_frame(self, topic: str) -> bytes:
+        ack = len(self.acks) + 1
+        self.acks[ack] = topic
+        return b"42" + str(ack).encode() + orjson.dumps(["join", topic])
 
     def on_text(self, transport: WSTransport, frame: WSFrame) -> None:
         payload = frame.get_payload_as_bytes()
@@ -135,6 +187,13 @@ class SocketIOListener(_Base):
             event = orjson.loads(payload[2:])
             if event[0] == "notification":
                 self.fleet.recorder.record(self.index, event[1].get("data"), now)
+        elif head == b"43":  # an ack: `43<id>[answer]`
+            at = payload.index(b"[")
+            topic = self.acks.get(int(payload[2:at]))
+            answer = orjson.loads(payload[at:])
+            if topic is not None:
+                ok = bool(answer) and isinstance(answer[0], dict) and answer[0].get("ok") is True
+                self.joined(topic, None if ok else payload.decode(errors="replace"))
         elif payload == b"2":  # engine.io ping
             transport.send(WSMsgType.TEXT, b"3")
         elif head[:1] == b"0":  # engine.io open: connect to the default namespace with the token
@@ -195,6 +254,41 @@ class Fleet:
         await asyncio.gather(*(one(i) for i in range(len(self.listeners))))
         return perf() - started, failures
 
+    async def join_all(
+        self, topic: str, concurrency: int, timeout: float, only: Collection[int] | None = None
+    ) -> tuple[float, int, collections.Counter[str]]:
+        """Every open socket (of `only`, if given) joins `topic`, at most `concurrency` joins in flight;
+        (seconds, joins asked, failures by reason)."""
+        sem = asyncio.Semaphore(concurrency)
+        failures: collections.Counter[str] = collections.Counter()
+
+        async def one(listener: _Base) -> None:
+            async with sem:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await listener.join(topic)
+                except TimeoutError:
+                    failures["timeout"] += 1
+                except Exception as exc:  # noqa: BLE001 - counted, by reason
+                    failures[str(exc)[:100] or type(exc).__name__] += 1
+
+        joining = [
+            lst
+            for i, lst in enumerate(self.listeners)
+            if lst is not None and _is_open(lst) and topic not in lst.topics and (only is None or i in only)
+        ]
+        started = perf()
+        await asyncio.gather(*(one(lst) for lst in joining))
+        return perf() - started, len(joining), failures
+
+    def members(self, topic: str) -> list[int]:
+        """The open sockets that are in `topic`."""
+        return [i for i, lst in enumerate(self.listeners) if lst is not None and topic in lst.topics and _is_open(lst)]
+
+    def is_open(self, index: int) -> bool:
+        listener = self.listeners[index]
+        return listener is not None and _is_open(listener)
+
     def alive(self) -> int:
         return sum(
             1
@@ -207,6 +301,10 @@ class Fleet:
             if lst is not None and lst.transport is not None and not lst.transport.is_disconnected:
                 lst.transport.disconnect(graceful=False)
         await asyncio.sleep(0)
+
+
+def _is_open(listener: _Base) -> bool:
+    return listener.transport is not None and not listener.transport.is_disconnected
 
 
 class _HttpConn(asyncio.Protocol):

@@ -5,8 +5,10 @@ What the service does at its simplest, as a floor to measure the service against
 the token's `sub` while the user has a socket there, plus one broadcast channel. `POST /notify/{user}`
 and `POST /broadcast` (publisher JWT) encode the frame once and PUBLISH it; each replica writes the
 bytes it receives to its sockets of that user. A verified publisher token is kept until its `exp`,
-as the service does. No history, no resume, no limits, no metrics, no access log: everything the
-service adds on top is what the comparison prices.
+as the service does. Topics at their simplest: `{"type":"join","topic":T}` (any name, anyone) adds the
+socket to T's set, subscribes T's channel with its first socket here and answers `joined`;
+`POST /topics/{T}` publishes to that channel. No history, no resume, no limits, no metrics, no access
+log, no presence: everything the service adds on top is what the comparison prices.
 
     python -m tests.load.lean_server --port 8003 --redis redis://127.0.0.1:6390/0 --channel bench
 """
@@ -42,6 +44,9 @@ class LeanApp:
         self.pubsub = self.redis.pubsub()
         self.sockets: dict[str, set[Send]] = {}  # user -> this replica's open sockets of that user
         self.all: set[Send] = set()
+        self.room_prefix = f"{channel}:t:"
+        self.rooms: dict[str, set[Send]] = {}  # topic -> this replica's sockets in it
+        self.room_ready: dict[str, asyncio.Future[Any]] = {}  # topic -> its channel's SUBSCRIBE
         # Verified publisher tokens, kept until their exp (a real server would bound this).
         self.publishers: dict[str, dict[str, Any]] = {}
 
@@ -82,7 +87,12 @@ class LeanApp:
             if message["type"] != "message":
                 continue
             channel = message["channel"].decode()
-            targets = self.all if channel == self.everyone else self.sockets.get(channel[len(self.prefix) :], ())
+            if channel == self.everyone:
+                targets: Any = self.all
+            elif channel.startswith(self.room_prefix):
+                targets = self.rooms.get(channel[len(self.room_prefix) :], ())
+            else:
+                targets = self.sockets.get(channel[len(self.prefix) :], ())
             frame = {"type": "websocket.send", "bytes": None, "text": message["data"].decode()}
             for send in list(targets):
                 with contextlib.suppress(Exception):  # a socket that went away meanwhile
@@ -105,10 +115,20 @@ class LeanApp:
             await self.pubsub.subscribe(self.prefix + user)
         mine.add(send)
         self.all.add(send)
+        rooms: list[str] = []
         try:
-            while (await receive())["type"] != "websocket.disconnect":
-                pass
+            while (message := await receive())["type"] != "websocket.disconnect":
+                if message.get("text"):
+                    await self.on_text(message["text"], send, rooms)
         finally:
+            for room in rooms:
+                members = self.rooms.get(room, set())
+                members.discard(send)
+                if not members:
+                    self.rooms.pop(room, None)
+                    self.room_ready.pop(room, None)
+                    with contextlib.suppress(Exception):
+                        await self.pubsub.unsubscribe(self.room_prefix + room)
             self.all.discard(send)
             mine.discard(send)
             if not mine and self.sockets.get(user) is mine:
@@ -116,11 +136,28 @@ class LeanApp:
                 with contextlib.suppress(Exception):
                     await self.pubsub.unsubscribe(self.prefix + user)
 
+    async def on_text(self, text: str, send: Send, rooms: list[str]) -> None:
+        """A join; anything else a client sends is ignored."""
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return
+        topic = frame.get("topic") if isinstance(frame, dict) and frame.get("type") == "join" else None
+        if not isinstance(topic, str) or not topic or topic in rooms:
+            return
+        self.rooms.setdefault(topic, set()).add(send)
+        rooms.append(topic)
+        ready = self.room_ready.get(topic)
+        if ready is None:
+            ready = self.room_ready[topic] = asyncio.ensure_future(self.pubsub.subscribe(self.room_prefix + topic))
+        await asyncio.shield(ready)  # `joined` only once the channel is subscribed
+        await send({"type": "websocket.send", "text": orjson.dumps({"type": "joined", "topic": topic}).decode()})
+
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
         if path == "/healthz":
             return await respond(send, 200, b'{"status":"ok"}')
-        if method != "POST" or not (path == "/broadcast" or path.startswith("/notify/")):
+        if method != "POST" or not (path == "/broadcast" or path.startswith(("/notify/", "/topics/"))):
             return await respond(send, 404, b'{"error":"not_found"}')
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").decode().partition(" ")
@@ -149,6 +186,9 @@ class LeanApp:
         frame = {"type": "notification", "event": note["event"], "data": note.get("data"), "ts": ts}
         if path == "/broadcast":
             await self.redis.publish(self.everyone, orjson.dumps(frame))
+        elif path.startswith("/topics/"):
+            topic = unquote(path[len("/topics/") :])
+            await self.redis.publish(self.room_prefix + topic, orjson.dumps({**frame, "topic": topic}))
         else:
             await self.redis.publish(self.prefix + unquote(path[len("/notify/") :]), orjson.dumps(frame))
         await respond(send, 202, orjson.dumps({"ts": ts}))

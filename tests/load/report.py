@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .bench import TOPIC
 from .workloads import KNEE_P99_MS
 
 OURS = "notify-service"
@@ -191,6 +192,10 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
                 ["", *no_ratio],
             )
         )
+    topic_rate = plan.get("topic_rate", plan["broadcast_rate"])
+    has_topics = any("topic" in summary[name] for name in names)
+    if has_topics:
+        rows += _topic_rows(plan, row, compare, p50_p99)
     rows.append(("lost / duplicated, every workload", [_losses(results, name) for name in names], [""] * len(against)))
     if _without_run_ids(results):
         add("Note: these results come from a harness version whose frames carried no run id: a late delivery")
@@ -265,6 +270,8 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
                 f"{_f(_pct(b['server_cpu_util']))}% | {_f(b['lost'])} | {_f(b['duplicates'])} | "
                 f"{'; '.join(b['notes'])} |"
             )
+    if has_topics:
+        _topic_section(add, summary, names, peers, plan, topic_rate)
     add("")
     add("## Connect and memory")
     add("")
@@ -300,7 +307,13 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
         f"{', '.join(_f(r) for r in plan['rates'])} POST/s; broadcast {plan['broadcast_rate']:g}/s; two replicas at "
         f"{plan['pair_rate']:g}/s (device 0 of each user on A, device 1 on B, publisher on A); batch "
         f"{plan['batch_size']} per request at {plan['batch_rate']:g} notifications/s; {plan['drain']:g} s allowed "
-        "after each run before a missing delivery counts as lost; a 1 s warm-up at 200/s after connecting."
+        "after each run before a missing delivery counts as lost; a 1 s warm-up at 200/s after connecting"
+        + (
+            f"; topics: every socket joins `{TOPIC}`, then {topic_rate:g}/s to it and {topic_rate:g}/s "
+            "`POST /broadcast` in the same session."
+            if has_topics
+            else "."
+        )
     )
     add("- notify-service: `python -m service`, production defaults (Redis broker, access log middleware on,")
     add("  log level warning), one process per replica, a fresh redis-server per session.")
@@ -309,14 +322,24 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("  app with `POST /notify/{user}` (emit to the user's room) and `POST /broadcast`;")
     add("  the connect handler verifies the JWT from `auth` and joins the room; the publish routes verify the")
     add("  publisher JWT on every request. Same uvicorn setup as the service (uvloop, httptools, `websockets-sansio`,")
-    add("  no deflate).")
+    if has_topics:
+        add("  no deflate). Rooms as topics: a `join` event handler calls `enter_room` and returns `{ok: true}` as")
+        add("  the ack; `POST /topics/{room}` emits to the room.")
+    else:
+        add("  no deflate).")
     node = results.get("node", {})
     if "node-socketio" in names:
         add("- node-socketio: `tests/load/node/server.js`, one Node process, set up as Socket.IO's documentation")
         add("  describes for several servers behind one Redis: `createAdapter(pubClient, subClient)` from")
         add("  `@socket.io/redis-adapter` with node-redis clients (`subClient = pubClient.duplicate()`), no deflate;")
         add("  `io.use` verifies the JWT from `handshake.auth` (HS256 only, `exp` required) and joins the room;")
-        add("  a plain `http` handler serves `POST /notify/{user}` and `POST /broadcast` as the python server does.")
+        add(
+            "  a plain `http` handler serves `POST /notify/{user}` and `POST /broadcast` as the python server does"
+            + (";" if has_topics else ".")
+        )
+        if has_topics:
+            add("  rooms as topics: `socket.on('join', (room, ack) => { socket.join(room); ack({ok: true}); })`, and")
+            add("  `POST /topics/{room}` does `io.to(room).emit(...)`.")
     elif "left_out" in node:
         add(f"- node-socketio and lean-node: left out of this run, {node['left_out']}.")
     if "lean-python" in names:
@@ -324,7 +347,12 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
         add("  redis.asyncio: the JWT from the query, a `welcome` frame, one exact Redis channel per user with sockets")
         add("  on the replica plus one broadcast channel; the publish routes keep a verified publisher JWT until its")
         add("  `exp`, as the service does (both Socket.IO servers verify it on every request), encode the frame once")
-        add("  and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
+        if has_topics:
+            add("  and PUBLISH it. Topics at their simplest: a `join` frame adds the socket to the topic's set and")
+            add("  subscribes its channel with the first socket there; no permissions, presence or history. No")
+            add("  history, resume, limits, metrics or access log: the floor for Python.")
+        else:
+            add("  and PUBLISH it. No history, resume, limits, metrics or access log: the floor for Python.")
     if "lean-node" in names:
         add("- lean-node: `tests/load/node/lean.js`, the same design on Node's `http`, `ws` and node-redis.")
     add("- Generator (one process, uvloop): picows WebSocket clients, a raw HTTP/1.1 keep-alive publisher pool")
@@ -350,6 +378,144 @@ TARGETS = {
     "authenticated connects/s": "≥ 1,000",
     "lost / duplicated, every workload": "0 / 0",
 }
+
+
+TOPIC_TARGETS = {
+    "topic p99 ÷ broadcast p99, same session": "≤ 1.00x",
+    "topic ÷ broadcast, same session": "≥ 1.00x",
+    "join ÷ connect, server CPU per socket": "≤ 1.5x",
+}
+TARGETS.update(TOPIC_TARGETS)
+
+
+def _x(value: Any) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _topic_rows(plan: dict[str, Any], row: Any, compare: Any, p50_p99: Any) -> list[Any]:
+    """The summary's rows for topics: the service's topic against its broadcast in the same session, join
+    against connect, and (the ratio columns) the service against each Socket.IO server's rooms."""
+    rate = plan.get("topic_rate", plan["broadcast_rate"])
+    run: Any = lambda s: s.get("topic", {}).get("topic", {})  # noqa: E731
+    session: Any = lambda s: s.get("topic", {})  # noqa: E731
+    return [
+        row(
+            f"topic {rate:g}/s to {plan['users'] * 2:,} member sockets: fan-out p50 / p99 (ms)",
+            run,
+            lambda b: p50_p99(b, "fanout_"),
+            lambda a, b: _ratio(a.get("fanout_p99_ms"), b.get("fanout_p99_ms"), invert=True),
+        ),
+        row("  topic p99 ÷ broadcast p99, same session", session, lambda t: _x(t.get("p99_vs_broadcast"))),
+        compare("topic: deliveries per server CPU-s", run, "deliveries_per_cpu_s"),
+        row("  topic ÷ broadcast, same session", session, lambda t: _x(t.get("per_cpu_vs_broadcast"))),
+        row(
+            "join: server CPU-µs per join / per connect",
+            session,
+            lambda t: f"{_f(t.get('cpu_us_per_join'))} / {_f(t.get('cpu_us_per_connect'))}",
+            lambda a, b: _ratio(a.get("cpu_us_per_join"), b.get("cpu_us_per_join"), invert=True),
+        ),
+        row("  join ÷ connect, server CPU per socket", session, lambda t: _x(t.get("join_vs_connect"))),
+    ]
+
+
+def _topic_section(
+    add: Callable[[str], None],
+    summary: dict[str, Any],
+    names: list[str],
+    peers: list[str],
+    plan: dict[str, Any],
+    rate: float,
+) -> None:
+    sockets = plan["users"] * 2
+    add("")
+    add("## Topics")
+    add("")
+    add(
+        f"All {sockets:,} sockets join one topic, `{TOPIC}` (the service: the namespace `bench` configured "
+        '`{"join":"any"}`; a Socket.IO server: the room of that name, joined by a `join` event whose handler '
+        "calls `socket.join(room)` and acknowledges; the lean references: a `join` frame). Then, in the same "
+        f"process over the same sockets, `POST /broadcast` and `POST /topics/{TOPIC}` {rate:g} times a second "
+        f"for {plan['duration']:g} s each, which of the two first alternating by round. Fan-out time is from the "
+        "intended POST time until the last member socket has the message; a message reaching a socket outside "
+        "the topic would count as misrouted. The topic ÷ broadcast ratios are taken within each session, then "
+        "the median over the rounds: the same work by two paths."
+    )
+    add("")
+    add(
+        "| system | members | topic fan-out p50 ms | p99 ms | max ms | per server CPU-s | broadcast p50 ms | p99 ms "
+        "| per server CPU-s | topic ÷ broadcast per CPU-s | topic ÷ broadcast p99 | lost | dup | misrouted | note |"
+    )
+    add("| --- | " + " | ".join("---:" for _ in range(13)) + " | --- |")
+    for name in names:
+        t = summary[name].get("topic")
+        if not t:
+            continue
+        tr, br = t["topic"], t["broadcast"]
+        add(
+            f"| {name} | {_f(tr['sockets'])} | {_f(tr['fanout_p50_ms'], 1)} | {_f(tr['fanout_p99_ms'], 1)} | "
+            f"{_f(tr['fanout_max_ms'], 1)} | {_f(tr['deliveries_per_cpu_s'])} | {_f(br['fanout_p50_ms'], 1)} | "
+            f"{_f(br['fanout_p99_ms'], 1)} | {_f(br['deliveries_per_cpu_s'])} | {_x(t['per_cpu_vs_broadcast'])} | "
+            f"{_x(t['p99_vs_broadcast'])} | {_f((tr['lost'] or 0) + (br['lost'] or 0))} | "
+            f"{_f((tr['duplicates'] or 0) + (br['duplicates'] or 0))} | {_f(tr['misrouted'])} | "
+            f"{'; '.join(tr['notes'] + br['notes'])} |"
+        )
+    add("")
+    add(
+        "Join against connect: server CPU (from `/proc`) while every socket connects into the fresh server (as in "
+        "Connect and memory below) and then, once the sockets have idled 2 s and before anything else runs, "
+        f"while every socket joins the topic, at most {plan.get('join_concurrency', plan['concurrency'])} joins in "
+        "flight, each waiting for its answer (`joined`, or the Socket.IO ack); each divided by the sockets, the "
+        "ratio taken per session. The kernel counts CPU in 10 ms ticks, a few per cent of a 2,000-socket phase. "
+        "Fewer joins than connects are in flight because the service's Redis client pool (64 connections, one "
+        "per join while its presence is written) refuses a call beyond that instead of queueing it: with 100 "
+        "in flight it answers a share of joins `unavailable` (MaxConnectionsError)."
+    )
+    add("")
+    add(
+        "| system | joined | failed | joins/s | server CPU-µs per connect | per join | join ÷ connect "
+        "| idle server CPU after connecting |"
+    )
+    add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        t = summary[name].get("topic")
+        if t:
+            add(
+                f"| {name} | {_f(t['joined'])} | {_f(t['join_failures'])} | {_f(t['joins_per_s'])} | "
+                f"{_f(t['cpu_us_per_connect'])} | {_f(t['cpu_us_per_join'])} | {_x(t['join_vs_connect'])} | "
+                f"{_f(_pct(t.get('idle_server_cpu_util')), 1)}% |"
+            )
+    add("")
+    add(
+        "The idle figure is the server's CPU share over the last second of the 2 s idle after connecting, "
+        "with nothing asked of it: what it spends there it also spends inside every measured window of the "
+        "session (joins, fan-outs), so a figure well above zero inflates all of them."
+    )
+    for name in names:
+        idle = summary[name].get("topic", {}).get("idle_server_cpu_util")
+        if idle is not None and idle > 0.05:
+            add("")
+            add(
+                f"Note: {name} spent {_f(_pct(idle), 1)}% of a core idle after connecting (median over the rounds): "
+                "its join, fan-out and per-CPU figures here carry that background work, and so do its fan-out "
+                "latencies when it runs in bursts."
+            )
+    ours = summary.get(OURS, {}).get("topic")
+    rooms = [name for name in peers if summary[name].get("topic")]
+    if ours and rooms:
+        add("")
+        add("notify-service against Socket.IO's rooms (`socket.join`, `io.to(room).emit`), same invocation:")
+        add("")
+        add(f"| figure | {' | '.join(f'ratio vs {name}' for name in rooms)} |")
+        add("| --- | " + " | ".join("---:" for _ in rooms) + " |")
+        figures = [
+            ("topic deliveries per server CPU-s (ours ÷ theirs)", lambda t: t["topic"]["deliveries_per_cpu_s"], False),
+            ("topic fan-out p99 (theirs ÷ ours)", lambda t: t["topic"]["fanout_p99_ms"], True),
+            ("server CPU per join (theirs ÷ ours)", lambda t: t["cpu_us_per_join"], True),
+            ("server CPU per connect (theirs ÷ ours)", lambda t: t["cpu_us_per_connect"], True),
+        ]
+        for label, get, invert in figures:
+            cells = [_ratio(get(ours), get(summary[name]["topic"]), invert=invert) for name in rooms]
+            add(f"| {label} | {' | '.join(cells)} |")
 
 
 def _without_run_ids(results: dict[str, Any]) -> bool:
@@ -410,7 +576,7 @@ def _losses(results: dict[str, Any], name: str) -> str:
         runs: list[dict[str, Any]] = []
         for sess in sessions.values():
             runs += sess.get("steps", [])
-            runs += [sess[k] for k in ("broadcast", "batch", "batch_single", "step") if k in sess]
+            runs += [sess[k] for k in ("broadcast", "batch", "batch_single", "step", "topic") if k in sess]
         lost += sum(x["lost"] for x in runs)
         dup += sum(x["duplicates"] for x in runs)
     return f"{lost:,} / {dup:,}" if found else "–"

@@ -4,7 +4,9 @@ Set up the way python-socketio's documentation describes for several servers beh
 `socketio.AsyncServer(async_mode="asgi", client_manager=socketio.AsyncRedisManager(url))` wrapped in
 `socketio.ASGIApp` around a small Starlette app. A client authenticates with `auth={"token": <JWT>}`
 and joins a room named after its `sub`; backends `POST /notify/{user}` (emits to the room) and
-`POST /broadcast` (emits to everyone) with a publisher JWT, like the service's publish API.
+`POST /broadcast` (emits to everyone) with a publisher JWT, like the service's publish API. Rooms as
+topics: a client emits `join` with a room's name and an ack, the handler calls `enter_room` and acknowledges
+`{"ok": true}`; `POST /topics/{room}` emits to the room.
 
     python -m tests.load.sio_server --port 8001 --redis redis://127.0.0.1:6390/0 --channel bench
 """
@@ -47,6 +49,13 @@ def build(redis_url: str, channel: str, secret: str) -> socketio.ASGIApp:
             raise socketio.exceptions.ConnectionRefusedError("token lacks sub")
         await sio.enter_room(sid, user)
 
+    @sio.on("join")
+    async def join(sid: str, room: object) -> dict[str, object]:
+        if not isinstance(room, str) or not 0 < len(room) <= 200:
+            return {"ok": False, "error": "invalid room"}
+        await sio.enter_room(sid, room)
+        return {"ok": True}
+
     def publisher(request: Request) -> Response | None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         try:
@@ -86,12 +95,25 @@ def build(redis_url: str, channel: str, secret: str) -> socketio.ASGIApp:
         await sio.emit("notification", {"event": body["event"], "data": body.get("data"), "ts": ts, "broadcast": True})
         return Response(orjson.dumps({"ts": ts}), 202, media_type="application/json")
 
+    async def topic(request: Request) -> Response:
+        if (denied := publisher(request)) is not None:
+            return denied
+        if (body := await body_of(request)) is None:
+            return Response(b'{"error":"invalid_request"}', 422, media_type="application/json")
+        ts = time.time_ns() // 1_000_000
+        room = request.path_params["topic"]
+        await sio.emit(
+            "notification", {"topic": room, "event": body["event"], "data": body.get("data"), "ts": ts}, room=room
+        )
+        return Response(orjson.dumps({"ts": ts}), 202, media_type="application/json")
+
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     routes = [
         Route("/notify/{user:path}", notify, methods=["POST"]),
         Route("/broadcast", broadcast, methods=["POST"]),
+        Route("/topics/{topic:path}", topic, methods=["POST"]),
         Route("/healthz", healthz),
     ]
     return socketio.ASGIApp(sio, other_asgi_app=Starlette(routes=routes))

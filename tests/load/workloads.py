@@ -1,4 +1,4 @@
-"""The workloads: connect, targeted, broadcast, batch; each returns a flat dict of figures."""
+"""The workloads: connect, join, targeted, broadcast, topic, batch; each returns a flat dict of figures."""
 
 # Waits here are bounded polls with explicit deadlines, which is what a load generator wants.
 # ruff: noqa: ASYNC109, ASYNC110
@@ -9,7 +9,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import orjson
@@ -55,7 +55,10 @@ async def connect(
     window = CpuWindow(dep).start()
     seconds, failures = await fleet.connect_all(ports, tokens, concurrency, timeout)
     window.stop()
-    await asyncio.sleep(settle)  # idle: presence writes and subscriptions settle, then RSS is read
+    await asyncio.sleep(settle / 2)  # idle: presence writes and subscriptions settle, then RSS is read
+    idle = CpuWindow(dep).start()  # and what the server spends with nothing to do, which should be ~0
+    await asyncio.sleep(settle / 2)
+    idle.stop()
     opened = len(fleet.listeners) - failures
     rss1 = dep.rss()
     return {
@@ -65,10 +68,41 @@ async def connect(
         "connects_per_s": _per(opened, seconds),
         "connects_per_cpu_s": _per(opened, window.server),
         "connect_server_cpu_s": window.server,
+        "connect_redis_cpu_s": window.redis,
+        "cpu_us_per_connect": window.server / opened * 1e6 if opened else None,
+        "idle_server_cpu_util": idle.server / idle.wall if idle.wall else None,
         "rss_base_mb": rss0 / 2**20,
         "rss_idle_mb": rss1 / 2**20,
         "rss_kb_per_socket": (rss1 - rss0) / 1024 / opened if opened else None,
         "rss_mb_per_1000": (rss1 - rss0) / 2**20 * 1000 / opened if opened else None,
+    }
+
+
+async def join(
+    dep: Deployment,
+    fleet: Fleet,
+    topic: str,
+    concurrency: int,
+    timeout: float = 30.0,
+    only: Collection[int] | None = None,
+) -> dict[str, Any]:
+    """Every open socket (of `only`) joins `topic` and waits for the answer (`joined`, or a Socket.IO ack),
+    with at most `concurrency` joins in flight, as `connect` opens sockets; server CPU per join."""
+    window = CpuWindow(dep).start()
+    seconds, asked, failures = await fleet.join_all(topic, concurrency, timeout, only)
+    window.stop()
+    joined = asked - sum(failures.values())
+    return {
+        "topic": topic,
+        "joined": joined,
+        "join_failures": sum(failures.values()),
+        "join_errors": dict(failures.most_common(5)),
+        "join_seconds": seconds,
+        "joins_per_s": _per(joined, seconds),
+        "joins_per_cpu_s": _per(joined, window.server),
+        "join_server_cpu_s": window.server,
+        "join_redis_cpu_s": window.redis,
+        "cpu_us_per_join": window.server / joined * 1e6 if joined else None,
     }
 
 
@@ -192,10 +226,37 @@ async def broadcast(
     dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float, drain: float
 ) -> dict[str, Any]:
     """POST /broadcast at `rate`; time until the last socket has each one, and deliveries/s."""
+    members = [i for i in range(len(fleet.listeners)) if fleet.is_open(i)]
+    return await _fanout(dep, fleet, pub, "/broadcast", members, rate, duration, drain)
+
+
+async def topic(
+    dep: Deployment, fleet: Fleet, pub: Publisher, name: str, rate: float, duration: float, drain: float
+) -> dict[str, Any]:
+    """POST /topics/{name} at `rate` (a Socket.IO server: `io.to(name).emit`); time until the last member
+    socket has each one, and deliveries/s. A socket not in the topic that gets one counts as misrouted."""
+    result = await _fanout(dep, fleet, pub, f"/topics/{name}", fleet.members(name), rate, duration, drain)
+    return {"topic": name, **result}
+
+
+async def _fanout(
+    dep: Deployment,
+    fleet: Fleet,
+    pub: Publisher,
+    path: str,
+    members: list[int],
+    rate: float,
+    duration: float,
+    drain: float,
+) -> dict[str, Any]:
+    """POST `path` at `rate`, each message due on every socket of `members`; the broadcast and topic runs."""
     count = int(rate * duration)
     rec = fleet.recorder
-    run = rec.reset(0, count)
-    sockets = fleet.alive()
+    mask = bytearray(len(fleet.listeners))
+    for i in members:
+        mask[i] = 1
+    run = rec.reset(0, count, mask)
+    sockets = len(members)
     accepted = bytearray(count)
     statuses: dict[int, int] = {}
 
@@ -205,7 +266,7 @@ async def broadcast(
             if 200 <= status < 300:
                 accepted[j] = 1
 
-        pub.request("/broadcast", orjson.dumps({"event": "bench", "data": {"t": t, "b": j, "r": run}}), done)
+        pub.request(path, orjson.dumps({"event": "bench", "data": {"t": t, "b": j, "r": run}}), done)
 
     window = CpuWindow(dep).start()
     t0 = perf()
@@ -215,9 +276,10 @@ async def broadcast(
     await _wait(lambda: rec.received >= expected, drain)
     window.stop()
     complete = [rec.b_last[j] * 1000 for j in range(count) if accepted[j] and rec.b_count[j] >= sockets]
-    lost = sum(max(0, sockets - rec.b_count[j]) for j in range(count) if accepted[j])
+    ok_ids = [j for j in range(count) if accepted[j]]
+    lost = sum(1 for i in members for j in ok_ids if not rec.b_seen[i][j])  # member by member
     last_arrival = max((t0 + j / rate + rec.b_last[j] for j in range(count) if rec.b_count[j]), default=t0)
-    ok = sum(accepted)
+    ok = len(ok_ids)
     return {
         "rate": rate,
         "duration_s": sent_for,
@@ -230,6 +292,7 @@ async def broadcast(
         "expected": expected,
         "lost": lost,
         "duplicates": rec.duplicates,
+        "misrouted": rec.misrouted,
         "stale": rec.stale,
         "complete_broadcasts": len(complete),
         "fanout_p50_ms": percentile(complete, 50) if len(complete) == ok else None,
@@ -237,7 +300,7 @@ async def broadcast(
         "fanout_max_ms": max(complete) if complete and len(complete) == ok else None,
         "fanout_note": ""
         if len(complete) == ok
-        else f"{ok - len(complete)} of {ok} broadcasts not on every socket {drain:g} s after the run",
+        else f"{ok - len(complete)} of {ok} messages not on every socket {drain:g} s after the run",
         "delivered_per_s": _per(rec.received, max(sent_for, last_arrival - t0)),
         "sockets_closed": fleet.closed,
         **_cpu_fields(window, rec.received),
@@ -248,4 +311,4 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-__all__ = ["broadcast", "connect", "percentile", "publisher_token", "rss_bytes", "targeted"]
+__all__ = ["broadcast", "connect", "join", "percentile", "publisher_token", "rss_bytes", "targeted", "topic"]

@@ -5,7 +5,9 @@
 // channel of the token's `sub` while the user has a socket here, plus one broadcast channel. Backends
 // `POST /notify/:user` and `POST /broadcast` (publisher JWT) encode the frame once and PUBLISH it; each
 // process writes the bytes it receives to its sockets of that user. A verified publisher token is kept until
-// its exp, as the service does.
+// its exp, as the service does. Topics at their simplest: `{"type":"join","topic":T}` (any name, anyone) adds
+// the socket to T's set, subscribes T's channel with its first socket here and answers `joined`;
+// `POST /topics/:T` publishes to that channel.
 //
 //     BENCH_SECRET=... node tests/load/node/lean.js --port 8004 --redis redis://127.0.0.1:6390/0 --channel bench
 
@@ -31,6 +33,7 @@ async function main() {
   };
   const prefix = `${values.channel}:u:`;
   const everyone = `${values.channel}:all`;
+  const roomPrefix = `${values.channel}:t:`;
 
   const pub = createClient({ url: values.redis });
   const sub = pub.duplicate();
@@ -39,6 +42,8 @@ async function main() {
 
   const sockets = new Map(); // user -> Set of this process's open sockets of that user
   const all = new Set();
+  const rooms = new Map(); // topic -> Set of this process's sockets in it
+  const roomReady = new Map(); // topic -> its channel's SUBSCRIBE
   const deliver = (targets) => (message) => {
     for (const ws of targets) ws.send(message, { binary: false });
   };
@@ -71,7 +76,21 @@ async function main() {
       }
       mine.add(ws);
       all.add(ws);
+      const joined = [];
+      ws.on('message', (data, isBinary) => {
+        if (!isBinary) join(ws, data.toString('utf8'), joined).catch((err) => console.error('join:', err.message));
+      });
       ws.on('close', () => {
+        for (const topic of joined) {
+          const members = rooms.get(topic);
+          if (!members) continue;
+          members.delete(ws);
+          if (members.size === 0) {
+            rooms.delete(topic);
+            roomReady.delete(topic);
+            sub.unsubscribe(roomPrefix + topic).catch(() => {});
+          }
+        }
         all.delete(ws);
         mine.delete(ws);
         if (mine.size === 0 && sockets.get(user) === mine) {
@@ -82,10 +101,33 @@ async function main() {
     });
   });
 
+  // A join; anything else a client sends is ignored. `joined` only once the topic's channel is subscribed.
+  async function join(ws, text, joined) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    const topic = frame && frame.type === 'join' ? frame.topic : undefined;
+    if (typeof topic !== 'string' || !topic || joined.includes(topic)) return;
+    let members = rooms.get(topic);
+    if (!members) {
+      members = new Set();
+      rooms.set(topic, members);
+      roomReady.set(topic, sub.subscribe(roomPrefix + topic, deliver(members), true));
+    }
+    members.add(ws);
+    joined.push(topic);
+    await roomReady.get(topic);
+    ws.send(JSON.stringify({ type: 'joined', topic }));
+  }
+
   async function handle(req, res) {
     const path = (req.url || '/').split('?', 1)[0];
     if (path === '/healthz') return send(res, 200, '{"status":"ok"}');
-    if (req.method !== 'POST' || !(path === '/broadcast' || path.startsWith('/notify/'))) {
+    const topics = path.startsWith('/topics/');
+    if (req.method !== 'POST' || !(path === '/broadcast' || path.startsWith('/notify/') || topics)) {
       return send(res, 404, '{"error":"not_found"}');
     }
     const refusal = denied(req, verifyPublisher);
@@ -93,6 +135,12 @@ async function main() {
     const body = parseNotification(await readBody(req));
     if (body === null) return send(res, 422, '{"error":"invalid_request"}');
     const ts = Date.now();
+    if (topics) {
+      const topic = decodePath(path.slice('/topics/'.length));
+      const frame = JSON.stringify({ type: 'notification', topic, event: body.event, data: body.data ?? null, ts });
+      await pub.publish(roomPrefix + topic, frame);
+      return send(res, 202, JSON.stringify({ ts }));
+    }
     const frame = JSON.stringify({ type: 'notification', event: body.event, data: body.data ?? null, ts });
     const channel = path === '/broadcast' ? everyone : prefix + decodePath(path.slice('/notify/'.length));
     await pub.publish(channel, frame);

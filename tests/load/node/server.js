@@ -6,6 +6,8 @@
 // @socket.io/redis-adapter. A client authenticates with `auth: {token: <JWT>}` and joins a room named after
 // its `sub`; backends `POST /notify/:user` (emits to the room) and `POST /broadcast` (emits to everyone)
 // with a publisher JWT, like the service's publish API. Plain `http`, so nothing but Socket.IO sits in the path.
+// Rooms as topics: a client emits `join` with a room's name and an ack, the handler calls `socket.join(room)`
+// and acknowledges `{ok: true}`; `POST /topics/:room` does `io.to(room).emit(...)`.
 //
 //     BENCH_SECRET=... node tests/load/node/server.js --port 8002 --redis redis://127.0.0.1:6390/0 --channel bench
 
@@ -41,6 +43,13 @@ function handler(io, verify) {
       if (req.method !== 'POST') return send(res, 405, 'Method Not Allowed', 'text/plain; charset=utf-8');
       return publish(req, res, (body, ts) => {
         io.emit('notification', { event: body.event, data: body.data ?? null, ts, broadcast: true });
+      });
+    }
+    if (path.startsWith('/topics/')) {
+      if (req.method !== 'POST') return send(res, 405, 'Method Not Allowed', 'text/plain; charset=utf-8');
+      const room = decodePath(path.slice('/topics/'.length));
+      return publish(req, res, (body, ts) => {
+        io.to(room).emit('notification', { topic: room, event: body.event, data: body.data ?? null, ts });
       });
     }
     if (path === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
@@ -87,6 +96,16 @@ async function main() {
     // Joined before the CONNECT ack, as the python server does; a refused or closed socket leaves its rooms.
     socket.join(claims.sub);
     return next();
+  });
+  io.on('connection', (socket) => {
+    socket.on('join', (room, ack) => {
+      if (typeof ack !== 'function') return;
+      if (typeof room !== 'string' || room.length === 0 || room.length > 200) {
+        return ack({ ok: false, error: 'invalid room' });
+      }
+      socket.join(room);
+      return ack({ ok: true });
+    });
   });
   httpServer.listen(Number(values.port), '127.0.0.1');
 }
