@@ -6,9 +6,12 @@ Chromium is Debian's (`apt-get install chromium`), driven by Playwright from PyP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from .utils import TIMEOUT, RedisServer, Replica, cluster_env, publisher_headers, token
+from .utils import ROOT, TIMEOUT, RedisServer, Replica, cluster_env, publisher_headers, replicas, token
 
 pytestmark = pytest.mark.slow
 
@@ -104,16 +107,25 @@ async def browser() -> AsyncIterator[Any]:
         await chromium.close()
 
 
+@contextlib.asynccontextmanager
+async def _open_page(browser: Any) -> AsyncIterator[Any]:
+    """A page in a browser context of its own (its own cookies and storage: another user)."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 800})
+    try:
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.set_default_timeout(WAIT_MS)
+        yield page
+    finally:
+        await context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
 @pytest.fixture
 async def page(browser: Any) -> AsyncIterator[Any]:
-    context = await browser.new_context(viewport={"width": 1200, "height": 800})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.set_default_timeout(WAIT_MS)
-    yield page
-    await context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
+    async with _open_page(browser) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -445,3 +457,94 @@ async def test_stops_on_4403_without_asking_for_a_token(demo_single, page, http)
     await page.evaluate("t => window.client.setToken(t)", token(user, ttl=1800))
     await page.wait_for_function("window.client.state === 'open'")
     assert await page.evaluate("window.wsAttempts") == 2
+
+
+# ---- the demo page's chat room
+
+
+def _demo_topics() -> dict[str, Any]:
+    """The namespaces `make run` configures (the Makefile's DEMO_TOPICS), so that the test follows them."""
+    found = re.search(r"^DEMO_TOPICS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert found, "no DEMO_TOPICS in the Makefile"
+    topics: dict[str, Any] = json.loads(found.group(1))
+    return topics
+
+
+@pytest.fixture
+def chat_pair(redis_server: RedisServer) -> Iterator[tuple[Replica, ...]]:
+    """Two replicas sharing one Redis, configured like `make run`; a leave is told after half a second."""
+    env = cluster_env(
+        redis_server,
+        NOTIFY_DEMO="true",
+        NOTIFY_TOPICS=json.dumps(_demo_topics()),
+        NOTIFY_PRESENCE_LEAVE_GRACE_SECONDS="0.5",
+        NOTIFY_DRAIN_SECONDS="0.5",
+    )
+    with replicas(2, env) as pair:
+        yield pair
+
+
+async def _members(page: Any) -> list[str]:
+    return await page.get_by_test_id("chat-member").evaluate_all("items => items.map(i => i.dataset.user)")
+
+
+async def test_demo_chat_room(chat_pair, browser, page, tmp_path):
+    """Alice and Bob, each in a browser of their own on a replica of their own, chat in the demo
+    page's room: members and count, a message shown once on both pages, Bob's typing shown to Alice
+    only, and Bob's leave taking him off Alice's member list."""
+    expect = _playwright().expect
+    a, b = chat_pair
+    alice = page
+    async with _open_page(browser) as bob:
+        await alice.goto(f"{a.url}/demo?user=alice&servers={a.url}")
+        await bob.goto(f"{b.url}/demo?user=bob&servers={b.url}")
+        for each in (alice, bob):
+            await expect(each.get_by_test_id("state")).to_have_attribute("data-state", "open")
+            await expect(each.get_by_test_id("chat-room")).to_have_value("chat:lobby")
+            await expect(each.get_by_test_id("chat-input")).to_be_disabled()
+
+        await alice.get_by_test_id("chat-join").click()
+        await expect(alice.get_by_test_id("chat-status")).to_have_text("in chat:lobby")
+        await expect(alice.get_by_test_id("chat-count")).to_have_text("1")
+        await bob.get_by_test_id("chat-join").click()
+        await expect(bob.get_by_test_id("chat-status")).to_have_text("in chat:lobby")
+        for each in (alice, bob):
+            await expect(each.get_by_test_id("chat-count")).to_have_text("2")
+            await expect(each.get_by_test_id("chat-member")).to_have_count(2)
+            assert await _members(each) == ["alice", "bob"]
+        await expect(alice.get_by_test_id("chat-event").filter(has_text="bob joined")).to_have_count(1)
+
+        # A message from Alice reaches both pages once, from alice (the server sets `from`).
+        await alice.get_by_test_id("chat-input").fill("Hello from Alice <b>not bold</b>")
+        await alice.get_by_test_id("chat-send").click()
+        for each in (alice, bob):
+            message = each.get_by_test_id("chat-message")
+            await expect(message).to_have_count(1)
+            await expect(message).to_have_attribute("data-from", "alice")
+            await expect(message.locator(".from")).to_have_text("alice")
+            await expect(message.locator(".text")).to_have_text("Hello from Alice <b>not bold</b>")
+            assert await message.locator("b").count() == 0  # text, never HTML
+        await expect(alice.get_by_test_id("chat-input")).to_have_value("")
+
+        # Bob types: Alice sees it, Bob's own page does not; one signal however fast he types.
+        started = time.monotonic()
+        await bob.get_by_test_id("chat-input").press_sequentially("Hi Alice, nice demo")
+        elapsed = time.monotonic() - started
+        typing = alice.get_by_test_id("chat-typing")
+        await expect(typing).to_have_text("bob is typing…")
+        sent = await bob.evaluate("window.notifyDemo.chat.typingSent")
+        assert 1 <= sent <= 1 + int(elapsed / 2), (sent, elapsed)
+        await expect(bob.get_by_test_id("chat-typing")).not_to_contain_text("bob")
+        assert await bob.evaluate("window.notifyDemo.chat.signals.filter(s => s.from === 'bob').length") == 0
+        await expect(typing).to_be_empty(timeout=WAIT_MS)  # about 3 s after his last signal
+
+        # Bob leaves: once the leave grace is over, Alice's list is down to herself.
+        await bob.get_by_test_id("chat-leave").click()
+        await expect(bob.get_by_test_id("chat-status")).to_have_text("not joined")
+        await expect(bob.get_by_test_id("chat-member")).to_have_count(0)
+        await expect(bob.get_by_test_id("chat-send")).to_be_disabled()
+        await expect(alice.get_by_test_id("chat-count")).to_have_text("1", timeout=WAIT_MS)
+        assert await _members(alice) == ["alice"]
+        await expect(alice.get_by_test_id("chat-event").filter(has_text="bob left")).to_have_count(1)
+        await expect(alice.get_by_test_id("chat-message")).to_have_count(1)
+        await alice.screenshot(path=tmp_path / "chat-alice.png", full_page=True)
