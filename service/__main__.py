@@ -65,8 +65,13 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000)
     ns = parser.parse_args(argv)
     settings = _load_settings()
+    from .broker.connector import refuse_non_cluster_seeds
     from .server import build_server
 
+    problem = refuse_non_cluster_seeds(settings)
+    if problem is not None:
+        print(f"notify-service: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     build_server(settings, ns.host, ns.port).run()
     return 0
 

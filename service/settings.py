@@ -117,14 +117,9 @@ class Settings(BaseSettings):
     @classmethod
     def _read_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from .broker.topology import CLUSTER, parse_redis_url
+            from .broker.topology import parse_redis_url
 
-            if parse_redis_url(value).kind == CLUSTER:
-                # The one place cluster mode is refused: it goes once broker/__init__.py can build a cluster broker.
-                raise ValueError(
-                    "NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; "
-                    "use redis:// for one Redis or redis+sentinel:// for a Sentinel-managed primary"
-                )
+            parse_redis_url(value)  # a malformed URL stops start-up with the line it raises
         return value
 
     @model_validator(mode="after")

@@ -105,7 +105,6 @@ def test_refusals_never_show_the_password(url):
 
 
 SETTINGS_REFUSED = [
-    ({"redis_url": "redis+cluster://n1:7000"}, "Redis Cluster (redis+cluster://) is not available yet"),
     ({"redis_url": "ftp://h/0"}, "NOTIFY_REDIS_URL: unknown scheme 'ftp'"),
     ({"redis_url": "redis://h:1/0", "redis_ca_file": __file__}, "NOTIFY_REDIS_CA_FILE is set but"),
     ({"redis_url": "rediss://h:1/0", "redis_ca_file": "/nonexistent/ca.pem"}, "is not a readable PEM CA certificate"),
@@ -139,9 +138,8 @@ def test_settings_read_the_topology():
             "redis+cluster://",
         ),
         (
-            {"NOTIFY_REDIS_URL": "rediss+cluster://n1:7000,n2:7000"},
-            "notify-service: NOTIFY_REDIS_URL: Redis Cluster (redis+cluster://) is not available yet; use redis:// "
-            "for one Redis or redis+sentinel:// for a Sentinel-managed primary",
+            {"NOTIFY_REDIS_URL": "redis+cluster://n1:7000/3"},
+            "notify-service: NOTIFY_REDIS_URL: Redis Cluster has only database 0",
         ),
         (
             {"NOTIFY_REDIS_URL": "memcached://h:1"},

@@ -2,6 +2,7 @@
 
 - `SentinelTopology`: one primary, its replicas and three sentinels (`redis-server --sentinel`)
   that notice a dead primary after a second and fail over at once.
+- `ClusterTopology`: a Redis Cluster of three primaries with a replica each (node timeout 1 s).
 - `TestCA` and `tls_redis`: a certificate authority made in the test, and a Redis that speaks
   only TLS with a certificate it signed.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.crc import key_slot
 
 from .utils import TIMEOUT, free_port, redis_binary
 
@@ -330,3 +332,105 @@ def tls_redis(ca: TestCA, require_client_cert: bool = False) -> Node:
     if require_client_cert:
         reach["ssl_certfile"], reach["ssl_keyfile"] = ca.issue("test-client", client=True)
     return Node(args, tls=reach)
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too, as Redis Cluster needs."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        if port in taken or port + 10000 in taken:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        taken.update((port, port + 10000))
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterTopology:
+    """A Redis Cluster of `primaries` primaries with one replica each (node timeout 1 s)."""
+
+    def __init__(self, primaries: int = 3) -> None:
+        args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"]
+        # A replica that lost its primary fails over at once, however long it was disconnected.
+        args += ["--cluster-replica-validity-factor", "0", "--cluster-allow-reads-when-down", "no"]
+        self.nodes = [Node(list(args)) for _ in range(2 * primaries)]
+        taken: set[int] = set()
+        for node in self.nodes:
+            node.port = _cluster_port(taken)
+        self.primaries_wanted = primaries
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {"NOTIFY_REDIS_URL": self.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}", **extra}
+
+    def start(self) -> ClusterTopology:
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                [
+                    shutil.which("redis-cli") or "redis-cli",
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                    "--cluster-replicas",
+                    "1",
+                    "--cluster-yes",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=6 * TIMEOUT,
+            )
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, within: float = 6 * TIMEOUT) -> None:
+        """Until every live node says the cluster is ok and every slot has a live primary."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                live = [n for n in self.nodes if n.proc is not None and not n.paused]
+                if all("cluster_state:ok" in n.call("CLUSTER", "INFO") for n in live) and all(
+                    r.client().info("replication").get("master_link_status", "up") == "up"
+                    for r in live
+                    if r.role() == "slave"
+                ):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not become healthy")
+
+    def primaries(self) -> list[Node]:
+        return [n for n in self.nodes if n.proc is not None and not n.paused and n.role() == "master"]
+
+    def owner(self, key: str) -> Node:
+        """The primary that holds `key`'s slot now."""
+        slot = key_slot(key.encode())
+        for start, end, primary, *_ in self.primaries()[0].call("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(slot)
+
+    def __enter__(self) -> ClusterTopology:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -23,7 +23,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelManagedConnection
@@ -33,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import Settings
 from .resp import RawConnection
-from .topology import SENTINEL, Topology
+from .topology import CLUSTER, SENTINEL, Topology
 
 logger = logging.getLogger("service.broker")
 
@@ -84,11 +86,23 @@ class Connector:
                 },
             )
 
-    def client(self, **options: Any) -> aioredis.Redis:
-        """A client of the data node (the primary, under Sentinel) with these connection options."""
+    @property
+    def clustered(self) -> bool:
+        return self.topology.kind == CLUSTER
+
+    def client(self, **options: Any) -> Any:
+        """A client of the data node (the primary, under Sentinel; the whole cluster, routing each
+        command by its key's slot, under Cluster) with these connection options."""
         kwargs = {**self._node_options, **options}
         topology = self.topology
         pool: ConnectionPool
+        if topology.kind == CLUSTER:
+            kwargs.pop("db", None)
+            if topology.tls:
+                kwargs["ssl"] = True
+            seeds = [ClusterNode(host, port) for host, port in topology.nodes]
+            # Only primaries are read from: a replica may lag behind what a publish answered.
+            return RedisCluster(startup_nodes=seeds, require_full_coverage=False, **kwargs)
         if self._sentinel is not None:
             kind = _PrimaryTlsConnection if topology.tls else _PrimaryConnection
             pool = _PrimaryPool(topology.master_name, self._sentinel, self, connection_class=kind, **kwargs)
@@ -99,6 +113,15 @@ class Connector:
             (host, port), kind = topology.nodes[0], _TlsConnection if topology.tls else Connection
             pool = ConnectionPool(connection_class=kind, host=host, port=port, **kwargs)
         return aioredis.Redis.from_pool(pool)
+
+    def node_client(self, address: Address, **options: Any) -> aioredis.Redis:
+        """A client of one node of a cluster (its own connections: publishes, subscriptions)."""
+        kwargs = {**self._node_options, **options}
+        kwargs.pop("db", None)
+        kind = _TlsConnection if self.topology.tls else Connection
+        return aioredis.Redis.from_pool(
+            ConnectionPool(connection_class=kind, host=address[0], port=address[1], **kwargs)
+        )
 
     async def start(self) -> None:
         logger.info("redis: %s", self.topology.describe())
@@ -238,6 +261,37 @@ class Connector:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(0.5)
+
+
+def refuse_non_cluster_seeds(settings: Settings) -> str | None:
+    """Why start-up must stop: a cluster seed that answers as a Redis outside any cluster (a seed
+    that does not answer yet is waited for, like any Redis that is down at start)."""
+    topology = settings.redis_topology()
+    if topology is None or topology.kind != CLUSTER:
+        return None
+    tls = {"ssl": True, **_tls_options(settings)} if topology.tls else {}
+    for host, port in topology.nodes:
+        client = redis.Redis(
+            host=host,
+            port=port,
+            username=topology.username,
+            password=topology.password,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            **tls,
+        )
+        try:
+            enabled = client.info("cluster").get("cluster_enabled")
+        except redis.RedisError:
+            continue
+        finally:
+            client.close()
+        if not enabled:
+            return (
+                f"NOTIFY_REDIS_URL: {host}:{port} is not a cluster node (cluster_enabled:0);"
+                " use redis://host:port/db for one Redis"
+            )
+    return None
 
 
 class _PrimaryPool(SentinelConnectionPool):

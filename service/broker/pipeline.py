@@ -36,6 +36,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from .resp import RawConnection, command
 
+_ASKING = command("ASKING")
+
 
 class NotReplicated(RedisError):
     """Fewer replicas than required confirmed the write in time (it may still reach them)."""
@@ -107,24 +109,41 @@ class AutoPipeline:
         self._wait = command("WAIT", replicas, max(1, int(deadline * 800))) if replicas else b""
         self._on_broken = on_broken
 
-    async def evaluate(self, script: Lua, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def evaluate(
+        self,
+        script: Lua,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        acknowledged: bool = False,
+        asking: bool = False,
+    ) -> Any:
         """Run a script on the shared connection (loading it first if Redis does not know it)."""
         tail = (len(keys), *keys, *args)
         try:
-            return await self.execute(command("EVALSHA", script.sha, *tail))
+            return await self.execute(command("EVALSHA", script.sha, *tail), acknowledged, asking=asking)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self.execute(command("EVAL", script.text, *tail))
+        return await self.execute(command("EVAL", script.text, *tail), acknowledged, asking=asking)
 
-    async def execute(self, command: bytes, acknowledged: bool = False) -> Any:
+    async def execute(
+        self, command: bytes, acknowledged: bool = False, key: str | None = None, asking: bool = False
+    ) -> Any:
         """Send one command, already in RESP (see resp.py), and return its reply; `acknowledged`:
-        only once the replicas asked for confirm it (NotReplicated otherwise)."""
+        only once the replicas asked for confirm it (NotReplicated otherwise). `key` is for a
+        router (this connection serves every key); `asking`: sent right after an ASKING (a slot
+        being moved to this node, in a cluster)."""
         link = self._link
         if link is None or link.broken is not None:
             async with asyncio.timeout(self._deadline):
                 link = await self._connect()
         loop = asyncio.get_running_loop()
+        if asking:
+            told: asyncio.Future[Any] = loop.create_future()
+            told.add_done_callback(_retrieve)
+            link.out.append(_ASKING)
+            link.pending.append(told)
+            link.sent_at.append(loop.time())
         waiter: asyncio.Future[Any] = loop.create_future()
         link.out.append(command)
         link.pending.append(waiter)

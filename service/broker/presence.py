@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..errors import BrokerUnavailable
@@ -27,6 +27,7 @@ from ..settings import Settings
 from ..streams import is_topic, topic_of, user_of
 from . import scripts
 from .base import StreamRules, TopicFull
+from .cluster import ClusterPipelines
 from .pipeline import AutoPipeline, Lua
 from .resp import command
 
@@ -46,8 +47,8 @@ class Presence:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
-        pipeline: AutoPipeline,
+        redis: Any,
+        pipeline: AutoPipeline | ClusterPipelines,
         key: KeyOf,
         prefix: str,
         replica_id: str,
@@ -122,13 +123,13 @@ class Presence:
         # The script and the note of which streams this replica is in leave in one write.
         calls = [self._pipeline.evaluate(self._script, keys, args)]
         if sockets:
-            calls.append(self._pipeline.execute(command("SADD", streams_key, stream)))
+            calls.append(self._pipeline.execute(command("SADD", streams_key, stream), key=streams_key))
         elif stream not in self._users_in:
-            calls.append(self._pipeline.execute(command("SREM", streams_key, stream)))
+            calls.append(self._pipeline.execute(command("SREM", streams_key, stream), key=streams_key))
         (status, count, due), *_ = await asyncio.gather(*calls)
         if status == 2:
             # A leave waits for its grace; whichever replica sweeps first after it tells the members.
-            await self._pipeline.execute(command("ZADD", self._graces, "LT", due, stream))
+            await self._pipeline.execute(command("ZADD", self._graces, "LT", due, stream), key=self._graces)
         return int(status), int(count)
 
     def _rules_for(self, stream: str) -> StreamRules:

@@ -26,10 +26,11 @@ from ..settings import Settings
 from ..streams import BROADCAST, is_topic, user_of, user_stream
 from . import scripts
 from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
+from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
 from .pipeline import AutoPipeline
 from .presence import Presence, RulesOf
-from .resp import bulk
+from .resp import bulk, command
 from .subscription import Subscription
 
 logger = logging.getLogger("service.broker")
@@ -64,21 +65,31 @@ class RedisBroker:
             retry=Retry(NoBackoff(), 1),
             max_connections=64,
         )
-        # Makes the subscription's connection, which is then read raw (resp.RawConnection). It waits
-        # for messages indefinitely: the probe, not a socket timeout, finds stalls.
-        self._sub_client = self._connector.client(
-            decode_responses=True,
-            socket_connect_timeout=settings.publish_timeout_seconds,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
-        # Publishes, the hot path, share one pipelined connection; everything else uses the pool.
-        self._pipeline = AutoPipeline(
-            self._redis,
-            settings.publish_timeout_seconds,
-            replicas=settings.redis_replicas_ack,
-            on_broken=self._connector.suspect,
-        )
+        # Publishes, the hot path, share one pipelined connection (one per primary, in a cluster);
+        # everything else uses the pool.
+        self._slots: SlotMap | None = None
+        self._pipeline: AutoPipeline | ClusterPipelines
+        if self._connector.clustered:
+            slots = self._slots = SlotMap(self._redis)
+            node_options = {"decode_responses": True, "socket_connect_timeout": settings.publish_timeout_seconds}
+
+            def pipeline_to(address: tuple[str, int]) -> AutoPipeline:
+                client = self._connector.node_client(address, **node_options)
+                return AutoPipeline(
+                    client,
+                    settings.publish_timeout_seconds,
+                    replicas=settings.redis_replicas_ack,
+                    on_broken=slots.suspect,
+                )
+
+            self._pipeline = ClusterPipelines(slots, pipeline_to)
+        else:
+            self._pipeline = AutoPipeline(
+                self._redis,
+                settings.publish_timeout_seconds,
+                replicas=settings.redis_replicas_ack,
+                on_broken=self._connector.suspect,
+            )
         # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
         # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments.
         sha = self._redis.register_script(scripts.PUBLISH).sha
@@ -91,10 +102,30 @@ class RedisBroker:
         )
         self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
         self._unread_script = self._redis.register_script(scripts.UNREAD)
-        probe = f"probe:{replica_id}"
-        self._probe = bulk(self._key(probe, "c"))
+        sub_options = {
+            "decode_responses": True,
+            "socket_connect_timeout": settings.publish_timeout_seconds,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0),
+        }
+
+        def subscription_client(address: tuple[str, int] | None) -> Any:
+            # The subscription's connections, read raw (resp.RawConnection). They wait for messages
+            # indefinitely: the probe, not a socket timeout, finds stalls.
+            if address is None:
+                return self._connector.client(**sub_options)
+            return self._connector.node_client(address, **sub_options)
+
         self._subscription = Subscription(
-            settings, metrics, self._redis, self._pipeline, self._sub_client, self._key, probe, self._connector
+            settings,
+            metrics,
+            self._redis,
+            self._pipeline,
+            self._connector,
+            self._key,
+            replica_id,
+            self._slots,
+            subscription_client,
         )
         self._rules = rules
         self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
@@ -105,11 +136,10 @@ class RedisBroker:
 
     async def start(self, on_frame: FrameHandler, on_lost: LostHandler) -> None:
         self._subscription.on_frame, self._subscription.on_lost = on_frame, on_lost
-        await self._subscription.subscribe(BROADCAST)  # every replica has every socket in it
         self._connector.on_change(self._primary_changed)
         await self._connector.start()
         self._tasks = [
-            asyncio.create_task(self._subscription.run_forever(), name="redis-subscription"),
+            asyncio.create_task(self._subscribe_forever(), name="redis-subscription"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
             asyncio.create_task(self._presence.write_forever(), name="redis-presence"),
         ]
@@ -121,20 +151,32 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._presence.forget()
-        self._subscription.close()
+        await self._subscription.stop()
         await self._pipeline.aclose()
         await self._redis.aclose()
-        await self._sub_client.aclose()
         await self._connector.aclose()
+
+    async def _subscribe_forever(self) -> None:
+        """Start the subscription once the topology is known (a cluster that is down at start is
+        waited for), with the broadcast stream, which every replica receives."""
+        attempt = 0
+        while self._slots is not None:
+            try:
+                await self._slots.start()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - not reachable yet: asked again
+                attempt += 1
+                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                logger.log(level, "redis cluster not reachable yet: %s", exc)
+                await asyncio.sleep(min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 6)))
+        self._subscription.start()
+        await self._subscription.subscribe(BROADCAST)
 
     @property
     def ready(self) -> bool:
-        sub = self._subscription
-        return (
-            sub.subscribed
-            and time.monotonic() - sub.last_probe < self._settings.probe_timeout_seconds
-            and sub.on_primary()
-        )
+        return self._subscription.ready
 
     def position(self, stream: str) -> str | None:
         return self._subscription.position(stream)
@@ -192,20 +234,20 @@ class RedisBroker:
             )
         )
         try:
-            id_, duplicate, online = await self._run_publish(body)
+            id_, duplicate, online = await self._run_publish(body, self._key(stream, "h"))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
         return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
 
-    async def _run_publish(self, body: bytes) -> Any:
+    async def _run_publish(self, body: bytes, key: str) -> Any:
         # Acknowledged: with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT).
         try:
-            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body, acknowledged=True)
+            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body, acknowledged=True, key=key)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(self._publish_head["EVAL"] + body, acknowledged=True)
+        return await self._pipeline.execute(self._publish_head["EVAL"] + body, acknowledged=True, key=key)
 
     def _primary_changed(self) -> None:
         """Sentinel named another primary: publishes and the subscription move to it (the
@@ -215,7 +257,8 @@ class RedisBroker:
 
     async def send(self, stream: str, frame: str) -> None:
         try:
-            await self._pipeline.execute(b"*3\r\n$8\r\nSPUBLISH\r\n" + bulk(self._key(stream, "c")) + bulk(frame))
+            channel = self._key(stream, "c")
+            await self._pipeline.execute(command("SPUBLISH", channel, frame), key=channel)
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
 
@@ -308,7 +351,12 @@ class RedisBroker:
         while True:
             try:
                 async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                    await self._pipeline.execute(b"*3\r\n$8\r\nSPUBLISH\r\n" + self._probe + bulk("1"))
+                    await asyncio.gather(
+                        *(
+                            self._pipeline.execute(command("SPUBLISH", channel, "1"), key=channel)
+                            for channel in self._subscription.probe_channels()
+                        )
+                    )
                 async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
                     await self._presence.beat()
             except asyncio.CancelledError:

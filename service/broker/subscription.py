@@ -1,12 +1,17 @@
 """Subscription: one replica's sharded subscription to the streams its sockets receive.
 
 Each stream has an exact channel (never a pattern: `a*` is just the user `a*`), subscribed with
-SSUBSCRIBE while the replica has a local member and released with its last. The connection is read
-raw (resp.RawConnection). Per stream, the replica keeps a position: the newest id it has handed
-on, or the cursor read right after subscribing. Live frames at or below it are dropped, so a gap
-replayed from history is never delivered twice, and after any break the gap of every stream is
-replayed from its own position. A probe that this replica publishes to itself proves the
-subscription alive; one that does not come back means it is rebuilt.
+SSUBSCRIBE while the replica has a local member and released with its last. The subscription is
+one connection per primary (`_Link`; a single Redis or the Sentinel-named primary is the one
+primary), holding the channels of the slots it owns, read raw (resp.RawConnection). Per stream,
+the replica keeps a position: the newest id it has handed on, or the cursor read right after
+subscribing. Live frames at or below it are dropped, so a gap replayed from history is never
+delivered twice, and after any break the gap of every stream is replayed from its own position.
+
+Each link proves itself alive with a probe that this replica publishes to itself on a channel of
+that primary. A link whose probe does not come back, whose connection breaks, or that Redis
+unsubscribes from a channel it still wants (its slot moved) is rebuilt; in a cluster the slot map
+is refreshed first, and streams whose slot has a new owner move to that owner's link.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +33,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from . import scripts
 from .base import FrameHandler, LostHandler, frame_id
+from .cluster import ClusterPipelines, SlotMap, slot_of
 from .connector import Connector
 from .pipeline import AutoPipeline, Lua
 from .resp import RawConnection, command
@@ -35,9 +42,11 @@ logger = logging.getLogger("service.broker")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 _REPLAY_CHUNK = 200
+_SINGLE = ("", 0)  # the one link when there is one primary
 
 # The key of a stream's `suffix` (see RedisBroker._key).
 KeyOf = Callable[[str, str], str]
+Address = tuple[str, int]
 
 
 class Subscription:
@@ -47,92 +56,261 @@ class Subscription:
         self,
         settings: Settings,
         metrics: Metrics,
-        redis: aioredis.Redis,
-        pipeline: AutoPipeline,
-        sub_client: aioredis.Redis,
-        key: KeyOf,
-        probe_stream: str,
+        redis: Any,
+        pipeline: AutoPipeline | ClusterPipelines,
         connector: Connector,
+        key: KeyOf,
+        replica_id: str,
+        slots: SlotMap | None,
+        make_client: Callable[[Address | None], aioredis.Redis],
     ) -> None:
-        self._settings = settings
-        self._metrics = metrics
-        self._redis = redis
-        self._sub_client = sub_client
-        self._key = key
-        self._connector = connector
-        self._ttl_ms = settings.history_ttl_seconds * 1000
-        self._channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
-        self._probe_channel = key(probe_stream, "c")
-        self._pipeline = pipeline
+        self.settings = settings
+        self.metrics = metrics
+        self.redis = redis
+        self.pipeline = pipeline
+        self.connector = connector
+        self.key = key
+        self._replica = replica_id
+        self.slots = slots
+        self._make_client = make_client
+        self.ttl_ms = settings.history_ttl_seconds * 1000
+        self.channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
         self._cursor = Lua.of(scripts.CURSOR)
         self.on_frame: FrameHandler | None = None
         self.on_lost: LostHandler | None = None
         self.restarted: Callable[[], None] = lambda: None  # Redis came back without its data
 
-        self._streams: set[str] = set()
-        self._positions: dict[str, IdKey] = {}
+        self.streams: dict[str, _Link] = {}  # stream -> the link that holds it
+        self.positions: dict[str, IdKey] = {}
+        self._links: dict[Address, _Link] = {}
+        self._parked: set[str] = set()  # subscribed before the topology was known
+        self._running = False
+
+    # ---- what the broker asks
+
+    def start(self) -> None:
+        self._running = True
+        for address in self.slots.primaries() if self.slots is not None else [_SINGLE]:
+            self._link(address)
+        if self.slots is not None:
+            self.slots.listeners.append(self._rebalance)
+        for stream in self._parked:
+            link = self.streams[stream] = self._link(self._owner(stream))
+            link.streams.add(stream)
+        self._parked.clear()
+
+    async def stop(self) -> None:
+        self._running = False
+        links, self._links = list(self._links.values()), {}
+        await asyncio.gather(*(link.stop() for link in links))
+
+    @property
+    def ready(self) -> bool:
+        links = list(self._links.values())
+        return bool(links) and all(link.ready for link in links)
+
+    def probe_channels(self) -> list[str]:
+        return [link.probe_channel for link in self._links.values() if link.probe_channel]
+
+    def primary_changed(self) -> None:
+        for link in self._links.values():
+            link.primary_changed()
+
+    def position(self, stream: str) -> str | None:
+        link = self.streams.get(stream)
+        key = self.positions.get(stream) if link is not None and link.subscribed else None
+        return None if key is None else f"{key[0]}-{key[1]}"
+
+    async def subscribe(self, stream: str) -> None:
+        if not self._running:
+            self._parked.add(stream)  # the links take it once they exist
+            return
+        link = self._link(self._owner(stream))
+        self.streams[stream] = link
+        await link.subscribe(stream)
+
+    async def unsubscribe(self, stream: str) -> None:
+        self._parked.discard(stream)
+        link = self.streams.pop(stream, None)
+        self.positions.pop(stream, None)
+        if link is not None:
+            link.unsubscribe(stream)
+
+    # ---- links
+
+    def _owner(self, stream: str) -> Address:
+        return _SINGLE if self.slots is None else self.slots.owner(slot_of(self.key(stream, "c")))
+
+    def _link(self, address: Address) -> _Link:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(
+                self, address, self._make_client(None if address == _SINGLE else address)
+            )
+            if self._running:
+                link.start()
+        return link
+
+    def link_broke(self) -> None:
+        if self.slots is not None:
+            self.slots.suspect()  # a failover or a moved slot: the map says where things are now
+
+    def _rebalance(self) -> None:
+        """The slot map changed: streams move to their new owner's link (which replays their gap),
+        and links to nodes that are no longer primaries go."""
+        assert self.slots is not None
+        primaries = set(self.slots.primaries())
+        for address in primaries:
+            self._link(address)
+        for stream, link in list(self.streams.items()):
+            owner = self._owner(stream)
+            if owner != link.address:
+                link.unsubscribe(stream, quietly=True)
+                new = self._link(owner)
+                self.streams[stream] = new
+                new.adopt(stream)
+        for address, link in list(self._links.items()):
+            if address not in primaries and not link.streams:
+                del self._links[address]
+                asyncio.get_running_loop().create_task(link.stop())
+
+    async def read_positions(self, streams: list[str]) -> None:
+        """Everything published to these streams after their position reaches this replica (live,
+        or replayed after a rebuild). Without Redis there is none, and a rebuild starts from its cursor."""
+        for start in range(0, len(streams), _REPLAY_CHUNK):
+            chunk = streams[start : start + _REPLAY_CHUNK]
+            try:
+                async with asyncio.timeout(self.settings.probe_timeout_seconds):
+                    cursors = await asyncio.gather(
+                        *(self.pipeline.evaluate(self._cursor, [self.key(stream, "n")], []) for stream in chunk)
+                    )
+            except _FAILURES:
+                return
+            for stream, cursor in zip(chunk, cursors, strict=True):
+                if stream in self.streams:
+                    self.positions[stream] = max(id_key(cursor), self.positions.get(stream, (0, 0)))
+
+    async def replay_gaps(self, streams: list[str]) -> None:
+        """Hand the local sockets what a broken link missed: each stream's notifications after its
+        position, from history, in id order. The same ones arriving live later are dropped by
+        position. A stream that lost entries in its gap gets a `resync` instead."""
+        on_frame = self.on_frame
+        assert on_frame is not None
+        replayed = lost = 0
+        now_ms = time.time_ns() // 1_000_000
+        for start in range(0, len(streams), _REPLAY_CHUNK):
+            chunk = streams[start : start + _REPLAY_CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in chunk:
+                after = "{}-{}".format(*self.positions[stream])
+                pipe.xrange(self.key(stream, "h"), f"({after}", "+")
+                pipe.xinfo_stream(self.key(stream, "h"))
+            replies = await pipe.execute(raise_on_error=False)
+            for i, stream in enumerate(chunk):
+                entries, info = replies[2 * i], replies[2 * i + 1]
+                after_key = self.positions.get(stream)
+                if after_key is None:
+                    continue  # left meanwhile
+                max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
+                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, self.ttl_ms):
+                    lost += 1
+                    self.metrics.dropped.labels("gap_unrecoverable").inc()
+                    on_frame(stream, resync(stream))
+                    continue
+                for id_, fields in entries:
+                    self.positions[stream] = id_key(id_)
+                    on_frame(stream, fields["f"])
+                    replayed += 1
+        if replayed or lost:
+            logger.info("replayed %d notifications missed by the subscription (%d streams lost some)", replayed, lost)
+
+    def probe_channel_for(self, address: Address) -> str:
+        """A channel of ours whose slot this primary owns (any one, with a single primary)."""
+        for n in range(100_000):
+            channel = self.key(f"probe:{self._replica}:{n}", "c")
+            if self.slots is None or self.slots.owner(slot_of(channel)) == address:
+                return channel
+        raise LookupError(f"no slot of {address} found")
+
+
+class _Link:
+    """One subscription connection to one primary."""
+
+    def __init__(self, owner: Subscription, address: Address, client: aioredis.Redis) -> None:
+        self._owner = owner
+        self.address = address
+        self._client = client
+        self.streams: set[str] = set()
+        self.probe_channel = ""
         self._pubsub: RawConnection | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
         self._lost_because: str | None = None  # why the connection was dropped, if we dropped it
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._unsubscribing: dict[str, int] = {}  # channels we asked to leave, still to be confirmed
         self._early: list[Any] = []  # replies read while confirming, for `_read_messages`
+        self._adopted: set[str] = set()  # streams moved here, whose gap is replayed once subscribed
         self.subscribed = False
         self.last_probe = float("-inf")
         self._lineage: tuple[str, str] | None = None  # the data's replication ids, to tell a failover from a loss
+        self._task: asyncio.Task[None] | None = None
 
-    def on_primary(self) -> bool:
-        """Whether the subscription is on the primary: anywhere else it hears only what reaches that
-        node, if anything, however well its probe goes."""
-        return self._connector.serves(self._pubsub)
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run_forever(), name=f"redis-subscription-{self.address}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.close()
+        await self._client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        fresh = time.monotonic() - self.last_probe < self._owner.settings.probe_timeout_seconds
+        return self.subscribed and fresh and self._owner.connector.serves(self._pubsub)
 
     def primary_changed(self) -> None:
         pubsub = self._pubsub
-        if pubsub is not None and not self._connector.serves(pubsub):
+        if pubsub is not None and not self._owner.connector.serves(pubsub):
             self._lost_because = "the Redis primary changed"
             pubsub.abort()
 
-    def position(self, stream: str) -> str | None:
-        key = self._positions.get(stream) if self.subscribed else None
-        return None if key is None else f"{key[0]}-{key[1]}"
-
     async def subscribe(self, stream: str) -> None:
-        self._streams.add(stream)
+        self.streams.add(stream)
         if self._pubsub is None or not self.subscribed:
             # The next (re)subscription includes it, and replays what was published after this
             # position: a client resuming meanwhile reads history only up to about here.
-            await self._read_position(stream)
+            await self._owner.read_positions([stream])
             return
-        channel = self._key(stream, "c")
+        channel = self._owner.key(stream, "c")
         confirmed = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = confirmed
         try:
             self._pubsub.write(command("SSUBSCRIBE", channel))
-            async with asyncio.timeout(self._settings.probe_timeout_seconds):
+            async with asyncio.timeout(self._owner.settings.probe_timeout_seconds):
                 await confirmed
         except (*_FAILURES, asyncio.CancelledError):
-            # The subscription loop notices a broken link and resubscribes every stream it holds.
+            # The loop notices a broken link and resubscribes every stream it holds.
             self._confirmations.pop(channel, None)
             if not confirmed.done():
                 confirmed.cancel()
-        await self._read_position(stream)
+        await self._owner.read_positions([stream])
 
-    async def _read_position(self, stream: str) -> None:
-        """Everything published to the stream after this position reaches this replica (live, or
-        replayed after a rebuild). Without Redis there is none, and a rebuild starts from its cursor."""
-        try:
-            async with asyncio.timeout(self._settings.probe_timeout_seconds):
-                cursor = id_key(await self._pipeline.evaluate(self._cursor, [self._key(stream, "n")], []))
-        except _FAILURES:
-            return
-        if stream in self._streams:
-            self._positions[stream] = max(cursor, self._positions.get(stream, (0, 0)))
-
-    async def unsubscribe(self, stream: str) -> None:
-        self._streams.discard(stream)
-        self._positions.pop(stream, None)
+    def adopt(self, stream: str) -> None:
+        """A stream whose slot moved here: subscribed, and its gap replayed from its position."""
+        self.streams.add(stream)
+        self._adopted.add(stream)
         if self._pubsub is not None and self.subscribed:
-            channel = self._key(stream, "c")
+            self._lost_because = "streams moved to this primary"
+            self._pubsub.abort()  # rebuilt at once, with the gap of every stream it holds replayed
+
+    def unsubscribe(self, stream: str, quietly: bool = False) -> None:
+        self.streams.discard(stream)
+        self._adopted.discard(stream)
+        if self._pubsub is not None and self.subscribed:
+            channel = self._owner.key(stream, "c")
             try:
                 self._pubsub.write(command("SUNSUBSCRIBE", channel))
             except _FAILURES:
@@ -141,9 +319,10 @@ class Subscription:
 
     # ---- the loop
 
-    async def run_forever(self) -> None:
-        """Keep one subscription alive; on any break, rebuild it and replay each stream's gap."""
+    async def _run_forever(self) -> None:
+        """Keep the link alive; on any break, rebuild it and replay each stream's gap."""
         attempt = 0
+        owner = self._owner
         while True:
             try:
                 await self._subscribe_all()
@@ -154,34 +333,37 @@ class Subscription:
             except Exception as exc:  # noqa: BLE001 - any failure means: rebuild the subscription
                 if self.subscribed:
                     logger.warning("redis subscription lost: %s", exc or type(exc).__name__)
-                self._metrics.broker_errors.inc()
+                owner.metrics.broker_errors.inc()
             self.subscribed = False
             self.close()
+            owner.link_broke()
             attempt += 1
-            self._metrics.broker_reconnects.inc()
+            owner.metrics.broker_reconnects.inc()
             # Capped exponential backoff with full jitter: replicas do not stampede a returning Redis.
             # Cut short when Sentinel names a new primary: the retry then has somewhere to go.
-            cap = min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 10))
-            await self._connector.pause(random.uniform(cap / 2, cap))
+            cap = min(owner.settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 10))
+            await owner.connector.pause(random.uniform(cap / 2, cap))
 
     async def _subscribe_all(self) -> None:
+        owner = self._owner
         self._early = []
         self._lost_because = None
-        streams = set(self._streams)
-        async with asyncio.timeout(self._settings.probe_timeout_seconds):
-            pubsub = self._pubsub = await RawConnection.open(self._sub_client)
-            await self._ssubscribe(pubsub, [self._probe_channel, *(self._key(s, "c") for s in streams)])
-            info = await self._redis.info("replication")
+        streams = set(self.streams)
+        async with asyncio.timeout(owner.settings.probe_timeout_seconds):
+            pubsub = self._pubsub = await RawConnection.open(self._client)
+            self.probe_channel = owner.probe_channel_for(self.address)
+            await self._ssubscribe(pubsub, [self.probe_channel, *(owner.key(s, "c") for s in streams)])
+            info = await self._client.info("replication")
             # Streams joined or left while this ran: `subscribe`/`unsubscribe` left them to us.
             for _ in range(10):
-                added, removed = self._streams - streams, streams - self._streams
+                added, removed = self.streams - streams, streams - self.streams
                 if not added and not removed:
                     break
-                streams = set(self._streams)
+                streams = set(self.streams)
                 if added:
-                    await self._ssubscribe(pubsub, [self._key(s, "c") for s in added])
-                if removed:
-                    pubsub.write(command("SUNSUBSCRIBE", *(self._key(s, "c") for s in removed)))
+                    await self._ssubscribe(pubsub, [owner.key(s, "c") for s in added])
+                for stream in removed:
+                    pubsub.write(command("SUNSUBSCRIBE", owner.key(stream, "c")))
             self.subscribed = True  # from here on, `subscribe` and `unsubscribe` talk to Redis themselves
             self.last_probe = time.monotonic()
         # A promoted replica carries on its old primary's replication id (as replid2); a Redis that
@@ -191,62 +373,27 @@ class Subscription:
         self._lineage = lineage
         if restarted:
             # Redis lost its data: nothing to replay from, every id sequence starts again.
-            self._positions.clear()
-            self.restarted()
-            if self.on_lost is not None:
-                await self.on_lost()
-        streams = set(self._streams)
-        await self._replay_gaps([s for s in streams if s in self._positions])
-        await self._read_cursors([s for s in streams if s not in self._positions])
+            for stream in streams:
+                owner.positions.pop(stream, None)
+            owner.restarted()
+            if owner.on_lost is not None:
+                await owner.on_lost()
+        self._adopted.clear()
+        streams = set(self.streams)
+        await owner.replay_gaps([s for s in streams if s in owner.positions])
+        await owner.read_positions([s for s in streams if s not in owner.positions])
         logger.info("redis subscription ready: %d streams", len(streams))
 
     async def _ssubscribe(self, pubsub: RawConnection, channels: list[str]) -> None:
-        pubsub.write(command("SSUBSCRIBE", *channels))
+        if self._owner.slots is None:
+            pubsub.write(command("SSUBSCRIBE", *channels))
+        else:
+            # A cluster takes one slot per SSUBSCRIBE.
+            by_slot: dict[int, list[str]] = defaultdict(list)
+            for channel in channels:
+                by_slot[slot_of(channel)].append(channel)
+            pubsub.write(b"".join(command("SSUBSCRIBE", *group) for group in by_slot.values()))
         await self._confirm(pubsub, set(channels))
-
-    async def _read_cursors(self, streams: list[str]) -> None:
-        for start in range(0, len(streams), _REPLAY_CHUNK):
-            chunk = streams[start : start + _REPLAY_CHUNK]
-            cursors = await asyncio.gather(
-                *(self._pipeline.evaluate(self._cursor, [self._key(stream, "n")], []) for stream in chunk)
-            )
-            for stream, cursor in zip(chunk, cursors, strict=True):
-                if stream in self._streams:
-                    self._positions[stream] = max(id_key(cursor), self._positions.get(stream, (0, 0)))
-
-    async def _replay_gaps(self, streams: list[str]) -> None:
-        """Hand the local sockets what the broken subscription missed: each stream's notifications
-        after its position, from history, in id order. The same ones arriving live later are
-        dropped by position. A stream that lost entries in its gap gets a `resync` instead."""
-        on_frame = self.on_frame
-        assert on_frame is not None
-        replayed = lost = 0
-        now_ms = time.time_ns() // 1_000_000
-        for start in range(0, len(streams), _REPLAY_CHUNK):
-            chunk = streams[start : start + _REPLAY_CHUNK]
-            pipe = self._redis.pipeline(transaction=False)
-            for stream in chunk:
-                after = "{}-{}".format(*self._positions[stream])
-                pipe.xrange(self._key(stream, "h"), f"({after}", "+")
-                pipe.xinfo_stream(self._key(stream, "h"))
-            replies = await pipe.execute(raise_on_error=False)
-            for i, stream in enumerate(chunk):
-                entries, info = replies[2 * i], replies[2 * i + 1]
-                after_key = self._positions.get(stream)
-                if after_key is None:
-                    continue  # left meanwhile
-                max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
-                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, self._ttl_ms):
-                    lost += 1
-                    self._metrics.dropped.labels("gap_unrecoverable").inc()
-                    on_frame(stream, resync(stream))
-                    continue
-                for id_, fields in entries:
-                    self._positions[stream] = id_key(id_)
-                    on_frame(stream, fields["f"])
-                    replayed += 1
-        if replayed or lost:
-            logger.info("replayed %d notifications missed by the subscription (%d streams lost some)", replayed, lost)
 
     async def _confirm(self, pubsub: RawConnection, pending: set[str]) -> None:
         """Read until Redis confirmed every channel; replies met meanwhile wait for `_read_messages`."""
@@ -261,14 +408,15 @@ class Subscription:
 
     async def _read_messages(self) -> None:
         """Deliver every message until the connection fails or the probe stops coming back."""
+        owner = self._owner
         pubsub = self._pubsub
         assert pubsub is not None
-        on_frame = self.on_frame
+        on_frame = owner.on_frame
         assert on_frame is not None
-        head = self._channel_head
-        probe_channel = self._probe_channel
-        positions = self._positions
-        dropped = self._metrics.dropped.labels("duplicate")
+        head = owner.channel_head
+        probe_channel = self.probe_channel
+        positions = owner.positions
+        dropped = owner.metrics.dropped.labels("duplicate")
         batch, self._early = self._early, []
         self._watch_probe(pubsub)
         try:
@@ -299,11 +447,11 @@ class Subscription:
                         asked = self._unsubscribing.pop(channel, 0)
                         if asked > 1:
                             self._unsubscribing[channel] = asked - 1
-                        elif not asked and channel[head:-3] in self._streams:
+                        elif not asked and (channel == probe_channel or channel[head:-3] in self.streams):
                             # Redis dropped a channel we still want (its slot moved): start again.
                             raise ConnectionError(f"redis unsubscribed {channel!r}")
                 if batch:
-                    self._metrics.broker_last_message.set(time.time())
+                    owner.metrics.broker_last_message.set(time.time())
                 batch = await pubsub.replies()
         except _FAILURES:
             if self._lost_because is not None:
@@ -311,25 +459,26 @@ class Subscription:
             raise
 
     def _watch_probe(self, pubsub: RawConnection) -> None:
-        """Every probe interval: a subscription whose probe has not come back in time is dropped,
-        and so is one on a node that is not the primary (a demoted one still relays the probe)."""
+        """Every probe interval: a link whose probe has not come back in time is dropped, and so
+        is one on a node that is not the primary (a demoted one still relays the probe)."""
         self._probe_timer = None
         if self._pubsub is not pubsub:
             return
-        timeout = self._settings.probe_timeout_seconds
+        timeout = self._owner.settings.probe_timeout_seconds
         if time.monotonic() - self.last_probe > timeout:
-            self._metrics.probe_failures.inc()
+            self._owner.metrics.probe_failures.inc()
             self._lost_because = f"no probe back from Redis for {timeout:g}s"
             pubsub.abort()  # the read fails at once, and the subscription is rebuilt
             return
-        if not self._connector.serves(pubsub):
+        if not self._owner.connector.serves(pubsub):
             self.primary_changed()
             return
         loop = asyncio.get_running_loop()
-        self._probe_timer = loop.call_later(self._settings.probe_interval_seconds, self._watch_probe, pubsub)
+        self._probe_timer = loop.call_later(self._owner.settings.probe_interval_seconds, self._watch_probe, pubsub)
 
     def close(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        self.subscribed = False
         if self._probe_timer is not None:
             self._probe_timer.cancel()
             self._probe_timer = None
