@@ -4,10 +4,8 @@ against real replicas, with sockets from a second loopback address for the per-a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import resource
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,16 +17,7 @@ from websockets.exceptions import InvalidStatus
 from service.exposure import default_max_connections
 
 from .rawhttp import metric, report
-from .utils import TIMEOUT, Client, Replica, publish, token
-
-
-@contextlib.contextmanager
-def replica(env: dict[str, str]) -> Iterator[Replica]:
-    r = Replica(env).start()
-    try:
-        yield r
-    finally:
-        r.stop()
+from .utils import TIMEOUT, Client, Replica, publish, running, token
 
 
 class Refused:
@@ -55,7 +44,7 @@ async def test_connection_ceiling_503_open_sockets_keep_working(http):
     the next handshake and the next request get 503 with Retry-After, /healthz and /metrics still
     answer, the publisher and the sockets go on working, the log says once that the ceiling was
     reached, and once two sockets close new ones are accepted again."""
-    with replica({"NOTIFY_MAX_CONNECTIONS": "4"}) as r:
+    with running({"NOTIFY_MAX_CONNECTIONS": "4"}) as r:
         async with httpx.AsyncClient(timeout=TIMEOUT, limits=httpx.Limits(max_connections=1)) as publisher:
             assert (await publish(publisher, r, "capped-0")).status_code == 202
             clients = [await Client.connect(r, f"capped-{i}") for i in range(3)]
@@ -96,7 +85,7 @@ async def test_per_ip_cap_429_other_addresses_unaffected(http):
     """NOTIFY_MAX_CONNECTIONS_PER_IP=2: a third socket or request from 127.0.0.2 gets 429 with
     Retry-After, while 127.0.0.1 connects as usual; X-Forwarded-For counts only from a peer in
     FORWARDED_ALLOW_IPS (127.0.0.1 by default), and a place freed is taken again."""
-    with replica({"NOTIFY_MAX_CONNECTIONS_PER_IP": "2"}) as r:
+    with running({"NOTIFY_MAX_CONNECTIONS_PER_IP": "2"}) as r:
         second = {"local_addr": ("127.0.0.2", 0)}
         held = [await Client.connect(r, f"ip-{i}", **second) for i in range(2)]
         for c in held:

@@ -23,24 +23,15 @@ import pytest
 import websockets
 
 from .rawhttp import SLACK, exchange, head, metric, report
-from .utils import ROOT, TIMEOUT, Client, Replica, cluster_env, publish, token
+from .utils import ROOT, TIMEOUT, Client, Replica, cluster_env, publish, running, token
 
 WS_HEADERS = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
-
-
-@contextlib.contextmanager
-def replica(env: dict[str, str]) -> Iterator[Replica]:
-    r = Replica(env).start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture(scope="module")
 def quick() -> Iterator[Replica]:
     """A replica whose connections get one second to send a request head."""
-    with replica({"NOTIFY_HEADER_TIMEOUT_SECONDS": "1"}) as r:
+    with running({"NOTIFY_HEADER_TIMEOUT_SECONDS": "1"}) as r:
         yield r
 
 
@@ -174,7 +165,7 @@ async def test_slowloris_and_silent_flood(redis_server):
         pytest.skip(f"the file-descriptor hard limit ({hard}) is too low for {2 * attackers} connections")
     timeout = 4.0
     env = cluster_env(redis_server, NOTIFY_HEADER_TIMEOUT_SECONDS=str(timeout))
-    with replica(env) as r:
+    with running(env) as r:
         proc = psutil.Process(r.proc.pid)  # type: ignore[union-attr]
         client = await Client.connect(r, "victim")
         await client.welcome()

@@ -17,7 +17,7 @@ from service.ids import id_key
 from service.metrics import Metrics
 from service.settings import Settings
 
-from .utils import SECRET, TIMEOUT, Client, cluster_env, publish, publisher_headers, replicas, token
+from .utils import SECRET, TIMEOUT, Client, cluster_env, publish, publisher_headers, replicas, sse_events, token
 
 
 def uid(prefix: str = "h") -> str:
@@ -269,27 +269,6 @@ async def test_idempotent_retry_across_replicas(pair, http):
     assert len(await client.notifications(1)) == 1
     await client.nothing(0.3)
     await client.close()
-
-
-async def sse_events(url: str, headers: dict[str, str], count: int) -> list[dict]:
-    """Read `count` data events from an SSE stream, with their ids."""
-    events: list[dict] = []
-    async with httpx.AsyncClient(timeout=None) as sse, sse.stream("GET", url, headers=headers) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event: dict = {}
-        async with asyncio.timeout(TIMEOUT):
-            async for line in response.aiter_lines():
-                if line.startswith("id: "):
-                    event["id"] = line[4:]
-                elif line.startswith("data: "):
-                    event["data"] = orjson.loads(line[6:])
-                elif line == "" and event:
-                    events.append(event)
-                    event = {}
-                    if len(events) == count:
-                        break
-    return events
 
 
 async def test_sse_receives_and_resumes_with_last_event_id(pair, http):

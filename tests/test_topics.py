@@ -9,12 +9,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
-import orjson
 import pytest
 import websockets
 
-from .utils import TIMEOUT, Client, Replica, cluster_env, publisher_headers, token
+from .utils import TIMEOUT, Client, Replica, cluster_env, publisher_headers, sse_events, token
 
 NAMESPACES = {
     "chat": {"join": "any", "publish": True, "signals": True, "presence": True, "join_leave": True},
@@ -254,23 +252,9 @@ async def test_dashboard_topic_over_sse_resumes_with_last_event_id(rooms, http):
 
     async def read(replica: Replica, count: int, last_event_id: str | None = None) -> list[dict[str, Any]]:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-        events: list[dict[str, Any]] = []
-        url = f"{replica.url}/events?token={token(user)}&topics={topic}"
-        async with httpx.AsyncClient(timeout=None) as sse, sse.stream("GET", url, headers=headers) as response:
-            assert response.status_code == 200
-            event: dict[str, Any] = {}
-            async with asyncio.timeout(TIMEOUT):
-                async for line in response.aiter_lines():
-                    if line.startswith("id: "):
-                        event["id"] = line[4:]
-                    elif line.startswith("data: "):
-                        event["data"] = orjson.loads(line[6:])
-                    elif line == "" and event:
-                        events.append(event)
-                        event = {}
-                        if sum(1 for e in events if e["data"]["type"] == "notification") == count:
-                            return events
-        return events
+        return await sse_events(
+            f"{replica.url}/events?token={token(user)}&topics={topic}", headers, count, "notification"
+        )
 
     async def tick(replica: Replica, n: int) -> str:
         response = await http.post(

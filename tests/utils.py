@@ -219,6 +219,13 @@ def started(*replicas: Replica, wait_ready: bool = True) -> Iterator[tuple[Repli
 
 
 @contextlib.contextmanager
+def running(env: dict[str, str] | None = None) -> Iterator[Replica]:
+    """One replica, ready, stopped afterwards."""
+    with started(Replica(env)) as (replica,):
+        yield replica
+
+
+@contextlib.contextmanager
 def replicas(count: int, env: dict[str, str] | None = None) -> Iterator[tuple[Replica, ...]]:
     """`count` replicas with the same environment."""
     with started(*(Replica(env) for _ in range(count))) as running:
@@ -289,3 +296,24 @@ async def publish(
     return await http.post(
         replica.url + path, json={"event": event, "data": data}, headers=headers or publisher_headers()
     )
+
+
+async def sse_events(url: str, headers: dict[str, str], count: int, kind: str | None = None) -> list[dict]:
+    """Read an SSE stream, with the events' ids, until `count` data events (of `kind`, if given) came."""
+    events: list[dict] = []
+    async with httpx.AsyncClient(timeout=None) as sse, sse.stream("GET", url, headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event: dict = {}
+        async with asyncio.timeout(TIMEOUT):
+            async for line in response.aiter_lines():
+                if line.startswith("id: "):
+                    event["id"] = line[4:]
+                elif line.startswith("data: "):
+                    event["data"] = orjson.loads(line[6:])
+                elif line == "" and event:
+                    events.append(event)
+                    event = {}
+                    if sum(1 for e in events if kind is None or e["data"].get("type") == kind) == count:
+                        break
+    return events
