@@ -139,7 +139,8 @@ def test_settings_read_the_topology():
         ),
         (
             {"NOTIFY_REDIS_URL": "redis+cluster://n1:7000/3"},
-            "notify-service: NOTIFY_REDIS_URL: Redis Cluster has only database 0",
+            "notify-service: NOTIFY_REDIS_URL: Redis Cluster has only database 0 and no master name: "
+            "redis+cluster://[[user]:password@]host:port[,host:port,...]",
         ),
         (
             {"NOTIFY_REDIS_URL": "memcached://h:1"},
