@@ -205,7 +205,7 @@ async def _published_since(outcomes: dict[str, list[tuple[float, int]]], since: 
 
 def _subscribers(node: Node, channel: str) -> int:
     try:
-        return int(node.call("PUBSUB", "NUMSUB", channel)[1])
+        return int(node.call("PUBSUB", "SHARDNUMSUB", channel)[1])
     except redis.RedisError:
         return -1
 
@@ -219,7 +219,7 @@ async def test_demoted_primary_keeps_no_subscription(http):
     own setting)."""
     with SentinelTopology(replicas=1, password="data-secret", sentinel_password="sentinel-secret") as topo:
         env = topo.env()
-        channel = f"{env['NOTIFY_REDIS_PREFIX']}:b"
+        channel = f"{env['NOTIFY_REDIS_PREFIX']}:{{b}}:c"  # the broadcast stream's sharded channel
         with started(Replica(env)) as (a,):
             client = await Client.connect(a, "demoted")
             await client.welcome()
