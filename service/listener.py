@@ -1,0 +1,556 @@
+"""The listener for user-side consumers: a socket that reconnects, resumes every stream from its own
+cursor, joins its topics again and drops what it already saw (see service/client.py for the story).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+
+from .client import (
+    Disconnected,
+    ListenerError,
+    TokenSource,
+    TopicRefused,
+    Unauthorized,
+    _full_jitter,
+    _key,
+    _resolve,
+)
+
+logger = logging.getLogger("service.client")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One notification as the socket delivered it; ``frame`` is the whole JSON frame.
+
+    ``topic`` is set for a topic's messages, with ``sender`` the member who published it (None when
+    a backend did). Ids are ordered and unique only within one stream (see ``stream``)."""
+
+    id: str
+    event: str
+    data: Any
+    ts: int
+    broadcast: bool = False
+    frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    topic: str | None = None
+    sender: str | None = None
+
+    @property
+    def stream(self) -> str:
+        """The stream it came from: ``"user"``, ``"broadcast"`` or ``"topic:<topic>"``."""
+        if self.topic is not None:
+            return f"topic:{self.topic}"
+        return "broadcast" if self.broadcast else "user"
+
+    @classmethod
+    def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
+        topic = frame.get("topic")
+        sender = frame.get("from")
+        return cls(
+            id=str(frame["id"]),
+            event=str(frame["event"]),
+            data=frame.get("data"),
+            ts=int(frame.get("ts", 0)),
+            broadcast=bool(frame.get("broadcast", False)),
+            frame=dict(frame),
+            topic=str(topic) if topic is not None else None,
+            sender=str(sender) if sender is not None else None,
+        )
+
+
+# Close codes: what the listener does after each (docs/protocol.md, "Close codes").
+_CLOSE_FATAL = {1009: "an inbound frame was too big"}
+_CLOSE_NORMAL = 1000
+_CLOSE_UNAUTHORIZED = 4401
+_CLOSE_DISCONNECTED = 4403
+_CLOSE_TOO_MANY = 4029
+_CLOSE_RESTART = 1012
+
+# Dedupe keys: a stream and an id (ids of two streams may be equal).
+_USER, _BROADCAST = "u", "b"
+
+
+class _Pacer:
+    """Keeps this client's frames under the server's inbound rate (it closes with 4029 above it)."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._updated = time.monotonic()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._updated) * self._rate)
+            self._updated = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
+class Listener:
+    """Iterate over a user's notifications (and its topics' messages) across reconnects; see :func:`listen`.
+
+    Options: ``topics`` (topic names to join on every socket; their messages are yielded too, with
+    ``Notification.topic`` set), ``topic_tokens`` (topic -> topic token, or a callable giving one,
+    for topics the connection token does not open), ``topic_since`` (topic -> id to resume that
+    topic after on the first connection), ``backoff_base`` / ``backoff_max`` (seconds; the delay
+    before reconnect n is uniform in ``[0, min(backoff_max, backoff_base * 2**n)]``, reset once a
+    socket is welcomed; after 1012 a short random delay instead), ``max_attempts`` (failed connects
+    in a row before :class:`ListenerError`; None: never give up), ``refetch_on_gap`` (after
+    ``recovered: false`` or ``resync``, fetch ``GET /me/notifications`` and yield what is newer than
+    the cursor), ``refresh_margin`` (with a token callable, send ``refresh`` this long before
+    ``exp``, at most a third of the token's remaining life), ``open_timeout``, ``dedupe_window``
+    (ids remembered), ``send_rate`` (frames per second this client sends at most, under the
+    server's ``NOTIFY_MAX_INBOUND_RATE``), ``connect_options`` (passed to ``websockets.connect``,
+    e.g. ``ssl`` or ``origin``). WebSocket pings are answered, and sent every 20 s, by the
+    websockets library.
+
+    A topic the server refuses to join raises :class:`TopicRefused` (``unavailable`` is retried);
+    a topic this user is removed from (``left`` with ``reason: removed``) is dropped from
+    ``topics`` and not joined again. A topic whose ``joined`` says ``recovered: false`` lost
+    messages the server no longer retains (logged; ``topic_gaps`` counts them).
+
+    Attributes a caller may read: ``state`` ("connecting", "open", "backoff", "closed"),
+    ``last_id`` / ``last_broadcast_id`` / ``last_topic_ids`` (the resume cursors, one per stream),
+    ``topics`` (the topics it joins), ``joined`` (those the current socket is in), ``connection_id``
+    and ``url`` of the current socket, ``reconnects`` (how many times it connected again after the
+    first)."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: TokenSource,
+        *,
+        since: str | None = None,
+        broadcast_since: str | None = None,
+        topics: Iterable[str] = (),
+        topic_tokens: Mapping[str, TokenSource] | None = None,
+        topic_since: Mapping[str, str] | None = None,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        max_attempts: int | None = None,
+        refetch_on_gap: bool = True,
+        refresh_margin: float = 60.0,
+        open_timeout: float = 10.0,
+        dedupe_window: int = 2048,
+        send_rate: float = 15.0,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ValueError("listen needs at least one URL")
+        if isinstance(topics, str):
+            raise TypeError("topics is a list of topic names, not one string")
+        self.urls = [_ws_url(u) for u in url_list]
+        self._token_source = token
+        self._token: str | None = token if isinstance(token, str) else None
+        self.last_id = since
+        self.last_broadcast_id = broadcast_since
+        self.topics: list[str] = list(dict.fromkeys(topics))
+        unknown = set(topic_since or {}).union(topic_tokens or {}).difference(self.topics)
+        if unknown:
+            raise ValueError(f"topic_since / topic_tokens name topics not in topics: {sorted(unknown)}")
+        self.last_topic_ids: dict[str, str | None] = {t: (topic_since or {}).get(t) for t in self.topics}
+        self.topic_gaps = 0
+        self._topic_tokens = dict(topic_tokens or {})
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._max_attempts = max_attempts
+        self._refetch_on_gap = refetch_on_gap
+        self._refresh_margin = refresh_margin
+        self._open_timeout = open_timeout
+        self._send_rate = send_rate
+        self._seen: set[tuple[str, str]] = set()
+        self._seen_order: deque[tuple[str, str]] = deque()
+        self._dedupe_window = dedupe_window
+        self._connect_options = dict(connect_options or {})
+        self._url_index = 0
+        self._stopped = False
+        self._ws: Any = None
+        self._joining: set[str] = set()  # join sent on this socket, no answer yet
+        self._joined: set[str] = set()  # topics this socket is a member of
+        self.state = "connecting"
+        self.url: str | None = None
+        self.connection_id: str | None = None
+        self.reconnects = 0
+
+    def __aiter__(self) -> AsyncIterator[Notification]:
+        return self._run()
+
+    @property
+    def joined(self) -> frozenset[str]:
+        """The topics the current socket is a member of (joined again on every new socket)."""
+        return frozenset(self._joined)
+
+    async def close(self) -> None:
+        """Stop: the iteration ends after the current socket closes."""
+        self._stopped = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+
+    # The main loop: connect, read until the socket closes, decide, back off, repeat.
+    async def _run(self) -> AsyncIterator[Notification]:
+        import websockets
+
+        failures = 0
+        first = True
+        while not self._stopped:
+            self.url = self.urls[self._url_index % len(self.urls)]
+            self._url_index += 1
+            if not first:
+                self.reconnects += 1
+            first = False
+            self.state = "connecting"
+            code: int | None = None
+            reason = ""
+            welcomed = False
+            try:
+                token = self._token if self._token is not None else await _resolve(self._token_source)
+                self._token = token
+                async with websockets.connect(
+                    self._connect_url(self.url),
+                    additional_headers={"Authorization": f"Bearer {token}"},
+                    open_timeout=self._open_timeout,
+                    **self._connect_options,
+                ) as ws:
+                    self._ws = ws
+                    async with contextlib.aclosing(self._session(ws)) as frames:
+                        async for item in frames:
+                            if item is None:  # the welcome
+                                welcomed = True
+                                failures = 0
+                                continue
+                            yield item
+                code, reason = _close_of(ws)
+            except websockets.ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (None, "connection lost")
+            except websockets.InvalidStatus as exc:
+                status = exc.response.status_code
+                if status not in (429, 502, 503, 504):
+                    self.state = "closed"
+                    raise ListenerError(f"handshake refused with HTTP {status}", status) from exc
+                reason = f"HTTP {status}"
+            except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+                if isinstance(exc, websockets.InvalidURI):
+                    raise ListenerError(f"invalid URL {self.url!r}") from exc
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._ws = None
+            if self._stopped:
+                break
+            if code == _CLOSE_NORMAL:
+                break
+            if code in _CLOSE_FATAL:
+                self.state = "closed"
+                raise ListenerError(f"closed with {code}: {_CLOSE_FATAL[code]}", code)
+            if code == _CLOSE_DISCONNECTED:
+                self.state = "closed"
+                self._token = None
+                raise Disconnected(
+                    f"closed with 4403: {reason or 'disconnected by the server'}; not reconnecting with this token",
+                    _CLOSE_DISCONNECTED,
+                )
+            if code == _CLOSE_UNAUTHORIZED:
+                await self._new_token_or_raise(reason)
+            if not welcomed:
+                failures += 1
+            if self._max_attempts is not None and failures >= self._max_attempts:
+                self.state = "closed"
+                raise ListenerError(f"gave up after {failures} failed connection attempts: {reason or code}", code)
+            delay = _full_jitter(self._backoff_base, self._backoff_max, failures)
+            if code == _CLOSE_RESTART:  # the replica is draining: come back soon, but not all at once
+                delay = random.uniform(0.05, max(0.1, self._backoff_base))
+            elif code == _CLOSE_TOO_MANY:
+                delay = max(delay, random.uniform(self._backoff_base, self._backoff_max))
+            self.state = "backoff"
+            logger.info("socket closed (%s %s); reconnecting in %.2fs", code, reason, delay)
+            await asyncio.sleep(delay)
+        self.state = "closed"
+
+    async def _session(self, ws: Any) -> AsyncIterator[Notification | None]:
+        """Frames of one socket: None for the welcome, then notifications (deduped, in order per stream)."""
+        refresher: asyncio.Task[None] | None = None
+        pacer = _Pacer(self._send_rate)
+        senders: set[asyncio.Task[None]] = set()
+        self._joining, self._joined = set(), set()
+
+        def join_later(topic: str, delay: float = 0.0) -> None:
+            task = asyncio.get_running_loop().create_task(self._join(ws, pacer, topic, delay))
+            senders.add(task)
+            task.add_done_callback(senders.discard)
+
+        try:
+            async for raw in ws:
+                if not isinstance(raw, str):
+                    continue
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    continue
+                kind = frame.get("type") if isinstance(frame, dict) else None
+                if kind == "notification":
+                    notification = self._accept(frame)
+                    if notification is not None:
+                        yield notification
+                elif kind == "welcome":
+                    self.state = "open"
+                    self.connection_id = frame.get("connection_id")
+                    # Present when not resuming. Nothing of a stream seen yet: a reconnect resumes it from here.
+                    if self.last_id is None and isinstance(frame.get("cursor"), str):
+                        self.last_id = frame["cursor"]
+                    if self.last_broadcast_id is None and isinstance(frame.get("broadcast_cursor"), str):
+                        self.last_broadcast_id = frame["broadcast_cursor"]
+                    for topic in self.topics:
+                        join_later(topic)
+                    yield None
+                    if frame.get("recovered") is False:
+                        for notification in await self._refetch():
+                            yield notification
+                    refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
+                elif kind == "joined":
+                    self._on_joined(frame)
+                elif kind == "left":
+                    self._on_left(frame)
+                elif kind == "refreshed":
+                    refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
+                elif kind == "resync":
+                    for notification in await self._refetch():
+                        yield notification
+                elif kind == "error":
+                    topic = frame.get("topic")
+                    if isinstance(topic, str) and topic in self._joining:
+                        if self._join_refused(topic, str(frame.get("code")), str(frame.get("message", ""))):
+                            join_later(topic, random.uniform(0.5, 2.0))
+                    else:
+                        logger.warning("server error frame: %s %s", frame.get("code"), frame.get("message"))
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+            for task in list(senders):
+                task.cancel()
+
+    async def _join(self, ws: Any, pacer: _Pacer, topic: str, delay: float) -> None:
+        """Send `join` for a topic, resuming after the last id seen in it (or its first `joined` cursor)."""
+        if delay:
+            await asyncio.sleep(delay)
+        await pacer.wait()
+        if topic not in self.last_topic_ids:  # removed meanwhile
+            return
+        frame: dict[str, Any] = {"type": "join", "topic": topic}
+        topic_token = self._topic_tokens.get(topic)
+        while topic_token is not None:
+            try:
+                frame["token"] = await _resolve(topic_token)
+                break
+            except Exception as exc:  # noqa: BLE001 - the caller's callable; try again while the socket lives
+                logger.warning("join %s: the topic token callable failed: %s", topic, exc)
+                await asyncio.sleep(random.uniform(1.0, 3.0))
+        since = self.last_topic_ids.get(topic)  # read last: nothing of this topic arrives before the join
+        if since is not None:
+            frame["since"] = since
+        self._joining.add(topic)
+        try:
+            await ws.send(json.dumps(frame))
+        except Exception as exc:  # noqa: BLE001 - the socket is closing; the next one joins again
+            logger.info("join %s not sent: %s", topic, exc)
+
+    def _on_joined(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic")
+        if not isinstance(topic, str) or topic not in self.last_topic_ids:
+            return
+        self._joining.discard(topic)
+        self._joined.add(topic)
+        cursor = frame.get("cursor")
+        if self.last_topic_ids[topic] is None and isinstance(cursor, str):
+            self.last_topic_ids[topic] = cursor
+        if frame.get("recovered") is False:
+            self.topic_gaps += 1
+            logger.warning("topic %s: some messages after the cursor are no longer retained", topic)
+
+    def _on_left(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic")
+        if not isinstance(topic, str):
+            return
+        self._joining.discard(topic)
+        self._joined.discard(topic)
+        if frame.get("reason") == "removed" and topic in self.last_topic_ids:
+            logger.warning("removed from topic %s by the server; not joining it again", topic)
+            self.topics.remove(topic)
+            del self.last_topic_ids[topic]
+
+    def _join_refused(self, topic: str, code: str, message: str) -> bool:
+        """An error answering a join: True to retry it later; raises TopicRefused when retrying cannot help."""
+        self._joining.discard(topic)
+        if code == "already_joined":
+            self._joined.add(topic)
+            return False
+        if code == "unavailable":
+            logger.info("join %s failed (%s); retrying", topic, message)
+            return True
+        self.state = "closed"
+        raise TopicRefused(topic, code, message)
+
+    def _accept(self, frame: dict[str, Any]) -> Notification | None:
+        """The notification, or None when already seen (by stream and id, or behind its stream's cursor)."""
+        id_ = frame.get("id")
+        if not isinstance(id_, str):
+            return None
+        topic = frame.get("topic")
+        if topic is not None:
+            if not isinstance(topic, str) or topic not in self.last_topic_ids:
+                return None  # a topic this listener left or was removed from
+            stream, cursor = "t:" + topic, self.last_topic_ids[topic]
+        elif frame.get("broadcast"):
+            stream, cursor = _BROADCAST, self.last_broadcast_id
+        else:
+            stream, cursor = _USER, self.last_id
+        if (stream, id_) in self._seen or (cursor is not None and _key(id_) <= _key(cursor)):
+            return None
+        try:
+            notification = Notification.from_frame(frame)
+        except (KeyError, TypeError, ValueError):
+            return None
+        self._remember((stream, id_))
+        if topic is not None:
+            self.last_topic_ids[topic] = id_
+        elif stream == _BROADCAST:
+            self.last_broadcast_id = id_
+        else:
+            self.last_id = id_
+        return notification
+
+    def _remember(self, key: tuple[str, str]) -> None:
+        self._seen.add(key)
+        self._seen_order.append(key)
+        while len(self._seen_order) > self._dedupe_window:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _connect_url(self, url: str) -> str:
+        """The URL with the resume cursors: each stream's own, and none for a stream without one."""
+        cursors = [(k, v) for k, v in (("since", self.last_id), ("broadcast_since", self.last_broadcast_id)) if v]
+        if not cursors:
+            return url
+        parts = urlsplit(url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("since", "broadcast_since")]
+        return urlunsplit(parts._replace(query=urlencode(query + cursors)))
+
+    async def _new_token_or_raise(self, reason: str) -> None:
+        rejected = self._token
+        self._token = None
+        if isinstance(self._token_source, str):
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401: {reason or 'unauthorized'}", _CLOSE_UNAUTHORIZED)
+        try:
+            fresh = await _resolve(self._token_source)
+        except Exception as exc:
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401 ({reason}) and the token callable failed: {exc}", 4401) from exc
+        if not fresh or fresh == rejected:
+            self.state = "closed"
+            raise Unauthorized(f"closed with 4401: {reason or 'unauthorized'}; no new token", _CLOSE_UNAUTHORIZED)
+        self._token = fresh
+
+    def _schedule_refresh(
+        self, ws: Any, current: asyncio.Task[None] | None, expires_at: Any
+    ) -> asyncio.Task[None] | None:
+        """With a token callable, send a `refresh` frame `refresh_margin` seconds before `exp`."""
+        if current is not None:
+            current.cancel()
+        if isinstance(self._token_source, str) or not isinstance(expires_at, int | float):
+            return None
+        lifetime = expires_at - time.time()
+        delay = max(0.0, lifetime - min(self._refresh_margin, lifetime / 3))
+
+        async def refresh() -> None:
+            await asyncio.sleep(delay)
+            try:
+                token = await _resolve(self._token_source)
+                await ws.send(json.dumps({"type": "refresh", "token": token}))
+                self._token = token
+            except Exception as exc:  # noqa: BLE001 - the server closes with 4401 at exp; handled there
+                logger.warning("token refresh failed: %s", exc)
+
+        return asyncio.get_running_loop().create_task(refresh())
+
+    async def _refetch(self) -> list[Notification]:
+        """After a gap the server could not replay: the user's inbox entries newer than the cursor."""
+        if not self._refetch_on_gap or self.url is None or self._token is None:
+            return []
+        parts = urlsplit(self.url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        base_path = parts.path[: -len("/ws")] if parts.path.endswith("/ws") else parts.path.rstrip("/")
+        url = urlunsplit((scheme, parts.netloc, base_path + "/me/notifications", "limit=100", ""))
+        try:
+            async with httpx.AsyncClient(timeout=self._open_timeout) as http:
+                response = await http.get(url, headers={"Authorization": f"Bearer {self._token}"})
+            response.raise_for_status()
+            frames = response.json()["notifications"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            logger.warning("could not refetch the inbox after a gap: %s", exc)
+            return []
+        fresh = []
+        for frame in sorted(frames, key=lambda f: _key(str(f.get("id", "")))):
+            notification = self._accept(frame)
+            if notification is not None:
+                fresh.append(notification)
+        return fresh
+
+
+def listen(
+    url: str | Sequence[str],
+    token: TokenSource,
+    *,
+    since: str | None = None,
+    broadcast_since: str | None = None,
+    topics: Iterable[str] = (),
+    **options: Any,
+) -> Listener:
+    """Notifications of the token's user, forever: ``async for n in listen(url, token): ...``.
+
+    ``url``: ``ws://host:port/ws`` (``http(s)://host:port`` works too), or a list of them tried in
+    turn on each reconnect. ``token``: a JWT, or a callable (sync or async) returning one; with a
+    callable the listener refreshes the token before it expires and, on 4401, retries only when
+    the callable returns a different token. ``since`` / ``broadcast_since``: resume the user's
+    stream / the broadcast stream after these ids on the first connection too (each is an id of
+    its own stream). ``topics``: topics to join on every socket; their messages are yielded too
+    (``Notification.topic``). Other options: see :class:`Listener`.
+
+    Raises :class:`Unauthorized` on 4401 without a new token, :class:`Disconnected` on 4403,
+    :class:`TopicRefused` when a topic cannot be joined, :class:`ListenerError` on a refused
+    handshake, 1009 or after ``max_attempts`` failed connects in a row (default: never gives up).
+    A server's 1000 close ends the iteration."""
+    return Listener(url, token, since=since, broadcast_since=broadcast_since, topics=topics, **options)
+
+
+def _ws_url(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ValueError(f"not a WebSocket or HTTP URL: {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def _close_of(ws: Any) -> tuple[int | None, str]:
+    """The close code and reason the server sent (None when the connection just dropped)."""
+    protocol = getattr(ws, "protocol", ws)
+    received = getattr(protocol, "close_rcvd", None)
+    if received is None:
+        return None, "connection lost"
+    return int(received.code), str(received.reason)
