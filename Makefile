@@ -88,9 +88,10 @@ lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
 
-# Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references (about 30
-# minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on PATH the Node servers are left out,
-# and the report's conditions say so.
+# Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
+# service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
+# behind docs/capacity.md) (about 35 minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on
+# PATH the Node servers are left out, and the report's conditions say so.
 bench: install
 	@# The bench extras are not locked (the report records the versions that ran), but they may not move
 	@# what is: pip reads a lock with hashes as a demand for hashes everywhere, so the pins go bare.

@@ -10,7 +10,8 @@ import asyncio
 import pytest
 
 from tests.load import workloads as W
-from tests.load.bench import LEAN_PYTHON, NOTIFY, TOPIC, with_topics
+from tests.load.bench import LEAN_PYTHON, NOTIFY, TOPIC, Plan, with_topics
+from tests.load.capacity import history_size, run_mode, run_raw
 from tests.load.clients import Fleet, Publisher
 from tests.load.procs import Deployment, System
 
@@ -64,3 +65,37 @@ def test_bench_harness_counts_every_delivery(system: System):
     assert topic["lost"] == 0 and topic["duplicates"] == 0 and topic["misrouted"] == 0 and topic["stale"] == 0
     assert topic["complete_broadcasts"] == 3
     assert 0 < topic["fanout_p50_ms"] <= topic["fanout_p99_ms"] <= topic["fanout_max_ms"]
+
+
+def test_capacity_session_measures_one_redis():
+    """The capacity session's raw driver and its single-Redis mode, tiny: the service's own publish command runs
+    (no errors), history is filled to its cap, every notification is delivered, and CPU and memory are read."""
+    plan = Plan(
+        users=5,
+        duration=1.0,
+        drain=5.0,
+        warmup=False,
+        concurrency=10,
+        capacity_rate=50,
+        capacity_raw_streams=20,
+        capacity_raw_seconds=0.3,
+        capacity_subscribers=2,
+    )
+
+    async def run() -> tuple[dict, dict]:
+        return await run_raw(plan), await run_mode(NOTIFY, "single", plan, settle=0.2, idle_s=0.2)
+
+    raw, single = asyncio.run(run())
+    assert raw["streams"] == 20 and raw["history_cap"] == history_size()
+    for phase in ("below_cap", "at_cap", "broadcast_alone", "broadcast_subscribed"):
+        assert raw[phase]["publishes"] > 0 and raw[phase]["errors"] == 0, (phase, raw[phase])
+    assert raw["memory_per_entry"] > 0 and raw["memory_per_full_stream"] > raw["memory_per_entry"]
+
+    assert single["primaries"] == 1 and single["replicas"] == 0
+    assert single["history_filled"] == 5 * history_size()
+    assert single["pipelined_at_cap"]["publishes"] > 0 and single["redis_memory_per_full_stream"] > 0
+    step = single["step"]
+    assert step["accepted"] == 50 and step["http_errors"] == 0, step["statuses"]
+    assert step["delivered"] == 100 and step["lost"] == 0 and step["duplicates"] == 0 and step["misrouted"] == 0
+    # Fifty publishes may take less than a clock tick of either process: read, not necessarily above zero.
+    assert single["publishes"] == 50 and single["primaries_cpu_s"] >= 0 and step["server_cpu_s"] >= 0

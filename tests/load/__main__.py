@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--rates", default=None, help="comma-separated targeted rates")
-    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic")
+    parser.add_argument(
+        "--capacity-rate", type=float, default=None, help="POST/s in both modes of the capacity session (2000)"
+    )
+    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic,capacity")
     parser.add_argument(
         "--only",
         choices=["notify", "socketio", "node-socketio", "lean-python", "lean-node"],
@@ -61,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-from", default=None, metavar="JSON", help="rewrite the report from a results.json instead of running"
     )
+    parser.add_argument(
+        "--merge-into",
+        default=None,
+        metavar="JSON",
+        help="with --sessions capacity: put this run's capacity figures into an earlier results.json (the rest of "
+        "it kept), keep this run's raw figures beside it as results-capacity.json, and rewrite the report",
+    )
     ns = parser.parse_args(argv)
     if ns.report_from:
         from .report import write
@@ -75,17 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan()
     if ns.quick:
         plan.users, plan.duration, plan.rates, plan.drain = 250, 3.0, [500, 1000, 2000, 4000], 3.0
+        plan.capacity_raw_streams, plan.capacity_raw_seconds = 500, 1.0
     plan.users = int(plan.users * ns.scale)
     plan.rates = [r * ns.scale for r in plan.rates]
     plan.pair_rate *= ns.scale
+    plan.capacity_rate *= ns.scale
     if ns.rounds is not None:
         plan.rounds = ns.rounds
     if ns.duration is not None:
         plan.duration = ns.duration
     if ns.rates:
         plan.rates = [float(r) for r in ns.rates.split(",")]
+    if ns.capacity_rate is not None:
+        plan.capacity_rate = ns.capacity_rate
     if ns.sessions:
         plan.sessions = ns.sessions.split(",")
+    if ns.merge_into and plan.sessions != ["capacity"]:
+        parser.error("--merge-into takes the capacity session alone (--sessions capacity)")
+    if "capacity" in plan.sessions and shutil.which("redis-cli") is None:
+        # tests.topology.ClusterTopology joins its nodes with `redis-cli --cluster create`.
+        if plan.sessions == ["capacity"]:
+            parser.error("the capacity session needs redis-cli on PATH (it builds a Redis Cluster with it)")
+        plan.sessions = [s for s in plan.sessions if s != "capacity"]
+        print("redis-cli is not on PATH: the capacity session is left out", file=sys.stderr)
     plan.profile_dir = ns.profile
 
     node = node_status()
@@ -109,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     results = uvloop.run(run(systems, plan))
     command = "python -m tests.load " + shlex.join(argv if argv is not None else sys.argv[1:])
     results["command"], results["started"] = command.strip(), started
+    for summary in results["summary"].values():
+        if "capacity" in summary:  # it says where it came from, should it be merged into another run's report
+            summary["capacity"] |= {"command": command.strip(), "started": started, "load": results["load"]}
+    if ns.merge_into:
+        return _merge(results, Path(ns.merge_into), Path(ns.out), ns.doc)
     if node_wanted:
         results["node"] = node  # its versions, or why it was left out, for the report's conditions
     summary = json.dumps(results["summary"], indent=1, default=str)
@@ -128,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
     doc = Path(ns.doc) if ns.doc else out.parent / "benchmark.md"
     write(results, out, doc, results["command"], started)
     print(f"wrote {doc} and {out}/", file=sys.stderr)
+    return 0
+
+
+def _merge(results: dict, into: Path, out: Path, doc_path: str | None) -> int:
+    """The capacity figures of this run into an earlier run's results (whose other figures stay as they were);
+    this run's raw figures beside them; the report rewritten from the merged results."""
+    from .report import write
+
+    saved = json.loads(into.read_text())
+    for name, summary in results["summary"].items():
+        if "capacity" in summary:
+            saved["summary"].setdefault(name, {})["capacity"] = summary["capacity"]
+    out.mkdir(parents=True, exist_ok=True)
+    into.write_text(json.dumps(saved, indent=1, default=str))
+    (out / "results-capacity.json").write_text(json.dumps(results, indent=1, default=str))
+    doc = Path(doc_path) if doc_path else out.parent / "benchmark.md"
+    write(saved, out, doc, saved.get("command", "python -m tests.load"), saved.get("started", "?"))
+    print(f"wrote {into}, {out / 'results-capacity.json'} and {doc}", file=sys.stderr)
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import workloads as W
+from .capacity import run_capacity, summarize_capacity
 from .clients import Fleet, Publisher
 from .procs import Deployment, System
 
@@ -54,7 +55,12 @@ class Plan:
     # join takes one (its presence write), and the pool refuses rather than waits: at 100 in flight the
     # service answers a share of joins `unavailable` (MaxConnectionsError), so fewer are sent at once.
     join_concurrency: int = 32
-    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic"])
+    # The capacity session (capacity.py): the service alone, on one Redis and on a three-primary Redis Cluster.
+    capacity_rate: float = 2000.0  # POST /notify per second in either mode, the same in both
+    capacity_raw_streams: int = 2000  # streams the raw driver publishes to
+    capacity_raw_seconds: float = 3.0  # at most, per timed phase of the raw driver
+    capacity_subscribers: int = 16  # subscriber connections on the broadcast channel, raw driver
+    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic", "capacity"])
     embedded: bool = False  # notify only: no Redis (the smoke test)
     warmup: bool = True
     profile_dir: str | None = None
@@ -228,7 +234,15 @@ async def run_topic(system: System, plan: Plan, round_index: int = 0) -> dict[st
         return out
 
 
-RUNNERS = {"targeted": run_targeted, "broadcast": run_broadcast, "pair": run_pair, "topic": run_topic}
+RUNNERS = {
+    "targeted": run_targeted,
+    "broadcast": run_broadcast,
+    "pair": run_pair,
+    "topic": run_topic,
+    "capacity": run_capacity,
+}
+# Sessions that weigh the service against itself (one Redis against a cluster): the peers skip them.
+SERVICE_ONLY = {"capacity"}
 
 
 async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
@@ -239,6 +253,8 @@ async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
         results: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
         for session in plan.sessions:
             for system in order:
+                if session in SERVICE_ONLY and system.server != "service":
+                    continue
                 _log(f"round {r + 1}/{plan.rounds}: {system.name} {session}")
                 results[system.name][session] = await RUNNERS[session](system, plan, r)
         rounds.append(results)
@@ -334,7 +350,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
         per = [r[s.name] for r in rounds]
         summary: dict[str, Any] = {"rounds": len(per)}
         # Connect and memory figures come from the one-replica sessions (two per round).
-        sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k != "pair"]
+        sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k not in ("pair", "capacity")]
         for key in (
             "connects_per_s",
             "connects_per_cpu_s",
@@ -374,5 +390,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
             summary["pair"] = {k: _median([p[k] for p in ps]) for k in _STEP_KEYS}
         if any("topic" in r for r in per):
             summary["topic"] = _summarize_topic([r["topic"] for r in per if "topic" in r])
+        if any("capacity" in r for r in per):
+            summary["capacity"] = summarize_capacity([r["capacity"] for r in per if "capacity" in r])
         out[s.name] = summary
     return out

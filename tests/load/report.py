@@ -108,6 +108,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("the systems alternate round by round and every figure is the median over the rounds. Throughput is")
     add("also given per second of server CPU (read from `/proc/<pid>/stat` of the server processes), the")
     add("figure that holds on a shared machine. How the service spends that CPU: [bench/profile.md](bench/profile.md).")
+    if "capacity" in ours:
+        add("What these figures mean for sizing a deployment (replicas, Redis shards, memory):")
+        add("[capacity.md](capacity.md).")
     add("")
     add(f"Run: `{command}`, {started}; {plan['rounds']} round{'s' if plan['rounds'] != 1 else ''}.")
     add("")
@@ -190,6 +193,23 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
                 "  single `POST /notify/{user}` in the same session",
                 [_f(s1.get("deliveries_per_cpu_s")) if name == OURS else "" for name in names],
                 ["", *no_ratio],
+            )
+        )
+    if "capacity" in ours:
+        ratio = ours["capacity"].get("cluster_vs_single", {})
+        no_ratio = [""] * len(against)
+        rows.append(
+            (
+                "Redis Cluster (3 primaries) ÷ one Redis: service deliveries per CPU-s",
+                [_x(ratio.get("deliveries_per_cpu_s")) if name == OURS else "" for name in names],
+                no_ratio,
+            )
+        )
+        rows.append(
+            (
+                "  publishes per Redis CPU-s (primaries), cluster ÷ one Redis",
+                [_x(ratio.get("publishes_per_redis_cpu_s")) if name == OURS else "" for name in names],
+                no_ratio,
             )
         )
     topic_rate = plan.get("topic_rate", plan["broadcast_rate"])
@@ -294,6 +314,8 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
             f"{_f(s.get('connect_failures'))} | {_f(s.get('rss_base_mb'), 1)} | {_f(s.get('rss_mb_per_1000'), 1)} | "
             f"{_f(s.get('rss_kb_per_socket'), 1)} |"
         )
+    if "capacity" in ours:
+        _capacity_section(add, ours["capacity"], command, started)
     add("")
     add("## Conditions")
     add("")
@@ -377,6 +399,7 @@ TARGETS = {
     "idle RSS per socket (KB)": "≤ 16",
     "authenticated connects/s": "≥ 1,000",
     "lost / duplicated, every workload": "0 / 0",
+    "Redis Cluster (3 primaries) ÷ one Redis: service deliveries per CPU-s": "≥ 0.90x",
 }
 
 
@@ -518,6 +541,119 @@ def _topic_section(
             add(f"| {label} | {' | '.join(cells)} |")
 
 
+def _capacity_section(add: Callable[[str], None], cap: dict[str, Any], command: str, started: str) -> None:
+    """What a publish costs Redis on one Redis and on a three-primary cluster, and the service's CPU per
+    delivery in either mode (capacity.py); the model built on them is docs/capacity.md."""
+    single, cluster, raw = cap.get("single", {}), cap.get("cluster", {}), cap.get("raw", {})
+    ratio = cap.get("cluster_vs_single", {})
+    add("")
+    add("## Capacity")
+    add("")
+    if cap.get("command") and cap.get("command") != command:
+        add(
+            f"Measured by a separate invocation, `{cap['command']}`, {cap.get('started', '?')} (load average at "
+            f"its end {', '.join(f'{x:.2f}' for x in cap.get('load', []))}); its raw figures are in "
+            "[bench/results-capacity.json](bench/results-capacity.json). The rest of this report is from the run "
+            "named at the top."
+        )
+        add("")
+    add(
+        f"One service replica, {_f(single.get('sockets'))} sockets (two per user), every user's history filled to "
+        f"its cap first (so that a publish also drops the oldest entry, as in a steady state), then "
+        f"`POST /notify/{{user}}` at {_f(single.get('rate'))}/s to random users for the step's duration, on one "
+        f"redis-server and on a Redis Cluster of {_f(cluster.get('primaries'))} primaries with a replica each "
+        "(`tests/topology.py`), each mode started afresh, which goes first alternating by round. CPU is read "
+        "from `/proc/<pid>/stat` of every redis-server (the primaries summed; the replicas apart) and of the "
+        "service. “Pipelined” is the service's own publish command (built by `RedisBroker.publish`) sent by a "
+        "driver in batches to the same primaries, every stream at its cap: what a publish costs Redis when it "
+        "is kept busy. Medians over "
+        f"{cap.get('runs')} round{'s' if cap.get('runs') != 1 else ''}; the cluster ÷ one Redis ratios are taken "
+        "within each round, then the median. The model built on these figures: [capacity.md](capacity.md)."
+    )
+    add("")
+    add(
+        "| Redis | primaries + replicas | publishes per Redis CPU-s (primaries) | net of idle | Redis CPU-µs per "
+        "publish | replicas' CPU-µs per publish | pipelined, per Redis CPU-s | service deliveries per CPU-s | "
+        "service CPU-µs per publish | p50 / p99 ms | lost / dup / HTTP errors |"
+    )
+    add("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for label, m in (("one Redis", single), ("Redis Cluster", cluster)):
+        add(
+            f"| {label} | {_f(m.get('primaries'))} + {_f(m.get('replicas'))} | "
+            f"{_f(m.get('publishes_per_redis_cpu_s'))} | {_f(m.get('publishes_per_redis_cpu_s_net_of_idle'))} | "
+            f"{_f(m.get('redis_cpu_us_per_publish'), 1)} | {_f(m.get('replicas_cpu_us_per_publish'), 1)} | "
+            f"{_f(m.get('pipelined_at_cap_per_redis_cpu_s'))} | {_f(m.get('deliveries_per_cpu_s'))} | "
+            f"{_f(m.get('server_cpu_us_per_publish'))} | {_f(m.get('p50_ms'), 1)} / {_f(m.get('p99_ms'), 1)} | "
+            f"{_f(m.get('lost_total'))} / {_f(m.get('duplicates_total'))} / {_f(m.get('http_errors_total'))} |"
+        )
+    per_round = cap.get("cluster_vs_single_per_round", [])
+
+    def rounds(key: str) -> str:
+        return ", ".join(_x(r.get(key)) for r in per_round)
+
+    add(
+        f"| cluster ÷ one Redis | | {_x(ratio.get('publishes_per_redis_cpu_s'))} | | | | "
+        f"{_x(ratio.get('pipelined_at_cap'))} | {_x(ratio.get('deliveries_per_cpu_s'))} | | | |"
+    )
+    add("")
+    add(
+        f"By round, cluster ÷ one Redis: service deliveries per CPU-s {rounds('deliveries_per_cpu_s')}; publishes "
+        f"per Redis CPU-s {rounds('publishes_per_redis_cpu_s')}; pipelined {rounds('pipelined_at_cap')}. "
+        f"Idle (1 s before the step, nothing asked): primaries {_f(_pct(single.get('idle_primaries_cpu_util')), 1)}% "
+        f"of a core on one Redis, {_f(_pct(cluster.get('idle_primaries_cpu_util')), 1)}% summed in the cluster "
+        f'(replicas {_f(_pct(cluster.get("idle_replicas_cpu_util")), 1)}%); the "net of idle" column takes that '
+        "out. Target: the cluster's service deliveries per CPU-s within 10% of one Redis's (≥ 0.90x)."
+    )
+    add("")
+    add(
+        f"The publish script alone (a fresh redis-server, no service; {_f(raw.get('streams'))} streams, history cap "
+        f"{_f(raw.get('history_cap'))}, the service's own command of {_f(raw.get('command_bytes'))} bytes, sent in "
+        "batches of one per stream, two batches in flight):"
+    )
+    add("")
+    add("| phase | publishes per Redis CPU-s | Redis CPU-µs per publish | publishes/s | Redis CPU |")
+    add("| --- | ---: | ---: | ---: | ---: |")
+    add(
+        f"| below the cap (entries 2 to {_f((raw.get('history_cap') or 0) // 2)}) | "
+        f"{_f(raw.get('below_cap_per_redis_cpu_s'))} | {_f(raw.get('below_cap_us_per_publish'), 1)} | | |"
+    )
+    add(
+        f"| at the cap (each publish drops the oldest entry) | {_f(raw.get('at_cap_per_redis_cpu_s'))} | "
+        f"{_f(raw.get('at_cap_us_per_publish'), 1)} | {_f(raw.get('at_cap_per_s'))} | "
+        f"{_f(_pct(raw.get('at_cap_redis_cpu_util')))}% |"
+    )
+    add(
+        f"| the broadcast stream, one publish at a time, no subscriber | | "
+        f"{_f(raw.get('broadcast_alone_us_per_publish'), 1)} | | |"
+    )
+    add(
+        f"| the same with {_f(raw.get('subscribers'))} subscriber connections on its channel | | "
+        f"{_f(raw.get('broadcast_subscribed_us_per_publish'), 1)} | | |"
+    )
+    add("")
+    add(
+        f"Each subscriber connection adds {_f(raw.get('redis_cpu_us_per_subscriber'), 2)} µs of Redis CPU to an "
+        "unbatched publish (the difference of the last two rows, divided by the subscribers). Memory "
+        "(`used_memory_dataset`: without Redis's own bookkeeping and its replication and client buffers): "
+        f"{_f(raw.get('memory_per_stream_with_first_entry'))} B for a stream's first entry (its keys, and the "
+        f"stream's first node), {_f(raw.get('memory_per_entry'))} B per further entry while that node's room fills, "
+        f"{_f(raw.get('memory_per_full_stream'))} B per stream at its cap; under the service, "
+        f"{_f(single.get('redis_memory_per_full_stream'))} B per full user stream on one Redis and "
+        f"{_f(cluster.get('redis_memory_per_full_stream'))} B in the cluster (primaries), and "
+        f"{_f(single.get('redis_memory_per_socket'))} B per connected socket on one Redis "
+        f"({_f(cluster.get('redis_memory_per_socket'))} B in the cluster): presence and the channel subscription."
+    )
+    pings = cap.get("pings") or {}
+    if pings.get("server_cpu_us_per_ping") is not None:
+        add("")
+        add(
+            f"An open socket with nothing to deliver still costs its keepalive: with pings every "
+            f"{_f(pings.get('interval_s'))} s to {_f(pings.get('sockets'))} idle sockets (one replica, one Redis; "
+            f"production pings every 20 s), the service spent {_f(pings.get('server_cpu_us_per_ping'), 1)} µs of "
+            "CPU per ping and its pong."
+        )
+
+
 def _without_run_ids(results: dict[str, Any]) -> bool:
     for r in results["rounds"]:
         for sessions in r.values():
@@ -577,6 +713,7 @@ def _losses(results: dict[str, Any], name: str) -> str:
         for sess in sessions.values():
             runs += sess.get("steps", [])
             runs += [sess[k] for k in ("broadcast", "batch", "batch_single", "step", "topic") if k in sess]
+            runs += [sess[mode]["step"] for mode in ("single", "cluster") if isinstance(sess.get(mode), dict)]
         lost += sum(x["lost"] for x in runs)
         dup += sum(x["duplicates"] for x in runs)
     return f"{lost:,} / {dup:,}" if found else "–"
