@@ -31,12 +31,12 @@ class _Publish:
     """Stands where uvicorn keeps its request-response cycle while a publish is read and answered,
     with the fields uvicorn's own callbacks touch (connection lost, shutdown, a pipelined request)."""
 
-    __slots__ = ("user_id", "path", "headers", "body", "keep_alive", "disconnected", "response_complete")
+    __slots__ = ("stream", "path", "headers", "body", "keep_alive", "disconnected", "response_complete")
 
     message_event = NO_EVENT
 
-    def __init__(self, user_id: str | None, path: str, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self.user_id = user_id
+    def __init__(self, stream: str, path: str, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.stream = stream
         self.path = path  # for the access log, query included
         self.headers = headers
         self.body = bytearray()
@@ -75,7 +75,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             return
         runtime: Runtime = self.app_state["runtime"]
         try:
-            fast = prepare(runtime, publish.user_id, publish.headers, bytes(publish.body))
+            fast = prepare(runtime, publish.stream, publish.headers, bytes(publish.body))
         except Exception:
             logger.exception("publish fast path failed; the framework answers")
             fast = None
@@ -87,8 +87,8 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
-    def _publish_target(self) -> tuple[str | None, str] | None:
-        """(recipient, path and query) of a publish request, None for any other request."""
+    def _publish_target(self) -> tuple[str, str] | None:
+        """(the stream published to, path and query) of a publish request, None for any other request."""
         if self.parser.get_method() != b"POST" or self.parser.should_upgrade():
             return None
         try:
@@ -97,10 +97,10 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             return None
         path = urllib.parse.unquote(path) if "%" in path else path
-        user_id = publish_target(path)
-        if user_id == NOT_A_PUBLISH:
+        stream = publish_target(path)
+        if stream == NOT_A_PUBLISH:
             return None
-        return user_id, path + ("?" + url.query.decode("latin-1") if url.query else "")
+        return stream, path + ("?" + url.query.decode("latin-1") if url.query else "")
 
     def _hand_over(self, publish: _Publish) -> None:
         """Give the request to uvicorn after all, with the body read so far."""

@@ -26,6 +26,10 @@ class TopicError(Exception):
         self.message = message
 
 
+def is_valid_topic_name(topic: str) -> bool:
+    return bool(_NAME.fullmatch(topic))
+
+
 def namespace_of(topic: str) -> str:
     return topic.partition(":")[0] if ":" in topic else ""
 
@@ -45,6 +49,10 @@ class Topics:
         if options is None:
             raise TopicError("unknown_namespace", f"no namespace {namespace_of(topic)!r} is configured")
         return options
+
+    def exists(self, topic: str) -> bool:
+        """Whether the topic's namespace is configured (its name already checked)."""
+        return namespace_of(topic) in self._namespaces
 
     def rules(self, topic: str) -> StreamRules:
         """How the broker keeps this topic (an unconfigured one: quietly, with global bounds)."""

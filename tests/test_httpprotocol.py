@@ -117,3 +117,33 @@ async def test_body_in_pieces_and_oversized_body(single):
     [(status, _, body)] = await responses(reader, 1)
     assert status == 413 and orjson.loads(body)["error"] == "payload_too_large"
     writer.close()
+
+
+async def test_topic_publishes_pipelined_with_refusals(redis_server):
+    """`POST /topics/{topic}` is answered in place too: pipelined with an unconfigured namespace (404)
+    and a malformed name (422), each comes back in order, and members get only the accepted ones."""
+    import json
+
+    from .test_topics import connect, join
+    from .utils import cluster_env, running
+
+    with running(cluster_env(redis_server, NOTIFY_TOPICS=json.dumps({"feed": {"join": "any"}}))) as replica:
+        topic = f"feed:{uid()}"
+        member = await connect(replica, uid())
+        await join(member, topic)
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        writer.write(
+            post(f"/topics/{topic}", b'{"event":"one"}')
+            + post("/topics/nowhere:x", b'{"event":"lost"}')
+            + post("/topics/feed:bad%20name", b'{"event":"lost"}')
+            + post(f"/topics/{topic}", b'{"event":"two"}')
+        )
+        answers = await responses(reader, 4)
+        assert [status for status, _, _ in answers] == [202, 404, 422, 202]
+        accepted = [orjson.loads(body) for status, _, body in answers if status == 202]
+        assert all(a["members"] == 1 and not a["duplicate"] for a in accepted)
+        got = await member.notifications(2)
+        assert [(f["event"], f["id"]) for f in got] == [("one", accepted[0]["id"]), ("two", accepted[1]["id"])]
+        await member.nothing(0.3)
+        writer.close()
+        await member.close()

@@ -1,6 +1,6 @@
 """The publish fast path: what a well-formed publish needs, decided without the framework.
 
-`POST /notify/{user}` and `POST /broadcast` are the hot path of every backend. The HTTP protocol
+`POST /notify/{user}`, `POST /broadcast` and `POST /topics/{topic}` are the hot path of every backend. The HTTP protocol
 (`service/httpprotocol.py`) asks `publish_target` once the request line and headers are in (a POST), and
 `prepare` once the body is: a request with a valid token and a valid body within the size limit is
 published with the same models and the same `_publish` as the routes, and answered by `answer`.
@@ -22,12 +22,13 @@ from ..errors import InvalidToken, ServiceError
 from ..ids import is_valid_user_id
 from ..models import PublishRequest
 from ..runtime import Runtime
-from ..streams import BROADCAST, user_stream
+from ..streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..topics import is_valid_topic_name
 from .publish import _check_rate, _publish
 
 Header = tuple[bytes, bytes]
 
-# What `publish_target` answers for any other path (no user id is empty).
+# What `publish_target` answers for any other path (no stream's name is empty).
 NOT_A_PUBLISH = ""
 
 
@@ -36,21 +37,23 @@ class FastPublish:
     """A publish that passed every check the route would make."""
 
     principal: Principal
-    user_id: str | None
+    stream: str
     request: PublishRequest
     idempotency_key: str | None
 
 
-def publish_target(path: str) -> str | None:
-    """The recipient of a POST to this path (None: everyone), or NOT_A_PUBLISH."""
+def publish_target(path: str) -> str:
+    """The stream a POST to this path publishes to, or NOT_A_PUBLISH."""
     if path == "/broadcast":
-        return None
+        return BROADCAST
     if path.startswith("/notify/") and is_valid_user_id(path[8:]):
-        return path[8:]
+        return user_stream(path[8:])
+    if path.startswith("/topics/") and is_valid_topic_name(path[8:]):
+        return topic_stream(path[8:])
     return NOT_A_PUBLISH
 
 
-def prepare(runtime: Runtime, user_id: str | None, headers: list[Header], body: bytes) -> FastPublish | None:
+def prepare(runtime: Runtime, stream: str, headers: list[Header], body: bytes) -> FastPublish | None:
     """The checked publish, or None: the framework answers this request (see the module docstring).
     The caller has held `body` to NOTIFY_MAX_PAYLOAD_BYTES."""
     authorization = idempotency_key = None
@@ -63,6 +66,8 @@ def prepare(runtime: Runtime, user_id: str | None, headers: list[Header], body: 
             return None  # browsers get CORS headers and odd bodies their 422: the full route
     if authorization is None or not authorization.startswith(b"Bearer "):
         return None
+    if is_topic(stream) and not runtime.topics.exists(stream[2:]):
+        return None  # the route answers 404
     key = idempotency_key.decode("latin-1") if idempotency_key is not None else None
     if key is not None and not 0 < len(key) <= 256:
         return None
@@ -75,19 +80,20 @@ def prepare(runtime: Runtime, user_id: str | None, headers: list[Header], body: 
         return None
     if principal is None or PUBLISH_SCOPE not in principal.scopes:
         return None
-    return FastPublish(principal, user_id, request, key)
+    return FastPublish(principal, stream, request, key)
 
 
 async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[Header]]:
     """Publish, and the response: status, JSON body and extra headers."""
     try:
         _check_rate(runtime, fast.principal)
-        stream = BROADCAST if fast.user_id is None else user_stream(fast.user_id)
-        published = await _publish(runtime, fast.principal, stream, fast.request, fast.idempotency_key)
+        published = await _publish(runtime, fast.principal, fast.stream, fast.request, fast.idempotency_key)
     except ServiceError as exc:
         runtime.metrics.errors.labels(exc.code).inc()
         return error_answer(exc)
-    payload = {"id": published.id, "ts": published.ts, "online": published.online, "duplicate": published.duplicate}
+    # As the routes answer: a topic counts its members, a user their sockets online.
+    counted = "members" if is_topic(fast.stream) else "online"
+    payload = {"id": published.id, "ts": published.ts, counted: published.online, "duplicate": published.duplicate}
     return 202, orjson.dumps(payload), []
 
 
