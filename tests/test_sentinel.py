@@ -46,16 +46,21 @@ async def history_ids(http: httpx.AsyncClient, replica: Replica, user: str) -> s
     raise AssertionError("history did not end within 100 pages")
 
 
-async def frames_until(client: Client, want: set[str], within: float) -> list[dict[str, Any]]:
-    """Notifications received until every id of `want` is in, then whatever else comes in 0.3 s."""
+def _place(frame: dict[str, Any]) -> tuple[bool, str]:
+    """A notification's stream (broadcast or not) and id: ids are unique within a stream only."""
+    return bool(frame.get("broadcast")), frame["id"]
+
+
+async def frames_until(client: Client, want: set[tuple[bool, str]], within: float) -> list[dict[str, Any]]:
+    """Notifications received until every one of `want` is in, then whatever else comes in 0.3 s."""
     got: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    seen: set[tuple[bool, str]] = set()
     async with asyncio.timeout(within):
         while not want.issubset(seen):
             frame = orjson.loads(await client.ws.recv())
             if frame["type"] == "notification":
                 got.append(frame)
-                seen.add(frame["id"])
+                seen.add(_place(frame))
             else:
                 assert frame["type"] != "resync", "a failover keeps the data: replay, not resync"
     try:
@@ -127,17 +132,17 @@ async def test_sigkill_primary_under_two_publishers(http):
             assert accepted > 200
 
             async def check(user: str, client: Client) -> int:
-                want = {*sent[user], *broadcasts}
+                want = {(False, i) for i in sent[user]} | {(True, i) for i in broadcasts}
                 frames = await frames_until(client, want, TIMEOUT * 3)
-                got = [frame["id"] for frame in frames]
+                got = [_place(frame) for frame in frames]
                 dupes = len(got) - len(set(got))
                 assert dupes == 0, f"{user}: {dupes} duplicates"
-                mine = set(sent[user])
-                for stream in ([i for i in got if i in mine], [i for i in got if i not in mine]):
+                for broadcast in (False, True):
+                    stream = [i for b, i in got if b == broadcast]
                     assert stream == sorted(stream, key=_key), f"{user}: out of order within a stream"
                 # A publish answered 503 may still have been stored and delivered (its script ran,
                 # then the deadline passed); anything else arriving is a bug.
-                extra = [frame["data"] for frame in frames if frame["id"] not in want]
+                extra = [frame["data"] for frame in frames if _place(frame) not in want]
                 assert set(extra) <= refused_data, f"{user}: delivered but never published: {extra[:5]}"
                 return len(extra)
 
