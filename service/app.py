@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, logs
 from .api import client_assets, events, health, inbox, publish, topics, ws
 from .auth import TokenVerifier
 from .broker import create_broker
@@ -51,12 +51,13 @@ CONNECTION_ERRORS: dict[int | str, dict[str, Any]] = {
 
 class NotifyApp(FastAPI):
     """FastAPI, except that client sockets skip its layers and go straight to their handler
-    (`api.ws.serve_socket`), and every HTTP request passes the access log first. (Under the
-    service's own server, a well-formed publish never reaches the app: see `httpprotocol.py`.)"""
+    (`api.ws.serve_socket`), and every HTTP request passes the access log first: its request id,
+    and its line as NOTIFY_ACCESS_LOG says. (Under the service's own server, a well-formed publish
+    never reaches the app: see `httpprotocol.py`.)"""
 
-    def __init__(self, *args: Any, access_log: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._http: ASGIApp = AccessLog(super().__call__) if access_log else super().__call__
+        self._http: ASGIApp = AccessLog(super().__call__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -69,6 +70,9 @@ class NotifyApp(FastAPI):
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; nothing is connected until its lifespan starts."""
+    logs.configure_access_log(
+        settings.access_log, settings.access_log_slow_seconds, settings.access_log_summary_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -84,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield {"runtime": runtime}
         finally:
+            logs.flush_access_summary()
             await broker.stop()
 
     app = NotifyApp(
@@ -91,7 +96,6 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        access_log=settings.access_log,
     )
     for module in (publish, topics, inbox, events, client_assets):
         app.include_router(module.router, responses=CONNECTION_ERRORS)

@@ -7,18 +7,31 @@ Both are decided at the first request, not at accept: only a request can be answ
 connection that never sends one is closed by the header timeout anyway. A connection once
 admitted is never refused later, so open sockets and the keep-alive connections of publishers
 keep working whatever arrives after them.
+
+It also paces WebSocket (`/ws`) and SSE (`/events`) handshakes to NOTIFY_MAX_HANDSHAKE_RATE a
+second, before any token is read. A handshake costs a replica about as much CPU as delivering a
+few hundred notifications; when a replica dies its sockets all come back at once to the others,
+which would otherwise spend every core on handshakes while their own sockets waited for their
+notifications. A burst of up to a tenth of a second's worth goes through at once; beyond it each
+handshake is held back until its turn (the connection waits, nothing is read from it), as long as
+its turn is at most a second away; past that it is answered 429 with a jittered Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import math
+import random
 import resource
+import time
 from collections.abc import Callable, Sized
 
 from prometheus_client import Counter, Gauge
 from uvicorn.middleware.proxy_headers import _TrustedHosts
 
-from .errors import OverCapacity, ServiceError, TooManyConnections
+from .errors import OverCapacity, RateLimited, ServiceError, TooManyConnections
 from .metrics import Metrics
 from .settings import Settings
 
@@ -39,6 +52,19 @@ RETRY_AFTER_SECONDS = 1
 EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})
 # A request head (request line and headers) larger than this is answered 431.
 MAX_HEAD_BYTES = 64 * 1024
+# The requests NOTIFY_MAX_HANDSHAKE_RATE counts: a client socket's handshake, an event stream's request.
+HANDSHAKE_PATHS = frozenset({"/ws", "/events"})
+# Handshakes taken on at once, beyond the rate, in seconds' worth of it; and the longest a handshake
+# is held back for its turn before it is refused instead.
+HANDSHAKE_BURST_SECONDS = 0.1
+HANDSHAKE_QUEUE_SECONDS = 1.0
+# WebSocket handshakes between their turn and the app's answer (accept, refusal), at most: each
+# reads the socket's history through the Redis pool (64 connections), and a burst of turns (timers
+# that fell due together behind a pause of the loop) must not take every connection of it at once.
+MAX_HANDSHAKES_IN_FLIGHT = 32
+# A handshake refused at the rate is told to come back within [1, N] seconds, N growing with how
+# far over the rate the last second's handshakes were (so retries spread at about the rate), up to this.
+HANDSHAKE_RETRY_SPREAD_MAX = 30
 
 
 def raise_fd_limit() -> int:
@@ -62,6 +88,19 @@ def default_max_connections(fd_limit: int) -> int:
     return max(1, fd_limit // 2, int((fd_limit - RESERVED_FDS) * (1 - REFUSAL_HEADROOM)))
 
 
+class HandshakeRateExceeded(RateLimited):
+    """A handshake beyond NOTIFY_MAX_HANDSHAKE_RATE: 429 `too_many_handshakes`, with a Retry-After
+    drawn at random so that the refused do not all come back together.
+
+    429, not 503: a proxy that retries 503s on another replica (deploy/nginx.conf, for draining
+    replicas) also counts each 503 as a failure of the replica that sent it, and takes it out of
+    rotation after two (`max_fails=2`). In a reconnect storm every surviving replica refuses
+    handshakes, so a 503 would take every one of them out, publishes included: measured, 4 s of
+    502 for everything (docs/reliability.md, "Reconnect storm"). A 429 is passed to the client as it is."""
+
+    code = "too_many_handshakes"
+
+
 class Exposure:
     """Connection ceilings and the header timeout, shared by every connection of one server."""
 
@@ -76,13 +115,26 @@ class Exposure:
         self._refused_while_full = 0
         self._refused: Counter | None = None
         self.header_timeouts: Counter | None = None
+        # The handshake rate, as a virtual schedule (GCRA): the time at which the next handshake
+        # is due if they keep coming at the rate.
+        self.handshake_rate = settings.max_handshake_rate
+        self._handshake_due = 0.0
+        self._handshakes_delayed: Counter | None = None
+        self._handshakes_capped = False
+        self._in_flight = 0  # WebSocket handshakes begun and not yet answered
+        self._next_in_flight: collections.deque[Callable[[], None]] = collections.deque()
+        self._handshakes_refused_run = 0  # refused since the rate was last reached
+        self._handshake_window = (0.0, 0, 0)  # (start, refused in it, refused in the one before)
 
     def log_limits(self, fd_limit: int) -> None:
+        rate = f"{self.handshake_rate:g}/s" if self.handshake_rate is not None else "no cap"
         logger.info(
-            "serving up to %d connections (file-descriptor limit %d); request heads due within %gs",
+            "serving up to %d connections (file-descriptor limit %d); request heads due within %gs; "
+            "socket and stream handshakes: %s",
             self.max_connections,
             fd_limit,
             self.header_timeout,
+            rate,
         )
         if self.max_connections > fd_limit - RESERVED_FDS:
             logger.warning(
@@ -119,6 +171,23 @@ class Exposure:
         open_connections.set_function(lambda: len(connections))
         ceiling = Gauge("notify_max_connections", "The connection ceiling in effect.", registry=registry)
         ceiling.set(self.max_connections)
+        rate = Gauge(
+            "notify_max_handshake_rate",
+            "WebSocket and SSE handshakes per second taken on (NOTIFY_MAX_HANDSHAKE_RATE; 0: no cap).",
+            registry=registry,
+        )
+        rate.set(self.handshake_rate or 0)
+        in_flight = Gauge(
+            "notify_handshakes_in_flight",
+            "WebSocket handshakes begun and not answered yet (at most 32 under NOTIFY_MAX_HANDSHAKE_RATE).",
+            registry=registry,
+        )
+        in_flight.set_function(lambda: self._in_flight)
+        self._handshakes_delayed = Counter(
+            "notify_handshakes_delayed",
+            "WebSocket and SSE handshakes held back for their turn under NOTIFY_MAX_HANDSHAKE_RATE.",
+            registry=registry,
+        )
 
     def client_of(self, peer: str | None, forwarded_for: bytes | None) -> str | None:
         """The address a connection is counted under."""
@@ -154,9 +223,69 @@ class Exposure:
             self._per_ip[client] = held + 1
         return None
 
+    def handshake(self) -> float | ServiceError:
+        """How long to hold a WebSocket or SSE handshake back before taking it on (0: now), or the
+        429 to answer it with (the caller reports it with `refused`)."""
+        rate = self.handshake_rate
+        if rate is None:
+            return 0.0
+        now = time.monotonic()
+        due = max(self._handshake_due, now)
+        wait = max(0.0, due - HANDSHAKE_BURST_SECONDS - now)
+        if wait <= HANDSHAKE_QUEUE_SECONDS:
+            self._handshake_due = due + 1 / rate
+            if wait:
+                if self._handshakes_delayed is not None:
+                    self._handshakes_delayed.inc()
+            elif self._handshakes_capped:
+                self._handshakes_capped = False
+                logger.warning(
+                    "handshakes are taken on at once again; %d were refused over NOTIFY_MAX_HANDSHAKE_RATE=%g/s "
+                    "meanwhile",
+                    self._handshakes_refused_run,
+                    rate,
+                )
+            return wait
+        start, current, previous = self._handshake_window
+        if now - start >= 1.0:
+            start, current, previous = now, 0, current if now - start < 2.0 else 0
+        current += 1
+        self._handshake_window = (start, current, previous)
+        spread = min(HANDSHAKE_RETRY_SPREAD_MAX, 1 + math.ceil(max(current, previous) / rate))
+        return HandshakeRateExceeded(
+            f"this replica takes on at most {rate:g} socket and stream handshakes a second: retry shortly",
+            random.randint(1, spread),
+        )
+
+    def begin_handshake(self, start: Callable[[], None]) -> None:
+        """Run `start` (a WebSocket handshake's turn) now if fewer than MAX_HANDSHAKES_IN_FLIGHT are
+        in flight, else once one of them ends; every start is followed by one `end_handshake`."""
+        if self._in_flight < MAX_HANDSHAKES_IN_FLIGHT:
+            self._in_flight += 1
+            start()
+        else:
+            self._next_in_flight.append(start)
+
+    def end_handshake(self) -> None:
+        self._in_flight -= 1
+        if self._next_in_flight and self._in_flight < MAX_HANDSHAKES_IN_FLIGHT:
+            self._in_flight += 1
+            asyncio.get_running_loop().call_soon(self._next_in_flight.popleft())
+
     def refused(self, refusal: ServiceError, client: str | None) -> None:
         """Count a refusal; say once, not once per refusal, that a ceiling was reached."""
-        if isinstance(refusal, OverCapacity):
+        if isinstance(refusal, HandshakeRateExceeded):
+            reason = "max_handshake_rate"
+            self._handshakes_refused_run += 1
+            if not self._handshakes_capped:
+                self._handshakes_capped = True
+                self._handshakes_refused_run = 1
+                logger.warning(
+                    "handshakes over NOTIFY_MAX_HANDSHAKE_RATE=%g/s for more than a second ahead: new sockets and "
+                    "streams get 429 with Retry-After until they slow down (open sockets are not affected)",
+                    self.handshake_rate,
+                )
+        elif isinstance(refusal, OverCapacity):
             reason = "max_connections"
             self._refused_while_full += 1
             if not self._full:

@@ -6,8 +6,9 @@ descriptor for ever. Here every connection gets NOTIFY_HEADER_TIMEOUT_SECONDS, f
 its previous response, to complete a request head; one that sent part of a head is told 408, one
 that sent nothing is closed. A head is also bounded in size (431), uvicorn's parse errors are
 answered as JSON like every other error, and the first request of each connection passes the
-connection ceilings (`exposure.py`). Everything happens before a request reaches the app, so it
-covers plain HTTP, SSE, WebSocket handshakes and the publish fast path alike.
+connection ceilings (`exposure.py`), and each socket or stream handshake the handshake rate.
+Everything happens before a request reaches the app, so it covers plain HTTP, SSE, WebSocket
+handshakes and the publish fast path alike.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError
-from .exposure import EXEMPT_PATHS, MAX_HEAD_BYTES, Exposure
+from .exposure import EXEMPT_PATHS, HANDSHAKE_PATHS, MAX_HEAD_BYTES, Exposure
 
 _JSON = b"content-type: application/json\r\ncontent-length: "
 
@@ -59,6 +60,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._heads = 0  # request heads completed on this connection
         self._head_deadline: float | None = None  # while waiting for a head
         self._head_timer: asyncio.TimerHandle | None = None
+        self._handshake_wait = 0.0  # this head's handshake is held back this long (the handshake rate)
 
     # ---- the header timeout
 
@@ -129,9 +131,28 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_deadline = None
         if self.cycle is _ANSWERED:
             return  # pipelined behind a request answered here
+        if self.cycle is not None and self.parser.should_upgrade() and not self._upgrade_after_cycle():
+            return
         if not self._admitted and not self._admit():
             return
+        if self.exposure.handshake_rate is not None and not self._handshake_paced():
+            return
         self.serve_head()
+
+    def _upgrade_after_cycle(self) -> bool:
+        """An upgrade (a WebSocket handshake) on a connection that served a request before, as a
+        proxy's keep-alive connection does: uvicorn makes no cycle for an upgrade, so the previous
+        request's would stand for this one when its end is parsed, and a publish answered in place
+        (`httpprotocol.py`) would be published a second time. False: not served (the connection is
+        closed), when the previous request is still being answered and is not uvicorn's."""
+        if self.cycle.response_complete:
+            self.cycle = None  # type: ignore[assignment]
+            return True
+        if isinstance(self.cycle, RequestResponseCycle):
+            return True  # uvicorn's own pipelining, as uvicorn does it
+        self.cycle = _ANSWERED  # type: ignore[assignment]
+        self.transport.close()
+        return False
 
     def serve_head(self) -> None:
         """Serve a request whose head is complete; uvicorn's own handling unless overridden."""
@@ -158,6 +179,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.answer(refusal)
         return False
 
+    def _handshake_paced(self) -> bool:
+        """A socket's or stream's handshake under NOTIFY_MAX_HANDSHAKE_RATE: False when it is
+        refused (429, answered here before the app reads its token); when its turn is still to
+        come, it is held back until then (`handle_websocket_upgrade`, `_start_asgi_task`)."""
+        self._handshake_wait = 0.0
+        if self.parser.get_method() != b"GET" or self._path() not in HANDSHAKE_PATHS:
+            return True
+        turn = self.exposure.handshake()
+        if isinstance(turn, ServiceError):
+            self.exposure.refused(turn, None)
+            self.answer(turn)
+            return False
+        self._handshake_wait = turn
+        return True
+
     def _path(self) -> str | None:
         try:
             return httptools.parse_url(self.url).path.decode("latin-1")
@@ -167,6 +203,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         if self.transport.is_closing():
             return  # the handshake was refused
+        if self.exposure.handshake_rate is None:
+            self._upgrade()
+            return
+        # Its turn under the handshake rate, and a place among the handshakes in flight: nothing
+        # more is read from the connection until then.
+        wait, self._handshake_wait = self._handshake_wait, 0.0
+        self.transport.pause_reading()
+        if wait:
+            self.loop.call_later(wait, self._upgrade_in_turn)
+        else:
+            self._upgrade_in_turn()
+
+    def _upgrade_in_turn(self) -> None:
+        if not self.transport.is_closing():  # else the client left while it waited
+            self.exposure.begin_handshake(self._upgrade_in_flight)
+
+    def _upgrade_in_flight(self) -> None:
+        if self.transport.is_closing():
+            self.exposure.end_handshake()
+            return
+        self._upgrade()
+        self.transport.get_protocol().on_answered = self.exposure.end_handshake  # type: ignore[attr-defined]
+        self.transport.resume_reading()
+
+    def _upgrade(self) -> None:
         super().handle_websocket_upgrade()
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -175,6 +236,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # The socket's protocol owns the connection from here: its close frees the address's place.
             self.transport.get_protocol().on_lost = self.exposure.releaser(self._client)  # type: ignore[attr-defined]
             self._client = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        wait, self._handshake_wait = self._handshake_wait, 0.0
+        if wait:  # an event stream whose turn under the handshake rate is to come
+            self.loop.call_later(wait, self._start_in_turn, cycle, app)
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _start_in_turn(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if cycle.disconnected or self.transport.is_closing():
+            return  # the client left while it waited
+        super()._start_asgi_task(cycle, app)
 
     # ---- answers written here
 

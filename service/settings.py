@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(None, gt=0)
     # Per client address (the peer, or X-Forwarded-For from a FORWARDED_ALLOW_IPS peer); 429 beyond.
     max_connections_per_ip: int | None = Field(None, gt=0)
+    # WebSocket and SSE handshakes per second this replica takes on, before any token is verified: a
+    # tenth of a second's worth at once, the next held back for their turn (up to a second ahead),
+    # beyond that 429 with a jittered Retry-After; so that a reconnect storm slows new connects
+    # rather than delivery to open sockets (`exposure.py`). "off": no cap.
+    max_handshake_rate: float | None = Field(600.0, gt=0)
 
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
@@ -96,13 +101,39 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_json: bool = True
-    access_log: bool = True
+    # summary: a line per failed, slow or non-publish request, and for successful publishes one
+    # summary line per period; all: a line per request; off: none (`logs.py`). Every mode keeps
+    # X-Request-ID on every response. true and false are read as all and off. (Every mode is a
+    # non-empty string, hence true: the publish fast path sets X-Request-ID whenever it is.)
+    access_log: Literal["summary", "all", "off"] = "summary"
+    # In the summary mode, a successful publish slower than this still gets a line of its own.
+    access_log_slow_seconds: float = Field(0.1, gt=0)
+    access_log_summary_seconds: float = Field(10.0, gt=0)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log_mode(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "all" if value else "off"
+        if isinstance(value, str):
+            word = value.strip().lower()
+            return {"true": "all", "1": "all", "yes": "all", "on": "all", "false": "off", "0": "off", "no": "off"}.get(
+                word, word
+            )
+        return value
+
+    @field_validator("max_handshake_rate", mode="before")
+    @classmethod
+    def _handshake_rate_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "0", ""):
+            return None
         return value
 
     @field_validator("redis_prefix")

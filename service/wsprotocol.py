@@ -21,6 +21,8 @@ from websockets.protocol import State
 from .errors import HeadersTooLarge, MalformedRequest, ServiceError
 from .frames import SEND_FRAME_EXTENSION
 
+# What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
+_ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
 # A peer gets this long to answer our close frame before its TCP connection is dropped.
 WS_CLOSE_TIMEOUT_SECONDS = 3.0
 # Once we close a socket, its last bytes get this long to leave; a peer that reads nothing is aborted.
@@ -139,6 +141,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     # Set by the HTTP protocol that handed the connection over: frees the connection's place
     # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
     on_lost: Callable[[], None] | None = None
+    # Likewise: frees its place among the handshakes in flight (NOTIFY_MAX_HANDSHAKE_RATE) once the
+    # app has answered the handshake (accepted, refused or closed it) or the connection is gone.
+    on_answered: Callable[[], None] | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -153,6 +158,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(self.transport, _AbortingTransport):
             self.transport.connection_lost()
+        self._answered()
         if self.on_lost is not None:
             self.on_lost()
             self.on_lost = None
@@ -163,9 +169,15 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.close_sent:
             self._refuse_handshake(self.conn.handshake_exc)
 
+    def _answered(self) -> None:
+        callback, self.on_answered = self.on_answered, None
+        if callback is not None:
+            callback()
+
     def _refuse_handshake(self, exc: Exception) -> None:
         """The parser has given up on the request (its own answer, if any, is never written out by
         uvicorn): answer in the service's error shape and close."""
+        self._answered()
         self.conn.data_to_send()  # websockets' plain-text answer, replaced by ours
         error: ServiceError
         if isinstance(exc, SecurityError):  # a line too long, too many headers
@@ -208,6 +220,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         return True
 
     async def send(self, message: dict) -> None:  # type: ignore[override,type-arg]
+        if self.on_answered is not None and message["type"] in _ANSWERS:
+            self._answered()
         if (
             message["type"] == "websocket.close"
             and self.handshake_complete

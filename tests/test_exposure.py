@@ -9,6 +9,7 @@ sockets and publishers beside it are not disturbed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import resource
 import statistics
@@ -23,7 +24,7 @@ import pytest
 import websockets
 
 from .rawhttp import SLACK, exchange, head, metric, report
-from .utils import ROOT, TIMEOUT, Client, Replica, cluster_env, publish, running, token
+from .utils import ROOT, TIMEOUT, Client, Replica, cluster_env, publish, publisher_headers, running, token
 
 WS_HEADERS = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
 
@@ -141,6 +142,125 @@ async def test_oversized_handshakes_are_refused_at_once(single):
     client = await Client.connect(single, "big")
     await client.welcome()
     await client.close()
+
+
+# ---- a WebSocket handshake on a keep-alive connection
+
+
+async def test_handshake_after_a_publish_on_a_keep_alive_connection(single, http):
+    """nginx reuses its keep-alive connections to a replica for WebSocket handshakes. A handshake
+    on a connection that carried a publish (answered on the fast path) gets its 101 and welcome,
+    and the publish before it is not published again (it was, once, with a new id and a 202 in
+    front of the 101). One pipelined behind a publish still unanswered is not served: the
+    connection closes, the publish is published once."""
+    user = "keepalive-upgrade"
+    auth = publisher_headers()["Authorization"]
+    body = b'{"event":"e"}'
+    post = head("POST", f"/notify/{user}", f"Authorization: {auth}", "Content-Type: application/json")
+    post += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    upgrade = head("GET", f"/ws?token={token(user)}", *WS_HEADERS, "Sec-WebSocket-Version: 13") + b"\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    try:
+        ids = []
+        for _ in range(2):
+            writer.write(post)
+            async with asyncio.timeout(TIMEOUT):
+                answer = await reader.readuntil(b"}")
+            assert answer.startswith(b"HTTP/1.1 202 "), answer
+            ids.append(orjson.loads(answer.partition(b"\r\n\r\n")[2])["id"])
+        writer.write(upgrade)
+        async with asyncio.timeout(TIMEOUT):
+            answer = await reader.readuntil(b"}")
+        assert answer.startswith(b"HTTP/1.1 101 "), answer
+        assert orjson.loads(answer[answer.index(b'{"type"') :])["cursor"] == ids[-1]
+    finally:
+        writer.close()
+    pipelined = await exchange(single.port, post + upgrade)
+    assert pipelined.raw == b"" and pipelined.closed_after is not None
+    history = await http.get(f"{single.url}/users/{user}/notifications", headers=publisher_headers())
+    assert len(history.json()["notifications"]) == 3, history.json()
+
+
+# ---- the handshake rate
+
+
+async def test_handshake_rate_paces_then_429_before_the_token_is_read(http):
+    """NOTIFY_MAX_HANDSHAKE_RATE=5, one socket open: 30 handshakes at once (WebSockets and event
+    streams, every one with a token that is no JWT). About a second's worth of them is held back and
+    taken on one by one at the rate (they then meet their bad token: 4401 for a socket, 401 for a
+    stream); the rest are answered 429 `too_many_handshakes` at once, with a Retry-After drawn
+    between 1 s and a few, never an answer about their token. Refusals and holds are counted, the
+    log says once that the rate was reached and once that it no longer is, the open socket
+    receives throughout, and a second later a handshake is taken on at once."""
+    rate = 5
+    with running({"NOTIFY_MAX_HANDSHAKE_RATE": str(rate)}) as r:
+        assert await metric(http, r, "notify_max_handshake_rate") == rate
+        client = await Client.connect(r, "steady")
+        await client.welcome()
+        refused_before = await metric(http, r, 'notify_connections_refused_total{reason="max_handshake_rate"}')
+        started = time.monotonic()
+
+        async def socket_attempt() -> tuple[int, dict[str, str], bytes, float]:
+            """101 (the socket opened; it is closed 4401 for its token), or the refusal; and when."""
+            try:
+                ws = await websockets.connect(f"{r.ws_url}?token=not-a-jwt", open_timeout=TIMEOUT)
+            except websockets.InvalidStatus as exc:
+                headers = {k.lower(): v for k, v in exc.response.headers.raw_items()}
+                return exc.response.status_code, headers, bytes(exc.response.body or b""), time.monotonic() - started
+            answered = time.monotonic() - started
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 4401, ws.close_code
+            return 101, {}, b"", answered
+
+        async def stream_attempt() -> tuple[int, dict[str, str], bytes, float]:
+            response = await http.get(f"{r.url}/events?token=not-a-jwt")
+            return response.status_code, dict(response.headers), response.content, time.monotonic() - started
+
+        answers = await asyncio.gather(*(socket_attempt() for _ in range(24)), *(stream_attempt() for _ in range(6)))
+        elapsed = time.monotonic() - started
+        sent = (await publish(http, r, "steady", "during")).json()["id"]
+        assert [f["id"] for f in await client.notifications(1)] == [sent]
+
+        statuses = collections.Counter(status for status, *_ in answers)
+        assert set(statuses) <= {101, 401, 429}, statuses
+        taken = sorted(at for status, _, _, at in answers if status != 429)  # a bad token is refused after its turn
+        refused_at = [at for status, _, _, at in answers if status == 429]
+        # A second's worth and a tenth (at once), less the socket already open, plus what the rate let in meanwhile.
+        assert 2 <= len(taken) <= rate * (1 + 0.1 + elapsed) + 1, (statuses, elapsed)
+        assert taken[-1] >= (len(taken) - 2) / rate - 0.2, taken  # one by one, at the rate
+        assert max(refused_at) < 0.5, refused_at  # refusals at once
+        retry_after = []
+        for status, headers, body, _ in answers:
+            if status == 429:
+                assert orjson.loads(body)["error"] == "too_many_handshakes"
+                retry_after.append(int(headers["retry-after"]))
+        assert len(retry_after) >= 20
+        assert min(retry_after) >= 1 and max(retry_after) <= 30 and len(set(retry_after)) > 1, retry_after
+        refused = await metric(http, r, 'notify_connections_refused_total{reason="max_handshake_rate"}')
+        assert refused - refused_before == len(retry_after)
+        assert await metric(http, r, "notify_handshakes_delayed_total") >= len(taken) - 1
+
+        await asyncio.sleep(1.5)
+        opened = time.monotonic()
+        again = await Client.connect(r, "later")
+        await again.welcome()
+        assert time.monotonic() - opened < 0.5
+        await again.close()
+        await client.close()
+        log = r.output()
+        assert log.count(f"over NOTIFY_MAX_HANDSHAKE_RATE={rate}/s for more than a second") == 1, log
+        assert log.count("handshakes are taken on at once again") == 1, log
+        report(
+            "handshake_rate",
+            rate=rate,
+            attempts=len(answers),
+            taken=len(taken),
+            last_taken_after_s=taken[-1],
+            refused=len(refused_at),
+            slowest_refusal_s=max(refused_at),
+            retry_after=str(sorted(collections.Counter(retry_after).items())),
+        )
 
 
 # ---- slow-loris against a working replica

@@ -368,6 +368,94 @@ async def test_tokens_never_reach_the_log(as_json, http):
         assert SECRET not in log
 
 
+# ---- the access log
+
+
+def _access_lines(r: Replica) -> list[dict[str, Any]]:
+    lines = (json.loads(line) for line in Path(r.log.name).read_text(errors="replace").splitlines() if line[:1] == "{")
+    return [line for line in lines if line["logger"] == "service.access"]
+
+
+@pytest.mark.parametrize("mode", ["summary", "summary, slow 1 us", "all", "off"])
+async def test_access_log_modes(mode, http):
+    """NOTIFY_ACCESS_LOG at info level, 20 publishes answered on the fast path, one by the
+    framework (it has an Origin), a 422, a 401 and a GET:
+    - summary (the default): no line for a successful publish quicker than
+      NOTIFY_ACCESS_LOG_SLOW_SECONDS, but a summary line counting them (with p50/p99/max); a line
+      for each failure and for the GET;
+    - summary with the slow threshold at 1 us: every publish is slow, so each gets its line;
+    - all: a line for each request; off: none.
+    In every mode every response carries X-Request-ID (the caller's when given), every line
+    written about a request carries it (a 202's names its notification), and no token appears."""
+    env = {"NOTIFY_LOG_LEVEL": "info", "NOTIFY_ACCESS_LOG_SUMMARY_SECONDS": "0.5"}
+    if mode == "summary, slow 1 us":
+        env["NOTIFY_ACCESS_LOG_SLOW_SECONDS"] = "0.000001"
+    elif mode != "summary":
+        env["NOTIFY_ACCESS_LOG"] = mode
+    headers = publisher_headers()
+    with replica(env) as r:
+        answers: dict[str, httpx.Response] = {}
+        for i in range(20):
+            answers[f"fast-{i}"] = await http.post(
+                f"{r.url}/notify/logged", json={"event": "e"}, headers={**headers, "X-Request-ID": f"fast-{i}"}
+            )
+        answers["framework"] = await http.post(
+            f"{r.url}/notify/logged",
+            json={"event": "e"},
+            headers={**headers, "Origin": "https://app.example", "X-Request-ID": "framework"},
+        )
+        answers["invalid"] = await http.post(
+            f"{r.url}/notify/logged", json={"data": 1}, headers={**headers, "X-Request-ID": "invalid"}
+        )
+        answers["no-token"] = await http.post(
+            f"{r.url}/notify/logged", json={"event": "e"}, headers={"X-Request-ID": "no-token"}
+        )
+        answers["read"] = await http.get(
+            f"{r.url}/me/notifications?token={token('logged', 'notify:read')}", headers={"X-Request-ID": "read"}
+        )
+        anonymous = await http.post(f"{r.url}/notify/logged", json={"event": "e"}, headers=headers)
+        assert [a.status_code for a in answers.values()] == [202] * 21 + [422, 401, 200]
+        for rid, answer in answers.items():
+            assert answer.headers["x-request-id"] == rid
+        assert len(anonymous.headers["x-request-id"]) == 16  # made by the replica
+        published = {rid: answers[rid].json()["id"] for rid in answers if rid.startswith("fast") or rid == "framework"}
+
+        summaries: list[dict[str, Any]] = []
+        lines: list[dict[str, Any]] = []
+        for _ in range(40):  # the summary comes at the end of its period
+            await asyncio.sleep(0.1)
+            lines = _access_lines(r)
+            summaries = [line for line in lines if "publishes" in line]
+            if mode == "off" or summaries:
+                break
+        by_rid = {line["request_id"]: line for line in lines if "request_id" in line}
+        assert len(by_rid) == len(lines) - len(summaries), "a request's line without its request id, or two"
+        every_publish = mode in ("all", "summary, slow 1 us")
+        if mode == "off":
+            assert lines == []
+        else:
+            assert {"invalid", "no-token", "read"} <= set(by_rid)
+            assert by_rid["invalid"]["status"] == 422 and by_rid["no-token"]["status"] == 401
+            assert "[redacted]" in by_rid["read"]["path"]
+            logged = {rid for rid in published if rid in by_rid}
+            assert logged == (set(published) if every_publish else set()), logged
+            for rid in logged:
+                assert by_rid[rid]["notification_id"] == published[rid] and by_rid[rid]["status"] == 202
+        if mode.startswith("summary"):
+            [summary] = summaries
+            assert "request_id" not in summary
+            if every_publish:
+                assert summary["publishes"] == 0 and summary["slow_logged"] == 22
+            else:
+                assert summary["publishes"] == 22 and summary["by_kind"] == {"user": 22}
+                assert 0 < summary["p50_ms"] <= summary["p99_ms"] <= summary["max_ms"]
+            assert summary["failed_logged"] == 2
+        else:
+            assert summaries == []
+        log = await asyncio.to_thread(Path(r.log.name).read_text, errors="replace")
+        assert headers["Authorization"].split()[1] not in log
+
+
 # ---- JWKS
 
 

@@ -85,7 +85,7 @@ async def test_every_request_is_logged_once_with_its_request_id(http):
     access line with the caller's request id, which the answer echoes; the 202's names its notification."""
     from .utils import Replica, publisher_headers
 
-    replica = Replica({"NOTIFY_LOG_LEVEL": "info"}).start()
+    replica = Replica({"NOTIFY_LOG_LEVEL": "info", "NOTIFY_ACCESS_LOG": "all"}).start()
     try:
         url = f"{replica.url}/notify/log-user"
         fast = await http.post(url, json={"event": "e"}, headers={**publisher_headers(), "X-Request-ID": "req-fast"})

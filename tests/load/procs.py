@@ -158,7 +158,13 @@ class System:
             }[self.server]
             argv += ["--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
-        env = {"NOTIFY_JWT_SECRET": SECRET, "NOTIFY_LOG_LEVEL": "warning", **self.env}
+        # The handshake cap is off: the benchmark measures what a replica can take, not its pacing.
+        env = {
+            "NOTIFY_JWT_SECRET": SECRET,
+            "NOTIFY_LOG_LEVEL": "warning",
+            "NOTIFY_MAX_HANDSHAKE_RATE": "off",
+            **self.env,
+        }
         if redis is not None:
             env |= {"NOTIFY_REDIS_URL": redis.url, "NOTIFY_REDIS_PREFIX": namespace}
         options = dict(self.variant)

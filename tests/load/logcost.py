@@ -1,0 +1,216 @@
+"""What the access log costs: targeted publishes per server CPU-second, by NOTIFY_ACCESS_LOG mode.
+
+    python -m tests.load.logcost [--rate 1000] [--seconds 2] [--rounds 15] [--users 500]
+                                 [--modes summary,off,all] [--baseline-tree DIR]
+
+One Redis and one replica per mode (`summary`, the default; `off`; `all`, a line per request;
+`--modes` picks them, and a mode named twice gets two replicas, to show the noise between twins),
+each with its own sockets (`--users` users, two sockets each), at log level info with stdout to a
+file, as a container's log would be. Short rounds alternate between the modes (the order rotates
+every round), each publishing `--rate` POST /notify/{user} a second for `--seconds` to one replica
+and waiting for every delivery. The figures are medians over the rounds: deliveries and publishes
+per CPU-second of that replica (its threads' schedstat, in nanoseconds), and the cost of each mode
+against `off`: 1 - its deliveries per CPU-second / off's in the same round (rounds are paired, so
+that the machine's drift cancels).
+`--baseline-tree DIR`: also run the replica of another checkout (say `git archive HEAD | tar -x -C
+DIR`) with its default and with NOTIFY_ACCESS_LOG=false.
+"""
+
+# Waits here are bounded polls with explicit deadlines, which is what a load generator wants.
+# ruff: noqa: ASYNC109, ASYNC110
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tests.utils import RedisServer, token
+
+from .clients import Fleet, Publisher, paced, perf
+from .procs import Server, System
+
+
+@dataclass
+class Mode:
+    label: str
+    env: dict[str, str]
+    tree: str | None = None
+    server: Server | None = None
+    fleet: Fleet | None = None
+    pub: Publisher | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of a process, to the nanosecond (schedstat), not to the clock tick."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def _round(mode: Mode, rate: float, seconds: float, drain: float) -> dict[str, Any]:
+    assert mode.server is not None and mode.fleet is not None and mode.pub is not None
+    server, fleet, pub = mode.server, mode.fleet, mode.pub
+    count = int(rate * seconds)
+    rec = fleet.recorder
+    run = rec.reset(count, 0)
+    rng = random.Random(count)
+    for i in range(count):
+        rec.user_of[i] = rng.randrange(fleet.users)
+    accepted = 0
+    statuses: dict[int, int] = {}
+
+    def fire(i: int, t: float) -> None:
+        def done(status: int, body: bytes) -> None:
+            nonlocal accepted
+            statuses[status] = statuses.get(status, 0) + 1
+            accepted += 200 <= status < 300
+
+        body = orjson.dumps({"event": "cost", "data": {"t": t, "k": i, "r": run}})
+        pub.request(f"/notify/u{rec.user_of[i]}", body, done)
+
+    log_before = server.log.stat().st_size
+    cpu0, wall0 = cpu_seconds(server.pid), perf()
+    await paced(rate, count, fire, seconds + 30)
+    await pub.drained(drain)
+    deadline = perf() + drain
+    while rec.received < 2 * accepted and perf() < deadline:
+        await asyncio.sleep(0.01)
+    cpu, wall = cpu_seconds(server.pid) - cpu0, perf() - wall0
+    latency = [x * 1000 for x in rec.latency]
+    return {
+        "publishes": accepted,
+        "errors": count - accepted,
+        "delivered": rec.received,
+        "lost": 2 * accepted - rec.received,
+        "server_cpu_s": cpu,
+        "server_cpu_util": cpu / wall,
+        "publishes_per_cpu_s": accepted / cpu if cpu else 0.0,
+        "deliveries_per_cpu_s": rec.received / cpu if cpu else 0.0,
+        "p50_ms": _percentile(latency, 0.5),
+        "p99_ms": _percentile(latency, 0.99),
+        "log_bytes": server.log.stat().st_size - log_before,
+    }
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=1000.0, help="POST /notify/{user} per second (1000)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="each round's publishing time (2)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of every mode (15)")
+    parser.add_argument("--users", type=int, default=500, help="users per replica, two sockets each (500)")
+    parser.add_argument(
+        "--modes",
+        default="summary,off,all",
+        help="NOTIFY_ACCESS_LOG modes, one replica each (a mode twice: two replicas, to see the noise between them)",
+    )
+    parser.add_argument(
+        "--baseline-tree", type=os.path.realpath, help="another checkout: its default and NOTIFY_ACCESS_LOG=false too"
+    )
+    ns = parser.parse_args(argv)
+
+    modes: list[Mode] = []
+    for name in ns.modes.split(","):
+        label = name if name not in [m.label.split("#")[0] for m in modes] else f"{name}#{len(modes) + 1}"
+        modes.append(Mode(label, {} if name == "summary" else {"NOTIFY_ACCESS_LOG": name}))
+    if not any(m.label == "off" for m in modes):
+        parser.error("--modes must include off, the reference")
+    if ns.baseline_tree:
+        tree = ns.baseline_tree
+        modes += [Mode("baseline default", {}, tree), Mode("baseline false", {"NOTIFY_ACCESS_LOG": "false"}, tree)]
+    redis = RedisServer()
+    redis.start()
+    bearer = token("logcost-publisher", "notify:publish", ttl=3600)
+    try:
+        for mode in modes:
+            system = System(
+                mode.label,
+                "notify",
+                variant={"tree": mode.tree} if mode.tree else {},
+                env={"NOTIFY_LOG_LEVEL": "info", **mode.env},
+            )
+            mode.server = system.replica(redis, f"c{uuid.uuid4().hex[:8]}").start()
+            mode.fleet = Fleet("notify", ns.users)
+            tokens = [token(f"u{i >> 1}", ttl=3600) for i in range(2 * ns.users)]
+            port = mode.server.port
+            seconds, failures = await mode.fleet.connect_all(lambda i, p=port: p, tokens, 50, 30.0)
+            if failures:
+                raise RuntimeError(f"{mode.label}: {failures} sockets failed to connect")
+            mode.pub = Publisher(port, bearer)
+            await mode.pub.open(32)
+            print(f"{mode.label}: replica on port {port}, {2 * ns.users} sockets in {seconds:.1f} s", flush=True)
+        for mode in modes:  # warm-up: every replica has run the publish path before anything is measured
+            await _round(mode, min(ns.rate, 500.0), 1.0, 5.0)
+        for r in range(ns.rounds):
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
+            for mode in order:
+                result = await _round(mode, ns.rate, ns.seconds, 5.0)
+                mode.rounds.append(result)
+                print(
+                    f"round {r + 1} {mode.label:>18}: {result['publishes_per_cpu_s']:,.0f} publishes and "
+                    f"{result['deliveries_per_cpu_s']:,.0f} deliveries per CPU-s, CPU {result['server_cpu_util']:.0%}, "
+                    f"p99 {result['p99_ms']:.1f} ms, log {result['log_bytes'] / 1024:,.0f} KB, "
+                    f"lost {result['lost']}, errors {result['errors']}",
+                    flush=True,
+                )
+    finally:
+        for mode in modes:
+            if mode.fleet is not None:
+                await mode.fleet.close_all()
+            if mode.pub is not None:
+                mode.pub.close()
+            if mode.server is not None:
+                mode.server.stop()
+        redis.stop()
+
+    def median(mode: Mode, key: str) -> float:
+        return statistics.median(r[key] for r in mode.rounds)
+
+    off = next(m for m in modes if m.label == "off")
+    print(
+        f"\n{ns.rate:g} POST /notify/{{user}} per second for {ns.seconds:g} s, {2 * ns.users} sockets per replica, "
+        f"{ns.rounds} rounds per mode, medians. Cost: 1 - (deliveries per CPU-s / off's in the same round), the "
+        "median over the rounds and, in brackets, the lowest and highest round\n"
+    )
+    print("| mode | publishes per CPU-s | deliveries per CPU-s | cost vs off | server CPU | p99 ms | log per round |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode in modes:
+        costs = [
+            1 - mine["deliveries_per_cpu_s"] / ref["deliveries_per_cpu_s"]
+            for mine, ref in zip(mode.rounds, off.rounds, strict=True)
+        ]
+        print(
+            f"| {mode.label} | {median(mode, 'publishes_per_cpu_s'):,.0f} | "
+            f"{median(mode, 'deliveries_per_cpu_s'):,.0f} | "
+            f"{statistics.median(costs):+.1%} [{min(costs):+.0%}, {max(costs):+.0%}] | "
+            f"{median(mode, 'server_cpu_util'):.0%} | {median(mode, 'p99_ms'):.1f} | "
+            f"{median(mode, 'log_bytes') / 1024:,.0f} KB |"
+        )
+    lost = sum(r["lost"] + r["errors"] for m in modes for r in m.rounds)
+    print(f"\nlost deliveries and failed publishes over every round: {lost}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()}, {time.ctime()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    raise SystemExit(uvloop.run(main()))
