@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic,capacity")
     parser.add_argument(
         "--only",
-        choices=["notify", "socketio", "node-socketio", "lean-python", "lean-node"],
         default=None,
-        help="run one system only (socketio: python-socketio)",
+        help="comma-separated systems to run, of notify, socketio (python-socketio), node-socketio, lean-python, "
+        "lean-node",
     )
     parser.add_argument(
         "--variant",
@@ -114,14 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     node = node_status()
     peers = {"socketio": SOCKETIO, "node-socketio": NODE_SOCKETIO, "lean-python": LEAN_PYTHON, "lean-node": LEAN_NODE}
     needs_node = {"node-socketio", "lean-node"}
-    node_wanted = not ns.variant and ns.only in (None, *needs_node)
+    only = ns.only.split(",") if ns.only else None
+    if only and (unknown := set(only) - {"notify", *peers}):
+        parser.error(f"--only: unknown system {', '.join(sorted(unknown))}")
+    node_wanted = not ns.variant and (only is None or bool(needs_node & set(only)))
     systems = [] if ns.no_baseline else [NOTIFY]
     systems += [_variant(v) for v in ns.variant]
-    if ns.only in peers:
-        if ns.only in needs_node and "left_out" in node:
-            parser.error(f"{ns.only} cannot run: {node['left_out']}")
-        systems = [peers[ns.only]]
-    elif not ns.variant and ns.only is None:
+    if only:
+        if needs_node & set(only) and "left_out" in node:
+            parser.error(f"{', '.join(sorted(needs_node & set(only)))} cannot run: {node['left_out']}")
+        systems = [s for s in systems if "notify" in only] + [peers[name] for name in only if name in peers]
+    elif not ns.variant:
         systems += [s for key, s in peers.items() if key not in needs_node or "left_out" not in node]
         if "left_out" in node:
             print(f"Node Socket.IO and the lean Node reference left out: {node['left_out']}", file=sys.stderr)
