@@ -116,7 +116,14 @@ class ClusterPipelines:
         self, command: bytes, acknowledged: bool = False, key: str | None = None, asking: bool = False
     ) -> Any:
         assert key is not None, "in a cluster every command names the key it is routed by"
-        return await self._routed(key, lambda pipe, ask: pipe.execute(command, acknowledged, asking=ask))
+        # Straight to the owner's pipeline: every publish comes this way, and a redirect is rare.
+        try:
+            return await self._owner_pipeline(key).execute(command, acknowledged, asking=asking)
+        except ResponseError as exc:
+            if not _redirect(exc):
+                raise
+            first = exc
+        return await self._rerouted(key, first, lambda pipe, ask: pipe.execute(command, acknowledged, asking=ask))
 
     async def evaluate(
         self,
@@ -126,30 +133,47 @@ class ClusterPipelines:
         acknowledged: bool = False,
         asking: bool = False,
     ) -> Any:
-        return await self._routed(keys[0], lambda pipe, ask: pipe.evaluate(script, keys, args, acknowledged, ask))
+        try:
+            return await self._owner_pipeline(keys[0]).evaluate(script, keys, args, acknowledged, asking)
+        except ResponseError as exc:
+            if not _redirect(exc):
+                raise
+            first = exc
+        return await self._rerouted(
+            keys[0], first, lambda pipe, ask: pipe.evaluate(script, keys, args, acknowledged, ask)
+        )
 
-    async def _routed(self, key: str, call: Callable[[AutoPipeline, bool], Awaitable[Any]]) -> Any:
+    def _owner_pipeline(self, key: str) -> AutoPipeline:
         slot = slot_of(key)
         try:
-            address, asking = self._slots.owner(slot), False
+            address = self._slots.owner(slot)
         except Exception as exc:  # noqa: BLE001 - no map yet, or the slot has no primary right now
             self._slots.suspect()
             raise RedisConnectionError(f"no primary known for slot {slot}") from exc
+        pipeline = self._pipelines.get(address)
+        return pipeline if pipeline is not None else self._pipeline(address)
+
+    async def _rerouted(
+        self, key: str, redirect: ResponseError, call: Callable[[AutoPipeline, bool], Awaitable[Any]]
+    ) -> Any:
+        """Follow a redirect (and any that follow it) to where the key's slot is now."""
+        slot = slot_of(key)
         for _ in range(_REDIRECTS):
+            kind, _, rest = str(redirect).partition(" ")
+            if kind == "MOVED":
+                await self._slots.refresh()
+                address, asking = _address(rest), False
+            elif kind == "ASK":
+                address, asking = _address(rest), True
+            else:  # TRYAGAIN, CLUSTERDOWN: half way through a move, or healing
+                await asyncio.sleep(0.05)
+                address, asking = self._slots.owner(slot), False
             try:
                 return await call(self._pipeline(address), asking)
             except ResponseError as exc:
-                kind, _, rest = str(exc).partition(" ")
-                if kind == "MOVED":
-                    await self._slots.refresh()
-                    address, asking = _address(rest), False
-                elif kind == "ASK":
-                    address, asking = _address(rest), True
-                elif kind in ("TRYAGAIN", "CLUSTERDOWN"):
-                    await asyncio.sleep(0.05)
-                    address, asking = self._slots.owner(slot), False
-                else:
+                if not _redirect(exc):
                     raise
+                redirect = exc
         raise ConnectionError(f"slot {slot} kept moving")
 
     async def aclose(self) -> None:
@@ -158,6 +182,14 @@ class ClusterPipelines:
     def drop_link(self, reason: str, keep: Callable[[Any], bool]) -> None:
         for pipeline in self._pipelines.values():
             pipeline.drop_link(reason, keep)
+
+
+_REDIRECT_KINDS = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"})
+
+
+def _redirect(exc: ResponseError) -> bool:
+    """The command did not run here: the slot moved, is moving, or the cluster is healing."""
+    return str(exc).partition(" ")[0] in _REDIRECT_KINDS
 
 
 def _address(redirect: str) -> Address:
