@@ -1,5 +1,6 @@
 """The listener for user-side consumers: a socket that reconnects, resumes every stream from its own
-cursor, joins its topics again and drops what it already saw (see service/client.py for the story).
+cursor, joins its topics again and drops what it already saw (see service/client.py for the story;
+the topics themselves are in service/listener_topics.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .client import (
     _key,
     _resolve,
 )
+from .listener_topics import TopicMembership
 
 logger = logging.getLogger("service.client")
 
@@ -154,20 +156,12 @@ class Listener:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("listen needs at least one URL")
-        if isinstance(topics, str):
-            raise TypeError("topics is a list of topic names, not one string")
+        self._membership = TopicMembership(topics, topic_tokens, topic_since)
         self.urls = [_ws_url(u) for u in url_list]
         self._token_source = token
         self._token: str | None = token if isinstance(token, str) else None
         self.last_id = since
         self.last_broadcast_id = broadcast_since
-        self.topics: list[str] = list(dict.fromkeys(topics))
-        unknown = set(topic_since or {}).union(topic_tokens or {}).difference(self.topics)
-        if unknown:
-            raise ValueError(f"topic_since / topic_tokens name topics not in topics: {sorted(unknown)}")
-        self.last_topic_ids: dict[str, str | None] = {t: (topic_since or {}).get(t) for t in self.topics}
-        self.topic_gaps = 0
-        self._topic_tokens = dict(topic_tokens or {})
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_attempts = max_attempts
@@ -182,8 +176,6 @@ class Listener:
         self._url_index = 0
         self._stopped = False
         self._ws: Any = None
-        self._joining: set[str] = set()  # join sent on this socket, no answer yet
-        self._joined: set[str] = set()  # topics this socket is a member of
         self.state = "connecting"
         self.url: str | None = None
         self.connection_id: str | None = None
@@ -193,9 +185,24 @@ class Listener:
         return self._run()
 
     @property
+    def topics(self) -> list[str]:
+        """The topics it joins on every socket (one the server removed this user from is dropped)."""
+        return self._membership.topics
+
+    @property
+    def last_topic_ids(self) -> dict[str, str | None]:
+        """The resume cursor of each of ``topics``."""
+        return self._membership.last_ids
+
+    @property
+    def topic_gaps(self) -> int:
+        """How many ``joined`` frames said ``recovered: false``."""
+        return self._membership.gaps
+
+    @property
     def joined(self) -> frozenset[str]:
         """The topics the current socket is a member of (joined again on every new socket)."""
-        return frozenset(self._joined)
+        return self._membership.joined
 
     async def close(self) -> None:
         """Stop: the iteration ends after the current socket closes."""
@@ -286,15 +293,7 @@ class Listener:
     async def _session(self, ws: Any) -> AsyncIterator[Notification | None]:
         """Frames of one socket: None for the welcome, then notifications (deduped, in order per stream)."""
         refresher: asyncio.Task[None] | None = None
-        pacer = _Pacer(self._send_rate)
-        senders: set[asyncio.Task[None]] = set()
-        self._joining, self._joined = set(), set()
-
-        def join_later(topic: str, delay: float = 0.0) -> None:
-            task = asyncio.get_running_loop().create_task(self._join(ws, pacer, topic, delay))
-            senders.add(task)
-            task.add_done_callback(senders.discard)
-
+        self._membership.attach(ws, _Pacer(self._send_rate))
         try:
             async for raw in ws:
                 if not isinstance(raw, str):
@@ -316,95 +315,33 @@ class Listener:
                         self.last_id = frame["cursor"]
                     if self.last_broadcast_id is None and isinstance(frame.get("broadcast_cursor"), str):
                         self.last_broadcast_id = frame["broadcast_cursor"]
-                    for topic in self.topics:
-                        join_later(topic)
+                    self._membership.join_all()
                     yield None
                     if frame.get("recovered") is False:
                         for notification in await self._refetch():
                             yield notification
                     refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
                 elif kind == "joined":
-                    self._on_joined(frame)
+                    self._membership.on_joined(frame)
                 elif kind == "left":
-                    self._on_left(frame)
+                    self._membership.on_left(frame)
                 elif kind == "refreshed":
                     refresher = self._schedule_refresh(ws, refresher, frame.get("expires_at"))
                 elif kind == "resync":
                     for notification in await self._refetch():
                         yield notification
                 elif kind == "error":
-                    topic = frame.get("topic")
-                    if isinstance(topic, str) and topic in self._joining:
-                        if self._join_refused(topic, str(frame.get("code")), str(frame.get("message", ""))):
-                            join_later(topic, random.uniform(0.5, 2.0))
-                    else:
+                    try:
+                        answered_a_join = self._membership.on_error(frame)
+                    except TopicRefused:
+                        self.state = "closed"
+                        raise
+                    if not answered_a_join:
                         logger.warning("server error frame: %s %s", frame.get("code"), frame.get("message"))
         finally:
             if refresher is not None:
                 refresher.cancel()
-            for task in list(senders):
-                task.cancel()
-
-    async def _join(self, ws: Any, pacer: _Pacer, topic: str, delay: float) -> None:
-        """Send `join` for a topic, resuming after the last id seen in it (or its first `joined` cursor)."""
-        if delay:
-            await asyncio.sleep(delay)
-        await pacer.wait()
-        if topic not in self.last_topic_ids:  # removed meanwhile
-            return
-        frame: dict[str, Any] = {"type": "join", "topic": topic}
-        topic_token = self._topic_tokens.get(topic)
-        while topic_token is not None:
-            try:
-                frame["token"] = await _resolve(topic_token)
-                break
-            except Exception as exc:  # noqa: BLE001 - the caller's callable; try again while the socket lives
-                logger.warning("join %s: the topic token callable failed: %s", topic, exc)
-                await asyncio.sleep(random.uniform(1.0, 3.0))
-        since = self.last_topic_ids.get(topic)  # read last: nothing of this topic arrives before the join
-        if since is not None:
-            frame["since"] = since
-        self._joining.add(topic)
-        try:
-            await ws.send(json.dumps(frame))
-        except Exception as exc:  # noqa: BLE001 - the socket is closing; the next one joins again
-            logger.info("join %s not sent: %s", topic, exc)
-
-    def _on_joined(self, frame: dict[str, Any]) -> None:
-        topic = frame.get("topic")
-        if not isinstance(topic, str) or topic not in self.last_topic_ids:
-            return
-        self._joining.discard(topic)
-        self._joined.add(topic)
-        cursor = frame.get("cursor")
-        if self.last_topic_ids[topic] is None and isinstance(cursor, str):
-            self.last_topic_ids[topic] = cursor
-        if frame.get("recovered") is False:
-            self.topic_gaps += 1
-            logger.warning("topic %s: some messages after the cursor are no longer retained", topic)
-
-    def _on_left(self, frame: dict[str, Any]) -> None:
-        topic = frame.get("topic")
-        if not isinstance(topic, str):
-            return
-        self._joining.discard(topic)
-        self._joined.discard(topic)
-        if frame.get("reason") == "removed" and topic in self.last_topic_ids:
-            logger.warning("removed from topic %s by the server; not joining it again", topic)
-            self.topics.remove(topic)
-            del self.last_topic_ids[topic]
-
-    def _join_refused(self, topic: str, code: str, message: str) -> bool:
-        """An error answering a join: True to retry it later; raises TopicRefused when retrying cannot help."""
-        self._joining.discard(topic)
-        if code == "already_joined":
-            self._joined.add(topic)
-            return False
-        if code == "unavailable":
-            logger.info("join %s failed (%s); retrying", topic, message)
-            return True
-        self.state = "closed"
-        raise TopicRefused(topic, code, message)
+            self._membership.detach()
 
     def _accept(self, frame: dict[str, Any]) -> Notification | None:
         """The notification, or None when already seen (by stream and id, or behind its stream's cursor)."""
