@@ -36,16 +36,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from .client_common import (
+    Disconnected,
+    ListenerError,
+    NotifyError,
+    PublishError,
+    TokenSource,
+    TopicRefused,
+    Unauthorized,
+    _full_jitter,
+    _resolve,
+)
+from .listener import Listener, listen
+from .listener_streams import Notification
+from .listener_streams import _key as _key  # defined here once: code importing it from here keeps working
 
 __all__ = [
     "BatchItem",
@@ -65,68 +78,10 @@ __all__ = [
 
 logger = logging.getLogger("service.client")
 
-TokenSource = str | Callable[[], str | Awaitable[str]]
-"""A token, or a (sync or async) callable that returns a current one."""
-
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Without an idempotency key only answers that prove nothing was done are retried (a gateway's
 # 502/504 may come after the service acted).
 _SAFE_RETRY_STATUSES = frozenset({429, 503})
-
-
-# ---------------------------------------------------------------- errors
-
-
-class NotifyError(Exception):
-    """Base of every error this module raises."""
-
-
-class PublishError(NotifyError):
-    """The server refused a publish (4xx), or it still failed after every retry.
-
-    ``status`` is the HTTP status (None when no answer came back), ``error`` and ``message`` the
-    server's JSON error body (``{"error": ..., "message": ..., "details": ...}``)."""
-
-    def __init__(
-        self, status: int | None, error: str, message: str, details: list[dict[str, Any]] | None = None
-    ) -> None:
-        super().__init__(f"{status or 'no answer'} {error}: {message}")
-        self.status = status
-        self.error = error
-        self.message = message
-        self.details = details
-
-
-class ListenerError(NotifyError):
-    """The listener stopped for a reason that retrying cannot fix (e.g. 1009, a refused handshake)."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Unauthorized(ListenerError):
-    """Closed with 4401 (token missing, invalid or expired) and no new token to retry with."""
-
-
-class Disconnected(Unauthorized):
-    """Closed with 4403: the server disconnected the user (logout everywhere, a ban). The listener
-    never reconnects with the same token; its cursors (``last_id``, ``last_broadcast_id``,
-    ``last_topic_ids``) stay readable, for a new listener with a new token to resume from."""
-
-
-class TopicRefused(ListenerError):
-    """The server refused to join one of the listener's topics (``forbidden``, ``full``,
-    ``unknown_namespace``, ...): ``topic`` and the error frame's ``error`` code and ``message``."""
-
-    def __init__(self, topic: str, error: str, message: str) -> None:
-        super().__init__(f"join {topic!r} refused: {error}: {message}")
-        self.topic = topic
-        self.error = error
-        self.message = message
-
-
-# ---------------------------------------------------------------- publisher
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,31 +268,3 @@ def _retry_after(response: httpx.Response) -> float | None:
     with contextlib.suppress(KeyError, ValueError):
         return max(0.0, float(response.headers["retry-after"]))
     return None
-
-
-def _full_jitter(base: float, cap: float, attempt: int) -> float:
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
-
-
-async def _resolve(source: TokenSource) -> str:
-    if isinstance(source, str):
-        return source
-    value = source()
-    if inspect.isawaitable(value):
-        value = await value
-    return str(value)
-
-
-# ---------------------------------------------------------------- listener
-
-
-def _key(id_: str) -> tuple[int, int]:
-    ms, _, seq = id_.partition("-")
-    try:
-        return int(ms), int(seq)
-    except ValueError:
-        return (0, 0)
-
-
-# The listener lives in its own module; it is part of this one's API (`service.client.listen`).
-from .listener import Listener, Notification, listen  # noqa: E402

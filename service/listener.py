@@ -1,6 +1,7 @@
 """The listener for user-side consumers: a socket that reconnects, resumes every stream from its own
 cursor, joins its topics again and drops what it already saw (see service/client.py for the story;
-the topics themselves are in service/listener_topics.py).
+the topics themselves are in service/listener_topics.py; each stream's cursor, the dedupe and the
+inbox refetched after a gap in service/listener_streams.py).
 """
 
 from __future__ import annotations
@@ -11,66 +12,23 @@ import json
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
-
-from .client import (
+from .client_common import (
     Disconnected,
     ListenerError,
     TokenSource,
     TopicRefused,
     Unauthorized,
     _full_jitter,
-    _key,
     _resolve,
 )
+from .listener_streams import Notification, StreamCursors
 from .listener_topics import TopicMembership
 
 logger = logging.getLogger("service.client")
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """One notification as the socket delivered it; ``frame`` is the whole JSON frame.
-
-    ``topic`` is set for a topic's messages, with ``sender`` the member who published it (None when
-    a backend did). Ids are ordered and unique only within one stream (see ``stream``)."""
-
-    id: str
-    event: str
-    data: Any
-    ts: int
-    broadcast: bool = False
-    frame: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    topic: str | None = None
-    sender: str | None = None
-
-    @property
-    def stream(self) -> str:
-        """The stream it came from: ``"user"``, ``"broadcast"`` or ``"topic:<topic>"``."""
-        if self.topic is not None:
-            return f"topic:{self.topic}"
-        return "broadcast" if self.broadcast else "user"
-
-    @classmethod
-    def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
-        topic = frame.get("topic")
-        sender = frame.get("from")
-        return cls(
-            id=str(frame["id"]),
-            event=str(frame["event"]),
-            data=frame.get("data"),
-            ts=int(frame.get("ts", 0)),
-            broadcast=bool(frame.get("broadcast", False)),
-            frame=dict(frame),
-            topic=str(topic) if topic is not None else None,
-            sender=str(sender) if sender is not None else None,
-        )
 
 
 # Close codes: what the listener does after each (docs/protocol.md, "Close codes").
@@ -80,28 +38,6 @@ _CLOSE_UNAUTHORIZED = 4401
 _CLOSE_DISCONNECTED = 4403
 _CLOSE_TOO_MANY = 4029
 _CLOSE_RESTART = 1012
-
-# Dedupe keys: a stream and an id (ids of two streams may be equal).
-_USER, _BROADCAST = "u", "b"
-
-
-class _Pacer:
-    """Keeps this client's frames under the server's inbound rate (it closes with 4029 above it)."""
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._tokens = rate
-        self._updated = time.monotonic()
-
-    async def wait(self) -> None:
-        while True:
-            now = time.monotonic()
-            self._tokens = min(self._rate, self._tokens + (now - self._updated) * self._rate)
-            self._updated = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return
-            await asyncio.sleep((1 - self._tokens) / self._rate)
 
 
 class Listener:
@@ -156,22 +92,17 @@ class Listener:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
             raise ValueError("listen needs at least one URL")
-        self._membership = TopicMembership(topics, topic_tokens, topic_since)
+        self._membership = TopicMembership(topics, topic_tokens, topic_since, send_rate)
         self.urls = [_ws_url(u) for u in url_list]
         self._token_source = token
         self._token: str | None = token if isinstance(token, str) else None
-        self.last_id = since
-        self.last_broadcast_id = broadcast_since
+        self._cursors = StreamCursors(since, broadcast_since, self._membership.last_ids, dedupe_window)
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_attempts = max_attempts
         self._refetch_on_gap = refetch_on_gap
         self._refresh_margin = refresh_margin
         self._open_timeout = open_timeout
-        self._send_rate = send_rate
-        self._seen: set[tuple[str, str]] = set()
-        self._seen_order: deque[tuple[str, str]] = deque()
-        self._dedupe_window = dedupe_window
         self._connect_options = dict(connect_options or {})
         self._url_index = 0
         self._stopped = False
@@ -183,6 +114,16 @@ class Listener:
 
     def __aiter__(self) -> AsyncIterator[Notification]:
         return self._run()
+
+    @property
+    def last_id(self) -> str | None:
+        """The user's stream's resume cursor."""
+        return self._cursors.last_id
+
+    @property
+    def last_broadcast_id(self) -> str | None:
+        """The broadcast stream's resume cursor."""
+        return self._cursors.last_broadcast_id
 
     @property
     def topics(self) -> list[str]:
@@ -293,7 +234,7 @@ class Listener:
     async def _session(self, ws: Any) -> AsyncIterator[Notification | None]:
         """Frames of one socket: None for the welcome, then notifications (deduped, in order per stream)."""
         refresher: asyncio.Task[None] | None = None
-        self._membership.attach(ws, _Pacer(self._send_rate))
+        self._membership.attach(ws)
         try:
             async for raw in ws:
                 if not isinstance(raw, str):
@@ -304,17 +245,13 @@ class Listener:
                     continue
                 kind = frame.get("type") if isinstance(frame, dict) else None
                 if kind == "notification":
-                    notification = self._accept(frame)
+                    notification = self._cursors.accept(frame)
                     if notification is not None:
                         yield notification
                 elif kind == "welcome":
                     self.state = "open"
                     self.connection_id = frame.get("connection_id")
-                    # Present when not resuming. Nothing of a stream seen yet: a reconnect resumes it from here.
-                    if self.last_id is None and isinstance(frame.get("cursor"), str):
-                        self.last_id = frame["cursor"]
-                    if self.last_broadcast_id is None and isinstance(frame.get("broadcast_cursor"), str):
-                        self.last_broadcast_id = frame["broadcast_cursor"]
+                    self._cursors.on_welcome(frame)
                     self._membership.join_all()
                     yield None
                     if frame.get("recovered") is False:
@@ -342,41 +279,6 @@ class Listener:
             if refresher is not None:
                 refresher.cancel()
             self._membership.detach()
-
-    def _accept(self, frame: dict[str, Any]) -> Notification | None:
-        """The notification, or None when already seen (by stream and id, or behind its stream's cursor)."""
-        id_ = frame.get("id")
-        if not isinstance(id_, str):
-            return None
-        topic = frame.get("topic")
-        if topic is not None:
-            if not isinstance(topic, str) or topic not in self.last_topic_ids:
-                return None  # a topic this listener left or was removed from
-            stream, cursor = "t:" + topic, self.last_topic_ids[topic]
-        elif frame.get("broadcast"):
-            stream, cursor = _BROADCAST, self.last_broadcast_id
-        else:
-            stream, cursor = _USER, self.last_id
-        if (stream, id_) in self._seen or (cursor is not None and _key(id_) <= _key(cursor)):
-            return None
-        try:
-            notification = Notification.from_frame(frame)
-        except (KeyError, TypeError, ValueError):
-            return None
-        self._remember((stream, id_))
-        if topic is not None:
-            self.last_topic_ids[topic] = id_
-        elif stream == _BROADCAST:
-            self.last_broadcast_id = id_
-        else:
-            self.last_id = id_
-        return notification
-
-    def _remember(self, key: tuple[str, str]) -> None:
-        self._seen.add(key)
-        self._seen_order.append(key)
-        while len(self._seen_order) > self._dedupe_window:
-            self._seen.discard(self._seen_order.popleft())
 
     def _connect_url(self, url: str) -> str:
         """The URL with the resume cursors: each stream's own, and none for a stream without one."""
@@ -426,27 +328,10 @@ class Listener:
         return asyncio.get_running_loop().create_task(refresh())
 
     async def _refetch(self) -> list[Notification]:
-        """After a gap the server could not replay: the user's inbox entries newer than the cursor."""
+        """After ``recovered: false`` or ``resync``: what the inbox holds that was not yielded yet."""
         if not self._refetch_on_gap or self.url is None or self._token is None:
             return []
-        parts = urlsplit(self.url)
-        scheme = "https" if parts.scheme == "wss" else "http"
-        base_path = parts.path[: -len("/ws")] if parts.path.endswith("/ws") else parts.path.rstrip("/")
-        url = urlunsplit((scheme, parts.netloc, base_path + "/me/notifications", "limit=100", ""))
-        try:
-            async with httpx.AsyncClient(timeout=self._open_timeout) as http:
-                response = await http.get(url, headers={"Authorization": f"Bearer {self._token}"})
-            response.raise_for_status()
-            frames = response.json()["notifications"]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            logger.warning("could not refetch the inbox after a gap: %s", exc)
-            return []
-        fresh = []
-        for frame in sorted(frames, key=lambda f: _key(str(f.get("id", "")))):
-            notification = self._accept(frame)
-            if notification is not None:
-                fresh.append(notification)
-        return fresh
+        return await self._cursors.refetch(self.url, self._token, self._open_timeout)
 
 
 def listen(

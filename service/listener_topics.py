@@ -11,20 +11,39 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .client import TokenSource, TopicRefused, _resolve
-
-if TYPE_CHECKING:
-    from .listener import _Pacer
+from .client_common import TokenSource, TopicRefused, _resolve
 
 logger = logging.getLogger("service.client")
 
 
+class _Pacer:
+    """Keeps this client's frames under the server's inbound rate (it closes with 4029 above it).
+
+    Here because the joins are what would go over it: a welcome joins every topic at once."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._updated = time.monotonic()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._updated) * self._rate)
+            self._updated = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
 class TopicMembership:
     """The topics of one :class:`~service.client.Listener` (its options ``topics``, ``topic_tokens``,
-    ``topic_since``); the listener exposes ``topics``, ``last_ids`` (as ``last_topic_ids``), ``gaps``
+    ``topic_since``, ``send_rate``); the listener exposes ``topics``, ``last_ids`` (as ``last_topic_ids``), ``gaps``
     (as ``topic_gaps``) and ``joined``, and hands it every socket and every membership frame."""
 
     def __init__(
@@ -32,6 +51,7 @@ class TopicMembership:
         topics: Iterable[str],
         topic_tokens: Mapping[str, TokenSource] | None,
         topic_since: Mapping[str, str] | None,
+        send_rate: float,
     ) -> None:
         if isinstance(topics, str):
             raise TypeError("topics is a list of topic names, not one string")
@@ -44,6 +64,7 @@ class TopicMembership:
         self.last_ids: dict[str, str | None] = {t: (topic_since or {}).get(t) for t in self.topics}
         self.gaps = 0
         self._tokens = dict(topic_tokens or {})
+        self._send_rate = send_rate
         self._ws: Any = None  # the current socket and its pacer, from attach()
         self._pacer: _Pacer
         self._joining: set[str] = set()  # join sent on this socket, no answer yet
@@ -54,9 +75,9 @@ class TopicMembership:
     def joined(self) -> frozenset[str]:
         return frozenset(self._joined)
 
-    def attach(self, ws: Any, pacer: _Pacer) -> None:
+    def attach(self, ws: Any) -> None:
         """A new socket: a member of nothing until the server says so."""
-        self._ws, self._pacer = ws, pacer
+        self._ws, self._pacer = ws, _Pacer(self._send_rate)
         self._joining, self._joined = set(), set()
 
     def join_all(self) -> None:

@@ -274,6 +274,23 @@ async def test_retry_after_a_lost_answer_does_not_deliver_twice(single):
 # ---- listener
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from service.listener import Listener",
+        "from service.listener_streams import StreamCursors",
+        "from service.listener_topics import TopicMembership",
+    ],
+)
+def test_listener_modules_import_first_in_a_fresh_interpreter(statement: str) -> None:
+    """An import cycle between the client modules breaks only the module imported first, and this
+    file imports service.client before anything else, so only a fresh interpreter can see one."""
+    done = subprocess.run(
+        [sys.executable, "-c", statement], capture_output=True, text=True, timeout=3 * TIMEOUT, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.slow
 async def test_listener_resumes_across_a_replica_restart_without_loss_or_duplicates(own_redis):
     """The listener's replica restarts while a backend keeps publishing through another replica: the
@@ -380,15 +397,15 @@ async def test_listener_resumes_from_given_cursors_and_drops_duplicates(single):
     assert sorted(n.id for n in got if n.stream == "user") == [ids[1], ids[2]]
     assert [n.id for n in got if n.stream == "broadcast"] == [broadcasts[1]]
     # Frames at or behind their own stream's cursor are dropped, whatever the server sends.
-    assert listener._accept({"type": "notification", "id": ids[2], "event": "e", "data": 1, "ts": 1}) is None
+    assert listener._cursors.accept({"type": "notification", "id": ids[2], "event": "e", "data": 1, "ts": 1}) is None
     assert listener.last_id == ids[2] and listener.last_broadcast_id == broadcasts[1]
     url = listener._connect_url(single.ws_url)
     assert f"since={ids[2]}" in url and f"broadcast_since={broadcasts[1]}" in url
     # Ids are per stream: an id equal to one of another stream is another notification.
     same = {"type": "notification", "id": "9999999999999-1", "event": "e", "data": None, "ts": 1}
-    assert listener._accept(same) is not None
-    assert listener._accept({**same, "broadcast": True}) is not None
-    assert listener._accept(same) is None and listener._accept({**same, "broadcast": True}) is None
+    assert listener._cursors.accept(same) is not None
+    assert listener._cursors.accept({**same, "broadcast": True}) is not None
+    assert listener._cursors.accept(same) is None and listener._cursors.accept({**same, "broadcast": True}) is None
     assert (listener.last_id, listener.last_broadcast_id) == ("9999999999999-1", "9999999999999-1")
 
 

@@ -1,0 +1,78 @@
+"""What the publisher (service/client.py) and the listener (service/listener.py and its
+listener_*.py parts) have in common: their errors, a token source and the backoff delay.
+
+It imports none of them, so that each imports it and none imports another: client.py re-exports
+the listener, which would otherwise import client.py back while client.py is still half loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+TokenSource = str | Callable[[], str | Awaitable[str]]
+"""A token, or a (sync or async) callable that returns a current one."""
+
+
+class NotifyError(Exception):
+    """Base of every error the clients raise."""
+
+
+class PublishError(NotifyError):
+    """The server refused a publish (4xx), or it still failed after every retry.
+
+    ``status`` is the HTTP status (None when no answer came back), ``error`` and ``message`` the
+    server's JSON error body (``{"error": ..., "message": ..., "details": ...}``)."""
+
+    def __init__(
+        self, status: int | None, error: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(f"{status or 'no answer'} {error}: {message}")
+        self.status = status
+        self.error = error
+        self.message = message
+        self.details = details
+
+
+class ListenerError(NotifyError):
+    """The listener stopped for a reason that retrying cannot fix (e.g. 1009, a refused handshake)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unauthorized(ListenerError):
+    """Closed with 4401 (token missing, invalid or expired) and no new token to retry with."""
+
+
+class Disconnected(Unauthorized):
+    """Closed with 4403: the server disconnected the user (logout everywhere, a ban). The listener
+    never reconnects with the same token; its cursors (``last_id``, ``last_broadcast_id``,
+    ``last_topic_ids``) stay readable, for a new listener with a new token to resume from."""
+
+
+class TopicRefused(ListenerError):
+    """The server refused to join one of the listener's topics (``forbidden``, ``full``,
+    ``unknown_namespace``, ...): ``topic`` and the error frame's ``error`` code and ``message``."""
+
+    def __init__(self, topic: str, error: str, message: str) -> None:
+        super().__init__(f"join {topic!r} refused: {error}: {message}")
+        self.topic = topic
+        self.error = error
+        self.message = message
+
+
+def _full_jitter(base: float, cap: float, attempt: int) -> float:
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+
+
+async def _resolve(source: TokenSource) -> str:
+    if isinstance(source, str):
+        return source
+    value = source()
+    if inspect.isawaitable(value):
+        value = await value
+    return str(value)
