@@ -1,4 +1,5 @@
-"""TLS to Redis (rediss://): a Redis that speaks only TLS, with a CA made in the test."""
+"""TLS to Redis (rediss://, rediss+sentinel://, rediss+cluster://): Redis that speaks only TLS, with a CA
+made in the test."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import httpx
 import pytest
 
 from .test_faults import is_ready
-from .topology import Node, SentinelTopology, TestCA, tls_redis
+from .test_rediscluster import spread_users
+from .topology import ClusterTopology, Node, SentinelTopology, TestCA, tls_redis
 from .utils import Client, Replica, publish, started
 
 
@@ -93,3 +95,24 @@ async def test_tls_sentinel_topology_delivers(ca, http):
     sentinels do), and delivers."""
     with SentinelTopology(replicas=1, tls=ca) as topo, started(Replica(topo.env())) as (a,):
         await delivered_end_to_end(http, a, "tls-sentinel")
+
+
+@pytest.mark.slow
+async def test_tls_cluster_delivers_from_every_primary(ca, http):
+    """rediss+cluster://: a cluster on TLS only (clients, the cluster bus and replication); two
+    replicas find the topology from the seeds over TLS, subscribe on every primary, and each user,
+    one per primary, gets what was published on the other replica."""
+    with ClusterTopology(tls=ca) as cluster:
+        env = cluster.env()
+        with started(Replica(env), Replica(env)) as (a, b):
+            users = spread_users(cluster, a, count=1)
+            clients = [await Client.connect(b, user) for user in users]
+            for client in clients:
+                await client.welcome()
+            for user, client in zip(users, clients, strict=True):
+                response = await publish(http, a, user, "over-tls", {"to": user})
+                assert response.status_code == 202, response.text
+                [frame] = await client.notifications(1)
+                assert (frame["id"], frame["data"]) == (response.json()["id"], {"to": user})
+            for client in clients:
+                await client.close()

@@ -2,7 +2,8 @@
 
 - `SentinelTopology`: one primary, its replicas and three sentinels (`redis-server --sentinel`)
   that notice a dead primary after a second and fail over at once.
-- `ClusterTopology`: a Redis Cluster of three primaries with a replica each (node timeout 1 s).
+- `ClusterTopology`: a Redis Cluster of three primaries with a replica each (node timeout 1 s),
+  over TLS if asked.
 - `TestCA` and `tls_redis`: a certificate authority made in the test, and a Redis that speaks
   only TLS with a certificate it signed.
 
@@ -278,8 +279,10 @@ class TestCA:
         )
         self.cert_file = self._write(f"{uuid.uuid4().hex[:6]}-ca.pem", self._cert)
 
-    def issue(self, name: str, client: bool = False) -> tuple[str, str]:
-        """A certificate for 127.0.0.1 and localhost (or a client's), and its key: two file paths."""
+    def issue(self, name: str, client: bool = False, peer: bool = False) -> tuple[str, str]:
+        """A certificate for 127.0.0.1 and localhost (or a client's; or, `peer`, both, as a cluster
+        node's is: the cluster bus asks every node that connects for its certificate), and its key:
+        two file paths."""
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -287,7 +290,8 @@ class TestCA:
 
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if peer else []
+        usages = usages or [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -302,7 +306,7 @@ class TestCA:
                 ),
                 critical=False,
             )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .sign(self._key, hashes.SHA256())
         )
         key_pem = key.private_bytes(
@@ -355,13 +359,24 @@ def _cluster_port(taken: set[int]) -> int:
 
 
 class ClusterTopology:
-    """A Redis Cluster of `primaries` primaries with one replica each (node timeout 1 s)."""
+    """A Redis Cluster of `primaries` primaries with one replica each (node timeout 1 s); with `tls`,
+    every node listens only on TLS (clients, the cluster bus and replication alike), with a
+    certificate that CA signed."""
 
-    def __init__(self, primaries: int = 3) -> None:
+    def __init__(self, primaries: int = 3, tls: TestCA | None = None) -> None:
         args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000", "--cluster-config-file", "nodes.conf"]
         # A replica that lost its primary fails over at once, however long it was disconnected.
         args += ["--cluster-replica-validity-factor", "0", "--cluster-allow-reads-when-down", "no"]
-        self.nodes = [Node(list(args)) for _ in range(2 * primaries)]
+        reach: dict[str, Any] | None = None
+        self._cli_tls: list[str] = []
+        if tls is not None:
+            cert, key = tls.issue("redis-cluster-node", peer=True)
+            args += ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", tls.cert_file]
+            args += ["--tls-auth-clients", "no", "--tls-cluster", "yes", "--tls-replication", "yes"]
+            reach = {"ssl_ca_certs": tls.cert_file}
+            self._cli_tls = ["--tls", "--cacert", tls.cert_file]
+        self.tls = tls
+        self.nodes = [Node(list(args), tls=reach) for _ in range(2 * primaries)]
         taken: set[int] = set()
         for node in self.nodes:
             node.port = _cluster_port(taken)
@@ -369,10 +384,14 @@ class ClusterTopology:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {"NOTIFY_REDIS_URL": self.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}", **extra}
+        env = {"NOTIFY_REDIS_URL": self.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}"}
+        if self.tls is not None:
+            env["NOTIFY_REDIS_CA_FILE"] = self.tls.cert_file
+        return {**env, **extra}
 
     def start(self) -> ClusterTopology:
         try:
@@ -381,6 +400,7 @@ class ClusterTopology:
             subprocess.run(
                 [
                     shutil.which("redis-cli") or "redis-cli",
+                    *self._cli_tls,
                     "--cluster",
                     "create",
                     *(f"127.0.0.1:{n.port}" for n in self.nodes),
