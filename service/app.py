@@ -20,6 +20,7 @@ from .api import client_assets, events, health, inbox, publish, topics, ws
 from .auth import TokenVerifier
 from .broker import create_broker
 from .errors import ServiceError
+from .gcpacer import GcPacer
 from .hub import Hub
 from .limits import RequestLimits
 from .logs import AccessLog
@@ -84,10 +85,13 @@ def create_app(settings: Settings) -> FastAPI:
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
+        gc_pacer = GcPacer(hub)
+        gc_pacer.start()
         logger.info("replica %s started", replica_id, extra={"replica": replica_id})
         try:
             yield {"runtime": runtime}
         finally:
+            await gc_pacer.stop()
             logs.flush_access_summary()
             await broker.stop()
 
