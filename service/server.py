@@ -12,6 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
+from .acceptor import Acceptor
 from .app import create_app
 from .exposure import Exposure, raise_fd_limit
 from .frames import CloseCode
@@ -46,7 +47,27 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
-        await super().startup(sockets)
+        if sockets is not None:
+            await super().startup(sockets)
+        else:
+            # uvicorn starts the app and makes no server for an empty list of sockets; the listening
+            # socket is ours (acceptor.py), made the way uvicorn makes its protocols.
+            await super().startup([])
+            config, state = self.config, self.server_state
+
+            def create_protocol() -> asyncio.Protocol:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=state, app_state=self.lifespan.state
+                )
+
+            try:
+                acceptor = Acceptor.bind(config.host, config.port, config.backlog, create_protocol)
+            except OSError as exc:
+                logger.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
+                await self.lifespan.shutdown()
+                raise SystemExit(3) from None
+            self.servers = [acceptor]  # type: ignore[list-item]
+            self._log_started_message(acceptor.sockets)
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
         if runtime is not None:
             # Leaks show here first: every socket, request and background job is a task.
