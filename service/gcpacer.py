@@ -8,10 +8,10 @@ replica's sockets does, so it paused several times in the second its own sockets
 were most late (docs/reliability.md, "Reconnect storm").
 
 So the objects made at start-up, which live as long as the process, are frozen out of every
-collection; automatic full collections are off, and this task runs one on the same rule (the heap
-grew by a quarter since the last), checked every second, but not while sockets are arriving faster
-than `storm` a second, for at most `max_delay` seconds. The young generations are still collected
-by CPython as usual: they are small and most garbage dies there.
+collection, and while sockets arrive faster than `storm` a second, CPython's automatic full
+collections are held back: once the arrivals slow down its own rule applies again, and the
+collection that was due runs then (a storm that lasts gets one every `max_delay` seconds).
+Outside a storm nothing changes: the young generations, and full collections, are CPython's.
 """
 
 from __future__ import annotations
@@ -19,39 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
-import sys
 import time
 from collections.abc import Sized
 
-logger = logging.getLogger("service")
-
-# Collections of the middle generation between two automatic full ones: never reached, so CPython
-# itself never starts a full collection while the pacer runs.
+# Collections of the middle generation between two automatic full ones, while a storm lasts: never
+# reached, so CPython starts no full collection until the threshold is put back.
 _NEVER = 1 << 30
 
 
 class GcPacer:
-    """Runs full collections on CPython's rule, held back while `connections` grows fast."""
+    """Holds CPython's full collections back while `connections` grows fast."""
 
-    def __init__(
-        self,
-        connections: Sized,
-        interval: float = 1.0,
-        growth: float = 0.25,
-        storm: int = 50,
-        max_delay: float = 30.0,
-    ) -> None:
+    def __init__(self, connections: Sized, interval: float = 1.0, storm: int = 50, max_delay: float = 30.0) -> None:
         self._connections = connections
         self._interval = interval
-        self._growth = growth
         self._storm = storm
         self._max_delay = max_delay
         self._threshold: tuple[int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._baseline = 0
-        self.collections = 0
-        self.deferred = 0  # checks at which a due collection was held back
+        self.holding_since: float | None = None  # monotonic time full collections were held back from
+        self.held = 0  # storms during which they were
 
     def start(self) -> None:
         if gc.get_threshold()[2] == _NEVER or not gc.isenabled():
@@ -59,8 +46,6 @@ class GcPacer:
         gc.collect()
         gc.freeze()
         self._threshold = gc.get_threshold()
-        gc.set_threshold(self._threshold[0], self._threshold[1], _NEVER)
-        self._baseline = sys.getallocatedblocks()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-pacer")
 
     async def stop(self) -> None:
@@ -74,29 +59,23 @@ class GcPacer:
             self._threshold = None
 
     async def _run(self) -> None:
+        assert self._threshold is not None
+        young, middle, oldest = self._threshold
         last_count = len(self._connections)
-        due_since: float | None = None
         while True:
             await asyncio.sleep(self._interval)
             count = len(self._connections)
             arrivals, last_count = count - last_count, count
+            storm = arrivals / self._interval >= self._storm
             now = time.monotonic()
-            if not self.due():
-                due_since = None
-                continue
-            due_since = now if due_since is None else due_since
-            if arrivals * (1 / self._interval) >= self._storm and now - due_since < self._max_delay:
-                self.deferred += 1
-                continue
-            self.collect()
-            due_since = None
-
-    def due(self) -> bool:
-        return sys.getallocatedblocks() >= self._baseline * (1 + self._growth)
-
-    def collect(self) -> None:
-        started = time.perf_counter()
-        found = gc.collect()
-        self._baseline = sys.getallocatedblocks()
-        self.collections += 1
-        logger.debug("full collection: %d unreachable, %.0f ms", found, (time.perf_counter() - started) * 1e3)
+            if storm and self.holding_since is None:
+                self.holding_since = now
+                self.held += 1
+                gc.set_threshold(young, middle, _NEVER)
+            elif self.holding_since is not None and not storm:
+                self.holding_since = None
+                gc.set_threshold(young, middle, oldest)
+            elif self.holding_since is not None and now - self.holding_since >= self._max_delay:
+                # A storm that goes on: the garbage of its closed sockets is freed now and then.
+                gc.collect()
+                self.holding_since = now
