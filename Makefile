@@ -90,7 +90,7 @@ lint: install
 
 # Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
 # service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
-# behind docs/capacity.md) (about 35 minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on
+# behind docs/capacity.md) (about 45 minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on
 # PATH the Node servers are left out, and the report's conditions say so.
 bench: install
 	@# The bench extras are not locked (the report records the versions that ran), but they may not move
