@@ -150,8 +150,7 @@ class ClusterPipelines:
         except Exception as exc:  # noqa: BLE001 - no map yet, or the slot has no primary right now
             self._slots.suspect()
             raise RedisConnectionError(f"no primary known for slot {slot}") from exc
-        pipeline = self._pipelines.get(address)
-        return pipeline if pipeline is not None else self._pipeline(address)
+        return self._pipeline(address)
 
     async def _rerouted(
         self, key: str, redirect: ResponseError, call: Callable[[AutoPipeline, bool], Awaitable[Any]]
