@@ -58,9 +58,10 @@ HANDSHAKE_PATHS = frozenset({"/ws", "/events"})
 # is held back for its turn before it is refused instead.
 HANDSHAKE_BURST_SECONDS = 0.1
 HANDSHAKE_QUEUE_SECONDS = 1.0
-# WebSocket handshakes between their turn and the app's answer (accept, refusal), at most: each
-# reads the socket's history through the Redis pool (64 connections), and a burst of turns (timers
-# that fell due together behind a pause of the loop) must not take every connection of it at once.
+# WebSocket handshakes between their turn and the app's answer (accept, refusal), at most, with the
+# rate capped or not: each reads the socket's history through the Redis pool (64 connections), and a
+# burst (every pending connection is accepted at once, and timers fall due together behind a pause
+# of the loop) must not take every connection of it at once.
 MAX_HANDSHAKES_IN_FLIGHT = 32
 # A handshake refused at the rate is told to come back within [1, N] seconds, N growing with how
 # far over the rate the last second's handshakes were (so retries spread at about the rate), up to this.

@@ -203,11 +203,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         if self.transport.is_closing():
             return  # the handshake was refused
-        if self.exposure.handshake_rate is None:
-            self._upgrade()
-            return
-        # Its turn under the handshake rate, and a place among the handshakes in flight: nothing
-        # more is read from the connection until then.
+        # Its turn under the handshake rate, if there is one, and always a place among the
+        # handshakes in flight: every connection is accepted at once (acceptor.py), and a thousand
+        # handshakes reading history together would take every connection of the Redis pool.
+        # Nothing more is read from the connection until then.
         wait, self._handshake_wait = self._handshake_wait, 0.0
         self.transport.pause_reading()
         if wait:

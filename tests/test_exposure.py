@@ -390,3 +390,28 @@ async def test_slowloris_and_silent_flood(redis_server):
     assert p50_attack <= 5 * p50_base, (p50_base, p50_attack)
     assert sorted(received) == sorted(sent), "the socket missed notifications"
     assert fds_after == fds_before, (fds_before, fds_after)
+
+
+@pytest.mark.slow
+async def test_a_burst_of_resumes_with_the_rate_uncapped_keeps_the_redis_pool(redis_server, http):
+    """NOTIFY_MAX_HANDSHAKE_RATE=off and 300 sockets resuming at once, each reading its history as it
+    is welcomed: every one gets what it missed and no Redis call fails, because at most 32 handshakes
+    are in flight whatever the rate (every pending connection is accepted at once)."""
+    with running(cluster_env(redis_server, NOTIFY_MAX_HANDSHAKE_RATE="off")) as a:
+        users = [f"burst{i}" for i in range(300)]
+        first = await asyncio.gather(*(publish(http, a, u, "missed", {"n": 1}) for u in users))
+        second = await asyncio.gather(*(publish(http, a, u, "missed", {"n": 2}) for u in users))
+        assert {r.status_code for r in first + second} == {202}
+        clients = await asyncio.gather(
+            *(Client.connect(a, u, f"since={r.json()['id']}") for u, r in zip(users, first, strict=True))
+        )
+        try:
+            welcomes = await asyncio.gather(*(c.welcome() for c in clients))
+            assert all(w.get("recovered") is True for w in welcomes), [w for w in welcomes if not w.get("recovered")][
+                :3
+            ]
+            replayed = await asyncio.gather(*(c.notifications(1) for c in clients))
+            assert [n[0]["id"] for n in replayed] == [r.json()["id"] for r in second]
+            assert await metric(http, a, "notify_broker_errors_total") == 0
+        finally:
+            await asyncio.gather(*(c.ws.close() for c in clients))
