@@ -180,7 +180,7 @@ class Exposure:
         rate.set(self.handshake_rate or 0)
         in_flight = Gauge(
             "notify_handshakes_in_flight",
-            "WebSocket handshakes begun and not answered yet (at most 32 under NOTIFY_MAX_HANDSHAKE_RATE).",
+            "WebSocket handshakes begun and not answered yet (at most 32).",
             registry=registry,
         )
         in_flight.set_function(lambda: self._in_flight)

@@ -141,7 +141,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     # Set by the HTTP protocol that handed the connection over: frees the connection's place
     # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
     on_lost: Callable[[], None] | None = None
-    # Likewise: frees its place among the handshakes in flight (NOTIFY_MAX_HANDSHAKE_RATE) once the
+    # Likewise: frees its place among the handshakes in flight (exposure.MAX_HANDSHAKES_IN_FLIGHT) once the
     # app has answered the handshake (accepted, refused or closed it) or the connection is gone.
     on_answered: Callable[[], None] | None = None
 

@@ -51,9 +51,9 @@ class Plan:
     rounds: int = 2
     drain: float = 5.0  # seconds allowed after a run for the last deliveries before they count as lost
     concurrency: int = 100  # handshakes in flight while connecting
-    # Joins in flight in the topic session. The service's Redis client pool holds 64 connections and a
-    # join takes one (its presence write), and the pool refuses rather than waits: at 100 in flight the
-    # service answers a share of joins `unavailable` (MaxConnectionsError), so fewer are sent at once.
+    # Joins in flight in the topic session. Set when a join's presence write took a connection of the
+    # service's Redis pool (64, refusing beyond); presence now rides the pipelined connection, and the
+    # figure is kept so that runs compare.
     join_concurrency: int = 32
     # The capacity session (capacity.py): the service alone, on one Redis and on a three-primary Redis Cluster.
     capacity_rate: float = 2000.0  # POST /notify per second in either mode, the same in both

@@ -375,13 +375,15 @@ class Publisher:
         self.count += 1
         self._give(conn)
 
-    def request(self, path: str, body: bytes, callback: Callable[[int, bytes], None]) -> None:
+    def request(self, path: str, body: bytes, callback: Callable[[int, bytes], None], headers: bytes = b"") -> None:
+        """POST `body` to `path`; `headers`: more header lines, each ending in CRLF."""
         raw = b"".join(
             (
                 b"POST ",
                 path.encode(),
                 b" HTTP/1.1\r\n",
                 self.prefix,
+                headers,
                 b"Content-Length: ",
                 str(len(body)).encode(),
                 b"\r\n\r\n",

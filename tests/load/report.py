@@ -489,9 +489,9 @@ def _topic_section(
         f"while every socket joins the topic, at most {plan.get('join_concurrency', plan['concurrency'])} joins in "
         "flight, each waiting for its answer (`joined`, or the Socket.IO ack); each divided by the sockets, the "
         "ratio taken per session. The kernel counts CPU in 10 ms ticks, a few per cent of a 2,000-socket phase. "
-        "Fewer joins than connects are in flight because the service's Redis client pool (64 connections, one "
-        "per join while its presence is written) refuses a call beyond that instead of queueing it: with 100 "
-        "in flight it answers a share of joins `unavailable` (MaxConnectionsError)."
+        "Fewer joins than connects are in flight: the limit dates from when each join's presence write took a "
+        "connection of the service's Redis client pool (64, refusing a call beyond that), and is kept so that "
+        "runs compare; presence writes now share the service's pipelined Redis connection."
     )
     add("")
     add(

@@ -325,24 +325,25 @@ async def _run_socket(client: Client, sock: Sock, delay: float) -> None:
         await asyncio.sleep(wait)
 
 
+async def _loop_lag(lags: list[tuple[float, float]]) -> None:
+    """How late this process's loop runs, every 10 ms, as (when, how late): a late loop shows as
+    delivery latency."""
+    while True:
+        due = perf() + 0.01
+        await asyncio.sleep(0.01)
+        now = perf()
+        lags.append((now, now - due))
+
+
 async def _worker(ws_url: str, indices: list[int], connect_rate: float, pipe: Connection) -> None:
     client = Client(ws_url)
     client.socks = [Sock(i, token(f"s{i >> 1}", ttl=3600)) for i in indices]
     lags: list[tuple[float, float]] = []
-
-    async def monitor() -> None:
-        """How late this process's loop runs: a late loop shows as delivery latency."""
-        while True:
-            due = perf() + 0.01
-            await asyncio.sleep(0.01)
-            now = perf()
-            lags.append((now, now - due))
-
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     loop.add_reader(pipe.fileno(), lambda: stop.done() or stop.set_result(pipe.recv()))
     tasks = [asyncio.create_task(_run_socket(client, sock, n / connect_rate)) for n, sock in enumerate(client.socks)]
-    lagging = asyncio.create_task(monitor())
+    lagging = asyncio.create_task(_loop_lag(lags))
     try:
         await stop
     finally:
@@ -375,36 +376,6 @@ def worker_main(ws_url: str, indices: list[int], connect_rate: float, pipe: Conn
     _raise_fd_limit(4 * len(indices) + 1024)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the workers
     uvloop.run(_worker(ws_url, indices, connect_rate, pipe))
-
-
-# ---------------------------------------------------------------- the publisher
-
-
-class KeyedPublisher(Publisher):
-    """The generator's keep-alive publisher, with an Idempotency-Key on each request."""
-
-    def post(self, path: str, body: bytes, key: str, callback: Any) -> None:
-        raw = b"".join(
-            (
-                b"POST ",
-                path.encode(),
-                b" HTTP/1.1\r\n",
-                self.prefix,
-                b"Idempotency-Key: ",
-                key.encode(),
-                b"\r\nContent-Length: ",
-                str(len(body)).encode(),
-                b"\r\n\r\n",
-                body,
-            )
-        )
-        self.in_flight += 1
-        if self.idle:
-            self._send(self.idle.pop(), raw, callback)
-            return
-        self.queue.append((raw, callback))
-        if self.count + self.opening < self.max and self.opening < 16:
-            asyncio.get_running_loop().create_task(self._open())
 
 
 # ---------------------------------------------------------------- the processes under test
@@ -634,7 +605,7 @@ async def _storm(
     due_at = array("d")
     statuses: collections.Counter[int] = collections.Counter()
     retries = failed = 0
-    pub = KeyedPublisher(storm.port, token("storm-publisher", "notify:publish", ttl=3600), max_connections=64)
+    pub = Publisher(storm.port, token("storm-publisher", "notify:publish", ttl=3600), max_connections=64)
     await pub.open(16)
     run_id = uuid.uuid4().hex[:8]
 
@@ -662,18 +633,10 @@ async def _storm(
             else:
                 failed += 1
 
-        pub.post(f"/notify/s{user_of[k]}", body, f"{run_id}-{k}", done)
+        pub.request(f"/notify/s{user_of[k]}", body, done, b"Idempotency-Key: %s-%d\r\n" % (run_id.encode(), k))
 
     lags: list[tuple[float, float]] = []  # this process's (the publisher's) and the workers' loop lag
-
-    async def monitor() -> None:
-        while True:
-            due = perf() + 0.01
-            await asyncio.sleep(0.01)
-            now = perf()
-            lags.append((now, now - due))
-
-    lagging = asyncio.create_task(monitor())
+    lagging = asyncio.create_task(_loop_lag(lags))
     publishing = asyncio.create_task(paced(config.rate, 10**9, fire, 10**6))
     published_from = perf()
     await asyncio.sleep(2.0)
