@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_settings():  # type: ignore[no-untyped-def]
     from pydantic_settings import SettingsError
 
-    from .settings import Settings
+    from .config.settings import Settings
 
     try:
         return Settings()
@@ -65,8 +65,8 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8000)
     ns = parser.parse_args(argv)
     settings = _load_settings()
-    from .broker.connector import refuse_non_cluster_seeds
-    from .server import build_server
+    from .broker.redis.connector import refuse_non_cluster_seeds
+    from .server.runner import build_server
 
     problem = refuse_non_cluster_seeds(settings)
     if problem is not None:

@@ -7,7 +7,7 @@ import time
 
 import jwt
 
-from .settings import Settings
+from .config.settings import Settings
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .app import create_app
-from .settings import Settings
+from .api.app import create_app
+from .config.settings import Settings
 
 
 def document() -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""The listening socket (service/acceptor.py): a burst of connections is taken in one turn of the loop."""
+"""The listening socket (service/server/acceptor.py): a burst of connections is taken in one turn of the loop."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from service.acceptor import Acceptor
+from service.server.acceptor import Acceptor
 
 
 class _Echo(asyncio.Protocol):

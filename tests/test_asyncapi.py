@@ -20,7 +20,7 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 
-from service.frames import CloseCode
+from service.core.frames import CloseCode
 
 from .utils import ROOT, TIMEOUT, Client, RedisServer, Replica, cluster_env, publish, publisher_headers, token
 

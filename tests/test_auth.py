@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from service.auth import TokenVerifier
-from service.errors import InvalidToken, MissingScope
-from service.settings import Settings
+from service.auth.tokens import TokenVerifier
+from service.config.settings import Settings
+from service.core.errors import InvalidToken, MissingScope
 
 from .utils import SECRET, token
 

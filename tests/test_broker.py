@@ -10,10 +10,10 @@ import orjson
 import pytest
 
 from service.broker import Broker, StreamRules, create_broker
-from service.errors import BrokerUnavailable
-from service.ids import id_key
-from service.metrics import Metrics
-from service.settings import Settings
+from service.config.settings import Settings
+from service.core.errors import BrokerUnavailable
+from service.core.ids import id_key
+from service.telemetry.metrics import Metrics
 
 from .utils import SECRET
 
@@ -188,7 +188,7 @@ def test_raw_connection_reports_a_closed_link_as_a_redis_error(redis_server):
     import uvloop
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from service.broker.resp import RawConnection, command
+    from service.broker.redis.resp import RawConnection, command
 
     async def scenario() -> None:
         client = aioredis.Redis.from_url(redis_server.url)

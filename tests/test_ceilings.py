@@ -14,7 +14,7 @@ import psutil
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from service.exposure import default_max_connections
+from service.server.admission import default_max_connections
 
 from .rawhttp import metric, report
 from .utils import TIMEOUT, Client, Replica, publish, running, token

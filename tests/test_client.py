@@ -277,9 +277,9 @@ async def test_retry_after_a_lost_answer_does_not_deliver_twice(single):
 @pytest.mark.parametrize(
     "statement",
     [
-        "from service.listener import Listener",
-        "from service.listener_streams import StreamCursors",
-        "from service.listener_topics import TopicMembership",
+        "from service.client.listener import Listener",
+        "from service.client.streams import StreamCursors",
+        "from service.client.topics import TopicMembership",
     ],
 )
 def test_listener_modules_import_first_in_a_fresh_interpreter(statement: str) -> None:

@@ -34,8 +34,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from service.server import GRACEFUL_SHUTDOWN_SECONDS
-from service.settings import Settings
+from service.config.settings import Settings
+from service.server.runner import GRACEFUL_SHUTDOWN_SECONDS
 
 from .utils import (
     ROOT,

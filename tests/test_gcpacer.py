@@ -1,11 +1,11 @@
-"""GcPacer (service/gcpacer.py): CPython's full collections held back while sockets pour in, and only then."""
+"""GcPacer (service/server/gcpacer.py): CPython's full collections held back while sockets pour in, and only then."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 
-from service.gcpacer import GcPacer
+from service.server.gcpacer import GcPacer
 
 
 async def _until(check, seconds: float = 3.0) -> bool:  # type: ignore[no-untyped-def]

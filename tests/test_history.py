@@ -12,10 +12,10 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from service.broker.base import build_frame, frame_parts
-from service.connection import Connection
-from service.ids import id_key
-from service.metrics import Metrics
-from service.settings import Settings
+from service.config.settings import Settings
+from service.core.ids import id_key
+from service.delivery.connection import Connection
+from service.telemetry.metrics import Metrics
 
 from .utils import SECRET, TIMEOUT, Client, cluster_env, publish, publisher_headers, replicas, sse_events, token
 

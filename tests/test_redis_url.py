@@ -9,8 +9,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from service.broker.topology import CLUSTER, SENTINEL, SINGLE, InvalidRedisUrl, Topology, parse_redis_url
-from service.settings import Settings
+from service.config.redis_url import CLUSTER, SENTINEL, SINGLE, InvalidRedisUrl, Topology, parse_redis_url
+from service.config.settings import Settings
 
 from .utils import ROOT, SECRET
 

@@ -186,7 +186,7 @@ def test_wire_frames_are_valid_websocket_text_frames():
     from websockets.frames import Frame, Opcode
     from websockets.streams import StreamReader
 
-    from service.frames import wire_text
+    from service.core.frames import wire_text
 
     for size in (0, 125, 126, 65535, 65536, 70000):
         text = "é" * (size // 2) + "x" * (size % 2)

@@ -9,7 +9,7 @@ import jwt
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from ..errors import NotFound
+from ..core.errors import NotFound
 from .deps import RuntimeDep
 
 router = APIRouter(tags=["client"])

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import ADMIN_SCOPE, PUBLISH_SCOPE, READ_SCOPE, Principal
-from ..runtime import Runtime
+from ..auth.tokens import ADMIN_SCOPE, PUBLISH_SCOPE, READ_SCOPE, Principal
+from .runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT signed with the configured key.")
 

@@ -9,17 +9,17 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
-from ..auth import Principal
-from ..errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError
-from ..frames import BadFrame, CloseCode, error
-from ..hub import TooManyConnections
-from ..models import ErrorBody
-from ..runtime import Runtime
-from ..topics import TopicError
+from ..auth.tokens import Principal
+from ..core.errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError
+from ..core.frames import BadFrame, CloseCode, error
+from ..core.topics import TopicError
+from ..delivery.hub import TooManyConnections
 from . import membership
 from .deps import ClientDep, RuntimeDep
+from .models import ErrorBody
+from .runtime import Runtime
+from .session import Resume, open_stream, schedule_expiry
 from .sse import Position
-from .stream import Resume, open_stream, schedule_expiry
 
 router = APIRouter(tags=["client"])
 

@@ -1,7 +1,7 @@
 """The publish fast path: what a well-formed publish needs, decided without the framework.
 
 `POST /notify/{user}`, `POST /broadcast` and `POST /topics/{topic}` are the hot path of every backend. The HTTP protocol
-(`service/httpprotocol.py`) asks `publish_target` once the request line and headers are in (a POST), and
+(`service/server/httpprotocol.py`) asks `publish_target` once the request line and headers are in (a POST), and
 `prepare` once the body is: a request with a valid token and a valid body within the size limit is
 published with the same models and the same `_publish` as the routes, and answered by `answer`.
 Anything else (no or bad token, a bad or oversized body, a bad id, a browser's Origin,
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
-from ..auth import PUBLISH_SCOPE, Principal
-from ..errors import InvalidToken, ServiceError
-from ..ids import is_valid_user_id
-from ..models import PublishRequest
-from ..runtime import Runtime
-from ..streams import BROADCAST, is_topic, topic_stream, user_stream
-from ..topics import is_valid_topic_name
+from ..auth.tokens import PUBLISH_SCOPE, Principal
+from ..core.errors import InvalidToken, ServiceError
+from ..core.ids import is_valid_user_id
+from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..core.topics import is_valid_topic_name
+from .models import PublishRequest
 from .publish import _check_rate, _publish
+from .runtime import Runtime
 
 Header = tuple[bytes, bytes]
 

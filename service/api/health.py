@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..errors import BrokerUnavailable
+from ..core.errors import BrokerUnavailable
 from .deps import RuntimeDep
 
 router = APIRouter(tags=["health"])

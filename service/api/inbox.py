@@ -8,8 +8,10 @@ import orjson
 from fastapi import APIRouter, Path, Query
 
 from ..broker import Inbox
-from ..errors import NotFound
-from ..models import (
+from ..core.errors import NotFound
+from .body import JsonRoute
+from .deps import ClientDep, ReaderDep, RuntimeDep
+from .models import (
     NOTIFICATION_ID_PATTERN,
     USER_ID_PATTERN,
     ErrorBody,
@@ -19,8 +21,6 @@ from ..models import (
     NotificationStatus,
     UnreadCount,
 )
-from .body import JsonRoute
-from .deps import ClientDep, ReaderDep, RuntimeDep
 
 router = APIRouter(tags=["inbox"], route_class=JsonRoute)
 

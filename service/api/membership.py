@@ -12,16 +12,16 @@ from typing import Any
 import orjson
 
 from ..broker import TopicFull
-from ..connection import Connection
-from ..errors import BrokerUnavailable, InvalidToken
-from ..frames import BadFrame, encode
-from ..hub import SIGNAL, control
-from ..ids import IdKey, parse_id
-from ..runtime import Runtime
-from ..streams import topic_stream
-from ..topic_options import TopicOptions
-from ..topics import TopicError
-from .stream import replay
+from ..config.topic_options import TopicOptions
+from ..core.errors import BrokerUnavailable, InvalidToken
+from ..core.frames import BadFrame, encode
+from ..core.ids import IdKey, parse_id
+from ..core.streams import topic_stream
+from ..core.topics import TopicError
+from ..delivery.connection import Connection
+from ..delivery.hub import SIGNAL, control
+from .runtime import Runtime
+from .session import replay
 
 MEMBERS_SHOWN = 1000
 _EVENT = re.compile(r"[^\x00-\x1f\x7f]{1,128}")

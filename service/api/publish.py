@@ -10,11 +10,15 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Body, Header, Path
 
-from .. import logs
-from ..auth import Principal
+from ..auth.tokens import Principal
 from ..broker import Published
-from ..errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
-from ..models import (
+from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
+from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..core.topics import TopicError
+from ..telemetry import logs
+from .body import JsonRoute
+from .deps import PublisherDep, RuntimeDep
+from .models import (
     USER_ID_PATTERN,
     BatchAccepted,
     BatchItem,
@@ -23,11 +27,7 @@ from ..models import (
     PublishAccepted,
     PublishRequest,
 )
-from ..runtime import Runtime, TokenBucket
-from ..streams import BROADCAST, is_topic, topic_stream, user_stream
-from ..topics import TopicError
-from .body import JsonRoute
-from .deps import PublisherDep, RuntimeDep
+from .runtime import Runtime, TokenBucket
 
 router = APIRouter(tags=["publish"], route_class=JsonRoute)
 

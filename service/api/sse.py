@@ -12,7 +12,7 @@ import orjson
 
 from ..broker import frame_id
 from ..broker.base import BROADCAST_TAIL, NOTIFICATION_PREFIX
-from ..ids import parse_id
+from ..core.ids import parse_id
 
 _TOPIC_AT = '","topic":"'
 

@@ -7,8 +7,12 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 
-from ..hub import DISCONNECT, REMOVE, control
-from ..models import (
+from ..core.streams import topic_stream, user_stream
+from ..delivery.hub import DISCONNECT, REMOVE, control
+from .body import JsonRoute
+from .deps import AdminDep, PublisherDep, ReaderDep, RuntimeDep
+from .membership import MEMBERS_SHOWN
+from .models import (
     NOTIFICATION_ID_PATTERN,
     USER_ID_PATTERN,
     ErrorBody,
@@ -17,10 +21,6 @@ from ..models import (
     TopicHistory,
     TopicPresence,
 )
-from ..streams import topic_stream, user_stream
-from .body import JsonRoute
-from .deps import AdminDep, PublisherDep, ReaderDep, RuntimeDep
-from .membership import MEMBERS_SHOWN
 from .publish import IdempotencyKey, _check_rate, _errors, _publish, check_topic
 
 router = APIRouter(tags=["topics"], route_class=JsonRoute)

@@ -12,14 +12,14 @@ from starlette.datastructures import QueryParams
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
-from ..connection import Connection
-from ..errors import BrokerUnavailable, InvalidToken
-from ..frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, error, parse_client_frame
-from ..hub import TooManyConnections
-from ..ids import parse_id
-from ..runtime import Runtime, TokenBucket
+from ..core.errors import BrokerUnavailable, InvalidToken
+from ..core.frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, error, parse_client_frame
+from ..core.ids import parse_id
+from ..delivery.connection import Connection
+from ..delivery.hub import TooManyConnections
 from . import membership
-from .stream import Resume, open_stream, schedule_expiry
+from .runtime import Runtime, TokenBucket
+from .session import Resume, open_stream, schedule_expiry
 
 logger = logging.getLogger("service.ws")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ..metrics import Metrics
-from ..settings import Settings
+from ..config.settings import Settings
+from ..telemetry.metrics import Metrics
 from .base import Broker, HistoryPage, Inbox, Published, ReadState, StreamRules, TopicFull, frame_id
-from .presence import RulesOf
+from .redis.presence import RulesOf
 
 __all__ = [
     "Broker",
@@ -32,7 +32,7 @@ def create_broker(settings: Settings, replica_id: str, metrics: Metrics, rules: 
         logger.info("broker: embedded (single replica); set NOTIFY_REDIS_URL to scale out")
         return MemoryBroker(settings, replica_id, rules)
     # Settings refuse a malformed URL, and cluster mode until it has a broker, before anything starts.
-    from .redis import RedisBroker
+    from .redis.broker import RedisBroker
 
     logger.info("broker: redis")
     return RedisBroker(settings, replica_id, metrics, rules)

@@ -1,6 +1,6 @@
 """The broker interface: cross-replica fan-out plus the bounded history that resume reads.
 
-Everything is per stream (see streams.py: a user's, the broadcast stream, each topic).
+Everything is per stream (see core/streams.py: a user's, the broadcast stream, each topic).
 Guarantees every implementation keeps:
 - `publish` stores the notification in its stream's history and hands it to every subscribed
   replica in one atomic step, or raises BrokerUnavailable. It never returns for one it dropped.
@@ -22,10 +22,10 @@ from typing import Protocol
 
 import orjson
 
-from ..streams import BROADCAST, topic_of
+from ..core.streams import BROADCAST, topic_of
 
 # A frame for local sockets: the stream it belongs to and the JSON text to send. A text starting
-# with CONTROL is a message to the replicas themselves (see hub.py), never sent as it is.
+# with CONTROL is a message to the replicas themselves (see delivery/hub.py), never sent as it is.
 FrameHandler = Callable[[str, str], None]
 # Called when what this replica missed cannot be replayed (Redis came back without its data).
 LostHandler = Callable[[], Awaitable[None]]

@@ -8,9 +8,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..ids import IdKey, id_key, is_recoverable
-from ..settings import Settings
-from ..streams import BROADCAST, is_topic, topic_of, user_of, user_stream
+from ..config.settings import Settings
+from ..core.ids import IdKey, id_key, is_recoverable
+from ..core.streams import BROADCAST, is_topic, topic_of, user_of, user_stream
 from .base import (
     FrameHandler,
     HistoryPage,
@@ -24,7 +24,7 @@ from .base import (
     frame_parts,
     presence_frame,
 )
-from .presence import RulesOf
+from .redis.presence import RulesOf
 
 _SWEEP_SECONDS = 60.0
 

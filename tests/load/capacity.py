@@ -55,9 +55,9 @@ async def publish_commands(
     publish script with its 5 keys and 9 arguments): the broker builds them, its send is replaced by a
     capture, so the command follows whatever the service does."""
     from service.broker.base import StreamRules
-    from service.broker.redis import RedisBroker
-    from service.metrics import Metrics
-    from service.settings import Settings
+    from service.broker.redis.broker import RedisBroker
+    from service.config.settings import Settings
+    from service.telemetry.metrics import Metrics
 
     settings = Settings(redis_url=url, redis_prefix=prefix, jwt_secret=SECRET)
     broker = RedisBroker(settings, "capacity", Metrics("capacity"), lambda stream: StreamRules())
@@ -77,7 +77,7 @@ async def publish_commands(
 
 
 def history_size() -> int:
-    from service.settings import Settings
+    from service.config.settings import Settings
 
     return int(Settings.model_fields["history_size"].default)
 
@@ -86,7 +86,7 @@ def history_size() -> int:
 
 
 def _command(*args: str | bytes) -> bytes:
-    from service.broker.resp import command
+    from service.broker.redis.resp import command
 
     return command(*args)
 
@@ -217,7 +217,7 @@ def raw_ceiling(
 ) -> dict[str, Any]:
     """The phases described in the module's docstring, against the redis-server on `port` (process `pid`),
     which must be fresh. `commands`: one publish per stream; `seconds` bounds each timed phase."""
-    from service.broker import scripts
+    from service.broker.redis import scripts
 
     conn = _Raw(port)
     try:
@@ -365,7 +365,7 @@ class Brokers:
         by_port: dict[int, list[bytes]] = {}
         for cmd, key in zip(commands, keys, strict=True):
             by_port.setdefault(self.port_of(key), []).append(cmd)
-        from service.broker import scripts
+        from service.broker.redis import scripts
 
         done = 0
         for port, cmds in by_port.items():

@@ -37,8 +37,8 @@ def main() -> None:
     ns = parser.parse_args()
     for name in ns.patch:
         PATCHES[name]()
-    from service.server import build_server
-    from service.settings import Settings
+    from service.config.settings import Settings
+    from service.server.runner import build_server
 
     server = build_server(Settings(), "127.0.0.1", ns.port)
     for key in ("ws", "http", "loop"):

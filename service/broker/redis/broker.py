@@ -19,13 +19,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..errors import BrokerUnavailable
-from ..ids import id_key, is_recoverable
-from ..metrics import Metrics
-from ..settings import Settings
-from ..streams import BROADCAST, is_topic, user_of, user_stream
+from ...config.settings import Settings
+from ...core.errors import BrokerUnavailable
+from ...core.ids import id_key, is_recoverable
+from ...core.streams import BROADCAST, is_topic, user_of, user_stream
+from ...telemetry.metrics import Metrics
+from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
 from . import scripts
-from .base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
 from .pipeline import AutoPipeline

@@ -33,9 +33,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..settings import Settings
+from ...config.redis_url import CLUSTER, SENTINEL, Topology
+from ...config.settings import Settings
 from .resp import RawConnection
-from .topology import CLUSTER, SENTINEL, Topology
 
 logger = logging.getLogger("service.broker")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .auth import TokenVerifier
-from .broker import Broker
-from .hub import Hub
-from .metrics import Metrics
-from .settings import Settings
-from .topics import Topics
+from ..auth.tokens import TokenVerifier
+from ..broker import Broker
+from ..config.settings import Settings
+from ..core.topics import Topics
+from ..delivery.hub import Hub
+from ..telemetry.metrics import Metrics
 
 
 @dataclass(slots=True)

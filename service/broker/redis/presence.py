@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from ..errors import BrokerUnavailable
-from ..settings import Settings
-from ..streams import is_topic, topic_of, user_of
+from ...config.settings import Settings
+from ...core.errors import BrokerUnavailable
+from ...core.streams import is_topic, topic_of, user_of
+from ..base import StreamRules, TopicFull
 from . import scripts
-from .base import StreamRules, TopicFull
 from .cluster import ClusterPipelines
 from .pipeline import AutoPipeline, Lua
 from .resp import command

@@ -1,7 +1,7 @@
 """What the listener yields, and whether it is new: a Notification per frame, the resume cursor of
 each stream, the (stream, id) pairs already yielded, and the inbox fetched to fill a gap.
 
-Kept apart from the socket's lifecycle (service/listener.py) because all of it outlives the socket:
+Kept apart from the socket's lifecycle (service/client/listener.py) because all of it outlives the socket:
 a replay after a reconnect, or the inbox refetched after a gap, repeats what an earlier socket
 delivered, and only the cursors and the ids remembered across sockets tell it apart.
 """

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 
-from .auth import Principal
-from .broker.base import StreamRules
+from ..auth.tokens import Principal
+from ..broker.base import StreamRules
+from ..config.topic_options import TopicOptions
 from .streams import topic_of
-from .topic_options import TopicOptions
 
 _NAME = re.compile(r"[A-Za-z0-9_\-.:@=]{1,200}")
 NAME_RULE = "1 to 200 characters from A-Z a-z 0-9 _ - . : @ ="

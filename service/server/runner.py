@@ -12,14 +12,14 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
+from ..api.app import create_app
+from ..api.runtime import Runtime
+from ..config.settings import Settings
+from ..core.frames import CloseCode
+from ..telemetry.logs import log_config
 from .acceptor import Acceptor
-from .app import create_app
-from .exposure import Exposure, raise_fd_limit
-from .frames import CloseCode
+from .admission import Exposure, raise_fd_limit
 from .httpprotocol import PublishingHttpProtocol
-from .logs import log_config
-from .runtime import Runtime
-from .settings import Settings
 from .wsprotocol import BoundedWebSocketProtocol
 
 logger = logging.getLogger("service")

@@ -13,13 +13,13 @@ import asyncio
 import logging
 import time
 
-from .broker import Broker, StreamRules, frame_id
-from .broker.base import CONTROL
+from ..broker import Broker, StreamRules, frame_id
+from ..broker.base import CONTROL
+from ..core.frames import RESYNC, CloseCode, encode, wire_text
+from ..core.ids import id_key
+from ..core.streams import BROADCAST, topic_of, topic_stream, user_of, user_stream
+from ..telemetry.metrics import Metrics
 from .connection import Connection
-from .frames import RESYNC, CloseCode, encode, wire_text
-from .ids import id_key
-from .metrics import Metrics
-from .streams import BROADCAST, topic_of, topic_stream, user_of, user_stream
 
 logger = logging.getLogger("service.hub")
 

@@ -7,12 +7,12 @@ import time
 from dataclasses import dataclass
 
 from ..broker import HistoryPage, frame_id
-from ..connection import Closer, Connection
-from ..errors import BrokerUnavailable
-from ..frames import CloseCode, welcome
-from ..ids import IdKey, id_key, parse_id
-from ..runtime import Runtime
-from ..streams import BROADCAST, user_stream
+from ..core.errors import BrokerUnavailable
+from ..core.frames import CloseCode, welcome
+from ..core.ids import IdKey, id_key, parse_id
+from ..core.streams import BROADCAST, user_stream
+from ..delivery.connection import Closer, Connection
+from .runtime import Runtime
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .client_common import (
+from .common import (
     Disconnected,
     ListenerError,
     NotifyError,
@@ -57,8 +57,8 @@ from .client_common import (
     _resolve,
 )
 from .listener import Listener, listen
-from .listener_streams import Notification
-from .listener_streams import _key as _key  # defined here once: code importing it from here keeps working
+from .streams import Notification
+from .streams import _key as _key  # defined here once: code importing it from here keeps working
 
 __all__ = [
     "BatchItem",

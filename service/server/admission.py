@@ -1,6 +1,6 @@
 """Exposure: the limits a replica facing clients directly puts on its connections.
 
-The server's HTTP protocol (`guardedhttp.py`) applies the header timeout and the largest request
+The server's HTTP protocol (`server/guardedhttp.py`) applies the header timeout and the largest request
 head, and asks here, once per connection, whether the first request may be served: a replica past
 NOTIFY_MAX_CONNECTIONS answers 503, an address past NOTIFY_MAX_CONNECTIONS_PER_IP answers 429.
 Both are decided at the first request, not at accept: only a request can be answered, and a
@@ -31,9 +31,9 @@ from collections.abc import Callable, Sized
 from prometheus_client import Counter, Gauge
 from uvicorn.middleware.proxy_headers import _TrustedHosts
 
-from .errors import OverCapacity, RateLimited, ServiceError, TooManyConnections
-from .metrics import Metrics
-from .settings import Settings
+from ..config.settings import Settings
+from ..core.errors import OverCapacity, RateLimited, ServiceError, TooManyConnections
+from ..telemetry.metrics import Metrics
 
 logger = logging.getLogger("service")
 

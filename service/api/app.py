@@ -15,20 +15,21 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__, logs
-from .api import client_assets, events, health, inbox, publish, topics, ws
-from .auth import TokenVerifier
-from .broker import create_broker
-from .errors import ServiceError
-from .gcpacer import GcPacer
-from .hub import Hub
+from .. import __version__
+from ..auth.tokens import TokenVerifier
+from ..broker import create_broker
+from ..config.settings import Settings
+from ..core.errors import ServiceError
+from ..core.topics import Topics
+from ..delivery.hub import Hub
+from ..server.gcpacer import GcPacer
+from ..telemetry import logs
+from ..telemetry.logs import AccessLog
+from ..telemetry.metrics import Metrics
+from . import client_assets, events, health, inbox, publish, topics, ws
 from .limits import RequestLimits
-from .logs import AccessLog
-from .metrics import Metrics
 from .models import ErrorBody
 from .runtime import Runtime
-from .settings import Settings
-from .topics import Topics
 
 logger = logging.getLogger("service")
 
@@ -38,7 +39,7 @@ Backends publish with `POST /notify/{user_id}` and `POST /broadcast` (scope `not
 clients receive on `GET /ws` (WebSocket) or `GET /events` (Server-Sent Events) with their JWT.
 The socket protocol is described in `openapi/asyncapi.yaml`."""
 
-# What any request may be answered before it reaches a route (`guardedhttp.py`, `exposure.py`).
+# What any request may be answered before it reaches a route (`server/guardedhttp.py`, `server/admission.py`).
 CONNECTION_ERRORS: dict[int | str, dict[str, Any]] = {
     408: {"model": ErrorBody, "description": "No complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS."},
     429: {
@@ -54,7 +55,7 @@ class NotifyApp(FastAPI):
     """FastAPI, except that client sockets skip its layers and go straight to their handler
     (`api.ws.serve_socket`), and every HTTP request passes the access log first: its request id,
     and its line as NOTIFY_ACCESS_LOG says. (Under the service's own server, a well-formed publish
-    never reaches the app: see `httpprotocol.py`.)"""
+    never reaches the app: see `server/httpprotocol.py`.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -8,11 +8,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from .broker import frame_id
-from .frames import CloseCode
-from .ids import IdKey, id_key
-from .metrics import Metrics
-from .settings import Settings
+from ..broker import frame_id
+from ..config.settings import Settings
+from ..core.frames import CloseCode
+from ..core.ids import IdKey, id_key
+from ..telemetry.metrics import Metrics
 
 Closer = Callable[[int, str], Awaitable[None]]
 Sender = Callable[[str], Coroutine[Any, Any, None]]

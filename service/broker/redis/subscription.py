@@ -25,12 +25,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ..frames import resync
-from ..ids import IdKey, id_key, is_recoverable
-from ..metrics import Metrics
-from ..settings import Settings
+from ...config.settings import Settings
+from ...core.frames import resync
+from ...core.ids import IdKey, id_key, is_recoverable
+from ...telemetry.metrics import Metrics
+from ..base import FrameHandler, LostHandler
 from . import scripts
-from .base import FrameHandler, LostHandler
 from .cluster import ClusterPipelines, SlotMap, slot_of
 from .connector import Connector
 from .link import Address, Link

@@ -1,6 +1,6 @@
 """The listener's topics: which it follows, the cursor of each, and its membership on the current socket.
 
-Kept apart from the socket's lifecycle (service/listener.py) because a topic outlives every socket:
+Kept apart from the socket's lifecycle (service/client/listener.py) because a topic outlives every socket:
 its cursor and whether it is still followed carry over a reconnect, where it is joined again with
 its own ``since``, while what the socket is a member of starts empty each time.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .client_common import TokenSource, TopicRefused, _resolve
+from .common import TokenSource, TopicRefused, _resolve
 
 logger = logging.getLogger("service.client")
 

@@ -1,7 +1,7 @@
 """The listener for user-side consumers: a socket that reconnects, resumes every stream from its own
-cursor, joins its topics again and drops what it already saw (see service/client.py for the story;
-the topics themselves are in service/listener_topics.py; each stream's cursor, the dedupe and the
-inbox refetched after a gap in service/listener_streams.py).
+cursor, joins its topics again and drops what it already saw (see service/client/__init__.py for the story;
+the topics themselves are in service/client/topics.py; each stream's cursor, the dedupe and the
+inbox refetched after a gap in service/client/streams.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .client_common import (
+from .common import (
     Disconnected,
     ListenerError,
     TokenSource,
@@ -25,8 +25,8 @@ from .client_common import (
     _full_jitter,
     _resolve,
 )
-from .listener_streams import Notification, StreamCursors
-from .listener_topics import TopicMembership
+from .streams import Notification, StreamCursors
+from .topics import TopicMembership
 
 logger = logging.getLogger("service.client")
 

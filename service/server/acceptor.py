@@ -7,7 +7,7 @@ queue: with a dead replica's sockets arriving, 750 of them queued on each surviv
 new keep-alive connection, its publish already sent, waited up to a second and a half behind them
 before the replica read a byte of it (docs/reliability.md, "Reconnect storm"). Taking every pending
 connection at once puts the waiting where it belongs: handshakes are paced after they are accepted
-(`exposure.py`), and a publish is read at once.
+(`server/admission.py`), and a publish is read at once.
 
 It stands where uvicorn keeps its servers (`Server.servers`): `close()` stops listening.
 """

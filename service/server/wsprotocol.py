@@ -18,8 +18,8 @@ from websockets.exceptions import SecurityError
 from websockets.http11 import Request
 from websockets.protocol import State
 
-from .errors import HeadersTooLarge, MalformedRequest, ServiceError
-from .frames import SEND_FRAME_EXTENSION
+from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
+from ..core.frames import SEND_FRAME_EXTENSION
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})

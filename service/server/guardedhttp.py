@@ -6,7 +6,7 @@ descriptor for ever. Here every connection gets NOTIFY_HEADER_TIMEOUT_SECONDS, f
 its previous response, to complete a request head; one that sent part of a head is told 408, one
 that sent nothing is closed. A head is also bounded in size (431), uvicorn's parse errors are
 answered as JSON like every other error, and the first request of each connection passes the
-connection ceilings (`exposure.py`), and each socket or stream handshake the handshake rate.
+connection ceilings (`server/admission.py`), and each socket or stream handshake the handshake rate.
 Everything happens before a request reaches the app, so it covers plain HTTP, SSE, WebSocket
 handshakes and the publish fast path alike.
 """
@@ -20,8 +20,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError
-from .exposure import EXEMPT_PATHS, HANDSHAKE_PATHS, MAX_HEAD_BYTES, Exposure
+from ..core.errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServiceError
+from .admission import EXEMPT_PATHS, HANDSHAKE_PATHS, MAX_HEAD_BYTES, Exposure
 
 _JSON = b"content-type: application/json\r\ncontent-length: "
 
@@ -143,7 +143,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """An upgrade (a WebSocket handshake) on a connection that served a request before, as a
         proxy's keep-alive connection does: uvicorn makes no cycle for an upgrade, so the previous
         request's would stand for this one when its end is parsed, and a publish answered in place
-        (`httpprotocol.py`) would be published a second time. False: not served (the connection is
+        (`server/httpprotocol.py`) would be published a second time. False: not served (the connection is
         closed), when the previous request is still being answered and is not uvicorn's."""
         if self.cycle.response_complete:
             self.cycle = None  # type: ignore[assignment]

@@ -18,11 +18,11 @@ import urllib.parse
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import logs
-from .api.fastpath import NOT_A_PUBLISH, FastPublish, answer, error_answer, prepare, publish_target
-from .errors import ServiceError
+from ..api.fastpath import NOT_A_PUBLISH, FastPublish, answer, error_answer, prepare, publish_target
+from ..api.runtime import Runtime
+from ..core.errors import ServiceError
+from ..telemetry import logs
 from .guardedhttp import NO_EVENT, GuardedHttpProtocol
-from .runtime import Runtime
 
 logger = logging.getLogger("service")
 

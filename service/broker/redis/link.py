@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ..ids import id_key
-from .base import frame_id
+from ...core.ids import id_key
+from ..base import frame_id
 from .cluster import slot_of
 from .resp import RawConnection, command
 

@@ -13,9 +13,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .errors import InvalidToken, MissingScope
-from .ids import USER_ID_RULE, is_valid_user_id
-from .settings import Settings
+from ..config.settings import Settings
+from ..core.errors import InvalidToken, MissingScope
+from ..core.ids import USER_ID_RULE, is_valid_user_id
 
 PUBLISH_SCOPE = "notify:publish"
 READ_SCOPE = "notify:read"

@@ -1,8 +1,8 @@
-"""What the publisher (service/client.py) and the listener (service/listener.py and its
+"""What the publisher (service/client/__init__.py) and the listener (service/client/listener.py and its
 listener_*.py parts) have in common: their errors, a token source and the backoff delay.
 
-It imports none of them, so that each imports it and none imports another: client.py re-exports
-the listener, which would otherwise import client.py back while client.py is still half loaded.
+It imports none of them, so that each imports it and none imports another: the package re-exports
+the listener, which would otherwise import the package back while it is still half loaded.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .topic_options import TopicOptions
 
 if TYPE_CHECKING:
-    from .broker.topology import Topology
+    from .redis_url import Topology
 
 
 class Settings(BaseSettings):
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     history_size: int = Field(100, gt=0)
     history_ttl_seconds: int = Field(86400, gt=0)
 
-    # Topics: namespace -> options, as JSON (see topics.py); a topic outside them does not exist.
+    # Topics: namespace -> options, as JSON (see core/topics.py); a topic outside them does not exist.
     topics: dict[str, TopicOptions] = Field(default_factory=dict)
     max_topics_per_connection: int = Field(64, gt=0)
     # A user's last socket leaving a topic is told to its members after this, unless they are back.
@@ -83,14 +83,14 @@ class Settings(BaseSettings):
     # send a complete request head (408 when it sent part of one); slow-loris holds nothing longer.
     header_timeout_seconds: float = Field(10.0, gt=0)
     # Open connections beyond which new requests and handshakes get 503; unset: sized from the
-    # file-descriptor limit at start-up (`exposure.py`).
+    # file-descriptor limit at start-up (`server/admission.py`).
     max_connections: int | None = Field(None, gt=0)
     # Per client address (the peer, or X-Forwarded-For from a FORWARDED_ALLOW_IPS peer); 429 beyond.
     max_connections_per_ip: int | None = Field(None, gt=0)
     # WebSocket and SSE handshakes per second this replica takes on, before any token is verified: a
     # tenth of a second's worth at once, the next held back for their turn (up to a second ahead),
     # beyond that 429 with a jittered Retry-After; so that a reconnect storm slows new connects
-    # rather than delivery to open sockets (`exposure.py`). "off": no cap.
+    # rather than delivery to open sockets (`server/admission.py`). "off": no cap.
     max_handshake_rate: float | None = Field(600.0, gt=0)
 
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
     # summary: a line per failed, slow or non-publish request, and for successful publishes one
-    # summary line per period; all: a line per request; off: none (`logs.py`). Every mode keeps
+    # summary line per period; all: a line per request; off: none (`telemetry/logs.py`). Every mode keeps
     # X-Request-ID on every response. true and false are read as all and off. (Every mode is a
     # non-empty string, hence true: the publish fast path sets X-Request-ID whenever it is.)
     access_log: Literal["summary", "all", "off"] = "summary"
@@ -148,14 +148,14 @@ class Settings(BaseSettings):
     @classmethod
     def _read_redis_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from .broker.topology import parse_redis_url
+            from .redis_url import parse_redis_url
 
             parse_redis_url(value)  # a malformed URL stops start-up with the line it raises
         return value
 
     @model_validator(mode="after")
     def _check_redis_options(self) -> Settings:
-        from .broker.topology import SENTINEL, check_tls_files, parse_redis_url
+        from .redis_url import SENTINEL, check_tls_files, parse_redis_url
 
         topology = parse_redis_url(self.redis_url) if self.redis_url is not None else None
         tls_files = {"CA": self.redis_ca_file, "CERT": self.redis_cert_file, "KEY": self.redis_key_file}
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
 
     def redis_topology(self) -> Topology | None:
         """What NOTIFY_REDIS_URL names (None: the embedded broker); checked when settings load."""
-        from .broker.topology import parse_redis_url
+        from .redis_url import parse_redis_url
 
         return None if self.redis_url is None else parse_redis_url(self.redis_url)
 

@@ -1,4 +1,4 @@
-"""Errors the service raises on purpose, each mapped to one HTTP status in `app.py`.
+"""Errors the service raises on purpose, each mapped to one HTTP status in `api/app.py`.
 
 ServiceError
 ├── InvalidToken        401  no token, bad signature, expired, wrong audience/issuer, no `sub`
@@ -9,7 +9,7 @@ ServiceError
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
 │   └── TooManyConnections  429  this address over NOTIFY_MAX_CONNECTIONS_PER_IP
 ├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
-│   answered by the server's protocols, before any routing (`guardedhttp.py`, `wsprotocol.py`):
+│   answered by the server's protocols, before any routing (`server/guardedhttp.py`, `server/wsprotocol.py`):
 ├── MalformedRequest    400  not HTTP the parser accepts
 ├── RequestTimeout      408  no complete request head within NOTIFY_HEADER_TIMEOUT_SECONDS
 ├── HeadersTooLarge     431  a request head, or one line of a WebSocket handshake, too large
