@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +22,6 @@ from ..config.settings import Settings
 from ..core.errors import ServiceError
 from ..core.topics import Topics
 from ..delivery.hub import Hub
-from ..server.gcpacer import GcPacer
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
@@ -70,7 +69,12 @@ class NotifyApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings) -> FastAPI:
+# Something the process runs beside the app for as long as its lifespan lasts (the server's GC pacer):
+# the api layer owns the lifespan, the server layer what a process needs around it.
+ProcessHook = Callable[[Runtime], AbstractAsyncContextManager[object]]
+
+
+def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) -> FastAPI:
     """Build the app; nothing is connected until its lifespan starts."""
     logs.configure_access_log(
         settings.access_log, settings.access_log_slow_seconds, settings.access_log_summary_seconds
@@ -86,13 +90,13 @@ def create_app(settings: Settings) -> FastAPI:
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
-        gc_pacer = GcPacer(hub)
-        gc_pacer.start()
-        logger.info("replica %s started", replica_id, extra={"replica": replica_id})
         try:
-            yield {"runtime": runtime}
+            async with AsyncExitStack() as hooks:
+                for hook in process_hooks:
+                    await hooks.enter_async_context(hook(runtime))
+                logger.info("replica %s started", replica_id, extra={"replica": replica_id})
+                yield {"runtime": runtime}
         finally:
-            await gc_pacer.stop()
             logs.flush_access_summary()
             await broker.stop()
 

@@ -10,10 +10,9 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from ..auth.tokens import Principal
-from ..core.errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError
+from ..core.errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError, TooManyForUser
 from ..core.frames import BadFrame, CloseCode, error
 from ..core.topics import TopicError
-from ..delivery.hub import TooManyConnections
 from . import membership
 from .deps import ClientDep, RuntimeDep
 from .models import ErrorBody
@@ -22,11 +21,6 @@ from .session import Resume, open_stream, schedule_expiry
 from .sse import Position
 
 router = APIRouter(tags=["client"])
-
-
-class _TooMany(ServiceError):
-    status_code = 429
-    code = "too_many_connections"
 
 
 class _UnknownTopic(ServiceError):
@@ -84,7 +78,7 @@ async def events(
     if position is None:
         raise InvalidRequest("Last-Event-ID (or since) is not a position this service gave")
     if not runtime.hub.has_room(principal.user_id):
-        raise _TooMany("too many connections for this user")
+        raise TooManyForUser("too many connections for this user")
     return StreamingResponse(
         _stream(runtime, principal, names, position),
         media_type="text/event-stream",
@@ -103,7 +97,7 @@ async def _stream(runtime: Runtime, principal: Principal, topics: list[str], pos
     resume = Resume(position.ids[0], position.ids[1]) if position.resumed else Resume()
     try:
         conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _noop_closer)
-    except TooManyConnections:  # another stream took the last place since the route checked
+    except TooManyForUser:  # another stream took the last place since the route checked
         yield f'event: close\ndata: {{"code":{CloseCode.TOO_MANY}}}\n\n'
         return
     conn.grants = principal.topics

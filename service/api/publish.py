@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, Header, Path
 from ..auth.tokens import Principal
 from ..broker import Published
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
+from ..core.ratelimit import TokenBucket
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
 from ..core.topics import TopicError
 from ..telemetry import logs
@@ -27,7 +28,7 @@ from .models import (
     PublishAccepted,
     PublishRequest,
 )
-from .runtime import Runtime, TokenBucket
+from .runtime import Runtime
 
 router = APIRouter(tags=["publish"], route_class=JsonRoute)
 

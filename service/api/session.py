@@ -36,7 +36,7 @@ class Resume:
 async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume: Resume, closer: Closer) -> Connection:
     """Register a connection and queue its welcome, then any replay, then live frames; none lost or doubled.
 
-    Raises TooManyConnections."""
+    Raises TooManyForUser."""
     conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer)
     own = user_stream(user_id)
     conn.hold(own, BROADCAST)  # live frames wait until the welcome (and any replay) is queued

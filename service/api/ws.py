@@ -12,13 +12,13 @@ from starlette.datastructures import QueryParams
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
-from ..core.errors import BrokerUnavailable, InvalidToken
+from ..core.errors import BrokerUnavailable, InvalidToken, TooManyForUser
 from ..core.frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, error, parse_client_frame
 from ..core.ids import parse_id
+from ..core.ratelimit import TokenBucket
 from ..delivery.connection import Connection
-from ..delivery.hub import TooManyConnections
 from . import membership
-from .runtime import Runtime, TokenBucket
+from .runtime import Runtime
 from .session import Resume, open_stream, schedule_expiry
 
 logger = logging.getLogger("service.ws")
@@ -55,7 +55,7 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
     del query
     try:
         conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _closer(websocket))
-    except TooManyConnections:
+    except TooManyForUser:
         await _reject(websocket, CloseCode.TOO_MANY, "too many connections for this user")
         return
     conn.grants = principal.topics

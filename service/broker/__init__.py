@@ -6,8 +6,7 @@ import logging
 
 from ..config.settings import Settings
 from ..telemetry.metrics import Metrics
-from .base import Broker, HistoryPage, Inbox, Published, ReadState, StreamRules, TopicFull, frame_id
-from .redis.presence import RulesOf
+from .base import Broker, HistoryPage, Inbox, Published, ReadState, RulesOf, StreamRules, TopicFull, frame_id
 
 __all__ = [
     "Broker",

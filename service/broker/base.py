@@ -22,11 +22,14 @@ from typing import Protocol
 
 import orjson
 
-from ..core.streams import BROADCAST, topic_of
+from ..core.streams import BROADCAST, StreamRules, topic_of
 
 # A frame for local sockets: the stream it belongs to and the JSON text to send. A text starting
 # with CONTROL is a message to the replicas themselves (see delivery/hub.py), never sent as it is.
 FrameHandler = Callable[[str, str], None]
+# What sets each stream apart, by stream name (the topics' namespaces decide it).
+RulesOf = Callable[[str], StreamRules]
+
 # Called when what this replica missed cannot be replayed (Redis came back without its data).
 LostHandler = Callable[[], Awaitable[None]]
 
@@ -48,18 +51,6 @@ class Published:
 
 class TopicFull(Exception):
     """The topic already has its maximum number of distinct members."""
-
-
-@dataclass(frozen=True, slots=True)
-class StreamRules:
-    """What sets one stream apart: presence events to members, the leave grace, a member cap, and
-    its own history bounds (None: the global ones)."""
-
-    events: bool = False
-    grace_ms: int = 0
-    max_members: int | None = None
-    history_size: int | None = None
-    history_ttl_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,13 +18,13 @@ from .base import (
     LostHandler,
     Published,
     ReadState,
+    RulesOf,
     StreamRules,
     TopicFull,
     build_frame,
     frame_parts,
     presence_frame,
 )
-from .redis.presence import RulesOf
 
 _SWEEP_SECONDS = 60.0
 

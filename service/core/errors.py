@@ -7,7 +7,8 @@ ServiceError
 ├── InvalidRequest      422  a body or parameter that breaks the contract
 ├── PayloadTooLarge     413  body over NOTIFY_MAX_PAYLOAD_BYTES
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
-│   └── TooManyConnections  429  this address over NOTIFY_MAX_CONNECTIONS_PER_IP
+│   ├── TooManyFromAddress  429  this address over NOTIFY_MAX_CONNECTIONS_PER_IP
+│   └── TooManyForUser      429  this user over NOTIFY_MAX_CONNECTIONS_PER_USER on this replica
 ├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
 │   answered by the server's protocols, before any routing (`server/guardedhttp.py`, `server/wsprotocol.py`):
 ├── MalformedRequest    400  not HTTP the parser accepts
@@ -88,7 +89,15 @@ class BrokerUnavailable(ServiceError):
     code = "broker_unavailable"
 
 
-class TooManyConnections(RateLimited):
+class TooManyFromAddress(RateLimited):
+    code = "too_many_connections"
+
+
+class TooManyForUser(ServiceError):
+    """Raised by the hub when a user already holds NOTIFY_MAX_CONNECTIONS_PER_USER on this replica
+    (a socket is closed with 4029, an SSE stream answered 429)."""
+
+    status_code = 429
     code = "too_many_connections"
 
 

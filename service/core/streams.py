@@ -14,6 +14,8 @@ Ids increase within a stream only; nothing compares ids of two streams.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 BROADCAST = "b"
 _USER = "u:"
 _TOPIC = "t:"
@@ -39,3 +41,15 @@ def topic_of(stream: str) -> str | None:
 
 def is_topic(stream: str) -> bool:
     return stream.startswith(_TOPIC)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRules:
+    """What sets one stream apart: presence events to members, the leave grace, a member cap, and
+    its own history bounds (None: the global ones)."""
+
+    events: bool = False
+    grace_ms: int = 0
+    max_members: int | None = None
+    history_size: int | None = None
+    history_ttl_ms: int | None = None

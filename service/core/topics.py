@@ -7,14 +7,23 @@ namespace ""). A topic exists only in a namespace configured in NOTIFY_TOPICS.
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
-from ..auth.tokens import Principal
-from ..broker.base import StreamRules
 from ..config.topic_options import TopicOptions
-from .streams import topic_of
+from .streams import StreamRules, topic_of
 
 _NAME = re.compile(r"[A-Za-z0-9_\-.:@=]{1,200}")
 NAME_RULE = "1 to 200 characters from A-Z a-z 0-9 _ - . : @ ="
+
+
+class TopicGrant(Protocol):
+    """What a verified topic token says (auth's Principal has both)."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def topic(self) -> str | None: ...
 
 
 class TopicError(Exception):
@@ -71,7 +80,7 @@ class Topics:
 
     @staticmethod
     def may_join(
-        topic: str, options: TopicOptions, user_id: str, grants: tuple[str, ...], topic_token: Principal | None
+        topic: str, options: TopicOptions, user_id: str, grants: tuple[str, ...], topic_token: TopicGrant | None
     ) -> bool:
         """Whether the connection's user may join: any user where the namespace says so, else a
         `topics` claim of the connection token (exact, or `ns:*`), or a topic token for exactly

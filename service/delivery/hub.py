@@ -15,6 +15,7 @@ import time
 
 from ..broker import Broker, StreamRules, frame_id
 from ..broker.base import CONTROL
+from ..core.errors import TooManyForUser
 from ..core.frames import RESYNC, CloseCode, encode, wire_text
 from ..core.ids import id_key
 from ..core.streams import BROADCAST, topic_of, topic_stream, user_of, user_stream
@@ -24,10 +25,6 @@ from .connection import Connection
 logger = logging.getLogger("service.hub")
 
 SIGNAL, REMOVE, DISCONNECT = "s", "r", "d"
-
-
-class TooManyConnections(Exception):
-    """The user already has the maximum number of sockets on this replica."""
 
 
 def control(kind: str, argument: str, frame: str = "") -> str:
@@ -61,7 +58,7 @@ class Hub:
     async def register(self, conn: Connection) -> None:
         """Add a connection; once this returns, every frame published for its user reaches it."""
         if not self.has_room(conn.user_id):
-            raise TooManyConnections(conn.user_id)
+            raise TooManyForUser("too many connections for this user")
         stream = user_stream(conn.user_id)
         self._all.add(conn)
         self._metrics.connections.inc()

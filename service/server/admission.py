@@ -32,7 +32,7 @@ from prometheus_client import Counter, Gauge
 from uvicorn.middleware.proxy_headers import _TrustedHosts
 
 from ..config.settings import Settings
-from ..core.errors import OverCapacity, RateLimited, ServiceError, TooManyConnections
+from ..core.errors import OverCapacity, RateLimited, ServiceError, TooManyFromAddress
 from ..telemetry.metrics import Metrics
 
 logger = logging.getLogger("service")
@@ -217,7 +217,7 @@ class Exposure:
         if self.max_per_ip is not None and client is not None:
             held = self._per_ip.get(client, 0)
             if held >= self.max_per_ip:
-                return TooManyConnections(
+                return TooManyFromAddress(
                     f"{client} already has {held} connections open, the most allowed per address",
                     RETRY_AFTER_SECONDS,
                 )

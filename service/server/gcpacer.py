@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Sized
+from collections.abc import AsyncIterator, Sized
 
 # Collections of the middle generation between two automatic full ones, while a storm lasts: never
 # reached, so CPython starts no full collection until the threshold is put back.
@@ -79,3 +79,14 @@ class GcPacer:
                 # A storm that goes on: the garbage of its closed sockets is freed now and then.
                 gc.collect()
                 self.holding_since = now
+
+
+@contextlib.asynccontextmanager
+async def paced_collections(connections: Sized) -> AsyncIterator[GcPacer]:
+    """A GcPacer running for as long as the block: the server's hook into the app's lifespan."""
+    pacer = GcPacer(connections)
+    pacer.start()
+    try:
+        yield pacer
+    finally:
+        await pacer.stop()

@@ -19,6 +19,7 @@ from ..core.frames import CloseCode
 from ..telemetry.logs import log_config
 from .acceptor import Acceptor
 from .admission import Exposure, raise_fd_limit
+from .gcpacer import paced_collections
 from .httpprotocol import PublishingHttpProtocol
 from .wsprotocol import BoundedWebSocketProtocol
 
@@ -119,7 +120,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
-    app = create_app(settings)
+    app = create_app(settings, [lambda runtime: paced_collections(runtime.hub)])
     fd_limit = raise_fd_limit()
     exposure = Exposure(settings, fd_limit)
     config = uvicorn.Config(

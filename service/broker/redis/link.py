@@ -13,18 +13,19 @@ import logging
 import random
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from ...core.ids import id_key
-from ..base import frame_id
-from .cluster import slot_of
+from ...config.settings import Settings
+from ...core.ids import IdKey, id_key
+from ...telemetry.metrics import Metrics
+from ..base import FrameHandler, LostHandler, frame_id
+from .cluster import SlotMap, slot_of
+from .connector import Connector
 from .resp import RawConnection, command
-
-if TYPE_CHECKING:
-    from .subscription import Subscription
 
 logger = logging.getLogger("service.broker")
 
@@ -32,10 +33,34 @@ _FAILURES = (RedisError, OSError, TimeoutError)
 Address = tuple[str, int]
 
 
+class LinkOwner(Protocol):
+    """What a link needs of the subscription that owns it (`Subscription`): the streams' positions,
+    where to hand frames, and how to replay a gap; a link holds channels, its owner holds state."""
+
+    settings: Settings
+    metrics: Metrics
+    connector: Connector
+    key: Callable[[str, str], str]
+    slots: SlotMap | None
+    channel_head: int
+    on_frame: FrameHandler | None
+    on_lost: LostHandler | None
+    restarted: Callable[[], None]
+    positions: dict[str, IdKey]
+
+    def link_broke(self) -> None: ...
+
+    async def read_positions(self, streams: list[str]) -> None: ...
+
+    async def replay_gaps(self, streams: list[str]) -> None: ...
+
+    def probe_channel_for(self, address: Address) -> str: ...
+
+
 class Link:
     """One subscription connection to one primary."""
 
-    def __init__(self, owner: Subscription, address: Address, client: aioredis.Redis) -> None:
+    def __init__(self, owner: LinkOwner, address: Address, client: aioredis.Redis) -> None:
         self._owner = owner
         self.address = address
         self._client = client

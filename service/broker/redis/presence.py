@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
 from ...core.streams import is_topic, topic_of, user_of
-from ..base import StreamRules, TopicFull
+from ..base import RulesOf, StreamRules, TopicFull
 from . import scripts
 from .cluster import ClusterPipelines
 from .pipeline import AutoPipeline, Lua
@@ -38,7 +38,6 @@ _CLAIM_MS = 30_000
 _NO_RULES = StreamRules()
 
 KeyOf = Callable[[str, str], str]
-RulesOf = Callable[[str], StreamRules]
 
 
 class Presence:
