@@ -20,13 +20,16 @@ from ..auth.tokens import TokenVerifier
 from ..broker import create_broker
 from ..config.settings import Settings
 from ..core.errors import ServiceError
+from ..core.ratelimit import KeyedRate
 from ..core.topics import Topics
 from ..delivery.hub import Hub
+from ..delivery.memberlists import MemberLists
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
 from . import client_assets, events, health, inbox, publish, topics, ws
 from .limits import RequestLimits
+from .membership import MEMBERS_SHOWN
 from .models import ErrorBody
 from .runtime import Runtime
 
@@ -87,7 +90,10 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         topics = Topics(settings.topics, settings.presence_leave_grace_seconds)
         broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
-        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
+        member_lists = MemberLists(broker, settings.presence_cache_seconds, MEMBERS_SHOWN)
+        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, member_lists)
+        runtime.publish_rate = KeyedRate(settings.publish_rate) if settings.publish_rate else None
+        runtime.member_publish_rate = KeyedRate(settings.member_publish_rate) if settings.member_publish_rate else None
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
         try:

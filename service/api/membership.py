@@ -13,9 +13,10 @@ import orjson
 
 from ..broker import TopicFull
 from ..config.topic_options import TopicOptions
-from ..core.errors import BrokerUnavailable, InvalidToken
+from ..core.errors import BrokerUnavailable, InvalidToken, NamespaceFull
 from ..core.frames import BadFrame, encode
 from ..core.ids import IdKey, parse_id
+from ..core.ratelimit import TokenBucket
 from ..core.streams import topic_stream
 from ..core.topics import TopicError
 from ..delivery.connection import Connection
@@ -24,6 +25,8 @@ from .runtime import Runtime
 from .session import replay
 
 MEMBERS_SHOWN = 1000
+# A socket's presence asks: NOTIFY_PRESENCE_RATE a second, bursts of this many times that.
+_PRESENCE_BURST = 5
 _EVENT = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 
 TOPIC_FRAMES = frozenset({"join", "leave", "publish", "signal", "presence"})
@@ -42,6 +45,7 @@ async def handle(frame: dict[str, Any], conn: Connection, runtime: Runtime) -> N
         await _join(frame, topic, options, conn, runtime)
     elif kind == "leave":
         await runtime.hub.leave(conn, topic)
+        runtime.member_lists.forget(topic_stream(topic))
         conn.send(encode({"type": "left", "topic": topic}))
     elif not member:
         raise BadFrame("forbidden", f"join {topic!r} first", topic)
@@ -49,8 +53,13 @@ async def handle(frame: dict[str, Any], conn: Connection, runtime: Runtime) -> N
         if not options.publish:
             raise BadFrame("forbidden", "members may not publish in this namespace", topic)
         event, data = _message(frame, topic)
+        rates = runtime.member_publish_rate
+        if rates is not None and (wait := rates.take(conn.user_id)):
+            raise BadFrame("rate_limited", f"a user may publish {rates.rate:g} messages a second", topic, wait)
         try:
             published = await runtime.broker.publish(topic_stream(topic), event, data, None, sender=conn.user_id)
+        except NamespaceFull as exc:
+            raise BadFrame(exc.code, exc.message, topic) from None
         except BrokerUnavailable as exc:
             raise BadFrame("unavailable", exc.message, topic) from None
         runtime.metrics.published_topic.inc()
@@ -68,8 +77,14 @@ async def handle(frame: dict[str, Any], conn: Connection, runtime: Runtime) -> N
     else:  # presence
         if not options.presence:
             raise BadFrame("forbidden", "presence is off in this namespace", topic)
+        rate = runtime.settings.presence_rate
+        if conn.presence_asks is None:
+            conn.presence_asks = TokenBucket(rate, rate * _PRESENCE_BURST)
+        wait = conn.presence_asks.take()
+        if wait:
+            raise BadFrame("rate_limited", f"a socket may ask for member lists {rate:g} times a second", topic, wait)
         try:
-            users, count = await runtime.broker.members(topic_stream(topic), MEMBERS_SHOWN)
+            users, count = await runtime.member_lists.get(topic_stream(topic))
         except BrokerUnavailable as exc:
             raise BadFrame("unavailable", exc.message, topic) from None
         conn.send(encode({"type": "members", "topic": topic, "users": users, "count": count}))
@@ -102,6 +117,7 @@ async def _join(frame: dict[str, Any], topic: str, options: TopicOptions, conn: 
     except BrokerUnavailable as exc:
         conn.release([], {}, stream)
         raise BadFrame("unavailable", exc.message, topic) from None
+    runtime.member_lists.forget(stream)  # the joiner, asking next, finds itself listed
     joined: dict[str, Any] = {"type": "joined", "topic": topic}
     floors: dict[str, IdKey] = {}
     frames: list[str] = []

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Body, Header, Path
 from ..auth.tokens import Principal
 from ..broker import Published
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
-from ..core.ratelimit import TokenBucket
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
 from ..core.topics import TopicError
 from ..telemetry import logs
@@ -41,8 +40,9 @@ def _errors() -> dict[int | str, dict[str, Any]]:
             403: "The token lacks the scope this call needs.",
             413: "Body over NOTIFY_MAX_PAYLOAD_BYTES.",
             422: "The body, user id or topic name breaks the contract.",
-            429: "Over NOTIFY_PUBLISH_RATE for this publisher, or NOTIFY_MAX_CONNECTIONS_PER_IP for this address;"
-            " see Retry-After.",
+            429: "Over NOTIFY_PUBLISH_RATE for this publisher, or NOTIFY_MAX_CONNECTIONS_PER_IP for this address"
+            " (see Retry-After); or, publishing to a topic, `namespace_full`: its namespace's `max_topics` other"
+            " topics hold history.",
             503: "The broker is unreachable (nothing was published), or the replica is at NOTIFY_MAX_CONNECTIONS"
             " (see Retry-After).",
         }.items()
@@ -163,12 +163,10 @@ async def _publish(
 
 
 def _check_rate(runtime: Runtime, publisher: Principal) -> None:
-    rate = runtime.settings.publish_rate
-    if rate is None:
+    rates = runtime.publish_rate
+    if rates is None:
         return
-    bucket = runtime.publish_buckets.get(publisher.user_id)
-    if bucket is None:
-        bucket = runtime.publish_buckets[publisher.user_id] = TokenBucket(rate)
-    wait = bucket.take()
+    wait = rates.take(publisher.user_id)
     if wait:
-        raise RateLimited(f"publish rate limit of {rate:g}/s exceeded for {publisher.user_id!r}", retry_after=wait)
+        message = f"publish rate limit of {rates.rate:g}/s exceeded for {publisher.user_id!r}"
+        raise RateLimited(message, retry_after=wait)

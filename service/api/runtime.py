@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..auth.tokens import TokenVerifier
 from ..broker import Broker
 from ..config.settings import Settings
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import KeyedRate
 from ..core.topics import Topics
 from ..delivery.hub import Hub
+from ..delivery.memberlists import MemberLists
 from ..telemetry.metrics import Metrics
 
 
@@ -24,5 +25,8 @@ class Runtime:
     hub: Hub
     verifier: TokenVerifier
     topics: Topics
+    member_lists: MemberLists
+    # Per publisher (NOTIFY_PUBLISH_RATE) and per member (NOTIFY_MEMBER_PUBLISH_RATE); None: off.
+    publish_rate: KeyedRate | None = None
+    member_publish_rate: KeyedRate | None = None
     draining: bool = False
-    publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)

@@ -11,7 +11,6 @@ from ..core.streams import topic_stream, user_stream
 from ..delivery.hub import DISCONNECT, REMOVE, control
 from .body import JsonRoute
 from .deps import AdminDep, PublisherDep, ReaderDep, RuntimeDep
-from .membership import MEMBERS_SHOWN
 from .models import (
     NOTIFICATION_ID_PATTERN,
     USER_ID_PATTERN,
@@ -47,8 +46,9 @@ async def publish_to_topic(
 
 @router.get("/topics/{topic}/presence", response_model=TopicPresence, responses=_TOPIC_ERRORS)
 async def topic_presence(topic: TopicName, reader: ReaderDep, runtime: RuntimeDep) -> TopicPresence:
-    """The topic's members (distinct users across replicas), sorted, at most 1,000 listed."""
-    users, count = await runtime.broker.members(topic_stream(check_topic(runtime, topic)), MEMBERS_SHOWN)
+    """The topic's members (distinct users across replicas): their count, and at most 1,000 of
+    them, sorted; read at most once per NOTIFY_PRESENCE_CACHE_SECONDS per topic on each replica."""
+    users, count = await runtime.member_lists.get(topic_stream(check_topic(runtime, topic)))
     return TopicPresence(topic=topic, count=count, users=users, truncated=count > len(users))
 
 

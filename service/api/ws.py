@@ -141,7 +141,7 @@ async def _receive_forever(
             expiry = await _handle(frame, conn, runtime, expiry)
         except BadFrame as exc:
             runtime.metrics.errors.labels(exc.code).inc()
-            conn.send(error(exc.code, exc.message, exc.topic))
+            conn.send(error(exc.code, exc.message, exc.topic, exc.retry_after))
     return expiry
 
 

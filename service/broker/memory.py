@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..config.settings import Settings
+from ..core.errors import NamespaceFull
 from ..core.ids import IdKey, id_key, is_recoverable
 from ..core.streams import BROADCAST, is_topic, topic_of, user_of, user_stream
 from .base import (
@@ -65,6 +66,8 @@ class MemoryBroker:
         self._subscribed: set[str] = {BROADCAST}
         self._online: dict[str, int] = {}  # user stream -> sockets
         self._topics: dict[str, _Members] = {}
+        # Per namespace with max_topics: its topics holding history -> their last publish (ms).
+        self._held: dict[str, dict[str, int]] = {}
         self._on_frame: FrameHandler | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -159,6 +162,8 @@ class MemoryBroker:
             if known is not None and known[1] > now:
                 first = known[0]
                 return Published(first.id, first.ts, self._count(stream), duplicate=True)
+        if is_topic(stream):
+            self._admit(stream, now)
         entries = self._streams.get(stream)
         if entries is None:
             size, ttl_ms = self._bounds(stream)
@@ -229,6 +234,21 @@ class MemoryBroker:
         entries = self._streams.get(user_stream(user_id))
         marker = self._read.get(user_id, (0, 0))
         return sum(1 for key, _ in self._fresh(entries, _now_ms()) if key > marker) if entries else 0
+
+    def _admit(self, stream: str, now: int) -> None:
+        """Whether the topic may hold history: NamespaceFull when its namespace already has
+        `max_topics` others with history younger than the TTL."""
+        rules = self._rules(stream)
+        if rules.max_topics is None:
+            return
+        held = self._held.setdefault(rules.namespace, {})
+        if stream not in held and len(held) >= rules.max_topics:
+            oldest = now - self._bounds(stream)[1]
+            for expired in [s for s, last in held.items() if last < oldest]:
+                del held[expired]
+            if len(held) >= rules.max_topics:
+                raise NamespaceFull(rules.namespace, rules.max_topics)
+        held[stream] = now
 
     def _bounds(self, stream: str) -> tuple[int, int]:
         rules = self._rules(stream)

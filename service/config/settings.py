@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     # A publish is answered 202 only once this many replicas confirm they have it (WAIT), within
     # the publish deadline; 503 otherwise. 0: as soon as the primary has it.
     redis_replicas_ack: int = Field(0, ge=0)
+    # Pooled connections per replica for everything but publishes and subscriptions (history,
+    # inbox, presence). A call finding all of them busy waits for one, within its deadline.
+    redis_pool_size: int = Field(64, gt=0)
 
     # Authentication. At least one key source is required.
     jwt_secret: SecretStr | None = None
@@ -58,6 +61,15 @@ class Settings(BaseSettings):
     # Topics: namespace -> options, as JSON (see core/topics.py); a topic outside them does not exist.
     topics: dict[str, TopicOptions] = Field(default_factory=dict)
     max_topics_per_connection: int = Field(64, gt=0)
+    # Messages a user may publish as a member, per second across all topics and all of the user's
+    # sockets on a replica (`rate_limited` beyond); "off": no limit. It bounds what one user can
+    # write into Redis (docs/capacity.md).
+    member_publish_rate: float | None = Field(5.0, gt=0)
+    # Member lists: each replica reads a topic's list at most once per this many seconds, shared by
+    # everyone who asks meanwhile; and each socket may ask this many times a second (a burst of
+    # five times that), `rate_limited` beyond.
+    presence_cache_seconds: float = Field(1.0, ge=0)
+    presence_rate: float = Field(1.0, gt=0)
     # A user's last socket leaving a topic is told to its members after this, unless they are back.
     presence_leave_grace_seconds: float = Field(3.0, ge=0)
     # A replica whose heartbeat stops for this long is taken out of presence by the others.
@@ -129,9 +141,9 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("max_handshake_rate", mode="before")
+    @field_validator("max_handshake_rate", "member_publish_rate", mode="before")
     @classmethod
-    def _handshake_rate_off(cls, value: object) -> object:
+    def _rate_off(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in ("off", "none", "0", ""):
             return None
         return value

@@ -20,3 +20,7 @@ class TopicOptions(BaseModel):
     history_size: int | None = Field(None, gt=0)
     history_ttl_seconds: int | None = Field(None, gt=0)
     max_members: int | None = Field(None, gt=0)
+    # Distinct topics of the namespace that may hold history at once (a topic holds it until its
+    # last message is older than the history TTL); a publish to one more is refused with
+    # `namespace_full`. null: no limit.
+    max_topics: int | None = Field(10_000, gt=0)

@@ -9,6 +9,7 @@ ServiceError
 ├── RateLimited         429  publisher over NOTIFY_PUBLISH_RATE (carries retry_after)
 │   ├── TooManyFromAddress  429  this address over NOTIFY_MAX_CONNECTIONS_PER_IP
 │   └── TooManyForUser      429  this user over NOTIFY_MAX_CONNECTIONS_PER_USER on this replica
+├── NamespaceFull       429  a publish to one more topic than the namespace's `max_topics` may hold
 ├── BrokerUnavailable   503  Redis unreachable, hung or not subscribed yet
 │   answered by the server's protocols, before any routing (`server/guardedhttp.py`, `server/wsprotocol.py`):
 ├── MalformedRequest    400  not HTTP the parser accepts
@@ -82,6 +83,20 @@ class RateLimited(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class NamespaceFull(ServiceError):
+    """Raised by the brokers: the topic's namespace already has `max_topics` topics holding history,
+    and this one is not among them (nothing was published)."""
+
+    status_code = 429
+    code = "namespace_full"
+
+    def __init__(self, namespace: str, limit: int) -> None:
+        super().__init__(
+            f"namespace {namespace!r} already has its {limit} topics holding history;"
+            " publish to one of them, or wait until one's history expires"
+        )
 
 
 class BrokerUnavailable(ServiceError):

@@ -45,10 +45,13 @@ def welcome(
     return encode(frame)
 
 
-def error(code: str, message: str, topic: str | None = None) -> str:
+def error(code: str, message: str, topic: str | None = None, retry_after: float | None = None) -> str:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if topic is not None:
-        return encode({"type": "error", "code": code, "message": message, "topic": topic})
-    return encode({"type": "error", "code": code, "message": message})
+        frame["topic"] = topic
+    if retry_after is not None:
+        frame["retry_after"] = round(retry_after, 3)
+    return encode(frame)
 
 
 # ASGI scope extension through which this service's server offers `send_frame(wire) -> bool`.
@@ -84,11 +87,12 @@ def resync(stream: str) -> str:
 class BadFrame(Exception):
     """An inbound frame the server cannot act on; answered with an error frame."""
 
-    def __init__(self, code: str, message: str, topic: str | None = None) -> None:
+    def __init__(self, code: str, message: str, topic: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.topic = topic  # the topic a refused topic frame named
+        self.retry_after = retry_after  # rate_limited: seconds until the frame would be taken
 
 
 def parse_client_frame(text: str) -> dict[str, Any]:

@@ -45,11 +45,14 @@ def is_topic(stream: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class StreamRules:
-    """What sets one stream apart: presence events to members, the leave grace, a member cap, and
-    its own history bounds (None: the global ones)."""
+    """What sets one stream apart: presence events to members, the leave grace, a member cap, its
+    own history bounds (None: the global ones), and how many topics of its namespace may hold
+    history at once (None: no limit)."""
 
     events: bool = False
     grace_ms: int = 0
     max_members: int | None = None
     history_size: int | None = None
     history_ttl_ms: int | None = None
+    max_topics: int | None = None
+    namespace: str = ""

@@ -70,7 +70,13 @@ class Topics:
             return StreamRules(grace_ms=self._grace_ms)
         ttl = options.history_ttl_seconds
         return StreamRules(
-            options.join_leave, self._grace_ms, options.max_members, options.history_size, ttl and ttl * 1000
+            events=options.join_leave,
+            grace_ms=self._grace_ms,
+            max_members=options.max_members,
+            history_size=options.history_size,
+            history_ttl_ms=ttl and ttl * 1000,
+            max_topics=options.max_topics,
+            namespace=namespace_of(topic),
         )
 
     def stream_rules(self, stream: str) -> StreamRules:

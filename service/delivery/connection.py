@@ -12,6 +12,7 @@ from ..broker import frame_id
 from ..config.settings import Settings
 from ..core.frames import CloseCode
 from ..core.ids import IdKey, id_key
+from ..core.ratelimit import TokenBucket
 from ..telemetry.metrics import Metrics
 
 Closer = Callable[[int, str], Awaitable[None]]
@@ -45,6 +46,7 @@ class Connection:
         "_floors",
         "topics",
         "grants",
+        "presence_asks",
         "_closer",
         "_metrics",
         "_close_task",
@@ -71,6 +73,7 @@ class Connection:
         self._floors: dict[str, IdKey] | None = None
         self.topics: set[str] | None = None  # the topics this socket joined
         self.grants: tuple[str, ...] = ()  # the topics its token lets it join (the `topics` claim)
+        self.presence_asks: TokenBucket | None = None  # made by the first `presence` frame
         self._closer = closer
         self._metrics = metrics
         self._close_task: asyncio.Task[None] | None = None

@@ -26,6 +26,7 @@ from ...core.streams import BROADCAST, is_topic, user_of, user_stream
 from ...telemetry.metrics import Metrics
 from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
 from . import scripts
+from .budget import TopicBudget
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
 from .pipeline import AutoPipeline
@@ -63,7 +64,8 @@ class RedisBroker:
             socket_timeout=settings.publish_timeout_seconds + 1.0,
             socket_connect_timeout=settings.publish_timeout_seconds,
             retry=Retry(NoBackoff(), 1),
-            max_connections=64,
+            max_connections=settings.redis_pool_size,
+            pool_timeout=settings.publish_timeout_seconds,
         )
         # Publishes, the hot path, share one pipelined connection (one per primary, in a cluster);
         # everything else uses the pool.
@@ -130,6 +132,7 @@ class RedisBroker:
         self._rules = rules
         self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
         self._subscription.restarted = self._presence.rewrite
+        self._budget = TopicBudget(self._pipeline, self._prefix, self._ttl)
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle
@@ -214,6 +217,11 @@ class RedisBroker:
         idempotency_key: str | None,
         sender: str | None = None,
     ) -> Published:
+        if is_topic(stream):
+            try:
+                await self._budget.admit(stream, self._rules(stream))
+            except _FAILURES as exc:
+                raise self._unavailable(exc) from None
         idem = self._key(stream, "i:" + hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else ""
         extra, tail = frame_parts(stream, sender)
         # KEYS and ARGV in the order scripts.PUBLISH reads them.

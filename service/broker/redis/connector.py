@@ -26,7 +26,13 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection, ConnectionPool, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.connection import (
+    BlockingConnectionPool,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
@@ -92,12 +98,18 @@ class Connector:
 
     def client(self, **options: Any) -> Any:
         """A client of the data node (the primary, under Sentinel; the whole cluster, routing each
-        command by its key's slot, under Cluster) with these connection options."""
+        command by its key's slot, under Cluster) with these connection options. With
+        `max_connections`, a call that finds them all busy waits for one, up to `pool_timeout`
+        seconds, rather than failing at once: a burst on one replica queues instead of turning
+        every other request on it into a 503."""
         kwargs = {**self._node_options, **options}
+        kwargs["timeout"] = kwargs.pop("pool_timeout", None)
+        kwargs.setdefault("max_connections", 2**31)
         topology = self.topology
         pool: ConnectionPool
         if topology.kind == CLUSTER:
             kwargs.pop("db", None)
+            kwargs.pop("timeout")
             if topology.tls:
                 kwargs["ssl"] = True
             seeds = [ClusterNode(host, port) for host, port in topology.nodes]
@@ -108,10 +120,10 @@ class Connector:
             pool = _PrimaryPool(topology.master_name, self._sentinel, self, connection_class=kind, **kwargs)
             self._pools.append(pool)
         elif topology.path is not None:
-            pool = ConnectionPool(connection_class=UnixDomainSocketConnection, path=topology.path, **kwargs)
+            pool = BlockingConnectionPool(connection_class=UnixDomainSocketConnection, path=topology.path, **kwargs)
         else:
             (host, port), kind = topology.nodes[0], _TlsConnection if topology.tls else Connection
-            pool = ConnectionPool(connection_class=kind, host=host, port=port, **kwargs)
+            pool = BlockingConnectionPool(connection_class=kind, host=host, port=port, **kwargs)
         return aioredis.Redis.from_pool(pool)
 
     def node_client(self, address: Address, **options: Any) -> aioredis.Redis:
@@ -294,8 +306,9 @@ def refuse_non_cluster_seeds(settings: Settings) -> str | None:
     return None
 
 
-class _PrimaryPool(SentinelConnectionPool):
-    """Connections go to the primary the connector knows, instead of asking a sentinel each time."""
+class _PrimaryPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Connections go to the primary the connector knows, instead of asking a sentinel each time;
+    a call finding every connection busy waits for one (see `Connector.client`)."""
 
     def __init__(self, service_name: str | None, sentinel: Sentinel, connector: Connector, **kwargs: Any) -> None:
         self.connector = connector

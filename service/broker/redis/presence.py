@@ -135,10 +135,15 @@ class Presence:
         return self._rules(stream) if is_topic(stream) else _NO_RULES
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hlen(self._key(stream, "m"))
-        pipe.hkeys(self._key(stream, "m"))
-        count, users = await pipe.execute()
+        """The count, and up to `limit` members (which ones, of a larger topic, is Redis's scan
+        order): a read whose cost is bounded by `limit`, not by the topic's size."""
+        key = self._key(stream, "m")
+        count, users, cursor = await self._redis.hlen(key), set(), 0
+        while True:
+            cursor, page = await self._redis.hscan(key, cursor, count=limit)
+            users.update(page)
+            if not cursor or len(users) >= limit:
+                break
         return sorted(users)[:limit], int(count)
 
     async def online(self, stream: str) -> int:

@@ -1,7 +1,8 @@
 """Lua run inside Redis, so each step is atomic: nothing is published without being stored.
 
 Every script touches the keys of one stream only, all carrying that stream's hash tag (see
-RedisBroker._key), so each runs in one slot of a Redis Cluster as well as on a single Redis.
+RedisBroker._key), or one key of a namespace (ADMIT), so each runs in one slot of a Redis Cluster
+as well as on a single Redis.
 """
 
 from __future__ import annotations
@@ -234,3 +235,21 @@ local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if due and tonumber(due) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return 0
 """
+
+# A namespace's topics holding history, scored by when a replica last admitted a publish to them.
+# KEYS: the namespace's sorted set (its own hash tag, `n:<namespace>`). ARGV: topic, how long an
+# admission lasts in ms (the history TTL and a margin), the namespace's max_topics.
+# Returns 1 when the topic may be published to, 0 when the namespace is full without it.
+ADMIT = (
+    _NOW
+    + """
+local lasting = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lasting)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lasting)
+return 1
+"""
+)
