@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 LOCK      := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test test-latest lock openapi lint bench soak storm cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint bench soak storm abuse cluster clean
 
 $(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,12 @@ soak: install
 # the sockets that did not move (docs/reliability.md, "Reconnect storm"). STORM_ARGS: e.g. --handshake-rate off.
 storm: install system-deps
 	$(PY) -m tests.load.storm $(STORM_ARGS)
+
+# Two abuses at full size with the defaults (a few minutes): 80 sockets asking every 250 ms for the members of a
+# 5,000-member topic beside other users' inbox reads, then 200 sockets of 10 users publishing into ever new topics for
+# 20 s while Redis's memory is watched. Prints how each request was answered (docs/reliability.md#abuse-budgets).
+abuse: install system-deps
+	$(PY) -m tests.load.abuse_budgets $(ABUSE_ARGS)
 
 # Redis, three replicas and nginx on http://127.0.0.1:$(CLUSTER_PORT), without containers; Ctrl-C stops them all.
 CLUSTER_PORT ?= 8080

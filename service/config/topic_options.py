@@ -23,4 +23,4 @@ class TopicOptions(BaseModel):
     # Distinct topics of the namespace that may hold history at once (a topic holds it until its
     # last message is older than the history TTL); a publish to one more is refused with
     # `namespace_full`. null: no limit.
-    max_topics: int | None = Field(10_000, gt=0)
+    max_topics: int | None = Field(1_000, gt=0)
