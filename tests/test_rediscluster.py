@@ -17,7 +17,7 @@ import pytest
 
 from .test_topics import connect, join
 from .topology import ClusterTopology
-from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, started
+from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, started, token
 
 TOPICS = json.dumps({"chat": {"join": "any", "publish": True, "presence": True}})
 
@@ -292,3 +292,15 @@ async def wait_ready(http: httpx.AsyncClient, replica: Replica, within: float) -
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{replica.url} not ready within {within}s:\n{replica.output()}")
+
+
+async def test_a_burst_of_reads_waits_for_the_pool_on_a_cluster(cluster, http):
+    """200 inbox reads at once through a pool of 2 (`NOTIFY_REDIS_POOL_SIZE`): all answered 200;
+    the cluster client's own pools raise when they run out, so calls queue before them."""
+    env = cluster.env(NOTIFY_TOPICS=TOPICS, NOTIFY_REDIS_POOL_SIZE="2")
+    with started(Replica(env)) as (replica,):
+        headers = {"Authorization": f"Bearer {token('cl-burst')}"}
+        responses = await asyncio.gather(
+            *(http.get(f"{replica.url}/me/notifications", headers=headers) for _ in range(200))
+        )
+        assert sorted({response.status_code for response in responses}) == [200]

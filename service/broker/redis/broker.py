@@ -67,6 +67,9 @@ class RedisBroker:
             max_connections=settings.redis_pool_size,
             pool_timeout=settings.publish_timeout_seconds,
         )
+        # redis-py's cluster client has no waiting pool (each node's raises when its connections are
+        # out): there, calls queue here for one of NOTIFY_REDIS_POOL_SIZE places instead.
+        self._gate = asyncio.Semaphore(settings.redis_pool_size) if self._connector.clustered else None
         # Publishes, the hot path, share one pipelined connection (one per primary, in a cluster);
         # everything else uses the pool.
         self._slots: SlotMap | None = None
@@ -343,11 +346,25 @@ class RedisBroker:
         try:
             limit = self._settings.publish_timeout_seconds
             async with asyncio.timeout(min(deadline, limit) if deadline else limit):
-                return await awaitable
+                if self._gate is None:
+                    return await awaitable
+                return await self._gated(awaitable, self._gate)
         except BrokerUnavailable:
             raise
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
+
+    @staticmethod
+    async def _gated(awaitable: Any, gate: asyncio.Semaphore) -> Any:
+        try:
+            await gate.acquire()
+        except BaseException:
+            awaitable.close()  # the deadline came first: the call never starts
+            raise
+        try:
+            return await awaitable
+        finally:
+            gate.release()
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
         self._metrics.broker_errors.inc()
