@@ -17,6 +17,12 @@ from .test_topics import connect, join, uid
 from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publisher_headers, started, token
 
 CHAT = {"chat": {"join": "any", "publish": True, "presence": True}}
+BROKERS = ["redis", "embedded"]
+
+
+def env_for(broker: str, server: RedisServer, **env: str) -> dict[str, str]:
+    """The environment of replicas on Redis (a key namespace of their own) or on the embedded broker."""
+    return cluster_env(server, **env) if broker == "redis" else env
 
 
 def _member_reads(server: RedisServer) -> int:
@@ -82,8 +88,9 @@ async def test_member_lists_are_one_shared_read_and_starve_nobody(own_redis, htt
             await asyncio.gather(*(client.close() for client in clients))
 
 
-async def test_a_socket_asking_for_members_too_often_is_told_to_wait(redis_server):
-    env = cluster_env(redis_server, NOTIFY_TOPICS=json.dumps(CHAT), NOTIFY_PRESENCE_RATE="1")
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_a_socket_asking_for_members_too_often_is_told_to_wait(broker, redis_server):
+    env = env_for(broker, redis_server, NOTIFY_TOPICS=json.dumps(CHAT), NOTIFY_PRESENCE_RATE="1")
     with started(Replica(env)) as (replica,):
         topic = f"chat:{uid('room')}"
         asker, other = await connect(replica, uid("asker")), await connect(replica, uid("other"))
@@ -108,11 +115,12 @@ async def _publish_all(client: Client, topic: str, count: int) -> list[dict[str,
     return await _answers(client, {"published", "error"}, count)
 
 
-async def test_one_user_publishes_at_most_the_member_rate_over_all_sockets_and_topics(redis_server):
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_one_user_publishes_at_most_the_member_rate_over_all_sockets_and_topics(broker, redis_server):
     """With the defaults: a user's three sockets, each in its own topic, send 15 messages each at
     once; about five a second pass (the rate is the user's, not each socket's), the rest are
     refused `rate_limited` with a wait, and another user on the replica publishes as usual."""
-    env = cluster_env(redis_server, NOTIFY_TOPICS=json.dumps(CHAT))
+    env = env_for(broker, redis_server, NOTIFY_TOPICS=json.dumps(CHAT))
     with started(Replica(env)) as (replica,):
         spammer = uid("spam")
         sockets = [await connect(replica, spammer) for _ in range(3)]
@@ -143,15 +151,13 @@ def _history_keys(server: RedisServer, prefix: str) -> int:
         client.close()
 
 
-@pytest.mark.parametrize("broker", ["redis", "embedded"])
+@pytest.mark.parametrize("broker", BROKERS)
 async def test_a_namespace_holds_history_in_at_most_max_topics(broker, own_redis):
     """`max_topics: 4`: members on two replicas (one, embedded) publish into eight new topics; four
     hold history, the others are refused `namespace_full` (REST: 429) and store nothing, while
     the four admitted topics still take messages."""
     namespaces = {"chat": {"join": "any", "publish": True, "max_topics": 4}}
-    env = {"NOTIFY_TOPICS": json.dumps(namespaces), "NOTIFY_MEMBER_PUBLISH_RATE": "off"}
-    if broker == "redis":
-        env = cluster_env(own_redis, **env)
+    env = env_for(broker, own_redis, NOTIFY_TOPICS=json.dumps(namespaces), NOTIFY_MEMBER_PUBLISH_RATE="off")
     replicas = (Replica(env), Replica(env)) if broker == "redis" else (Replica(env),)
     with started(*replicas):
         topics = [f"chat:{uid('t')}" for _ in range(8)]
