@@ -38,6 +38,22 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
 
     Raises TooManyForUser."""
     conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer)
+    try:
+        await _open(runtime, conn, resume)
+    except BaseException:
+        # Cancelled (the client left mid-handshake) or failed: nothing of it may stay registered.
+        await close_stream(runtime, conn)
+        raise
+    return conn
+
+
+async def close_stream(runtime: Runtime, conn: Connection) -> None:
+    """Unregister a connection, even from a task being cancelled: the unregistering runs to its end."""
+    await asyncio.shield(runtime.hub.unregister(conn))
+
+
+async def _open(runtime: Runtime, conn: Connection, resume: Resume) -> None:
+    user_id = conn.user_id
     own = user_stream(user_id)
     conn.hold(own, BROADCAST)  # live frames wait until the welcome (and any replay) is queued
     await runtime.hub.register(conn)
@@ -57,8 +73,7 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
         runtime.broker.position(own) if resume.since is None else None,
         runtime.broker.position(BROADCAST) if resume.broadcast_since is None else None,
     )
-    conn.release([welcome(user_id, conn.id, recovered, cursors, expires_at), *replayed], floors, own, BROADCAST)
-    return conn
+    conn.release([welcome(user_id, conn.id, recovered, cursors, conn.expires_at), *replayed], floors, own, BROADCAST)
 
 
 async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, IdKey]) -> HistoryPage:
