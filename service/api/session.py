@@ -83,6 +83,8 @@ async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, Id
         page = await runtime.broker.history(stream, since, runtime.settings.history_size)
     except BrokerUnavailable:
         return HistoryPage([], recovered=False)
+    if page.ahead:
+        return page  # live frames at or below such a cursor were never seen: none is held back
     last = frame_id(page.frames[-1]) if page.frames else None
     floors[stream] = max(id_key(since), id_key(last)) if last else id_key(since)
     return page

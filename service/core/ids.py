@@ -39,6 +39,12 @@ def is_valid_user_id(value: str) -> bool:
     return bool(_USER_ID.fullmatch(value))
 
 
+def is_ahead(after: IdKey, newest: IdKey | None, now_ms: int) -> bool:
+    """Whether a cursor is past every id and cursor its stream gave: past its newest id (if any),
+    in a millisecond still to come."""
+    return after[0] > now_ms and (newest is None or after > newest)
+
+
 def is_recoverable(after: IdKey, max_deleted: IdKey, now_ms: int, ttl_ms: int) -> bool:
     """Whether everything after `after` is still retained.
 
