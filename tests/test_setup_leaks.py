@@ -31,10 +31,11 @@ def _reset_during_setup(replica: Replica, user: str, since: str) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-async def _online(http: httpx.AsyncClient, via: Replica, user: str) -> int:
+async def _offline(http: httpx.AsyncClient, via: Replica, user: str) -> bool:
+    """A publish to the user answers that none of their sockets is online, on any replica."""
     response = await publish(http, via, user, "probe")
     assert response.status_code == 202, response.text
-    return int(response.json()["online"])
+    return response.json()["online"] == 0
 
 
 async def test_sse_reset_during_setup_leaves_no_registration(redis_server, http):
@@ -52,7 +53,8 @@ async def test_sse_reset_during_setup_leaves_no_registration(redis_server, http)
             return (await metrics(http, b)).get("notify_connections", -1) == 0
 
         await wait_for(nothing_left, 3 * TIMEOUT)
-        assert await _online(http, a, user) == 0
+        # Presence reaches Redis in the background: poll until it does.
+        await wait_for(lambda: _offline(http, a, user), TIMEOUT)
 
         for n in range(10):
             assert (await publish(http, a, None, "broadcast", n)).status_code == 202
