@@ -39,7 +39,7 @@ async def test_lone_surrogate_user_id_is_refused_and_the_replica_stays_whole(own
         await wait_for(lambda: _not_ready_or_ready(http, b), TIMEOUT)
         await wait_for(lambda: is_ready(http, b), 3 * TIMEOUT)
         sent = await publish(http, a, "surrogate-neighbour", "after-blip")
-        assert sent.status_code == 202 and sent.json()["online"] == 1
+        assert sent.status_code == 202
         [frame] = await alice.notifications(1, timeout=2 * TIMEOUT)
         assert frame["id"] == sent.json()["id"]
         await alice.close()
