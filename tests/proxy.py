@@ -33,6 +33,8 @@ class _Link:
                     break
                 # A stalled link holds what it read: nothing reaches the other side.
                 await self.open.wait()
+                if self.proxy.delay:
+                    await asyncio.sleep(self.proxy.delay)  # a longer way to Redis, each way
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
@@ -47,10 +49,12 @@ class _Link:
 
 
 class TcpProxy:
-    """127.0.0.1:<port> -> 127.0.0.1:<target_port>, started on a thread of its own."""
+    """127.0.0.1:<port> -> 127.0.0.1:<target_port>, started on a thread of its own; `delay`: the
+    seconds each read waits before it is passed on (a distant Redis)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
         self.target_port = target_port
+        self.delay = delay
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tcp-proxy", daemon=True)

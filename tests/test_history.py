@@ -150,6 +150,26 @@ async def test_live_frame_that_the_replay_covered_is_not_sent_again():
     assert sent == ["welcome", frame(2), frame(3), frame(4), frame(5), frame(6), frame(1, "b")]
 
 
+async def test_a_closed_connection_keeps_no_frames():
+    """A socket closed while its streams were still held (it fell behind before its welcome, or its
+    client left during set-up) keeps nothing pushed afterwards and is counted slow only once."""
+    closed: list[int] = []
+
+    async def close(code: int, reason: str) -> None:
+        closed.append(code)
+
+    metrics = Metrics("r")
+    settings = Settings(jwt_secret=SECRET, send_queue_frames=5)  # type: ignore[arg-type]
+    conn = Connection("u", 2e9, settings, metrics, close)
+    conn.hold("u:u", "b")
+    for n in range(1000):
+        conn.push("b", build_frame(f"1000-{n}", '"e"', str(n), 1, frame_parts("b")))
+    await asyncio.sleep(0.05)
+    assert closed == [4008]
+    assert metrics.registry.get_sample_value("notify_slow_consumers_total") == 1
+    assert await conn.next_batch() == [], "nothing is held or queued for a closed socket"
+
+
 @pytest.mark.slow
 async def test_replica_killed_mid_stream_clients_lose_nothing(redis_server, http):
     """SIGKILL a replica while publishing: its clients resume on the other one and, end to end, lose nothing."""

@@ -8,6 +8,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import websockets
@@ -60,6 +61,22 @@ async def frame_of(client: Client, kind: str, timeout: float = TIMEOUT) -> dict[
             frame = await client.recv()
             if frame["type"] == kind:
                 return frame
+
+
+async def close_code(client: Client) -> int | None:
+    """The code the server closes the socket with (frames until then are skipped)."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                await client.ws.recv()
+    return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+async def only_they_were_closed(other: Client) -> None:
+    """Another user's socket still answers, then is closed by its client."""
+    await other.send({"type": "ping"})
+    assert (await frame_of(other, "pong"))["type"] == "pong", "other users are untouched"
+    await other.close()
 
 
 async def join(client: Client, topic: str, **extra: Any) -> dict[str, Any]:
@@ -235,14 +252,8 @@ async def test_presence_over_rest_and_moderation_across_replicas(rooms, http):
     disconnected = await http.post(f"{b.url}/users/{carol}/disconnect", headers=admin)
     assert disconnected.status_code == 202
     for socket in (carol_a, carol_b):
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            async with asyncio.timeout(TIMEOUT):
-                while True:
-                    await socket.ws.recv()
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
-    await dave_b.send({"type": "ping"})
-    assert (await frame_of(dave_b, "pong"))["type"] == "pong", "other users are untouched"
-    await dave_b.close()
+        assert await close_code(socket) == 4403
+    await only_they_were_closed(dave_b)
 
 
 async def test_dashboard_topic_over_sse_resumes_with_last_event_id(rooms, http):
@@ -363,3 +374,33 @@ async def test_batch_carries_topic_items_beside_user_items(rooms, http):
     assert both.status_code == 422 and both.json()["error"] == "invalid_request"
     await member.close()
     await person.close()
+
+
+async def test_every_route_takes_a_user_id_with_a_slash(rooms, http):
+    """Ids with `/` (and `%`, `?`, `#`) are ordinary user ids: published to, read, moderated on
+    every route, percent-encoded in the path as any client library writes them."""
+    a, b = rooms
+    topic = f"chat:{uid('slash')}"
+    user = f"team/{uid('bob')}%?#"
+    path = quote(user, safe="")
+    bob, other = await connect(b, user), await connect(b, uid("other"))
+    for client in (bob, other):
+        assert (await join(client, topic))["type"] == "joined"
+
+    sent = await http.post(f"{a.url}/notify/{path}", json={"event": "hi"}, headers=publisher_headers())
+    assert sent.status_code == 202
+    [frame] = await bob.notifications(1)
+    inbox = await http.get(f"{a.url}/users/{path}/notifications", headers=publisher_headers())
+    assert inbox.status_code == 200 and [n["id"] for n in inbox.json()["notifications"]] == [frame["id"]]
+    status = await http.get(f"{a.url}/notifications/{frame['id']}", params={"user": user}, headers=publisher_headers())
+    assert status.status_code == 200 and status.json()["user"] == user
+
+    admin = {"Authorization": f"Bearer {token('ops', 'notify:admin')}"}
+    removed = await http.delete(f"{a.url}/topics/{topic}/members/{path}", headers=admin)
+    assert removed.status_code == 202 and removed.json() == {"topic": topic, "user": user}
+    assert await frame_of(bob, "left") == {"type": "left", "topic": topic, "reason": "removed"}
+
+    disconnected = await http.post(f"{a.url}/users/{path}/disconnect", headers=admin)
+    assert disconnected.status_code == 202 and disconnected.json() == {"user": user}
+    assert await close_code(bob) == 4403
+    await only_they_were_closed(other)

@@ -17,7 +17,7 @@ from . import membership
 from .deps import ClientDep, RuntimeDep
 from .models import ErrorBody
 from .runtime import Runtime
-from .session import Resume, open_stream, schedule_expiry
+from .session import Resume, close_stream, open_stream, schedule_expiry
 from .sse import Position
 
 router = APIRouter(tags=["client"])
@@ -96,14 +96,16 @@ async def _stream(runtime: Runtime, principal: Principal, topics: list[str], pos
     yield "retry: 2000\n\n"
     resume = Resume(position.ids[0], position.ids[1]) if position.resumed else Resume()
     try:
+        # open_stream unregisters what it registered when it fails or is cancelled (the client
+        # reset the connection during set-up), so nothing is left behind before this `try`.
         conn = await open_stream(runtime, principal.user_id, principal.expires_at, resume, _noop_closer)
     except TooManyForUser:  # another stream took the last place since the route checked
         yield f'event: close\ndata: {{"code":{CloseCode.TOO_MANY}}}\n\n'
         return
-    conn.grants = principal.topics
     expiry = schedule_expiry(conn)
-    heartbeat = runtime.settings.sse_heartbeat_seconds
     try:
+        conn.grants = principal.topics
+        heartbeat = runtime.settings.sse_heartbeat_seconds
         for index, topic in enumerate(topics):
             join: dict[str, object] = {"type": "join", "topic": topic}
             if position.ids[2 + index] is not None:
@@ -126,4 +128,4 @@ async def _stream(runtime: Runtime, principal: Principal, topics: list[str], pos
             yield "".join(position.event(frame, topics) for frame in batch)
     finally:
         expiry.cancel()
-        await runtime.hub.unregister(conn)
+        await close_stream(runtime, conn)

@@ -38,6 +38,22 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
 
     Raises TooManyForUser."""
     conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer)
+    try:
+        await _open(runtime, conn, resume)
+    except BaseException:
+        # Cancelled (the client left mid-handshake) or failed: nothing of it may stay registered.
+        await close_stream(runtime, conn)
+        raise
+    return conn
+
+
+async def close_stream(runtime: Runtime, conn: Connection) -> None:
+    """Unregister a connection, even from a task being cancelled: the unregistering runs to its end."""
+    await asyncio.shield(runtime.hub.unregister(conn))
+
+
+async def _open(runtime: Runtime, conn: Connection, resume: Resume) -> None:
+    user_id = conn.user_id
     own = user_stream(user_id)
     conn.hold(own, BROADCAST)  # live frames wait until the welcome (and any replay) is queued
     await runtime.hub.register(conn)
@@ -57,8 +73,7 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
         runtime.broker.position(own) if resume.since is None else None,
         runtime.broker.position(BROADCAST) if resume.broadcast_since is None else None,
     )
-    conn.release([welcome(user_id, conn.id, recovered, cursors, expires_at), *replayed], floors, own, BROADCAST)
-    return conn
+    conn.release([welcome(user_id, conn.id, recovered, cursors, conn.expires_at), *replayed], floors, own, BROADCAST)
 
 
 async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, IdKey]) -> HistoryPage:
@@ -68,6 +83,8 @@ async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, Id
         page = await runtime.broker.history(stream, since, runtime.settings.history_size)
     except BrokerUnavailable:
         return HistoryPage([], recovered=False)
+    if page.ahead:
+        return page  # live frames at or below such a cursor were never seen: none is held back
     last = frame_id(page.frames[-1]) if page.frames else None
     floors[stream] = max(id_key(since), id_key(last)) if last else id_key(since)
     return page

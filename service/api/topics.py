@@ -66,7 +66,7 @@ async def topic_history(
     return TopicHistory(topic=topic, notifications=notifications)
 
 
-@router.delete("/topics/{topic}/members/{user_id}", status_code=202, responses=_TOPIC_ERRORS)
+@router.delete("/topics/{topic}/members/{user_id:path}", status_code=202, responses=_TOPIC_ERRORS)
 async def remove_member(topic: TopicName, user_id: UserName, admin: AdminDep, runtime: RuntimeDep) -> dict[str, str]:
     """Take every socket of the user out of the topic, on every replica (scope `notify:admin`);
     each gets `{"type":"left","topic":T,"reason":"removed"}`."""
@@ -74,7 +74,7 @@ async def remove_member(topic: TopicName, user_id: UserName, admin: AdminDep, ru
     return {"topic": topic, "user": user_id}
 
 
-@router.post("/users/{user_id}/disconnect", status_code=202, responses=_errors())
+@router.post("/users/{user_id:path}/disconnect", status_code=202, responses=_errors())
 async def disconnect_user(user_id: UserName, admin: AdminDep, runtime: RuntimeDep) -> dict[str, str]:
     """Close every socket and SSE stream of the user on every replica with 4403 (scope
     `notify:admin`): logout everywhere, bans. Clients must not reconnect with the same token."""

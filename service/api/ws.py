@@ -19,7 +19,7 @@ from ..core.ratelimit import TokenBucket
 from ..delivery.connection import Connection
 from . import membership
 from .runtime import Runtime
-from .session import Resume, open_stream, schedule_expiry
+from .session import Resume, close_stream, open_stream, schedule_expiry
 
 logger = logging.getLogger("service.ws")
 
@@ -58,8 +58,8 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
     except TooManyForUser:
         await _reject(websocket, CloseCode.TOO_MANY, "too many connections for this user")
         return
-    conn.grants = principal.topics
     try:
+        conn.grants = principal.topics
         await websocket.accept()
         # Nothing reads the handshake again; let it go (the query may hold the token, too).
         scope["headers"], scope["query_string"] = [], b""
@@ -67,7 +67,7 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
             conn.send(error("invalid_cursor", problem))
         await _serve(websocket, conn, runtime)
     finally:
-        await runtime.hub.unregister(conn)
+        await close_stream(runtime, conn)
 
 
 def _refusal(runtime: Runtime, origin: str | None) -> JSONResponse | None:

@@ -55,10 +55,14 @@ class TopicFull(Exception):
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
-    """Retained frames after a cursor, oldest first; `recovered` is False when some were lost."""
+    """Retained frames after a cursor, oldest first; `recovered` is False when some were lost.
+
+    `ahead`: the cursor is past the stream's position (its newest id, and the current time), so no
+    client can have seen it: not recovered, and nothing it covers may be taken as delivered."""
 
     frames: list[str] = field(default_factory=list)
     recovered: bool = True
+    ahead: bool = False
 
 
 @dataclass(frozen=True, slots=True)

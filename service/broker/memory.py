@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..config.settings import Settings
 from ..core.errors import NamespaceFull
-from ..core.ids import IdKey, id_key, is_recoverable
+from ..core.ids import IdKey, id_key, is_ahead, is_recoverable
 from ..core.streams import BROADCAST, is_topic, topic_of, user_of, user_stream
 from .base import (
     FrameHandler,
@@ -185,6 +185,8 @@ class MemoryBroker:
         after_key = id_key(after)
         entries = self._streams.get(stream)
         now = _now_ms()
+        if is_ahead(after_key, entries.last if entries else None, now):
+            return HistoryPage([], recovered=False, ahead=True)
         if entries is None:
             return HistoryPage([], is_recoverable(after_key, (0, 0), now, self._bounds(stream)[1]))
         frames = [frame for key, frame in self._fresh(entries, now) if key > after_key][:limit]

@@ -14,10 +14,11 @@ import re
 IdKey = tuple[int, int]
 
 _ID = re.compile(r"^([0-9]{1,15})-([0-9]{1,19})$")
-# 1 to 256 characters, none of them whitespace or a control character (C0, DEL, C1).
-_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f]{1,256}$")
+# 1 to 256 characters, none of them whitespace, a control character (C0, DEL, C1) or a lone
+# surrogate: an id must encode as UTF-8, or its channel, its keys and its frames cannot be written.
+_USER_ID = re.compile(r"^[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,256}$")
 
-USER_ID_RULE = "1 to 256 characters, no whitespace or control characters"
+USER_ID_RULE = "1 to 256 characters of valid Unicode, no whitespace or control characters"
 
 
 def parse_id(value: str) -> IdKey | None:
@@ -33,8 +34,15 @@ def id_key(value: str) -> IdKey:
 
 
 def is_valid_user_id(value: str) -> bool:
-    """User ids are 1-256 characters without whitespace or control characters; globs are ordinary."""
+    """User ids are 1-256 characters without whitespace, control characters or lone surrogates;
+    globs are ordinary."""
     return bool(_USER_ID.fullmatch(value))
+
+
+def is_ahead(after: IdKey, newest: IdKey | None, now_ms: int) -> bool:
+    """Whether a cursor is past every id and cursor its stream gave: past its newest id (if any),
+    in a millisecond still to come."""
+    return after[0] > now_ms and (newest is None or after > newest)
 
 
 def is_recoverable(after: IdKey, max_deleted: IdKey, now_ms: int, ttl_ms: int) -> bool:

@@ -101,6 +101,8 @@ class Connection:
     def push(self, stream: str, frame: str, wire: bytes | None = None) -> None:
         """Send or queue a frame of a stream (`wire`: the same frame already encoded for the
         socket); never blocks, so no socket can slow the broker or other sockets."""
+        if self.closed:
+            return  # nothing is kept for a socket that is gone, held or not
         if self._held is not None:
             held = self._held.get(stream)
             if held is not None:
@@ -176,6 +178,7 @@ class Connection:
         self.closed = True
         self.close_code = code
         self._queue = None
+        self._held = self._floors = None
         if self._ready is not None:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
-from ...core.ids import id_key, is_recoverable
+from ...core.ids import id_key, is_ahead, is_recoverable
 from ...core.streams import BROADCAST, is_topic, user_of, user_stream
 from ...telemetry.metrics import Metrics
 from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
@@ -279,9 +279,13 @@ class RedisBroker:
         pipe = self._redis.pipeline(transaction=True)
         pipe.xrange(key, start, "+", count=limit)
         pipe.xinfo_stream(key)
-        entries, info = await self._call(pipe.execute(raise_on_error=False))
+        # Past the newest id and Redis's clock, the cursor is none this service gave.
+        pipe.eval(scripts.NEWEST, 1, self._key(stream, "n"))
+        entries, info, newest = await self._call(pipe.execute(raise_on_error=False))
         if isinstance(entries, Exception):
             raise BrokerUnavailable("could not read history") from entries
+        if isinstance(newest, list) and is_ahead(id_key(after), id_key(newest[0]) if newest[0] else None, newest[1]):
+            return HistoryPage([], recovered=False, ahead=True)
         now_ms = time.time_ns() // 1_000_000
         max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
         recovered = is_recoverable(id_key(after), max_deleted, now_ms, self._ttl(stream))

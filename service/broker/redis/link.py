@@ -31,6 +31,9 @@ logger = logging.getLogger("service.broker")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 Address = tuple[str, int]
+# Rounds of catching up with streams joined or left while a resubscription was in flight; after
+# these, joins and leaves talk to Redis themselves and one last round covers what is left.
+_CATCH_UP_ROUNDS = 10
 
 
 class LinkOwner(Protocol):
@@ -103,6 +106,8 @@ class Link:
 
     async def subscribe(self, stream: str) -> None:
         self.streams.add(stream)
+        if not self._subscribable({stream}):
+            return
         if self._pubsub is None or not self.subscribed:
             # The next (re)subscription includes it, and replays what was published after this
             # position: a client resuming meanwhile reads history only up to about here.
@@ -115,12 +120,32 @@ class Link:
             self._pubsub.write(command("SSUBSCRIBE", channel))
             async with asyncio.timeout(self._owner.settings.probe_timeout_seconds):
                 await confirmed
-        except (*_FAILURES, asyncio.CancelledError):
+        except _FAILURES:
             # The loop notices a broken link and resubscribes every stream it holds.
             self._confirmations.pop(channel, None)
             if not confirmed.done():
                 confirmed.cancel()
+        except asyncio.CancelledError:
+            # The caller was cancelled (its client left): the stream stays for the loop to handle.
+            if self._confirmations.get(channel) is confirmed:
+                del self._confirmations[channel]
+            raise
         await self._owner.read_positions([stream])
+
+    def _subscribable(self, streams: set[str]) -> set[str]:
+        """The streams whose channel can be written. One that cannot (a name that is not valid
+        UTF-8) is dropped and logged: it must not keep every other stream from (re)subscribing."""
+        bad = set()
+        for stream in streams:
+            try:
+                self._owner.key(stream, "c").encode()
+            except UnicodeEncodeError:
+                bad.add(stream)
+        for stream in bad:
+            self.streams.discard(stream)
+            self._adopted.discard(stream)
+            logger.error("stream %r dropped: its channel name is not valid UTF-8", stream)
+        return streams - bad
 
     def adopt(self, stream: str) -> None:
         """A stream whose slot moved here: subscribed, and its gap replayed from its position."""
@@ -131,9 +156,10 @@ class Link:
             self._pubsub.abort()  # rebuilt at once, with the gap of every stream it holds replayed
 
     def unsubscribe(self, stream: str, quietly: bool = False) -> None:
+        held = stream in self.streams
         self.streams.discard(stream)
         self._adopted.discard(stream)
-        if self._pubsub is not None and self.subscribed:
+        if held and self._pubsub is not None and self.subscribed:
             channel = self._owner.key(stream, "c")
             try:
                 self._pubsub.write(command("SUNSUBSCRIBE", channel))
@@ -172,22 +198,27 @@ class Link:
         owner = self._owner
         self._early = []
         self._lost_because = None
-        streams = set(self.streams)
+        streams = self._subscribable(set(self.streams))
         async with asyncio.timeout(owner.settings.probe_timeout_seconds):
             pubsub = self._pubsub = await RawConnection.open(self._client)
             self.probe_channel = owner.probe_channel_for(self.address)
             await self._ssubscribe(pubsub, [self.probe_channel, *(owner.key(s, "c") for s in streams)])
             info = await self._client.info("replication")
             # Streams joined or left while this ran: `subscribe`/`unsubscribe` left them to us.
-            for _ in range(10):
+            for round_ in range(1, _CATCH_UP_ROUNDS + 1):
                 added, removed = self.streams - streams, streams - self.streams
                 if not added and not removed:
                     break
+                if round_ == _CATCH_UP_ROUNDS:
+                    # Joins keep coming: from here on they subscribe themselves (their replies
+                    # wait in `_early`), so this last round's set cannot grow while it is sent.
+                    self.subscribed = True
+                added = self._subscribable(added)
                 streams = set(self.streams)
-                if added:
-                    await self._ssubscribe(pubsub, [owner.key(s, "c") for s in added])
                 for stream in removed:
                     pubsub.write(command("SUNSUBSCRIBE", owner.key(stream, "c")))
+                if added:
+                    await self._ssubscribe(pubsub, [owner.key(s, "c") for s in added])
             self.subscribed = True  # from here on, `subscribe` and `unsubscribe` talk to Redis themselves
             self.last_probe = time.monotonic()
         # A promoted replica carries on its old primary's replication id (as replid2); a Redis that
@@ -308,7 +339,8 @@ class Link:
             self._probe_timer = None
         for confirmed in self._confirmations.values():
             if not confirmed.done():
-                confirmed.cancel()
+                # An error, not a cancellation: a `subscribe` waiting on it must tell the two apart.
+                confirmed.set_exception(ConnectionError("the subscription connection closed"))
         self._confirmations.clear()
         self._unsubscribing.clear()
         if pubsub is not None:

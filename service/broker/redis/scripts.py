@@ -70,6 +70,14 @@ return string.format('%d-0', now - 1)
 """
 )
 
+# KEYS: last id. Returns {the newest id or '', the current unix ms}.
+NEWEST = (
+    _NOW
+    + """
+return {redis.call('GET', KEYS[1]) or '', now}
+"""
+)
+
 _COMPARE = """
 local function key(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
