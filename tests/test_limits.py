@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
+from .rawhttp import metric
 from .utils import ROOT, SECRET, TIMEOUT, Client, Replica, cluster_env, publish, publisher_headers, token
 
 # Close codes docs/protocol.md lets a client see (1007: a text frame that is not UTF-8).
@@ -749,3 +750,25 @@ async def test_generated_client_frames(limited):
     assert (await bystander.recv())["type"] == "pong"
     await bystander.close()
     report("client_frames", frames=tried, close_codes=str(sorted(codes.items(), key=str)))
+
+
+async def test_publish_rate_buckets_do_not_grow_with_every_publisher(limited, http):
+    """Each publisher is held to NOTIFY_PUBLISH_RATE by a bucket of its own, kept only while it could
+    still limit: 300 distinct publishers, then a quiet second, and next to none are held."""
+
+    async def publish_as(publisher: str) -> int:
+        return (await publish(http, limited, "many", "e", headers=publisher_headers(publisher))).status_code
+
+    for start in range(0, 300, 50):
+        statuses = await asyncio.gather(*(publish_as(f"backend-{i}") for i in range(start, start + 50)))
+        assert statuses == [202] * 50
+    assert "notify_publish_rate_buckets " in (await http.get(limited.url + "/metrics")).text
+    # A bucket refills within a second (its burst is the rate): from then on it is dropped.
+    held = None
+    for attempt in range(100):
+        assert await publish_as(f"late-{attempt}") == 202
+        held = await metric(http, limited, "notify_publish_rate_buckets")
+        if held <= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert held is not None and held <= 2

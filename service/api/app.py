@@ -20,6 +20,7 @@ from ..auth.tokens import TokenVerifier
 from ..broker import create_broker
 from ..config.settings import Settings
 from ..core.errors import ServiceError
+from ..core.ratelimit import RateLimits
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..telemetry import logs
@@ -88,6 +89,9 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
+        if settings.publish_rate is not None:
+            limits = runtime.publish_limits = RateLimits(settings.publish_rate)
+            metrics.publish_rate_buckets.set_function(limits.__len__)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
         try:

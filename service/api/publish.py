@@ -13,7 +13,6 @@ from fastapi import APIRouter, Body, Header, Path
 from ..auth.tokens import Principal
 from ..broker import Published
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
-from ..core.ratelimit import TokenBucket
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
 from ..core.topics import TopicError
 from ..telemetry import logs
@@ -163,12 +162,10 @@ async def _publish(
 
 
 def _check_rate(runtime: Runtime, publisher: Principal) -> None:
-    rate = runtime.settings.publish_rate
-    if rate is None:
+    limits = runtime.publish_limits
+    if limits is None:
         return
-    bucket = runtime.publish_buckets.get(publisher.user_id)
-    if bucket is None:
-        bucket = runtime.publish_buckets[publisher.user_id] = TokenBucket(rate)
-    wait = bucket.take()
+    wait = limits.take(publisher.user_id)
     if wait:
-        raise RateLimited(f"publish rate limit of {rate:g}/s exceeded for {publisher.user_id!r}", retry_after=wait)
+        message = f"publish rate limit of {limits.rate:g}/s exceeded for {publisher.user_id!r}"
+        raise RateLimited(message, retry_after=wait)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..auth.tokens import TokenVerifier
 from ..broker import Broker
 from ..config.settings import Settings
-from ..core.ratelimit import TokenBucket
+from ..core.ratelimit import RateLimits
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..telemetry.metrics import Metrics
@@ -25,4 +25,5 @@ class Runtime:
     verifier: TokenVerifier
     topics: Topics
     draining: bool = False
-    publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    # Per publisher, with NOTIFY_PUBLISH_RATE; None without it.
+    publish_limits: RateLimits | None = None

@@ -1,8 +1,9 @@
-"""TokenBucket: the rate limit that publishers and client frames are held to."""
+"""TokenBucket: the rate limit that publishers and client frames are held to; RateLimits: one per key."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
@@ -26,3 +27,41 @@ class TokenBucket:
             self.tokens -= 1
             return 0.0
         return (1 - self.tokens) / self.rate
+
+    def full_at(self) -> float:
+        """When it will have refilled (monotonic time): from then on it is the same as a new bucket."""
+        return self.updated + (self.rate - self.tokens) / self.rate
+
+
+class RateLimits:
+    """A TokenBucket per key (a publisher), holding only the keys used lately: a bucket idle long
+    enough to be full again is dropped, since a new one would be the same. Memory follows the
+    publishers of the last second or so, not every publisher ever seen."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # least recently used first
+
+    def take(self, key: str) -> float:
+        """0 if `key` may pass now, else the seconds until it may."""
+        now = time.monotonic()
+        self._prune(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take()
+
+    def _prune(self, now: float) -> None:
+        # Oldest first; every bucket refills within a second, so one still filling up only delays
+        # the ones behind it by that much. Amortized O(1) per take.
+        buckets = self._buckets
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if bucket.full_at() > now:
+                return
+            del buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
