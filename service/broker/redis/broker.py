@@ -126,6 +126,7 @@ class RedisBroker:
             replica_id,
             self._slots,
             subscription_client,
+            self._ttl,
         )
         self._rules = rules
         self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)

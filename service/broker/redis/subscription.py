@@ -60,6 +60,7 @@ class Subscription:
         replica_id: str,
         slots: SlotMap | None,
         make_client: Callable[[Address | None], aioredis.Redis],
+        ttl_of: Callable[[str], int],
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -70,7 +71,7 @@ class Subscription:
         self._replica = replica_id
         self.slots = slots
         self._make_client = make_client
-        self.ttl_ms = settings.history_ttl_seconds * 1000
+        self._ttl_of = ttl_of  # a stream's history age bound (ms): its namespace's, or the global one
         self.channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
         self._cursor = Lua.of(scripts.CURSOR)
         self.on_frame: FrameHandler | None = None
@@ -209,7 +210,8 @@ class Subscription:
                 if after_key is None:
                     continue  # left meanwhile
                 max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
-                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, self.ttl_ms):
+                ttl_ms = self._ttl_of(stream)
+                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, ttl_ms):
                     lost += 1
                     self.metrics.dropped.labels("gap_unrecoverable").inc()
                     on_frame(stream, resync(stream))
