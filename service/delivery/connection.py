@@ -98,6 +98,8 @@ class Connection:
     def push(self, stream: str, frame: str, wire: bytes | None = None) -> None:
         """Send or queue a frame of a stream (`wire`: the same frame already encoded for the
         socket); never blocks, so no socket can slow the broker or other sockets."""
+        if self.closed:
+            return
         if self._held is not None:
             held = self._held.get(stream)
             if held is not None:
@@ -173,6 +175,7 @@ class Connection:
         self.closed = True
         self.close_code = code
         self._queue = None
+        self._held = None
         if self._ready is not None:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
@@ -226,8 +229,10 @@ class Connection:
                 self._queue = None
 
     def _overflow(self) -> None:
+        """Close a socket that fell too far behind; every frame waiting for it is counted as dropped."""
+        held = sum(map(len, self._held.values())) if self._held else 0
         self._metrics.slow_consumers.inc()
-        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + len(self._held or ()))
+        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + held)
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
 
 
