@@ -33,26 +33,23 @@ class Supervisor:
     def __init__(self, restarts: Counter, max_backoff: float) -> None:
         self._restarts = restarts
         self._max_backoff = max_backoff
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._kept: set[asyncio.Task[None]] = set()
+        self._once: set[asyncio.Task[None]] = set()
 
     def keep(self, name: str, job: Job) -> asyncio.Task[None]:
         """Run `job()` until it returns; restart it whenever it raises."""
-        return self._track(asyncio.get_running_loop().create_task(self._supervise(name, job), name=name))
+        return _track(self._kept, asyncio.get_running_loop().create_task(self._supervise(name, job), name=name))
 
     def once(self, name: str, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a job once, kept until it ends; a failure is logged, not lost."""
-        return self._track(asyncio.get_running_loop().create_task(self._report(name, job), name=name))
+        return _track(self._once, asyncio.get_running_loop().create_task(self._report(name, job), name=name))
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
+        """Cancel the tasks that run forever; let the one-off jobs (closing links) finish."""
+        kept = list(self._kept)
+        for task in kept:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _track(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        await asyncio.gather(*kept, *self._once, return_exceptions=True)
 
     async def _supervise(self, name: str, job: Job) -> None:
         loop = asyncio.get_running_loop()
@@ -84,3 +81,9 @@ class Supervisor:
             raise
         except Exception:  # noqa: BLE001 - seen here, not lost with the task
             logger.exception("%s failed", name)
+
+
+def _track(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> asyncio.Task[None]:
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
