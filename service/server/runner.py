@@ -66,10 +66,8 @@ class DrainingServer(uvicorn.Server):
                     config=config, server_state=state, app_state=self.lifespan.state
                 )
 
-            runtime = getattr(self._app.state, "runtime", None)
-            starved = runtime.metrics.accept_paused.inc if runtime is not None else lambda: None
             try:
-                acceptor = Acceptor.bind(config.host, config.port, config.backlog, create_protocol, starved)
+                acceptor = Acceptor.bind(config.host, config.port, config.backlog, create_protocol, self._starved)
             except OSError as exc:
                 logger.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
                 await self.lifespan.shutdown()
@@ -84,6 +82,12 @@ class DrainingServer(uvicorn.Server):
             tasks = Gauge("notify_event_loop_tasks", "Tasks alive on the event loop.", registry=registry)
             tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             self._exposure.bind(runtime.metrics, self.server_state.connections)
+
+    def _starved(self) -> None:
+        """Accepting paused for lack of descriptors: counted on /metrics."""
+        runtime: Runtime | None = getattr(self._app.state, "runtime", None)
+        if runtime is not None:
+            runtime.metrics.accept_paused.inc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
