@@ -1,4 +1,4 @@
-"""Acceptor: the listening socket, every pending connection taken at each turn of the event loop.
+"""Acceptor: the listening sockets, every pending connection taken at each turn of the event loop.
 
 uvloop's own server accepts one connection per turn (libuv has done so since 1.45, relying on the
 socket staying readable). A turn is short when the replica is quiet, but in a reconnect storm each
