@@ -233,3 +233,53 @@ async def test_history_older_than_the_ttl_is_never_served(backend, redis_server)
         assert [orjson.loads(f)["id"] for f in await impl.latest("u:ttl", None, 10)] == [young.id]
     finally:
         await impl.stop()
+
+
+async def test_a_background_task_that_fails_is_restarted_counted_and_logged_once(redis_server, caplog):
+    """The presence writer meets an unexpected error (here the topic rules it asks for raise, twice
+    in a row): it is restarted with backoff, counted in notify_broker_task_restarts_total, logged
+    once for the episode, and presence is written again, the batch it was holding included."""
+    failures = {"left": 0}
+
+    def rules(stream: str) -> StreamRules:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("rules unavailable")
+        return StreamRules()
+
+    settings = Settings(
+        jwt_secret=SECRET,
+        redis_url=redis_server.url,
+        redis_prefix=f"s{uuid.uuid4().hex[:8]}",  # type: ignore[arg-type]
+        probe_interval_seconds=0.2,
+    )
+    metrics = Metrics("r")
+    impl = create_broker(settings, "r", metrics, rules)
+
+    async def on_lost() -> None:
+        return None
+
+    await impl.start(lambda *_: None, on_lost)
+    try:
+        await eventually(lambda: impl.ready, 5.0)
+        caplog.set_level("DEBUG", logger="service.broker")
+        failures["left"] = 2
+        impl.set_presence("t:lobby", "ann", 1)  # written in the background, by the writer that fails
+        await eventually(lambda: failures["left"] == 0, 5.0)
+        impl.set_presence("u:bob", "bob", 1)
+
+        async def online(stream: str) -> int | None:
+            return (await impl.publish(stream, '"e"', "1", None)).online
+
+        for _ in range(250):
+            if await online("u:bob") == 1 and (await impl.members("t:lobby", 10))[1] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert await online("u:bob") == 1
+        assert await impl.members("t:lobby", 10) == (["ann"], 1)
+        restarts = metrics.registry.get_sample_value("notify_broker_task_restarts_total", {"task": "redis-presence"})
+        assert restarts == 2
+        logged = [r for r in caplog.records if r.levelname == "ERROR" and "redis-presence" in r.getMessage()]
+        assert len(logged) == 1
+    finally:
+        await impl.stop()

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from .proxy import TcpProxy
-from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publish, started
+from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publish, publisher_headers, started
 
 # Publishes during an outage must answer within this (the issue's bound), and never 202.
 PUBLISH_DEADLINE = 2.0
@@ -464,3 +464,43 @@ def test_pubsub_is_clean_after_replica_stops(own_redis):
         time.sleep(0.05)
     assert channels() == []
     client.close()
+
+
+@pytest.mark.slow
+async def test_a_gap_older_than_its_namespace_history_gets_resync(own_redis, proxy, http):
+    """A namespace keeps 1 s of history (the global bound is a day): replica A is cut off from Redis
+    while B publishes to a topic, for longer than that second. Back, A cannot replay the gap by the
+    namespace's own rule, so its member gets `resync` for the topic, never a silent gap."""
+    namespaces = {"brief": {"join": "any", "publish": True, "history_ttl_seconds": 1}}
+    env = cluster_env(own_redis, NOTIFY_TOPICS=orjson.dumps(namespaces).decode(), NOTIFY_RECONNECT_MAX_SECONDS="1")
+    with started(Replica({**env, "NOTIFY_REDIS_URL": proxy.url}), Replica(env)) as (a, b):
+        client = await Client.connect(a, "member")
+        await client.welcome()
+        await client.send({"type": "join", "topic": "brief:room"})
+        assert (await client.recv())["type"] == "joined"
+        direct = redis.Redis(port=own_redis.port, socket_timeout=TIMEOUT)
+        prefix = env["NOTIFY_REDIS_PREFIX"]
+        proxy.partition()
+        try:
+            # A's subscription is gone from Redis (A dropped it when its probe did not come back).
+            await wait_for(lambda: _subscribers(direct, f"{prefix}:{{t:brief:room}}:c", 0), 15)
+            headers = publisher_headers()
+            response = await http.post(f"{b.url}/topics/brief:room", json={"event": "missed"}, headers=headers)
+            assert response.status_code == 202
+            # The namespace's age bound passes while A is away: the topic's history is gone from Redis.
+            await wait_for(lambda: _gone(direct, f"{prefix}:{{t:brief:room}}:h"), 10)
+        finally:
+            proxy.heal()
+            direct.close()
+        await wait_for(lambda: is_ready(http, a), 15)
+        frame = await client.recv(TIMEOUT * 2)
+        assert frame == {"type": "resync", "topic": "brief:room"}
+        await client.close()
+
+
+async def _gone(client: redis.Redis, key: str) -> bool:
+    return not client.exists(key)
+
+
+async def _subscribers(client: redis.Redis, channel: str, count: int) -> bool:
+    return int(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1]) == count

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,12 +27,14 @@ import jwt
 import orjson
 import psutil
 import pytest
+import redis
 import websockets
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
+from .rawhttp import metric
 from .utils import ROOT, SECRET, TIMEOUT, Client, Replica, cluster_env, publish, publisher_headers, token
 
 # Close codes docs/protocol.md lets a client see (1007: a text frame that is not UTF-8).
@@ -749,3 +751,78 @@ async def test_generated_client_frames(limited):
     assert (await bystander.recv())["type"] == "pong"
     await bystander.close()
     report("client_frames", frames=tried, close_codes=str(sorted(codes.items(), key=str)))
+
+
+async def test_publish_rate_buckets_do_not_grow_with_every_publisher(limited, http):
+    """Each publisher is held to NOTIFY_PUBLISH_RATE by a bucket of its own, kept only while it could
+    still limit: 300 distinct publishers, then a quiet second, and next to none are held."""
+
+    async def publish_as(publisher: str) -> int:
+        return (await publish(http, limited, "many", "e", headers=publisher_headers(publisher))).status_code
+
+    for start in range(0, 300, 50):
+        statuses = await asyncio.gather(*(publish_as(f"backend-{i}") for i in range(start, start + 50)))
+        assert statuses == [202] * 50
+    assert "notify_publish_rate_buckets " in (await http.get(limited.url + "/metrics")).text
+    # A bucket refills within a second (its burst is the rate): from then on it is dropped.
+    held = None
+    for attempt in range(100):
+        assert await publish_as(f"late-{attempt}") == 202
+        held = await metric(http, limited, "notify_publish_rate_buckets")
+        if held <= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert held is not None and held <= 2
+
+
+async def test_frames_held_for_a_socket_being_opened_count_as_dropped_when_it_is_cut_off(own_redis, http):
+    """Live frames wait while a new socket is being registered (its welcome comes first); if more
+    pile up than NOTIFY_SEND_QUEUE_FRAMES (2), the socket is cut off as a slow consumer and every
+    frame it lost is counted in notify_notifications_dropped_total{reason="slow_consumer"}: the 3
+    broadcasts held, not the 2 streams they were held in.
+
+    The registration is kept waiting for real: replica A acknowledges publishes with WAIT on its
+    shared Redis connection (NOTIFY_REDIS_REPLICAS_ACK=1, and no Redis replica answers), so the
+    new socket's cursor read queues behind a WAIT in flight, while replica B broadcasts."""
+    env = cluster_env(own_redis)
+    env_a = {
+        **env,
+        "NOTIFY_REDIS_REPLICAS_ACK": "1",
+        "NOTIFY_PUBLISH_TIMEOUT_SECONDS": "4",  # a WAIT holds A's shared connection for 3.2 s
+        "NOTIFY_PROBE_TIMEOUT_SECONDS": "60",  # the cursor read waits it out
+        "NOTIFY_SEND_QUEUE_FRAMES": "2",
+    }
+    dropped = 'notify_notifications_dropped_total{reason="slow_consumer"}'
+    channel = f"{env['NOTIFY_REDIS_PREFIX']}:{{u:joiner}}:c"
+    direct = redis.Redis(port=own_redis.port, decode_responses=True, socket_timeout=TIMEOUT)
+    with replica(env_a) as a, replica(env) as b:
+        before = await metric(http, a, dropped)
+
+        async def waiting() -> bool:
+            return any(c["cmd"] == "wait" for c in direct.client_list())
+
+        async def subscribed() -> bool:
+            return int(direct.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1]) == 1
+
+        async def cut_off() -> bool:
+            return await metric(http, a, "notify_slow_consumers_total") == 1
+
+        acknowledged = asyncio.create_task(publish(http, a, "nobody", "held-up"))
+        await _until(waiting)
+        connecting = asyncio.create_task(Client.connect(a, "joiner"))
+        await _until(subscribed)  # the socket is registered; its welcome waits behind the WAIT
+        for i in range(3):
+            assert (await publish(http, b, None, "e", i)).status_code == 202
+        await _until(cut_off)
+        assert await metric(http, a, dropped) - before == 3
+        await acknowledged
+        with contextlib.suppress(Exception):
+            await (await connecting).close()
+    direct.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], within: float = 3 * TIMEOUT) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

@@ -92,7 +92,9 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         hub = Hub(broker, metrics, settings.max_connections_per_user)
         member_lists = MemberLists(broker, settings.presence_cache_seconds, MEMBERS_SHOWN)
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, member_lists)
-        runtime.publish_rate = KeyedRate(settings.publish_rate) if settings.publish_rate else None
+        if settings.publish_rate:
+            runtime.publish_rate = KeyedRate(settings.publish_rate)
+            metrics.publish_rate_buckets.set_function(runtime.publish_rate.__len__)
         runtime.member_publish_rate = KeyedRate(settings.member_publish_rate) if settings.member_publish_rate else None
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)

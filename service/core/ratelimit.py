@@ -1,13 +1,11 @@
-"""Token buckets: the rate limits that publishers, members and client frames are held to."""
+"""Token buckets: the rate limits that publishers, members and client frames are held to, and
+KeyedRate, one bucket per key (a publisher, a member) holding only the keys used lately."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-
-# Keyed limits forget full buckets once they hold this many: the map stays as large as the keys
-# that were busy lately, not every key ever seen.
-_PRUNE_AT = 10_000
 
 
 @dataclass(slots=True)
@@ -33,25 +31,40 @@ class TokenBucket:
             return 0.0
         return (1 - self.tokens) / self.rate
 
+    def full_at(self) -> float:
+        """When it will have refilled (monotonic time): from then on it is the same as a new bucket."""
+        return self.updated + (self.burst - self.tokens) / self.rate
+
 
 class KeyedRate:
-    """One TokenBucket per key (a user id)."""
+    """A TokenBucket per key, holding only the keys used lately: a bucket idle long enough to be
+    full again is dropped, since a new one would be the same. Memory follows the keys of the last
+    second or so, not every key ever seen."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, burst: float = 0.0) -> None:
         self.rate = rate
-        self._buckets: dict[str, TokenBucket] = {}
+        self.burst = burst
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()  # least recently used first
 
     def take(self, key: str) -> float:
-        """0 if the key's event may pass now, else the seconds until one may."""
+        """0 if `key` may pass now, else the seconds until it may."""
+        self._prune(time.monotonic())
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= _PRUNE_AT:
-                self._prune()
-            bucket = self._buckets[key] = TokenBucket(self.rate)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        else:
+            self._buckets.move_to_end(key)
         return bucket.take()
 
-    def _prune(self) -> None:
-        now = time.monotonic()
-        full = [key for key, b in self._buckets.items() if b.tokens + (now - b.updated) * b.rate >= b.burst]
-        for key in full:
-            del self._buckets[key]
+    def _prune(self, now: float) -> None:
+        # Oldest first; a bucket refills within burst/rate seconds, so one still filling up only
+        # delays the ones behind it by that much. Amortized O(1) per take.
+        buckets = self._buckets
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if bucket.full_at() > now:
+                return
+            del buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

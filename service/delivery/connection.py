@@ -232,8 +232,10 @@ class Connection:
                 self._queue = None
 
     def _overflow(self) -> None:
+        """Close a socket that fell too far behind; every frame waiting for it is counted as dropped."""
+        held = sum(map(len, self._held.values())) if self._held else 0
         self._metrics.slow_consumers.inc()
-        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + len(self._held or ()))
+        self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + held)
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
 
 

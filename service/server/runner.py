@@ -45,6 +45,11 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self._loop = asyncio.get_running_loop()
+        unsupported = unsupported_options(self.config)
+        if sockets is None and unsupported:
+            # The listening socket is ours (acceptor.py), on --host and --port: refused, not ignored.
+            logger.error("not supported: uvicorn's %s option; the replica listens on host and port only", unsupported)
+            raise SystemExit(3)
         await super().serve(sockets)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
@@ -62,7 +67,7 @@ class DrainingServer(uvicorn.Server):
                 )
 
             try:
-                acceptor = Acceptor.bind(config.host, config.port, config.backlog, create_protocol)
+                acceptor = Acceptor.bind(config.host, config.port, config.backlog, create_protocol, self._starved)
             except OSError as exc:
                 logger.error("cannot listen on %s:%s: %s", config.host, config.port, exc)
                 await self.lifespan.shutdown()
@@ -77,6 +82,12 @@ class DrainingServer(uvicorn.Server):
             tasks = Gauge("notify_event_loop_tasks", "Tasks alive on the event loop.", registry=registry)
             tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             self._exposure.bind(runtime.metrics, self.server_state.connections)
+
+    def _starved(self) -> None:
+        """Accepting paused for lack of descriptors: counted on /metrics."""
+        runtime: Runtime | None = getattr(self._app.state, "runtime", None)
+        if runtime is not None:
+            runtime.metrics.accept_paused.inc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         runtime: Runtime | None = getattr(self._app.state, "runtime", None)
@@ -117,6 +128,12 @@ class DrainingServer(uvicorn.Server):
         # Not `handle_exit`: uvicorn would re-raise the signal once stopped, and the process would die
         # of SIGTERM instead of exiting 0 after a clean drain.
         self.should_exit = True
+
+
+def unsupported_options(config: uvicorn.Config) -> str:
+    """uvicorn's listening options that the acceptor does not honour, by name ("" if none is set)."""
+    chosen = {"ssl": config.is_ssl, "uds": config.uds is not None, "fd": config.fd is not None}
+    return ", ".join(name for name, on in chosen.items() if on)
 
 
 def build_server(settings: Settings, host: str, port: int) -> DrainingServer:

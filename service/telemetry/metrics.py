@@ -51,9 +51,26 @@ class Metrics:
         self.probe_failures = Counter(
             "notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r
         )
+        self.broker_task_restarts = Counter(
+            "notify_broker_task_restarts",
+            "Broker background tasks restarted after an unexpected error, by task.",
+            ["task"],
+            registry=r,
+        )
         self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
         self.broker_last_message = Gauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
+        )
+
+        self.accept_paused = Counter(
+            "notify_accept_paused",
+            "Times accepting connections paused for a second: no file descriptor left (EMFILE, ENFILE).",
+            registry=r,
+        )
+        self.publish_rate_buckets = Gauge(
+            "notify_publish_rate_buckets",
+            "Publishers held to NOTIFY_PUBLISH_RATE right now (those seen within about the last second).",
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -9,7 +9,6 @@ presence (presence.py) live beside this module.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -33,6 +32,7 @@ from .pipeline import AutoPipeline
 from .presence import Presence, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
+from .supervisor import Supervisor
 
 logger = logging.getLogger("service.broker")
 
@@ -121,6 +121,7 @@ class RedisBroker:
                 return self._connector.client(**sub_options)
             return self._connector.node_client(address, **sub_options)
 
+        self._supervisor = Supervisor(metrics.broker_task_restarts, settings.reconnect_max_seconds)
         self._subscription = Subscription(
             settings,
             metrics,
@@ -131,12 +132,13 @@ class RedisBroker:
             replica_id,
             self._slots,
             subscription_client,
+            self._ttl,
+            self._supervisor,
         )
         self._rules = rules
         self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
         self._subscription.restarted = self._presence.rewrite
         self._budget = TopicBudget(self._pipeline, self._prefix, self._ttl)
-        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle
 
@@ -144,18 +146,12 @@ class RedisBroker:
         self._subscription.on_frame, self._subscription.on_lost = on_frame, on_lost
         self._connector.on_change(self._primary_changed)
         await self._connector.start()
-        self._tasks = [
-            asyncio.create_task(self._subscribe_forever(), name="redis-subscription"),
-            asyncio.create_task(self._probe_forever(), name="redis-probe"),
-            asyncio.create_task(self._presence.write_forever(), name="redis-presence"),
-        ]
+        self._supervisor.keep("redis-subscription", self._subscribe_forever)
+        self._supervisor.keep("redis-probe", self._probe_forever)
+        self._supervisor.keep("redis-presence", self._write_presence)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._supervisor.stop()
         await self._presence.forget()
         await self._subscription.stop()
         await self._pipeline.aclose()
@@ -179,6 +175,11 @@ class RedisBroker:
                 await asyncio.sleep(min(self._settings.reconnect_max_seconds, 0.1 * 2 ** min(attempt, 6)))
         self._subscription.start()
         await self._subscription.subscribe(BROADCAST)
+
+    async def _write_presence(self) -> None:
+        # A writer that failed took the batch in hand with it: everything is written again.
+        self._presence.rewrite()
+        await self._presence.write_forever()
 
     @property
     def ready(self) -> bool:

@@ -35,6 +35,7 @@ from .cluster import ClusterPipelines, SlotMap, slot_of
 from .connector import Connector
 from .link import Address, Link
 from .pipeline import AutoPipeline, Lua
+from .supervisor import Supervisor
 
 logger = logging.getLogger("service.broker")
 
@@ -60,6 +61,8 @@ class Subscription:
         replica_id: str,
         slots: SlotMap | None,
         make_client: Callable[[Address | None], aioredis.Redis],
+        ttl_of: Callable[[str], int],
+        supervisor: Supervisor,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -70,7 +73,8 @@ class Subscription:
         self._replica = replica_id
         self.slots = slots
         self._make_client = make_client
-        self.ttl_ms = settings.history_ttl_seconds * 1000
+        self._supervisor = supervisor
+        self._ttl_of = ttl_of  # a stream's history age bound (ms): its namespace's, or the global one
         self.channel_head = len(key("", "c")) - 3  # `<prefix>:{` before a channel's stream name
         self._cursor = Lua.of(scripts.CURSOR)
         self.on_frame: FrameHandler | None = None
@@ -86,6 +90,8 @@ class Subscription:
     # ---- what the broker asks
 
     def start(self) -> None:
+        if self._running:
+            return  # started again after a failure: the links exist
         self._running = True
         for address in self.slots.primaries() if self.slots is not None else [_SINGLE]:
             self._link(address)
@@ -169,7 +175,7 @@ class Subscription:
         for address, link in list(self._links.items()):
             if address not in primaries and not link.streams:
                 del self._links[address]
-                asyncio.get_running_loop().create_task(link.stop())
+                self._supervisor.once(f"redis-subscription-stop-{address}", link.stop())
 
     async def read_positions(self, streams: list[str]) -> None:
         """Everything published to these streams after their position reaches this replica (live,
@@ -209,7 +215,8 @@ class Subscription:
                 if after_key is None:
                     continue  # left meanwhile
                 max_deleted = id_key(info["max-deleted-entry-id"]) if isinstance(info, dict) else (0, 0)
-                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, self.ttl_ms):
+                ttl_ms = self._ttl_of(stream)
+                if isinstance(entries, Exception) or not is_recoverable(after_key, max_deleted, now_ms, ttl_ms):
                     lost += 1
                     self.metrics.dropped.labels("gap_unrecoverable").inc()
                     on_frame(stream, resync(stream))
