@@ -4,8 +4,11 @@ GET /push/vapid answering the configured key (404 with none)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,7 +17,7 @@ from pydantic import ValidationError
 from service.config.settings import Settings
 
 from .pushkit import public_of, vapid_pem
-from .utils import SECRET, refused_start
+from .utils import ROOT, SECRET, refused_start, running, token
 
 PEM = vapid_pem()
 P384 = (
@@ -123,3 +126,36 @@ def test_the_service_refuses_to_start(env, line):
     assert done.stderr.strip() == line, done.stderr
     if "NOTIFY_VAPID_PRIVATE_KEY" in env:
         assert "garbage" not in done.stderr  # a key's text is never echoed
+
+
+def test_a_key_from_notify_service_vapid_is_served_by_get_push_vapid(tmp_path):
+    made = subprocess.run(
+        [sys.executable, "-m", "service", "vapid"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert made.returncode == 0, made.stderr
+    lines = made.stdout.strip().splitlines()
+    pem = "\n".join(line for line in lines if not line.startswith("#"))
+    pem, public = pem.rsplit("\n", 1)
+    assert public_of(pem) == public
+    key_file = tmp_path / "vapid.pem"
+    key_file.write_text(pem)
+    env = {"NOTIFY_VAPID_PRIVATE_KEY_FILE": str(key_file), "NOTIFY_VAPID_SUBJECT": "mailto:ops@example.com"}
+    with running(env) as replica:
+        answer = httpx.get(replica.url + "/push/vapid", timeout=10)
+        assert answer.status_code == 200 and answer.json() == {"public_key": public}
+
+
+def test_with_no_keys_the_push_api_answers_404(single):
+    alice = {"Authorization": f"Bearer {token('alice')}"}
+    admin = {"Authorization": f"Bearer {token('ops', 'notify:admin')}"}
+    body = {"kind": "fcm", "token": "t" * 40}
+    for method, path, headers in [
+        ("GET", "/push/vapid", {}),
+        ("GET", "/me/devices", alice),
+        ("PUT", "/me/devices/d1", alice),
+        ("DELETE", "/me/devices/d1", alice),
+        ("GET", "/users/alice/devices", admin),
+    ]:
+        answer = httpx.request(method, single.url + path, headers=headers, json=body, timeout=10)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert answer.json()["error"] == "not_found"

@@ -22,10 +22,11 @@ from ..config.settings import Settings
 from ..core.errors import ServiceError
 from ..core.topics import Topics
 from ..delivery.hub import Hub
+from ..push import create_push
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
-from . import client_assets, events, health, inbox, publish, topics, ws
+from . import client_assets, devices, events, health, inbox, publish, topics, ws
 from .limits import RequestLimits
 from .models import ErrorBody
 from .runtime import Runtime
@@ -87,7 +88,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         topics = Topics(settings.topics, settings.presence_leave_grace_seconds)
         broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
-        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
+        push = create_push(settings, broker)
+        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, push)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
         try:
@@ -98,6 +100,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if push is not None:
+                await push.aclose()
             await broker.stop()
 
     app = NotifyApp(
@@ -106,7 +110,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for module in (publish, topics, inbox, events, client_assets):
+    for module in (publish, topics, inbox, devices, events, client_assets):
         app.include_router(module.router, responses=CONNECTION_ERRORS)
     app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
@@ -114,7 +118,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins or ["*"],
-        allow_methods=["GET", "POST", "DELETE"],
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )

@@ -10,6 +10,7 @@ from ..config.settings import Settings
 from ..core.ratelimit import TokenBucket
 from ..core.topics import Topics
 from ..delivery.hub import Hub
+from ..push import Push
 from ..telemetry.metrics import Metrics
 
 
@@ -24,5 +25,6 @@ class Runtime:
     hub: Hub
     verifier: TokenVerifier
     topics: Topics
+    push: Push | None = None  # None: neither Web Push nor FCM configured
     draining: bool = False
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
