@@ -251,3 +251,13 @@ async def test_fcm_answers_are_classified(push, google, status, error, headers, 
     assert (outcome.result, outcome.status) == (result, status)
     if "Retry-After" in headers:
         assert outcome.retry_after == 9.0
+
+
+async def test_fcm_gets_a_new_token_when_its_token_is_refused(push, google):
+    device = push.device("android-1", "fcm", {"token": "t" * 40})
+    assert (await push.send(device, message())).result == "sent"
+    google.issued.append("ya29.revoked-elsewhere")  # FCM now accepts only a token this service does not have
+    refused = await push.send(device, message())
+    assert (refused.result, refused.status) == ("retry", 401)
+    assert (await push.send(device, message())).result == "sent"
+    assert google.issued[-1] == "ya29.test-2"  # a new token was asked for after the refusal

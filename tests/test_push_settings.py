@@ -47,6 +47,7 @@ REFUSED = [
     ({"fcm_credentials_file": "@notjson"}, "is not JSON"),
     ({"fcm_credentials_file": "@user"}, "is not a service-account key file"),
     ({"fcm_credentials_file": "@partial"}, "lacks private_key, client_email, token_uri"),
+    ({"fcm_credentials_file": "@badkey"}, "its private_key is not a PEM private key"),
     ({"fcm_endpoint": "https://fcm.example.com/v1"}, "NOTIFY_FCM_ENDPOINT: 'https://fcm.example.com/v1' is not an"),
     ({"fcm_endpoint": "https://*.example.com"}, "names no single host"),
     ({"push_allowed_origins": "https://push.example.com/path"}, "NOTIFY_PUSH_ALLOWED_ORIGINS: 'https://push.exam"),
@@ -62,6 +63,19 @@ def test_settings_refuse_what_cannot_work(tmp_path, values, problem):
         "@notjson": _file(tmp_path, "a.json", "{nope"),
         "@user": _file(tmp_path, "b.json", json.dumps({"type": "authorized_user"})),
         "@partial": _file(tmp_path, "c.json", json.dumps({"type": "service_account", "project_id": "p"})),
+        "@badkey": _file(
+            tmp_path,
+            "d.json",
+            json.dumps(
+                {
+                    "type": "service_account",
+                    "project_id": "p",
+                    "private_key": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+                    "client_email": "a@p.iam.gserviceaccount.com",
+                    "token_uri": "https://oauth2.googleapis.com/token",
+                }
+            ),
+        ),
     }
     values = {k: files.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
     with pytest.raises(ValidationError) as refused:

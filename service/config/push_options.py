@@ -117,6 +117,10 @@ def check_fcm_credentials(path: str | None) -> None:
     missing = [field for field in _ACCOUNT_FIELDS if not isinstance(account.get(field), str) or not account[field]]
     if missing:
         raise ValueError(f"{name} lacks {', '.join(missing)}")
+    try:
+        serialization.load_pem_private_key(account["private_key"].encode(), password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{name}: its private_key is not a PEM private key") from None
 
 
 def check_fcm_endpoint(endpoint: str) -> str:

@@ -132,7 +132,12 @@ class FcmSender:
         else:
             outcome = by_status(answer)
             code = _error_code(answer.body) if outcome.result != "sent" else None
-            if code in _GONE or (answer.status == 404 and code is None):
+            if answer.status == 401:
+                # The token was refused before its expiry (revoked, or the clock is off): the next
+                # attempt gets a new one.
+                self._credentials.token = None
+                outcome = Outcome("retry", 401, "FCM refused the access token")
+            elif code in _GONE or (answer.status == 404 and code is None):
                 outcome = Outcome("gone", answer.status, f"the token is no longer registered ({code or 404})")
             elif code is not None:
                 outcome = Outcome(outcome.result, outcome.status, f"{outcome.reason}: {code}", outcome.retry_after)
