@@ -61,6 +61,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
 
 
 def test_register_list_and_remove_a_web_push_device(embedded):
+    before = metric(embedded.url, 'notify_push_devices_total{change="removed",kind="webpush"}')
     answer = put(embedded.url, "reg-alice", "laptop_1", webpush())
     assert answer.status_code == 200, answer.text
     device = answer.json()
@@ -73,6 +74,7 @@ def test_register_list_and_remove_a_web_push_device(embedded):
     gone = httpx.delete(f"{embedded.url}/me/devices/laptop_1", headers=as_user("reg-alice"), timeout=10)
     assert gone.status_code == 204 and gone.content == b""
     assert ids(embedded.url, "reg-alice") == ["pixel-8"]
+    assert metric(embedded.url, 'notify_push_devices_total{change="removed",kind="webpush"}') == before + 1
     again = httpx.delete(f"{embedded.url}/me/devices/laptop_1", headers=as_user("reg-alice"), timeout=10)
     assert again.status_code == 204
 
@@ -129,6 +131,13 @@ def test_registering_beyond_the_cap_drops_the_least_recently_registered(embedded
     assert put(embedded.url, "cap-alice", "d1", webpush()).status_code == 200  # renewed: now the newest
     assert put(embedded.url, "cap-alice", "d4", webpush()).status_code == 200
     assert ids(embedded.url, "cap-alice") == ["d3", "d1", "d4"]
+    counted = metric(embedded.url, 'notify_push_devices_total{change="dropped",kind="webpush"}')
+    assert counted >= 1
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def test_one_users_devices_never_reach_another(embedded):

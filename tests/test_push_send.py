@@ -17,6 +17,7 @@ from service.config.settings import Settings
 from service.push import Device, Push, PushMessage, PushTooLarge
 from service.push.outcome import MAX_ANSWER_BYTES, guarded_post
 from service.push.webpush import MAX_ENCRYPTED_BYTES, check_size, encrypt, encrypted_size, topic
+from service.telemetry.metrics import Metrics
 
 from .pushkit import Google, PushService, Subscription, public_of, service_account, vapid_pem
 from .utils import SECRET
@@ -66,7 +67,7 @@ async def push(push_service: PushService, google: Google, tmp_path: Path) -> Asy
         fcm_credentials_file=str(tmp_path / "sa.json"),
         fcm_endpoint=google.origin,
     )
-    instance = Push(settings, broker=None)
+    instance = Push(settings, broker=None, metrics=Metrics("test"))
     yield instance
     await instance.aclose()
 

@@ -88,7 +88,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         topics = Topics(settings.topics, settings.presence_leave_grace_seconds)
         broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
-        push = create_push(settings, broker)
+        push = create_push(settings, broker, metrics)
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, push)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)

@@ -103,7 +103,7 @@ async def register_device(device_id: DeviceId, body: Registration, principal: Cl
     else:
         fields = {"token": body.token}
     device = push.device(device_id, body.kind, fields)
-    await push.devices.put(principal.user_id, device)
+    await push.register(principal.user_id, device)
     return DeviceView(**device.view())
 
 
@@ -116,7 +116,7 @@ async def my_devices(principal: ClientDep, push: PushDep) -> DeviceList:
 @router.delete("/me/devices/{device_id}", status_code=204, response_class=Response, responses=_ERRORS)
 async def remove_my_device(device_id: DeviceId, principal: ClientDep, push: PushDep) -> Response:
     """Forget one of the caller's devices (204 whether or not it was registered)."""
-    await push.devices.remove(principal.user_id, device_id)
+    await push.remove(principal.user_id, device_id)
     return Response(status_code=204)
 
 
@@ -129,5 +129,5 @@ async def user_devices(user_id: UserPath, admin: AdminDep, push: PushDep) -> Dev
 @router.delete("/users/{user_id:path}/devices/{device_id}", status_code=204, response_class=Response, responses=_ERRORS)
 async def remove_user_device(user_id: UserPath, device_id: DeviceId, admin: AdminDep, push: PushDep) -> Response:
     """Forget one of a user's devices (scope `notify:admin`; 204 whether or not it was registered)."""
-    await push.devices.remove(user_id, device_id)
+    await push.remove(user_id, device_id)
     return Response(status_code=204)

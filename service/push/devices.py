@@ -125,14 +125,14 @@ class DeviceStore(Protocol):
     """Where devices are kept; at most `cap` per user, registering one more drops the least recently
     registered. Raises BrokerUnavailable when the backing store is down."""
 
-    async def put(self, user_id: str, device: Device) -> list[str]:
-        """Register (or re-register) a device; answers the ids dropped to stay within the cap."""
+    async def put(self, user_id: str, device: Device) -> list[Device]:
+        """Register (or re-register) a device; answers those dropped to stay within the cap."""
 
     async def list(self, user_id: str) -> list[Device]:
         """The user's devices, least recently registered first."""
 
-    async def remove(self, user_id: str, device_id: str) -> bool:
-        """Forget a device; False when the user had none with that id."""
+    async def remove(self, user_id: str, device_id: str) -> Device | None:
+        """Forget a device; answers it, or None when the user had none with that id."""
 
 
 class MemoryDevices:
@@ -142,22 +142,21 @@ class MemoryDevices:
         self._cap = cap
         self._users: dict[str, OrderedDict[str, Device]] = {}
 
-    async def put(self, user_id: str, device: Device) -> list[str]:
+    async def put(self, user_id: str, device: Device) -> list[Device]:
         devices = self._users.setdefault(user_id, OrderedDict())
         devices.pop(device.id, None)
         devices[device.id] = device
         dropped = []
         while len(devices) > self._cap:
-            dropped.append(devices.popitem(last=False)[0])
+            dropped.append(devices.popitem(last=False)[1])
         return dropped
 
     async def list(self, user_id: str) -> list[Device]:
         return list(self._users.get(user_id, {}).values())
 
-    async def remove(self, user_id: str, device_id: str) -> bool:
+    async def remove(self, user_id: str, device_id: str) -> Device | None:
         devices = self._users.get(user_id)
-        if devices is None or devices.pop(device_id, None) is None:
-            return False
-        if not devices:
+        removed = devices.pop(device_id, None) if devices is not None else None
+        if devices is not None and not devices:
             del self._users[user_id]
-        return True
+        return removed

@@ -8,6 +8,7 @@ import httpx
 
 from ..config.settings import Settings
 from ..core.errors import InvalidRequest
+from ..telemetry.metrics import Metrics
 from .devices import Device, DeviceStore, MemoryDevices, fcm_device, web_push_device
 from .fcm import FcmSender
 from .outcome import Outcome
@@ -21,7 +22,8 @@ _TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 class Push:
     """Devices and senders for whichever of Web Push and FCM the settings configure."""
 
-    def __init__(self, settings: Settings, broker: Any) -> None:
+    def __init__(self, settings: Settings, broker: Any, metrics: Metrics) -> None:
+        self._metrics = metrics
         key = settings.vapid_key()
         self.vapid = Vapid(key, settings.vapid_subject or "") if key is not None else None
         self.origins = settings.push_allowed_origins
@@ -49,6 +51,18 @@ class Push:
             raise InvalidRequest("FCM is not configured on this service (no NOTIFY_FCM_CREDENTIALS_FILE)")
         return fcm_device(device_id, fields["token"])
 
+    async def register(self, user_id: str, device: Device) -> None:
+        """Keep a user's device; beyond the cap the least recently registered goes."""
+        dropped = await self.devices.put(user_id, device)
+        self._metrics.push_devices.labels(device.kind, "registered").inc()
+        for old in dropped:
+            self._metrics.push_devices.labels(old.kind, "dropped").inc()
+
+    async def remove(self, user_id: str, device_id: str) -> None:
+        removed = await self.devices.remove(user_id, device_id)
+        if removed is not None:
+            self._metrics.push_devices.labels(removed.kind, "removed").inc()
+
     async def send(self, device: Device, message: PushMessage) -> Outcome:
         """Deliver one message to one device; the outcome says whether to keep, retry or remove it."""
         sender = self._webpush if device.kind == "webpush" else self._fcm
@@ -62,8 +76,8 @@ class Push:
         await self._client.aclose()
 
 
-def create_push(settings: Settings, broker: Any) -> Push | None:
+def create_push(settings: Settings, broker: Any, metrics: Metrics) -> Push | None:
     """None when neither Web Push nor FCM is configured: the push API then answers 404."""
     if settings.vapid_key() is None and settings.fcm_credentials_file is None:
         return None
-    return Push(settings, broker)
+    return Push(settings, broker, metrics)

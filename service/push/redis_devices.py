@@ -21,9 +21,10 @@ redis.call('ZADD', KEYS[2], seq, ARGV[1])
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if over <= 0 then return {} end
 local dropped = redis.call('ZRANGE', KEYS[2], 0, over - 1)
+local devices = redis.call('HMGET', KEYS[1], unpack(dropped))
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
 redis.call('HDEL', KEYS[1], unpack(dropped))
-return dropped
+return devices
 """
 )
 _LIST = Lua.of(
@@ -35,10 +36,11 @@ return redis.call('HMGET', KEYS[1], unpack(ids))
 )
 _REMOVE = Lua.of(
     """
-local removed = redis.call('ZREM', KEYS[2], ARGV[1])
+local device = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
-return removed
+return device
 """
 )
 _KEYS = ("d", "do")
@@ -59,12 +61,14 @@ class RedisDevices:
         self._broker = broker
         self._cap = cap
 
-    async def put(self, user_id: str, device: Device) -> list[str]:
-        return list(await self._broker.user_script(user_id, _PUT, _KEYS, [device.id, device.to_json(), self._cap]))
+    async def put(self, user_id: str, device: Device) -> list[Device]:
+        dropped = await self._broker.user_script(user_id, _PUT, _KEYS, [device.id, device.to_json(), self._cap])
+        return [Device.from_json(text) for text in dropped if text]
 
     async def list(self, user_id: str) -> list[Device]:
         found = await self._broker.user_script(user_id, _LIST, _KEYS, [])
         return [Device.from_json(text) for text in found if text is not None]
 
-    async def remove(self, user_id: str, device_id: str) -> bool:
-        return bool(await self._broker.user_script(user_id, _REMOVE, _KEYS, [device_id]))
+    async def remove(self, user_id: str, device_id: str) -> Device | None:
+        removed = await self._broker.user_script(user_id, _REMOVE, _KEYS, [device_id])
+        return Device.from_json(removed) if removed else None
