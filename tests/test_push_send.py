@@ -5,6 +5,7 @@ v1 message; every answer is classified; redirects are not followed and no disall
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import httpx
 import orjson
 import pytest
 
+from service.broker.redis.broker import RedisBroker
 from service.config.push_options import parse_origin
 from service.config.settings import Settings
+from service.core.errors import InvalidRequest
+from service.core.topics import Topics
 from service.push import Device, Push, PushMessage, PushTooLarge
 from service.push.outcome import MAX_ANSWER_BYTES, guarded_post
 from service.push.webpush import MAX_ENCRYPTED_BYTES, check_size, encrypt, encrypted_size, topic
@@ -79,7 +83,7 @@ def web_device(push: Push, subscription: Subscription, device_id: str = "laptop"
 
 async def test_a_web_push_decrypts_with_the_subscription_keys_and_its_vapid_jwt_verifies(push, push_service):
     subscription = Subscription(push_service.endpoint("a1"))
-    outcome = await push.send(web_device(push, subscription), message())
+    outcome = await push.send("alice", web_device(push, subscription), message())
     assert outcome.result == "sent" and outcome.status == 201
     (request,) = push_service.wait_for(1)
     assert request.path == "/push/a1"
@@ -107,7 +111,7 @@ async def test_each_push_is_encrypted_afresh_and_a_long_tag_becomes_a_stable_top
     device = web_device(push, subscription)
     long_tag = "thread:" + "x" * 60
     for _ in range(2):
-        assert (await push.send(device, message(tag=long_tag))).result == "sent"
+        assert (await push.send("alice", device, message(tag=long_tag))).result == "sent"
     first, second = push_service.wait_for(2)
     assert first.body != second.body  # a new salt and ephemeral key each time
     assert subscription.decrypt(first.body) == subscription.decrypt(second.body)
@@ -117,7 +121,7 @@ async def test_each_push_is_encrypted_afresh_and_a_long_tag_becomes_a_stable_top
 
 
 async def _sent_without_tag(push: Push, push_service: PushService):  # type: ignore[no-untyped-def]
-    await push.send(web_device(push, Subscription(push_service.endpoint("a3"))), message(tag=None))
+    await push.send("alice", web_device(push, Subscription(push_service.endpoint("a3"))), message(tag=None))
     return push_service.wait_for(3)[-1]
 
 
@@ -138,7 +142,7 @@ async def test_web_push_answers_are_classified(push, push_service, caplog, statu
     subscription = Subscription(push_service.endpoint(f"s{status}"))
     push_service.status[f"/push/s{status}"] = (status, headers, b"")
     with caplog.at_level(logging.INFO, logger="service.push"):
-        outcome = await push.send(web_device(push, subscription, "phone-1"), message())
+        outcome = await push.send("alice", web_device(push, subscription, "phone-1"), message())
     assert (outcome.result, outcome.status, outcome.retry_after) == (result, status, retry_after)
     if result != "sent":
         logged = caplog.text
@@ -149,7 +153,7 @@ async def test_web_push_answers_are_classified(push, push_service, caplog, statu
 async def test_a_redirecting_push_service_is_not_followed(push, push_service):
     with PushService().running() as elsewhere:
         push_service.status["/push/r"] = (307, {"Location": elsewhere.endpoint("stolen")}, b"")
-        outcome = await push.send(web_device(push, Subscription(push_service.endpoint("r"))), message())
+        outcome = await push.send("alice", web_device(push, Subscription(push_service.endpoint("r"))), message())
         assert outcome.result == "failed" and outcome.status == 307
         assert push_service.wait_for(1) and elsewhere.received == []
 
@@ -159,7 +163,7 @@ async def test_a_device_outside_the_allowed_origins_is_never_called(push):
     with PushService().running() as other:
         subscription = Subscription(other.endpoint("x"))
         device = Device("old", "webpush", 0, other.endpoint("x"), subscription.p256dh, subscription.auth)
-        outcome = await push.send(device, message())
+        outcome = await push.send("alice", device, message())
         assert outcome.result == "failed"
         assert other.received == []
 
@@ -169,7 +173,7 @@ async def test_an_unreachable_push_service_is_retried(push, push_service):
     device = web_device(push, subscription)
     push_service.server.shutdown()
     push_service.server.server_close()
-    assert (await push.send(device, message())).result == "retry"
+    assert (await push.send("alice", device, message())).result == "retry"
 
 
 def test_a_payload_over_4096_bytes_encrypted_is_refused():
@@ -195,8 +199,8 @@ async def test_at_most_64_kb_of_an_answer_is_read(push_service):
 
 async def test_fcm_sends_the_v1_message_with_google_auths_token(push, google):
     device = push.device("android-1", "fcm", {"token": "dXk1:APA91b" + "Z" * 140})
-    assert (await push.send(device, message())).result == "sent"
-    assert (await push.send(device, message(url=None, body=None))).result == "sent"
+    assert (await push.send("alice", device, message())).result == "sent"
+    assert (await push.send("alice", device, message(url=None, body=None))).result == "sent"
     token_requests = [r for r in google.received if r.path == "/token"]
     sends = [r for r in google.received if r.path != "/token"]
     assert len(token_requests) == 1  # one token, reused until near its expiry
@@ -224,7 +228,7 @@ async def test_fcm_refreshes_a_token_near_its_expiry(push, google):
     google.expires_in = 60  # inside google-auth's refresh margin: every use refreshes it
     device = push.device("android-1", "fcm", {"token": "t" * 40})
     for _ in range(3):
-        assert (await push.send(device, message())).result == "sent"
+        assert (await push.send("alice", device, message())).result == "sent"
     sends = [r for r in google.received if r.path != "/token"]
     assert google.issued == ["ya29.test-0", "ya29.test-1", "ya29.test-2"]
     assert [r.headers["authorization"] for r in sends] == [f"Bearer {t}" for t in google.issued]
@@ -248,7 +252,7 @@ async def test_fcm_refreshes_a_token_near_its_expiry(push, google):
 )
 async def test_fcm_answers_are_classified(push, google, status, error, headers, result):
     google.fcm_answer = (status, headers, orjson.dumps({"error": {"code": status, **error}}))
-    outcome = await push.send(push.device("a", "fcm", {"token": "t" * 40}), message())
+    outcome = await push.send("alice", push.device("a", "fcm", {"token": "t" * 40}), message())
     assert (outcome.result, outcome.status) == (result, status)
     if "Retry-After" in headers:
         assert outcome.retry_after == 9.0
@@ -256,9 +260,67 @@ async def test_fcm_answers_are_classified(push, google, status, error, headers, 
 
 async def test_fcm_gets_a_new_token_when_its_token_is_refused(push, google):
     device = push.device("android-1", "fcm", {"token": "t" * 40})
-    assert (await push.send(device, message())).result == "sent"
+    assert (await push.send("alice", device, message())).result == "sent"
     google.issued.append("ya29.revoked-elsewhere")  # FCM now accepts only a token this service does not have
-    refused = await push.send(device, message())
+    refused = await push.send("alice", device, message())
     assert (refused.result, refused.status) == ("retry", 401)
-    assert (await push.send(device, message())).result == "sent"
+    assert (await push.send("alice", device, message())).result == "sent"
     assert google.issued[-1] == "ya29.test-2"  # a new token was asked for after the refusal
+
+
+async def _gone_removes_only_that_registration(push: Push, push_service: PushService, user: str) -> None:
+    first = Subscription(push_service.endpoint(f"{user}-old"))
+    push_service.status[f"/push/{user}-old"] = (410, {}, b"")
+    old = web_device(push, first, "laptop")
+    await push.register(user, old)
+    await push.register(user, web_device(push, Subscription(push_service.endpoint("x")), "phone"))
+    assert (await push.send(user, old, message())).result == "gone"
+    assert [d.id for d in await push.devices.list(user)] == ["phone"]
+    # The same id registered again (a new subscription) while a push to the old one was on its way.
+    await push.register(user, old)
+    renewed = web_device(push, Subscription(push_service.endpoint(f"{user}-new")), "laptop")
+    await push.register(user, renewed)
+    assert (await push.send(user, old, message())).result == "gone"
+    devices = await push.devices.list(user)
+    assert [d.id for d in devices] == ["phone", "laptop"] and devices[1] == renewed
+    assert await push.devices.list("someone-else") == []
+
+
+async def test_a_device_its_push_service_calls_gone_is_removed_unless_registered_again(push, push_service):
+    await _gone_removes_only_that_registration(push, push_service, "gone-alice")
+
+
+async def test_the_same_in_redis_beside_the_users_stream(push_service, redis_server):
+    settings = Settings(
+        jwt_secret=SECRET,
+        vapid_private_key=PEM,
+        vapid_subject=SUBJECT,
+        push_allowed_origins=push_service.origin,
+        redis_url=redis_server.url,
+        redis_prefix=f"t{uuid.uuid4().hex[:10]}",
+    )
+    metrics = Metrics("test")
+    broker = RedisBroker(settings, "test", metrics, Topics({}, 0).stream_rules)
+    push = Push(settings, broker, metrics)
+    try:
+        await _gone_removes_only_that_registration(push, push_service, "gone-bob")
+    finally:
+        await push.aclose()
+        await broker.stop()
+
+
+async def test_a_kind_without_keys_is_refused(tmp_path):
+    only_fcm = Push(Settings(jwt_secret=SECRET, fcm_credentials_file=_account(tmp_path)), None, Metrics("t"))
+    only_web = Push(Settings(jwt_secret=SECRET, vapid_private_key=PEM, vapid_subject=SUBJECT), None, Metrics("t"))
+    keys = Subscription("https://fcm.googleapis.com/x").to_json()["keys"]
+    with pytest.raises(InvalidRequest, match="Web Push is not configured"):
+        only_fcm.device("d", "webpush", {"endpoint": "https://fcm.googleapis.com/x", **keys})
+    with pytest.raises(InvalidRequest, match="FCM is not configured"):
+        only_web.device("d", "fcm", {"token": "t" * 40})
+    await only_fcm.aclose()
+    await only_web.aclose()
+
+
+def _account(tmp_path: Path) -> str:
+    service_account(tmp_path / "only.json", "http://127.0.0.1:9/token")
+    return str(tmp_path / "only.json")

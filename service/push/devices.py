@@ -131,8 +131,9 @@ class DeviceStore(Protocol):
     async def list(self, user_id: str) -> list[Device]:
         """The user's devices, least recently registered first."""
 
-    async def remove(self, user_id: str, device_id: str) -> Device | None:
-        """Forget a device; answers it, or None when the user had none with that id."""
+    async def remove(self, user_id: str, device_id: str, only: Device | None = None) -> Device | None:
+        """Forget a device; answers it, or None when the user had none with that id. `only`: remove
+        it only if it is still this registration (not one made again since under the same id)."""
 
 
 class MemoryDevices:
@@ -154,9 +155,11 @@ class MemoryDevices:
     async def list(self, user_id: str) -> list[Device]:
         return list(self._users.get(user_id, {}).values())
 
-    async def remove(self, user_id: str, device_id: str) -> Device | None:
+    async def remove(self, user_id: str, device_id: str, only: Device | None = None) -> Device | None:
         devices = self._users.get(user_id)
-        removed = devices.pop(device_id, None) if devices is not None else None
+        if devices is None or (only is not None and devices.get(device_id) != only):
+            return None
+        removed = devices.pop(device_id, None)
         if devices is not None and not devices:
             del self._users[user_id]
         return removed

@@ -63,12 +63,16 @@ class Push:
         if removed is not None:
             self._metrics.push_devices.labels(removed.kind, "removed").inc()
 
-    async def send(self, device: Device, message: PushMessage) -> Outcome:
-        """Deliver one message to one device; the outcome says whether to keep, retry or remove it."""
+    async def send(self, user_id: str, device: Device, message: PushMessage) -> Outcome:
+        """Deliver one message to one of the user's devices. A device its push service says is gone
+        is removed here, unless it was registered again meanwhile; the caller retries on `retry`."""
         sender = self._webpush if device.kind == "webpush" else self._fcm
         if sender is None:
             return Outcome("failed", None, f"{device.kind} is no longer configured")
-        return await sender.send(device, message)
+        outcome = await sender.send(device, message)
+        if outcome.result == "gone" and await self.devices.remove(user_id, device.id, only=device) is not None:
+            self._metrics.push_devices.labels(device.kind, "gone").inc()
+        return outcome
 
     async def aclose(self) -> None:
         if self._fcm is not None:

@@ -37,6 +37,7 @@ return redis.call('HMGET', KEYS[1], unpack(ids))
 _REMOVE = Lua.of(
     """
 local device = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and device ~= ARGV[2] then return false end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('ZCARD', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
@@ -69,6 +70,7 @@ class RedisDevices:
         found = await self._broker.user_script(user_id, _LIST, _KEYS, [])
         return [Device.from_json(text) for text in found if text is not None]
 
-    async def remove(self, user_id: str, device_id: str) -> Device | None:
-        removed = await self._broker.user_script(user_id, _REMOVE, _KEYS, [device_id])
+    async def remove(self, user_id: str, device_id: str, only: Device | None = None) -> Device | None:
+        expected = only.to_json() if only is not None else ""
+        removed = await self._broker.user_script(user_id, _REMOVE, _KEYS, [device_id, expected])
         return Device.from_json(removed) if removed else None

@@ -34,7 +34,8 @@ class Metrics:
         self.errors = Counter("notify_errors", "Error answers and error frames, by code.", ["code"], registry=r)
         self.push_devices = Counter(
             "notify_push_devices",
-            "Push devices registered and removed, by kind and change (registered, removed, dropped over the cap).",
+            "Push devices registered and removed, by kind and change: registered, removed (by the user or a backend),"
+            " dropped (over the cap), gone (its push service said so).",
             ["kind", "change"],
             registry=r,
         )
