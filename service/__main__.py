@@ -5,6 +5,7 @@
     notify-service send alice order.shipped '{"n":1}' [--url http://127.0.0.1:8000] [--token JWT]
     notify-service broadcast maintenance '{"in_minutes":5}'
     notify-service listen --token JWT [--url ws://127.0.0.1:8000/ws ...]   (or --sub alice)
+    notify-service vapid                                     (a new Web Push key pair)
 
 `send`, `broadcast` and `listen` without --token mint one from NOTIFY_JWT_SECRET (development).
 `listen` prints one JSON line per notification on stdout.
@@ -23,7 +24,9 @@ from pydantic import ValidationError
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8000"
 DEFAULT_WS_URL = "ws://127.0.0.1:8000/ws"
-_SUBCOMMANDS = "subcommands: serve (default), token, send, broadcast, listen; see `notify-service COMMAND --help`"
+_SUBCOMMANDS = (
+    "subcommands: serve (default), token, send, broadcast, listen, vapid; see `notify-service COMMAND --help`"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         return _send(command, args[1:])
     if command == "listen":
         return _listen(args[1:])
+    if command == "vapid":
+        return _vapid(args[1:])
     return _serve(args[1:] if command == "serve" else args)
 
 
@@ -104,6 +109,26 @@ def _token(argv: list[str]) -> int:
     parser.add_argument("--ttl", type=int, default=3600, help="seconds until the token expires")
     ns = parser.parse_args(argv)
     print(_mint(ns.sub, ns.scope, ns.ttl))
+    return 0
+
+
+def _vapid(argv: list[str]) -> int:
+    argparse.ArgumentParser(
+        prog="notify-service vapid",
+        description="Print a new VAPID key pair for Web Push: the private key (PEM) and the public key.",
+    ).parse_args(argv)
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    print("# NOTIFY_VAPID_PRIVATE_KEY (or this saved to a file named by NOTIFY_VAPID_PRIVATE_KEY_FILE):")
+    print(pem.decode().strip())
+    print("# its public key, as GET /push/vapid answers it (the browser's applicationServerKey):")
+    print(base64.urlsafe_b64encode(point).rstrip(b"=").decode())
     return 0
 
 

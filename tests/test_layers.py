@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "service.openapi": {"service.config", "service.api"},
     "service.server": {
         "service.api",
+        "service.push",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -30,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
         "service.config",
     },
     "service.api": {
+        "service.push",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -37,6 +39,7 @@ ALLOWED: dict[str, set[str]] = {
         "service.core",
         "service.config",
     },
+    "service.push": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.delivery": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.auth": {"service.core", "service.config"},
     "service.broker": {"service.telemetry", "service.core", "service.config"},

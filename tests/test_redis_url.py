@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from pydantic import ValidationError
 
 from service.config.redis_url import CLUSTER, SENTINEL, SINGLE, InvalidRedisUrl, Topology, parse_redis_url
 from service.config.settings import Settings
 
-from .utils import ROOT, SECRET
+from .utils import SECRET, refused_start
 
 GOOD = [
     ("redis://127.0.0.1:6379/0", Topology(SINGLE, (("127.0.0.1", 6379),))),
@@ -157,15 +153,7 @@ def test_settings_read_the_topology():
 )
 def test_the_service_refuses_to_start(env, line):
     """A real `python -m service` exits non-zero at once with exactly one line saying why."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "--port", "1"],
-        env={**environ, "NOTIFY_JWT_SECRET": SECRET, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = refused_start(env)
     assert done.returncode != 0
     assert done.stderr.strip() == line, done.stderr
     assert "hunter2" not in done.stderr + done.stdout

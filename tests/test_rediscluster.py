@@ -15,6 +15,8 @@ import httpx
 import orjson
 import pytest
 
+from .pushkit import vapid_pem
+from .test_devices import ids, put, webpush
 from .test_topics import connect, join
 from .topology import ClusterTopology
 from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, started, token
@@ -30,7 +32,8 @@ def cluster() -> Iterator[ClusterTopology]:
 
 @pytest.fixture(scope="module")
 def on_cluster(cluster: ClusterTopology) -> Iterator[tuple[Replica, Replica]]:
-    env = cluster.env(NOTIFY_TOPICS=TOPICS)
+    push = {"NOTIFY_VAPID_PRIVATE_KEY": vapid_pem(), "NOTIFY_VAPID_SUBJECT": "mailto:ops@example.com"}
+    env = cluster.env(NOTIFY_TOPICS=TOPICS, NOTIFY_PUSH_ALLOWED_ORIGINS="https://push.example.com", **push)
     with started(Replica(env), Replica(env)) as (a, b):
         yield a, b
 
@@ -102,6 +105,22 @@ async def test_everything_works_on_a_cluster(cluster, on_cluster, http):
     assert [f["id"] for f in await resumed.notifications(3)] == missed
     for socket in [bystander, resumed, *(s for pair in sockets.values() for s in pair)]:
         await socket.close()
+
+
+def test_devices_live_on_the_primary_of_their_users_stream(cluster, on_cluster):
+    """Users on every primary: a device registered through one replica is listed by the other, and its
+    keys are on the primary that owns the user's stream."""
+    a, b = on_cluster
+    prefix = a.env["NOTIFY_REDIS_PREFIX"]
+    users = spread_users(cluster, a, count=1)
+    for user in users:
+        assert put(a.url, user, "laptop", webpush()).status_code == 200
+        assert put(b.url, user, "desk", webpush()).status_code == 200
+    for user in users:
+        assert ids(b.url, user) == ids(a.url, user) == ["laptop", "desk"]
+        owner = cluster.owner(channel_of(a, f"u:{user}"))
+        assert owner.call("HLEN", f"{prefix}:{{u:{user}}}:d") == 3  # two devices and the order counter
+    assert len({cluster.owner(channel_of(a, f"u:{u}")).port for u in users}) == len(cluster.primaries())
 
 
 async def connect_since(replica: Replica, user: str, since: str) -> Any:

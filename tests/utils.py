@@ -232,6 +232,20 @@ def replicas(count: int, env: dict[str, str] | None = None) -> Iterator[tuple[Re
         yield running
 
 
+def refused_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m service` with only these NOTIFY_ settings besides the test secret: for what it says
+    when it refuses to start."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--port", "1"],
+        env={**environ, "NOTIFY_JWT_SECRET": SECRET, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     """Env for replicas sharing one Redis, in a key namespace of their own."""
     return {"NOTIFY_REDIS_URL": redis.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}", **extra}

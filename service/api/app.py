@@ -24,10 +24,11 @@ from ..core.ratelimit import KeyedRate
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
+from ..push import create_push
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
-from . import client_assets, events, health, inbox, publish, topics, ws
+from . import client_assets, devices, events, health, inbox, publish, topics, ws
 from .limits import RequestLimits
 from .membership import MEMBERS_SHOWN
 from .models import ErrorBody
@@ -90,8 +91,11 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         topics = Topics(settings.topics, settings.presence_leave_grace_seconds)
         broker = create_broker(settings, replica_id, metrics, topics.stream_rules)
         hub = Hub(broker, metrics, settings.max_connections_per_user)
+        push = create_push(settings, broker, metrics)
         member_lists = MemberLists(broker, settings.presence_cache_seconds, MEMBERS_SHOWN)
-        runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, member_lists)
+        runtime = Runtime(
+            settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, member_lists, push=push
+        )
         if settings.publish_rate:
             runtime.publish_rate = KeyedRate(settings.publish_rate)
             metrics.publish_rate_buckets.set_function(runtime.publish_rate.__len__)
@@ -106,6 +110,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if push is not None:
+                await push.aclose()
             await broker.stop()
 
     app = NotifyApp(
@@ -114,7 +120,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for module in (publish, topics, inbox, events, client_assets):
+    for module in (publish, topics, inbox, devices, events, client_assets):
         app.include_router(module.router, responses=CONNECTION_ERRORS)
     app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
@@ -122,7 +128,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins or ["*"],
-        allow_methods=["GET", "POST", "DELETE"],
+        allow_methods=["GET", "POST", "PUT", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key", "X-Request-ID"],
         expose_headers=["X-Request-ID", "Retry-After"],
     )

@@ -11,6 +11,7 @@ from ..core.ratelimit import KeyedRate
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
+from ..push import Push
 from ..telemetry.metrics import Metrics
 
 
@@ -29,4 +30,5 @@ class Runtime:
     # Per publisher (NOTIFY_PUBLISH_RATE) and per member (NOTIFY_MEMBER_PUBLISH_RATE); None: off.
     publish_rate: KeyedRate | None = None
     member_publish_rate: KeyedRate | None = None
+    push: Push | None = None  # None: neither Web Push nor FCM configured
     draining: bool = False

@@ -7,9 +7,21 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .push_options import (
+    DEFAULT_FCM_ENDPOINT,
+    DEFAULT_PUSH_ORIGINS,
+    Origin,
+    check_fcm_credentials,
+    check_fcm_endpoint,
+    check_vapid_subject,
+    load_vapid_key,
+    parse_origin,
+)
 from .topic_options import TopicOptions
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from .redis_url import Topology
 
 
@@ -105,6 +117,18 @@ class Settings(BaseSettings):
     # rather than delivery to open sockets (`server/admission.py`). "off": no cap.
     max_handshake_rate: float | None = Field(600.0, gt=0)
 
+    # Push (Web Push and FCM): unset keys leave the push API answering 404.
+    vapid_private_key: SecretStr | None = None
+    vapid_private_key_file: str | None = None
+    vapid_subject: str | None = None
+    fcm_credentials_file: str | None = None
+    fcm_endpoint: str = DEFAULT_FCM_ENDPOINT
+    # Where a Web Push endpoint may point: the service calls it, so a user must not name an internal URL.
+    push_allowed_origins: Annotated[list[Origin], NoDecode] = Field(
+        default_factory=lambda: [parse_origin(o, "default") for o in DEFAULT_PUSH_ORIGINS]
+    )
+    max_devices_per_user: int = Field(10, gt=0)
+
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
 
@@ -128,6 +152,34 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("push_allowed_origins", mode="before")
+    @classmethod
+    def _push_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            origins = [parse_origin(part, "NOTIFY_PUSH_ALLOWED_ORIGINS") for part in value.split(",") if part.strip()]
+            if not origins:
+                raise ValueError("NOTIFY_PUSH_ALLOWED_ORIGINS is empty: no Web Push endpoint could be reached")
+            return origins
+        return value
+
+    @field_validator("fcm_endpoint")
+    @classmethod
+    def _fcm_endpoint(cls, value: str) -> str:
+        return check_fcm_endpoint(value)
+
+    @model_validator(mode="after")
+    def _check_push(self) -> Settings:
+        pem = self.vapid_private_key.get_secret_value() if self.vapid_private_key is not None else None
+        key = load_vapid_key(pem, self.vapid_private_key_file)
+        check_vapid_subject(self.vapid_subject, key is not None)
+        check_fcm_credentials(self.fcm_credentials_file)
+        return self
+
+    def vapid_key(self) -> ec.EllipticCurvePrivateKey | None:
+        """The VAPID signing key, if one is configured (checked when settings load)."""
+        pem = self.vapid_private_key.get_secret_value() if self.vapid_private_key is not None else None
+        return load_vapid_key(pem, self.vapid_private_key_file)
 
     @field_validator("access_log", mode="before")
     @classmethod

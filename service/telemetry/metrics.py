@@ -32,6 +32,13 @@ class Metrics:
             "notify_notifications_dropped", "Frames not delivered to a socket, by reason.", ["reason"], registry=r
         )
         self.errors = Counter("notify_errors", "Error answers and error frames, by code.", ["code"], registry=r)
+        self.push_devices = Counter(
+            "notify_push_devices",
+            "Push devices registered and removed, by kind and change: registered, removed (by the user or a backend),"
+            " dropped (over the cap), gone (its push service said so).",
+            ["kind", "change"],
+            registry=r,
+        )
         self.slow_consumers = Counter("notify_slow_consumers", "Sockets closed for not reading (4008).", registry=r)
         self.publish_latency = Histogram(
             "notify_publish_latency_seconds",

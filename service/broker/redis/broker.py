@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.retry import Retry
@@ -28,7 +29,7 @@ from . import scripts
 from .budget import TopicBudget
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
-from .pipeline import AutoPipeline
+from .pipeline import AutoPipeline, Lua
 from .presence import Presence, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
@@ -322,6 +323,13 @@ class RedisBroker:
         read = marker is not None and id_key(notification_id) <= id_key(marker)
         retained = bool(entries) and id_key(notification_id) >= id_key(self._floor(stream))
         return ReadState(read=read, retained=retained)
+
+    async def user_script(self, user_id: str, script: Lua, suffixes: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a script on keys kept beside the user's stream (`<prefix>:{u:<user>}:<suffix>`): one
+        slot, so it runs where the user's stream lives, in a cluster too. On the shared pipeline,
+        under the publish deadline; raises BrokerUnavailable. For data of a user's own, such as devices."""
+        stream = user_stream(user_id)
+        return await self._call(self._pipeline.evaluate(script, [self._key(stream, s) for s in suffixes], args))
 
     # ---- helpers
 
