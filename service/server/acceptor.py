@@ -54,21 +54,23 @@ class Acceptor:
             raise
         return cls(sock, factory)
 
-    def accept_pending(self) -> None:
-        """Take every connection waiting (up to ACCEPT_BATCH) and hand each to a new protocol."""
-        for _ in range(ACCEPT_BATCH):
+    def accept_pending(self) -> int:
+        """Take every connection waiting (up to ACCEPT_BATCH) and hand each to a new protocol;
+        how many were taken."""
+        for taken in range(ACCEPT_BATCH):
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return taken
             except OSError as exc:  # EMFILE and the like: the connection stays queued, tried next turn
                 logger.warning("accepting a connection failed: %s", exc)
-                return
+                return taken
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return ACCEPT_BATCH
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
