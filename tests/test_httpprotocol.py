@@ -149,14 +149,6 @@ async def test_topic_publishes_pipelined_with_refusals(redis_server):
         await member.close()
 
 
-def fast_path_count(metrics: str) -> float:
-    """How many publishes the HTTP protocol answered itself, from /metrics."""
-    for line in metrics.splitlines():
-        if line.startswith("notify_publish_fast_path_total "):
-            return float(line.split()[1])
-    raise AssertionError("no notify_publish_fast_path_total in /metrics")
-
-
 async def test_fast_path_and_route_answer_alike(http):
     """The same publish answered by the HTTP protocol itself and by the framework's route (a browser's
     Origin sends it there) gets the same 202 body, byte for byte, for a user, a broadcast and a topic:
@@ -164,6 +156,7 @@ async def test_fast_path_and_route_answer_alike(http):
     fast path's counter tells which path answered."""
     import json
 
+    from .rawhttp import metric
     from .test_topics import connect, join
     from .utils import running
 
@@ -175,7 +168,7 @@ async def test_fast_path_and_route_answer_alike(http):
         origin = "Origin: http://app.example\r\n"
         for path, counted in ((f"/notify/{user}", "online"), ("/broadcast", None), (f"/topics/{topic}", "members")):
             key = f"Idempotency-Key: {uid()}\r\n"
-            before = fast_path_count((await http.get(replica.url + "/metrics")).text)
+            before = await metric(http, replica, "notify_publish_fast_path_total")
             writer.write(post(path, b'{"event":"e"}', extra=key))
             writer.write(post(path, b'{"event":"e"}', extra=key))
             writer.write(post(path, b'{"event":"e"}', extra=key + origin))
@@ -186,7 +179,7 @@ async def test_fast_path_and_route_answer_alike(http):
             assert answer["id"] == orjson.loads(first)["id"] and answer["duplicate"] is True
             if counted:
                 assert answer[counted] == 1, (path, answer)
-            after = fast_path_count((await http.get(replica.url + "/metrics")).text)
+            after = await metric(http, replica, "notify_publish_fast_path_total")
             assert after - before == 2, (path, before, after)  # the first two, not the one with an Origin
         writer.close()
         await member.close()
