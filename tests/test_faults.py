@@ -172,8 +172,8 @@ async def test_redis_killed_with_200_sockets(own_redis, http):
             publish_503_max_s=max(latencies),
             recover_ready_s=recover_s,
             recover_delivery_s=delivered_s,
-            lost=0,
-            reconnected=0,
+            sockets_closed=sum(1 for c in clients if c.ws.close_code is not None),
+            resynced=control.count("resync"),
         )
         await close_all(clients)
 
@@ -216,8 +216,8 @@ async def test_redis_hung_with_200_sockets(own_redis, http):
             publish_503_max_s=max(latencies),
             recover_ready_s=recover_s,
             recover_delivery_s=delivered_s,
-            lost=0,
-            reconnected=0,
+            sockets_closed=sum(1 for c in clients if c.ws.close_code is not None),
+            resynced=control.count("resync"),
         )
         await close_all(clients)
 
