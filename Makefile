@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 LOCK      := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test test-latest lock openapi lint bench soak storm cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint client bench soak storm cluster clean
 
 $(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,12 @@ lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
 
+# The Python client alone, as a wheel in dist/ (service/client/pyproject.toml): httpx and websockets are
+# its only dependencies.
+client: install
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist service/client
+	rm -rf service/client/build service/client/*.egg-info
+
 # Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
 # service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
 # behind docs/capacity.md) (about 45 minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on
@@ -127,4 +133,4 @@ cluster: install system-deps
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info dist
