@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from .test_topics import connect, join
 from .topology import ClusterTopology
-from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, sockets_online, started, until
+from .utils import ROOT, SECRET, TIMEOUT, Replica, ids_until, publish, publisher_headers, sockets_online, started, until
 
 TOPICS = json.dumps({"chat": {"join": "any", "publish": True, "presence": True}})
 
@@ -288,27 +287,6 @@ def move_slot(cluster: ClusterTopology, key: str) -> None:
         source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
     for node in cluster.primaries():
         node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
-async def ids_until(socket: Any, want: set[str]) -> list[str]:
-    got: list[str] = []
-    try:
-        async with asyncio.timeout(3 * TIMEOUT):
-            while not want <= set(got):
-                frame = orjson.loads(await socket.ws.recv())
-                if frame["type"] == "notification":
-                    got.append(frame["id"])
-    except TimeoutError:
-        pass
-    try:
-        async with asyncio.timeout(0.3):
-            while True:
-                frame = orjson.loads(await socket.ws.recv())
-                if frame["type"] == "notification":
-                    got.append(frame["id"])
-    except TimeoutError:
-        pass
-    return got
 
 
 async def wait_ready(http: httpx.AsyncClient, replica: Replica, within: float) -> None:

@@ -329,6 +329,28 @@ async def publish(
     )
 
 
+async def ids_until(socket: Any, want: set[str]) -> list[str]:
+    """Notification ids a socket receives until every one of `want` is in (bounded), then for 0.3 s more."""
+    got: list[str] = []
+    try:
+        async with asyncio.timeout(3 * TIMEOUT):
+            while not want <= set(got):
+                frame = orjson.loads(await socket.ws.recv())
+                if frame["type"] == "notification":
+                    got.append(frame["id"])
+    except TimeoutError:
+        pass
+    try:
+        async with asyncio.timeout(0.3):
+            while True:
+                frame = orjson.loads(await socket.ws.recv())
+                if frame["type"] == "notification":
+                    got.append(frame["id"])
+    except TimeoutError:
+        pass
+    return got
+
+
 async def sse_events(url: str, headers: dict[str, str], count: int, kind: str | None = None) -> list[dict]:
     """Read an SSE stream, with the events' ids, until `count` data events (of `kind`, if given) came."""
     events: list[dict] = []
