@@ -30,6 +30,7 @@ SIGNATURES = {
     "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol._start_asgi_task": ["self", "cycle", "app"],
     "uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol.send": ["self", "message"],
     "redis.asyncio.connection.AbstractConnection._connect": ["self"],
+    "redis.asyncio.sentinel.SentinelConnectionPool.get_master_address": ["self"],
     "redis.asyncio.cluster.NodesManager.get_node_from_slot": ["self", "slot"],
     "redis.asyncio.cluster.NodesManager.initialize": ["self"],
 }
