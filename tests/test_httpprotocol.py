@@ -169,10 +169,11 @@ async def test_fast_path_and_route_answer_alike(http):
         for path, counted in ((f"/notify/{user}", "online"), ("/broadcast", None), (f"/topics/{topic}", "members")):
             key = f"Idempotency-Key: {uid()}\r\n"
             before = await metric(http, replica, "notify_publish_fast_path_total")
-            writer.write(post(path, b'{"event":"e"}', extra=key))
-            writer.write(post(path, b'{"event":"e"}', extra=key))
-            writer.write(post(path, b'{"event":"e"}', extra=key + origin))
-            (s1, _, first), (s2, _, fast), (s3, _, route) = await responses(reader, 3)
+            answers = []
+            for extra in (key, key, key + origin):  # one at a time: a pipelined publish may go to the framework
+                writer.write(post(path, b'{"event":"e"}', extra=extra))
+                answers += await responses(reader, 1)
+            (s1, _, first), (s2, _, fast), (s3, _, route) = answers
             assert (s1, s2, s3) == (202, 202, 202)
             assert fast == route, (path, fast, route)
             answer = orjson.loads(fast)
