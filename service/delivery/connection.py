@@ -18,8 +18,8 @@ Closer = Callable[[int, str], Awaitable[None]]
 Sender = Callable[[str], Coroutine[Any, Any, None]]
 # Writes a pre-encoded frame at once if the socket can take it; False means "use the Sender".
 FrameWriter = Callable[[bytes], bool]
-# Runs a send as far as it goes without waiting: None when done, else the task that finishes it (the
-# server's `send_eagerly`, offered through the scope). Without one, every send is a task of its own.
+# Runs a send as far as it goes without waiting: None when done, else what finishes it (the server's
+# `send_eagerly`, offered through the scope). Without one, every send is a task of its own.
 Starter = Callable[[Coroutine[Any, Any, None]], Awaitable[None] | None]
 _in_a_task: Starter = asyncio.ensure_future
 
