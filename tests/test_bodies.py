@@ -3,9 +3,10 @@ that takes one, and their socket equivalent the invalid_json error frame; agains
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
-from .utils import Client, publisher_headers, token
+from .utils import ROOT, Client, publisher_headers, token
 
 DEEP = b"[" * 5000 + b"]" * 5000
 UNPARSEABLE = {
@@ -21,17 +22,22 @@ UNPARSEABLE = {
 @pytest.mark.parametrize("what", list(UNPARSEABLE))
 async def test_unparseable_bodies_answer_422(single, http, what):
     """However a body fails to parse, every endpoint that takes one answers 422 invalid_request with
-    a message saying so: the publish (the fast path's candidate), broadcast, batch and read marker."""
+    a message saying so: the publish (the fast path's candidate), broadcast, topic publish, batch and
+    read marker, which are all the endpoints the OpenAPI document gives a body."""
     value = UNPARSEABLE[what]
     publisher = {**publisher_headers(), "Content-Type": "application/json"}
     client = {"Authorization": f"Bearer {token('reader')}", "Content-Type": "application/json"}
-    requests = [
-        ("/notify/someone", b'{"event":"e","data":' + value + b"}", publisher),
-        ("/broadcast", b'{"event":"e","data":' + value + b"}", publisher),
-        ("/notify", b'[{"user":"someone","event":"e","data":' + value + b"}]", publisher),
-        ("/me/notifications/read", b'{"up_to":' + value + b"}", client),
-    ]
-    for path, body, headers in requests:
+    requests = {
+        "/notify/{user_id}": ("/notify/someone", b'{"event":"e","data":' + value + b"}", publisher),
+        "/broadcast": ("/broadcast", b'{"event":"e","data":' + value + b"}", publisher),
+        "/topics/{topic}": ("/topics/room", b'{"event":"e","data":' + value + b"}", publisher),
+        "/notify": ("/notify", b'[{"user":"someone","event":"e","data":' + value + b"}]", publisher),
+        "/me/notifications/read": ("/me/notifications/read", b'{"up_to":' + value + b"}", client),
+    }
+    spec = orjson.loads((ROOT / "openapi" / "openapi.json").read_bytes())
+    with_body = {path for path, ops in spec["paths"].items() for op in ops.values() if "requestBody" in op}
+    assert with_body == set(requests), "every endpoint that takes a body is tried"
+    for path, body, headers in requests.values():
         response = await http.post(single.url + path, content=body, headers=headers)
         assert response.status_code == 422, (path, response.text)
         error = response.json()

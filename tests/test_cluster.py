@@ -4,7 +4,6 @@ The tests that cross replicas run twice: on one Redis, and on a Redis Cluster of
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -12,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from .topology import ClusterTopology
-from .utils import Client, Replica, publish, publisher_headers, started
+from .utils import Client, Replica, publish, publisher_headers, sockets_online, started, until
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,8 @@ async def test_each_socket_on_both_replicas_gets_it_exactly_once(both, http):
     bystanders = [await Client.connect(a, other), await Client.connect(b, other)]
     for s in sockets + bystanders:
         await s.welcome()
-    await asyncio.sleep(0.1)  # presence is written in the background
+    # Presence is written in the background: wait until Redis counts all three sockets.
+    await until(lambda: sockets_online(a, user) == 3, what="3 sockets online")
     ids = []
     for n, origin in enumerate([a, b, a]):
         response = await publish(http, origin, user, "x", n)
@@ -124,13 +124,10 @@ async def test_channel_is_released_when_the_last_socket_leaves(pair, redis_serve
     first, second = await Client.connect(a, user), await Client.connect(a, user)
     await first.welcome()
     await second.welcome()
+    await until(lambda: sockets_online(a, user) == 2, what="both sockets counted")
     assert subscribers() == 1
     await first.close()
-    await asyncio.sleep(0.2)
-    assert subscribers() == 1
+    await until(lambda: sockets_online(a, user) == 1, what="the first socket's leave handled")
+    assert subscribers() == 1, "released while a socket is left"
     await second.close()
-    for _ in range(50):
-        if subscribers() == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert subscribers() == 0
+    await until(lambda: subscribers() == 0, what="the channel released")

@@ -413,5 +413,8 @@ async def test_a_burst_of_resumes_with_the_rate_uncapped_keeps_the_redis_pool(re
             replayed = await asyncio.gather(*(c.notifications(1) for c in clients))
             assert [n[0]["id"] for n in replayed] == [r.json()["id"] for r in second]
             assert await metric(http, a, "notify_broker_errors_total") == 0
+            peak = await metric(http, a, "notify_handshakes_in_flight_peak")
+            report("handshakes_in_flight", sockets=len(clients), peak=peak)
+            assert 1 < peak <= 32, peak  # they did overlap, and no more than 32 at once
         finally:
             await asyncio.gather(*(c.ws.close() for c in clients))

@@ -147,3 +147,40 @@ async def test_topic_publishes_pipelined_with_refusals(redis_server):
         await member.nothing(0.3)
         writer.close()
         await member.close()
+
+
+async def test_fast_path_and_route_answer_alike(http):
+    """The same publish answered by the HTTP protocol itself and by the framework's route (a browser's
+    Origin sends it there) gets the same 202 body, byte for byte, for a user, a broadcast and a topic:
+    repeated with one Idempotency-Key, each path answers the first publish's id, ts and count. The
+    fast path's counter tells which path answered."""
+    import json
+
+    from .rawhttp import metric
+    from .test_topics import connect, join
+    from .utils import running
+
+    with running({"NOTIFY_TOPICS": json.dumps({"feed": {"join": "any"}})}) as replica:
+        user, topic = uid(), f"feed:{uid()}"
+        member = await connect(replica, user)
+        await join(member, topic)
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        origin = "Origin: http://app.example\r\n"
+        for path, counted in ((f"/notify/{user}", "online"), ("/broadcast", None), (f"/topics/{topic}", "members")):
+            key = f"Idempotency-Key: {uid()}\r\n"
+            before = await metric(http, replica, "notify_publish_fast_path_total")
+            answers = []
+            for extra in (key, key, key + origin):  # one at a time: a pipelined publish may go to the framework
+                writer.write(post(path, b'{"event":"e"}', extra=extra))
+                answers += await responses(reader, 1)
+            (s1, _, first), (s2, _, fast), (s3, _, route) = answers
+            assert (s1, s2, s3) == (202, 202, 202)
+            assert fast == route, (path, fast, route)
+            answer = orjson.loads(fast)
+            assert answer["id"] == orjson.loads(first)["id"] and answer["duplicate"] is True
+            if counted:
+                assert answer[counted] == 1, (path, answer)
+            after = await metric(http, replica, "notify_publish_fast_path_total")
+            assert after - before == 2, (path, before, after)  # the first two, not the one with an Origin
+        writer.close()
+        await member.close()

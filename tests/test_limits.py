@@ -545,6 +545,29 @@ async def test_jwks_refetch_is_rate_limited(jwks_server, http):
 # ---- backpressure
 
 
+async def test_a_reader_that_pauses_then_reads_again_gets_everything(http):
+    """A socket that stops reading until the server has to wait for room to write (9 MB sent to it,
+    more than the kernel's buffers hold), then reads again: every notification arrives, in order,
+    and the socket stays open; the send that had to wait is finished and the backlog written."""
+    with replica({"NOTIFY_SEND_QUEUE_BYTES": str(64 << 20)}) as r:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.connect(("127.0.0.1", r.port))
+        sock.setblocking(False)
+        client = await Client.connect(r, "pauser", sock=sock, max_queue=1)  # reads nothing meanwhile
+        await client.welcome()
+        blob = "x" * 60_000
+        sent = []
+        for n in range(150):
+            response = await publish(http, r, "pauser", "big", {"n": n, "blob": blob})
+            assert response.status_code == 202
+            sent.append(response.json()["id"])
+        got = await client.notifications(len(sent), timeout=6 * TIMEOUT)
+        assert [f["id"] for f in got] == sent
+        assert client.ws.close_code is None
+        await client.close()
+
+
 @pytest.mark.slow
 async def test_slow_consumer_4008_others_lose_nothing(redis_server, http):
     """A reader that never reads while 10 MB is published to it is cut off (4008, or its TCP

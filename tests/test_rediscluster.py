@@ -12,14 +12,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from .pushkit import vapid_pem
 from .test_devices import ids, put, webpush
 from .test_topics import connect, join
 from .topology import ClusterTopology
-from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, started, token
+from .utils import (
+    ROOT,
+    SECRET,
+    TIMEOUT,
+    Replica,
+    ids_until,
+    publish,
+    publisher_headers,
+    sockets_online,
+    started,
+    token,
+    until,
+)
 
 TOPICS = json.dumps({"chat": {"join": "any", "publish": True, "presence": True}})
 
@@ -62,7 +73,8 @@ async def test_everything_works_on_a_cluster(cluster, on_cluster, http):
     users = [*spread_users(cluster, a), "a*"]
     bystander = await connect(b, "ab")
     sockets = {user: (await connect(a, user), await connect(b, user)) for user in users}
-    await asyncio.sleep(0.1)  # presence is written in the background
+    for user in users:  # presence is written in the background: wait until Redis counts both sockets
+        await until(lambda user=user: sockets_online(a, user) == 2, what=f"{user}'s sockets counted")
     for user in users:
         response = await publish(http, b, user, "hello", user)
         assert response.status_code == 202 and response.json()["online"] == 2
@@ -174,18 +186,18 @@ def test_a_seed_outside_any_cluster_stops_start_up(redis_server):
 async def test_primary_killed_mid_stream_loses_no_acknowledged_notification(http):
     """SIGKILL a primary while two publishers run, with NOTIFY_REDIS_REPLICAS_ACK=1: after the
     failover every notification answered 202 reached every socket of its user once, no socket
-    closed, and /readyz is back to 200."""
+    closed, /readyz is back to 200, and once the killed node is back (as a replica) every publish is
+    answered 202 again."""
     with ClusterTopology() as cluster:
         env = cluster.env(NOTIFY_REDIS_REPLICAS_ACK="1", NOTIFY_HISTORY_SIZE="5000")
         with started(Replica(env), Replica(env)) as (a, b):
             users = spread_users(cluster, a, 2)
             sockets = {user: (await connect(a, user), await connect(b, user)) for user in users}
             sent: dict[str, list[str]] = {user: [] for user in users}
-            refused = 0
+            statuses: dict[int, list[int]] = {0: [], 1: []}  # per publisher, in order; 0: no answer
             stop = asyncio.Event()
 
             async def publisher(replica: Replica, offset: int) -> None:
-                nonlocal refused
                 for i in range(offset, 20_000, 2):
                     if stop.is_set():
                         return
@@ -193,13 +205,13 @@ async def test_primary_killed_mid_stream_loses_no_acknowledged_notification(http
                     try:
                         response = await publish(http, replica, user, "seq", i)
                     except httpx.HTTPError:
-                        refused += 1
+                        statuses[offset].append(0)
                         continue
+                    statuses[offset].append(response.status_code)
                     if response.status_code == 202:
                         sent[user].append(response.json()["id"])
                     else:
                         assert response.status_code == 503, response.text
-                        refused += 1
                         await asyncio.sleep(0.02)
 
             tasks = [asyncio.create_task(publisher(a, 0)), asyncio.create_task(publisher(b, 1))]
@@ -212,9 +224,20 @@ async def test_primary_killed_mid_stream_loses_no_acknowledged_notification(http
             for replica in (a, b):
                 await wait_ready(http, replica, 15)
             ready_s = time.monotonic() - killed_at
-            await asyncio.sleep(1.0)
+            # The promoted primary has no replica to confirm a write (REPLICAS_ACK=1), so its slots answer
+            # 503 until the killed node is back, as its replica. Then the service must be back to work, not
+            # stuck on 503: each publisher's latest 20 publishes all answered 202.
+            victim.start()
+            await asyncio.to_thread(cluster.wait_healthy, 20)
+            done_before = {n: len(answers) for n, answers in statuses.items()}
+            await until(
+                lambda: all(accepted_run(answers, done_before[n]) >= 20 for n, answers in statuses.items()),
+                within=6 * TIMEOUT,
+                what="20 publishes in a row answered 202 by each replica after the failover",
+            )
             stop.set()
             await asyncio.gather(*tasks)
+            refused = sum(1 for answers in statuses.values() for status in answers if status != 202)
             assert sum(map(len, sent.values())) > 100
             for user in users:
                 for socket in sockets[user]:
@@ -235,6 +258,7 @@ async def test_a_slot_moved_while_publishing_loses_and_doubles_nothing(http):
             user = spread_users(cluster, a, 1)[0]
             sockets = [await connect(a, user), await connect(b, user)]
             sent: list[str] = []
+            statuses: list[int] = []
             stop = asyncio.Event()
 
             async def publisher() -> None:
@@ -242,23 +266,39 @@ async def test_a_slot_moved_while_publishing_loses_and_doubles_nothing(http):
                     if stop.is_set():
                         return
                     response = await publish(http, a if i % 2 else b, user, "seq", i)
+                    statuses.append(response.status_code)
                     if response.status_code == 202:
                         sent.append(response.json()["id"])
                     await asyncio.sleep(0.005)
 
             task = asyncio.create_task(publisher())
-            await asyncio.sleep(0.5)
+            await until(lambda: accepted_run(statuses, 0) >= 20, what="publishes accepted before the move")
             await asyncio.to_thread(move_slot, cluster, channel_of(a, f"u:{user}"))
-            await asyncio.sleep(1.5)
+            moved_after = len(statuses)
+            # Publishes go on to the slot's new owner: the latest 50 since the move all answered 202.
+            await until(
+                lambda: accepted_run(statuses, moved_after) >= 50,
+                within=6 * TIMEOUT,
+                what="50 publishes in a row answered 202 after the move",
+            )
             stop.set()
             await task
-            assert len(sent) > 50
             for socket in sockets:
                 got = await ids_until(socket, set(sent))
                 assert len(got) == len(set(got)), "duplicates"
                 assert set(sent) <= set(got)
             new_owner = cluster.owner(channel_of(a, f"u:{user}"))
             assert int(new_owner.call("PUBSUB", "SHARDNUMSUB", channel_of(a, f"u:{user}"))[1]) == 2
+
+
+def accepted_run(statuses: list[int], since: int) -> int:
+    """How many of the latest answers, all after the first `since`, were 202 in a row."""
+    run = 0
+    for status in reversed(statuses[since:]):
+        if status != 202:
+            break
+        run += 1
+    return run
 
 
 def move_slot(cluster: ClusterTopology, key: str) -> None:
@@ -278,27 +318,6 @@ def move_slot(cluster: ClusterTopology, key: str) -> None:
         source.call("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
     for node in cluster.primaries():
         node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-
-
-async def ids_until(socket: Any, want: set[str]) -> list[str]:
-    got: list[str] = []
-    try:
-        async with asyncio.timeout(3 * TIMEOUT):
-            while not want <= set(got):
-                frame = orjson.loads(await socket.ws.recv())
-                if frame["type"] == "notification":
-                    got.append(frame["id"])
-    except TimeoutError:
-        pass
-    try:
-        async with asyncio.timeout(0.3):
-            while True:
-                frame = orjson.loads(await socket.ws.recv())
-                if frame["type"] == "notification":
-                    got.append(frame["id"])
-    except TimeoutError:
-        pass
-    return got
 
 
 async def wait_ready(http: httpx.AsyncClient, replica: Replica, within: float) -> None:

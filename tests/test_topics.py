@@ -192,7 +192,8 @@ async def test_backend_publish_resume_and_history_across_replicas(rooms, http):
     a, b = rooms
     topic = f"dash:{uid('d')}"
     url = f"{a.url}/topics/{topic}"
-    viewer = await connect(a, uid("v"))
+    viewer_id = topic  # a user named as the topic: nothing of one stream may show in the other
+    viewer = await connect(a, viewer_id)
     await join(viewer, topic)
     sent: list[str] = []
 
@@ -209,7 +210,7 @@ async def test_backend_publish_resume_and_history_across_replicas(rooms, http):
     await viewer.close()
     publishing = asyncio.create_task(backend(30))
     await asyncio.sleep(0.1)
-    again = await connect(b, uid("v"))
+    again = await connect(b, viewer_id)
     resumed = await join(again, topic, since=first[-1]["id"])
     assert resumed["type"] == "joined" and resumed["recovered"] is True
     await publishing
@@ -218,8 +219,12 @@ async def test_backend_publish_resume_and_history_across_replicas(rooms, http):
     await again.nothing(0.3)
     history = await http.get(f"{b.url}/topics/{topic}/history?limit=3", headers=publisher_headers())
     assert [n["id"] for n in history.json()["notifications"]] == sent[::-1][:3]
-    inbox = await http.get(f"{a.url}/me/notifications", headers={"Authorization": f"Bearer {token(uid('v'))}"})
-    assert inbox.json()["unread"] == 0 and inbox.json()["notifications"] == [], "topics are not in the inbox"
+    # The member's inbox holds the one notification sent to them, none of the 35 topic messages they got.
+    direct = await http.post(f"{a.url}/notify/{viewer_id}", json={"event": "direct"}, headers=publisher_headers())
+    assert direct.status_code == 202
+    inbox = await http.get(f"{a.url}/me/notifications", headers={"Authorization": f"Bearer {token(viewer_id)}"})
+    assert inbox.json()["unread"] == 1, "topics are not in the inbox"
+    assert [n["id"] for n in inbox.json()["notifications"]] == [direct.json()["id"]], "topics are not in the inbox"
     await again.close()
 
 

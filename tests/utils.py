@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,37 @@ def refused_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+async def until(check: Callable[[], bool | Awaitable[bool]], within: float = 3 * TIMEOUT, what: str = "") -> float:
+    """Poll `check` (plain or async) until it is true, for at most `within` seconds; the seconds it took."""
+    started_at = time.monotonic()
+    while True:
+        result = check()
+        if await result if isinstance(result, Awaitable) else result:
+            return time.monotonic() - started_at
+        if time.monotonic() - started_at > within:
+            raise AssertionError(f"{what or 'condition'} not met within {within}s")
+        await asyncio.sleep(0.05)
+
+
+def sockets_online(replica: Replica, user: str) -> int:
+    """The user's open sockets across replicas as Redis counts them (the presence hash the publish reads),
+    on the plain Redis or the Redis Cluster the replica uses."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    url = replica.env["NOTIFY_REDIS_URL"]
+    key = f"{replica.env['NOTIFY_REDIS_PREFIX']}:{{u:{user}}}:m"
+    if url.startswith("redis+cluster://"):
+        host, _, port = url.removeprefix("redis+cluster://").split(",")[0].partition(":")
+        client: Any = RedisCluster(host=host, port=int(port), socket_timeout=TIMEOUT)
+    else:
+        client = redis.Redis.from_url(url, socket_timeout=TIMEOUT)
+    try:
+        return int(client.hget(key, user) or 0)
+    finally:
+        client.close()
+
+
 def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     """Env for replicas sharing one Redis, in a key namespace of their own."""
     return {"NOTIFY_REDIS_URL": redis.url, "NOTIFY_REDIS_PREFIX": f"t{uuid.uuid4().hex[:10]}", **extra}
@@ -310,6 +341,28 @@ async def publish(
     return await http.post(
         replica.url + path, json={"event": event, "data": data}, headers=headers or publisher_headers()
     )
+
+
+async def ids_until(socket: Any, want: set[str]) -> list[str]:
+    """Notification ids a socket receives until every one of `want` is in (bounded), then for 0.3 s more."""
+    got: list[str] = []
+    try:
+        async with asyncio.timeout(3 * TIMEOUT):
+            while not want <= set(got):
+                frame = orjson.loads(await socket.ws.recv())
+                if frame["type"] == "notification":
+                    got.append(frame["id"])
+    except TimeoutError:
+        pass
+    try:
+        async with asyncio.timeout(0.3):
+            while True:
+                frame = orjson.loads(await socket.ws.recv())
+                if frame["type"] == "notification":
+                    got.append(frame["id"])
+    except TimeoutError:
+        pass
+    return got
 
 
 async def sse_events(url: str, headers: dict[str, str], count: int, kind: str | None = None) -> list[dict]:

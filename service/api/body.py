@@ -36,13 +36,14 @@ def describe(reason: str) -> str:
 
 class JsonBodyRequest(Request):
     async def json(self) -> Any:
-        if not hasattr(self, "_json"):
+        # Cached under a name of our own: Starlette's cache (`_json`) is none of our business.
+        if not hasattr(self, "_parsed_json"):
             try:
-                self._json = pydantic_core.from_json(await self.body(), allow_inf_nan=False)
+                self._parsed_json = pydantic_core.from_json(await self.body(), allow_inf_nan=False)
             except ValueError as exc:
                 # The one exception FastAPI turns into a validation error (422) instead of a 400.
                 raise json.JSONDecodeError(describe(str(exc)), "", 0) from None
-        return self._json
+        return self._parsed_json
 
 
 class JsonRoute(APIRoute):

@@ -23,7 +23,7 @@ from ..core.ids import is_valid_user_id
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
 from ..core.topics import is_valid_topic_name
 from .models import PublishRequest
-from .publish import _check_rate, _publish
+from .publish import _check_rate, _publish, accepted
 from .runtime import Runtime
 
 Header = tuple[bytes, bytes]
@@ -85,16 +85,14 @@ def prepare(runtime: Runtime, stream: str, headers: list[Header], body: bytes) -
 
 async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[Header]]:
     """Publish, and the response: status, JSON body and extra headers."""
+    runtime.metrics.publish_fast_path.inc()
     try:
         _check_rate(runtime, fast.principal)
         published = await _publish(runtime, fast.principal, fast.stream, fast.request, fast.idempotency_key)
     except ServiceError as exc:
         runtime.metrics.errors.labels(exc.code).inc()
         return error_answer(exc)
-    # As the routes answer: a topic counts its members, a user their sockets online.
-    counted = "members" if is_topic(fast.stream) else "online"
-    payload = {"id": published.id, "ts": published.ts, counted: published.online, "duplicate": published.duplicate}
-    return 202, orjson.dumps(payload), []
+    return 202, orjson.dumps(accepted(fast.stream, published)), []
 
 
 def error_answer(exc: ServiceError) -> tuple[int, bytes, list[Header]]:

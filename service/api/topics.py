@@ -20,7 +20,7 @@ from .models import (
     TopicHistory,
     TopicPresence,
 )
-from .publish import IdempotencyKey, _check_rate, _errors, _publish, check_topic
+from .publish import IdempotencyKey, _check_rate, _errors, _publish, accepted, check_topic
 
 router = APIRouter(tags=["topics"], route_class=JsonRoute)
 
@@ -36,12 +36,11 @@ async def publish_to_topic(
     publisher: PublisherDep,
     runtime: RuntimeDep,
     idempotency_key: IdempotencyKey = None,
-) -> TopicAccepted:
+) -> dict[str, Any]:
     """Send a message to every member socket of a topic, on every replica; kept in its history."""
     stream = topic_stream(check_topic(runtime, topic))
     _check_rate(runtime, publisher)
-    published = await _publish(runtime, publisher, stream, body, idempotency_key)
-    return TopicAccepted(id=published.id, ts=published.ts, members=published.online or 0, duplicate=published.duplicate)
+    return accepted(stream, await _publish(runtime, publisher, stream, body, idempotency_key))
 
 
 @router.get("/topics/{topic}/presence", response_model=TopicPresence, responses=_TOPIC_ERRORS)

@@ -13,7 +13,16 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
 from ..core.errors import BrokerUnavailable, InvalidToken, TooManyForUser
-from ..core.frames import PONG, SEND_FRAME_EXTENSION, BadFrame, CloseCode, encode, error, parse_client_frame
+from ..core.frames import (
+    PONG,
+    SEND_EAGERLY_EXTENSION,
+    SEND_FRAME_EXTENSION,
+    BadFrame,
+    CloseCode,
+    encode,
+    error,
+    parse_client_frame,
+)
 from ..core.ids import parse_id
 from ..core.ratelimit import TokenBucket
 from ..delivery.connection import Connection
@@ -65,7 +74,7 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
         scope["headers"], scope["query_string"] = [], b""
         if (problem := resume.invalid()) is not None:
             conn.send(error("invalid_cursor", problem))
-        await _serve(websocket, conn, runtime)
+        await _serve(scope, receive, send, conn, runtime)
     finally:
         await close_stream(runtime, conn)
 
@@ -106,26 +115,27 @@ def _closer(websocket: WebSocket) -> Any:
     return close
 
 
-async def _serve(websocket: WebSocket, conn: Connection, runtime: Runtime) -> None:
-    send = websocket._send  # the raw ASGI send skips Starlette's per-message state checks
+async def _serve(scope: Scope, receive: Receive, send: Send, conn: Connection, runtime: Runtime) -> None:
+    """Deliver and read frames on the raw ASGI `send` and `receive`, past Starlette's per-message
+    state checks (and one suspended frame less per idle socket)."""
 
     def send_text(frame: str) -> Coroutine[Any, Any, None]:
-        return send({"type": "websocket.send", "text": frame})
+        return send({"type": "websocket.send", "text": frame})  # type: ignore[return-value]
 
-    conn.attach(send_text, websocket.scope.get("extensions", {}).get(SEND_FRAME_EXTENSION))
+    offered = scope.get("extensions") or {}
+    conn.attach(send_text, offered.get(SEND_FRAME_EXTENSION), offered.get(SEND_EAGERLY_EXTENSION))
     expiry = schedule_expiry(conn)
     try:
-        expiry = await _receive_forever(websocket, conn, runtime, expiry)
+        expiry = await _receive_forever(receive, conn, runtime, expiry)
     finally:
         expiry.cancel()
         await conn.detach()
 
 
 async def _receive_forever(
-    websocket: WebSocket, conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
+    receive: Receive, conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
 ) -> asyncio.TimerHandle:
     bucket = TokenBucket(runtime.settings.max_inbound_rate)
-    receive = websocket._receive  # the raw ASGI receive: one suspended frame less per idle socket
     while not conn.closed:
         message = await receive()
         if message["type"] == "websocket.disconnect":

@@ -38,10 +38,12 @@ class Notification:
 
     @property
     def stream(self) -> str:
-        """The stream it came from: ``"user"``, ``"broadcast"`` or ``"topic:<topic>"``."""
-        if self.topic is not None:
-            return f"topic:{self.topic}"
-        return "broadcast" if self.broadcast else "user"
+        """The stream it came from: ``"user"``, ``"broadcast"`` or ``"topic:<topic>"``.
+
+        Named from the receiver's side, and the names this client keys its cursors and duplicates by.
+        The server's own names for them (``u:<user>``, ``b``, ``t:<topic>``) are internal: they appear
+        only in its Redis keys and channels, never in the API or a frame."""
+        return stream_of(self.topic, self.broadcast)
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> Notification:
@@ -59,8 +61,14 @@ class Notification:
         )
 
 
-# Dedupe keys: a stream and an id (ids of two streams may be equal).
-_USER, _BROADCAST = "u", "b"
+# Dedupe keys: a stream (as `Notification.stream` names it) and an id (ids of two streams may be equal).
+_USER, _BROADCAST, _TOPIC = "user", "broadcast", "topic:"
+
+
+def stream_of(topic: str | None, broadcast: bool) -> str:
+    if topic is not None:
+        return _TOPIC + topic
+    return _BROADCAST if broadcast else _USER
 
 
 def _key(id_: str) -> tuple[int, int]:
@@ -106,11 +114,10 @@ class StreamCursors:
         if topic is not None:
             if not isinstance(topic, str) or topic not in self._topic_ids:
                 return None  # a topic this listener left or was removed from
-            stream, cursor = "t:" + topic, self._topic_ids[topic]
-        elif frame.get("broadcast"):
-            stream, cursor = _BROADCAST, self.last_broadcast_id
+            cursor = self._topic_ids[topic]
         else:
-            stream, cursor = _USER, self.last_id
+            cursor = self.last_broadcast_id if frame.get("broadcast") else self.last_id
+        stream = stream_of(topic, bool(frame.get("broadcast")))
         if (stream, id_) in self._seen or (cursor is not None and _key(id_) <= _key(cursor)):
             return None
         try:

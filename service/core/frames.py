@@ -54,8 +54,10 @@ def error(code: str, message: str, topic: str | None = None, retry_after: float 
     return encode(frame)
 
 
-# ASGI scope extension through which this service's server offers `send_frame(wire) -> bool`.
+# ASGI scope extensions through which this service's server offers `send_frame(wire) -> bool` and
+# `send_eagerly(send) -> Awaitable | None` (service/server/seams.py).
 SEND_FRAME_EXTENSION = "notify.send_frame"
+SEND_EAGERLY_EXTENSION = "notify.send_eagerly"
 
 
 def wire_text(text: str) -> bytes:

@@ -19,6 +19,10 @@ Closer = Callable[[int, str], Awaitable[None]]
 Sender = Callable[[str], Coroutine[Any, Any, None]]
 # Writes a pre-encoded frame at once if the socket can take it; False means "use the Sender".
 FrameWriter = Callable[[bytes], bool]
+# Runs a send as far as it goes without waiting: None when done, else what finishes it (the server's
+# `send_eagerly`, offered through the scope). Without one, every send is a task of its own.
+Starter = Callable[[Coroutine[Any, Any, None]], Awaitable[None] | None]
+_in_a_task: Starter = asyncio.ensure_future
 
 # The server's protocol aborts a peer that does not take its close frame well within this.
 _CLOSE_WAIT = 10.0
@@ -52,6 +56,7 @@ class Connection:
         "_close_task",
         "_send",
         "_send_frame",
+        "_start",
         "_flush_task",
     )
 
@@ -79,15 +84,18 @@ class Connection:
         self._close_task: asyncio.Task[None] | None = None
         self._send: Sender | None = None
         self._send_frame: FrameWriter | None = None
+        self._start: Starter = _in_a_task
         self._flush_task: asyncio.Task[None] | None = None
 
-    def attach(self, send: Sender, send_frame: FrameWriter | None = None) -> None:
+    def attach(self, send: Sender, send_frame: FrameWriter | None = None, start: Starter | None = None) -> None:
         """Write frames through `send` from now on, starting with whatever is queued; where the
-        server offers `send_frame`, a frame encoded once for all sockets is written directly."""
+        server offers `send_frame`, a frame encoded once for all sockets is written directly, and
+        where it offers `start`, a send runs at once and takes a task only if it must wait."""
         self._send = send
         self._send_frame = send_frame
+        self._start = start or _in_a_task
         if self._queue:
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush(None, None))
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush(None))
 
     async def detach(self) -> None:
         """The socket is done: stop writing, and let a close this side started finish first."""
@@ -203,21 +211,19 @@ class Connection:
     def _write_now(self, frame: str) -> None:
         """Run the send until it completes or must wait for the peer; only then hand it to a task."""
         assert self._send is not None
-        send = self._send(frame)
         try:
-            waiting_on = send.send(None)
-        except StopIteration:
-            return
+            rest = self._start(self._send(frame))
         except Exception:  # noqa: BLE001 - the peer is gone; the receiving side sees the disconnect
             self._send = None
             return
-        self._flush_task = asyncio.get_running_loop().create_task(self._flush(send, waiting_on))
+        if rest is not None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush(rest))
 
-    async def _flush(self, started: Coroutine[Any, Any, None] | None, waiting_on: Any) -> None:
+    async def _flush(self, rest: Awaitable[None] | None) -> None:
         """Finish a send that had to wait, then write the backlog, then go back to writing at once."""
         try:
-            if started is not None:
-                await _resume(started, waiting_on)
+            if rest is not None:
+                await rest
             while self._queue and self._send is not None:
                 frame = self._queue.popleft()
                 self._queued_bytes -= len(frame)
@@ -237,23 +243,3 @@ class Connection:
         self._metrics.slow_consumers.inc()
         self._metrics.dropped.labels("slow_consumer").inc(len(self._queue or ()) + held)
         self.close(CloseCode.SLOW_CONSUMER, "slow consumer: reconnect and resume with since")
-
-
-async def _resume(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    """Drive a coroutine that was started by hand and suspended on `waiting_on`, as a Task would."""
-    while True:
-        try:
-            if waiting_on is None:
-                await asyncio.sleep(0)
-            else:
-                await waiting_on
-        except asyncio.CancelledError:
-            if not (isinstance(waiting_on, asyncio.Future) and waiting_on.cancelled()):
-                coro.close()
-                raise
-        except Exception:  # noqa: BLE001,S110 - the coroutine sees the same outcome when resumed
-            pass
-        try:
-            waiting_on = coro.send(None)
-        except StopIteration:
-            return

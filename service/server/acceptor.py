@@ -97,13 +97,15 @@ class Acceptor:
             raise
         return cls(sockets, factory, on_starved)
 
-    def accept_pending(self, sock: socket.socket) -> None:
-        """Take every connection waiting (up to ACCEPT_BATCH) and hand each to a new protocol."""
+    def accept_pending(self, sock: socket.socket) -> int:
+        """Take every connection waiting on `sock` (up to ACCEPT_BATCH) and hand each to a new
+        protocol; how many were taken."""
+        taken = 0
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return taken
             except ConnectionAbortedError:
                 continue  # the peer left while queued
             except OSError as exc:
@@ -111,15 +113,17 @@ class Acceptor:
                     self._pause(exc)
                 else:  # this connection's own trouble (the kernel drops it): the next is taken next turn
                     logger.warning("accepting a connection failed: %s", exc)
-                return
+                return taken
             if self._pauses:
                 logger.warning("accepting connections again, after %d pauses", self._pauses)
                 self._pauses = 0
+            taken += 1
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return taken
 
     def _pause(self, exc: OSError) -> None:
         """Stop reading the listening sockets for a while: the connection stays queued meanwhile."""

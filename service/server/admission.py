@@ -123,6 +123,7 @@ class Exposure:
         self._handshakes_delayed: Counter | None = None
         self._handshakes_capped = False
         self._in_flight = 0  # WebSocket handshakes begun and not yet answered
+        self._in_flight_peak = 0  # the most at once since start
         self._next_in_flight: collections.deque[Callable[[], None]] = collections.deque()
         self._handshakes_refused_run = 0  # refused since the rate was last reached
         self._handshake_window = (0.0, 0, 0)  # (start, refused in it, refused in the one before)
@@ -184,6 +185,12 @@ class Exposure:
             registry=registry,
         )
         in_flight.set_function(lambda: self._in_flight)
+        peak = Gauge(
+            "notify_handshakes_in_flight_peak",
+            "The most WebSocket handshakes in flight at once since start (at most 32).",
+            registry=registry,
+        )
+        peak.set_function(lambda: self._in_flight_peak)
         self._handshakes_delayed = Counter(
             "notify_handshakes_delayed",
             "WebSocket and SSE handshakes held back for their turn under NOTIFY_MAX_HANDSHAKE_RATE.",
@@ -263,6 +270,7 @@ class Exposure:
         in flight, else once one of them ends; every start is followed by one `end_handshake`."""
         if self._in_flight < MAX_HANDSHAKES_IN_FLIGHT:
             self._in_flight += 1
+            self._in_flight_peak = max(self._in_flight_peak, self._in_flight)
             start()
         else:
             self._next_in_flight.append(start)

@@ -12,6 +12,11 @@ collection, and while sockets arrive faster than `storm` a second, CPython's aut
 collections are held back: once the arrivals slow down its own rule applies again, and the
 collection that was due runs then (a storm that lasts gets one every `max_delay` seconds).
 Outside a storm nothing changes: the young generations, and full collections, are CPython's.
+
+This relies on the meaning of the third threshold (`gc.set_threshold`) in CPython's generational
+collector, 3.11 to 3.13: collections of the middle generation between two full ones. CPython 3.14's
+collector is incremental and ignores it, so outside `SUPPORTED` the pacer stays off and says so
+once at start.
 """
 
 from __future__ import annotations
@@ -19,8 +24,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import platform
+import sys
 import time
 from collections.abc import AsyncIterator, Sized
+
+logger = logging.getLogger("service")
+
+# The CPython versions whose collector the pacer is written for: [first, past the last).
+SUPPORTED = ((3, 11), (3, 14))
+
+
+def supported(implementation: str | None = None, version: tuple[int, int] | None = None) -> bool:
+    """Whether this interpreter's collector gives the third threshold the meaning the pacer relies on."""
+    implementation = implementation or platform.python_implementation()
+    version = version or sys.version_info[:2]
+    return implementation == "CPython" and SUPPORTED[0] <= version < SUPPORTED[1]
+
 
 # Collections of the middle generation between two automatic full ones, while a storm lasts: never
 # reached, so CPython starts no full collection until the threshold is put back.
@@ -41,6 +62,16 @@ class GcPacer:
         self.held = 0  # storms during which they were
 
     def start(self) -> None:
+        if not supported():
+            logger.info(
+                "full collections are not paced: the pacer knows CPython %d.%d to %d.%d's collector, not %s %s",
+                *SUPPORTED[0],
+                SUPPORTED[1][0],
+                SUPPORTED[1][1] - 1,
+                platform.python_implementation(),
+                platform.python_version(),
+            )
+            return
         if gc.get_threshold()[2] == _NEVER or not gc.isenabled():
             return  # another app in this process paces them already, or collection is off altogether
         gc.collect()

@@ -19,7 +19,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
-from ..core.frames import SEND_FRAME_EXTENSION
+from ..core.frames import SEND_EAGERLY_EXTENSION, SEND_FRAME_EXTENSION
+from .seams import send_eagerly
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
@@ -203,6 +204,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         # The app task has not started yet: offer it the direct write (see `send_frame`).
         if getattr(self, "scope", None) is not None:
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
+            self.scope["extensions"][SEND_EAGERLY_EXTENSION] = send_eagerly
 
     def send_frame(self, wire: bytes) -> bool:
         """Write an already-encoded text frame now, if the socket is open and its buffer has room.

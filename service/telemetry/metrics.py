@@ -25,6 +25,11 @@ class Metrics:
         self.published_user = self.published.labels("user")
         self.published_broadcast = self.published.labels("broadcast")
         self.published_topic = self.published.labels("topic")
+        self.publish_fast_path = Counter(
+            "notify_publish_fast_path",
+            "Publish requests answered by the HTTP protocol itself, without the framework's route (api/fastpath.py).",
+            registry=r,
+        )
         self.delivered = Counter(
             "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
         )
