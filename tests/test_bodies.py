@@ -18,6 +18,9 @@ UNPARSEABLE = {
     "cut short": b'{"x":',
 }
 
+# Endpoints that exist only on a replica configured for them, tried with the same bodies there.
+TRIED_ELSEWHERE = {"/me/devices/{device_id}": "tests/test_devices.py::test_unparseable_device_bodies_answer_422"}
+
 
 @pytest.mark.parametrize("what", list(UNPARSEABLE))
 async def test_unparseable_bodies_answer_422(single, http, what):
@@ -36,7 +39,7 @@ async def test_unparseable_bodies_answer_422(single, http, what):
     }
     spec = orjson.loads((ROOT / "openapi" / "openapi.json").read_bytes())
     with_body = {path for path, ops in spec["paths"].items() for op in ops.values() if "requestBody" in op}
-    assert with_body == set(requests), "every endpoint that takes a body is tried"
+    assert with_body == set(requests) | set(TRIED_ELSEWHERE), "every endpoint that takes a body is tried"
     for path, body, headers in requests.values():
         response = await http.post(single.url + path, content=body, headers=headers)
         assert response.status_code == 422, (path, response.text)

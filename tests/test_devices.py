@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from .pushkit import Subscription, service_account, vapid_pem
+from .test_bodies import UNPARSEABLE
 from .utils import RedisServer, Replica, cluster_env, running, started, token
 
 ENDPOINT = "https://push.example.com/wpush/v2/abc"
@@ -58,6 +59,19 @@ def ids(url: str, user: str) -> list[str]:
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     with running(push_env(tmp_path_factory.mktemp("push"))) as replica:
         yield replica
+
+
+@pytest.mark.parametrize("what", list(UNPARSEABLE))
+def test_unparseable_device_bodies_answer_422(embedded, what):
+    """A device body that cannot be parsed, however it fails, is 422 invalid_request saying so, as on
+    every other endpoint that takes a body (tests/test_bodies.py), and registers nothing."""
+    body = b'{"kind":"fcm","token":' + UNPARSEABLE[what] + b"}"
+    headers = {**as_user("unparsed"), "Content-Type": "application/json"}
+    answer = httpx.put(f"{embedded.url}/me/devices/d1", headers=headers, content=body, timeout=10)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    assert answer.json()["message"].startswith("the body is not valid JSON: "), answer.text
+    assert ids(embedded.url, "unparsed") == []
 
 
 def test_register_list_and_remove_a_web_push_device(embedded):
