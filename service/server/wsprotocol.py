@@ -8,15 +8,21 @@ a connection but needs only for a moment is made on demand or let go after the h
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.exceptions import SecurityError
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
 from ..core.frames import SEND_FRAME_EXTENSION
@@ -32,34 +38,36 @@ CLOSE_GRACE_SECONDS = 2.0
 class _Inbox:
     """What uvicorn uses of an asyncio.Queue for a socket's inbound events (put_nowait, get,
     empty), without its three deques and an Event, about 3 KB for each idle socket. One task (the
-    app's) reads; clients send little, so the list is made only while events wait."""
+    app's) reads; clients send little, so the list is made only while events wait.
+
+    `get` is a plain function that answers a Future, not a coroutine: the app's read of an idle
+    socket is then one Future, where a coroutine here and uvicorn's `receive` above it would each
+    keep a suspended frame for the socket's whole life."""
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Any] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
 
     def put_nowait(self, item: Any) -> None:
-        if self._items is None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # a cancelled read takes nothing
+            waiter.set_result(item)
+        elif self._items is None:
             self._items = [item]
         else:
             self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
-    async def get(self) -> Any:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        assert self._items is not None
-        item = self._items.pop(0)
-        if not self._items:
-            self._items = None
-        return item
+    def get(self) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        if self._items:
+            future.set_result(self._items.pop(0))
+            if not self._items:
+                self._items = None
+        else:
+            self._waiter = future
+        return future
 
     def empty(self) -> bool:
         return not self._items
@@ -127,6 +135,46 @@ class _AbortingTransport:
         return getattr(self._transport, name)
 
 
+class _Shared:
+    """What uvicorn's WebSocket protocol keeps per socket but is the same for every socket of a
+    server: one of these per server, kept by each socket's protocol as a single reference."""
+
+    __slots__ = ("config", "app", "loop", "app_state", "connections", "tasks", "default_headers", "_local")
+
+    _last: _Shared | None = None
+
+    def __init__(self, config: Config, state: ServerState, app_state: dict[str, Any], loop: Any) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = loop or asyncio.get_event_loop()
+        self.app_state = app_state
+        self.connections = state.connections
+        self.tasks = state.tasks
+        self.default_headers = state.default_headers
+        self._local: tuple[str, int] | None = None
+
+    def local_address(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
+        if address is not None and address != self._local:
+            self._local = address
+        return self._local if address is not None else None
+
+    @classmethod
+    def of(cls, config: Config, state: ServerState, app_state: dict[str, Any], loop: Any) -> _Shared:
+        """The server's, made by its first socket (a process normally runs one server)."""
+        last = cls._last
+        if (
+            last is None
+            or last.config is not config
+            or last.connections is not state.connections
+            or last.app_state is not app_state
+            or (loop is not None and last.loop is not loop)
+        ):
+            last = cls._last = cls(config, state, app_state, loop)
+        return last
+
+
 class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, bounded against peers that stop reading.
 
@@ -145,15 +193,61 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     # app has answered the handshake (accepted, refused or closed it) or the connection is gone.
     on_answered: Callable[[], None] | None = None
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.close_timeout = WS_CLOSE_TIMEOUT_SECONDS
+    # uvicorn's __init__ gives every socket some forty attributes. Past thirty (CPython's limit for
+    # attributes stored inline, sharing the class's keys) each socket gets a dict of its own, about
+    # 1.5 KB. So what is the same for every socket of a server is read through `_shared`, and every
+    # default until a socket changes it is the class's: no socket ever holds more than thirty names.
+    logger = logging.getLogger("uvicorn.error")
+    close_timeout = WS_CLOSE_TIMEOUT_SECONDS
+    transport: asyncio.Transport = None  # type: ignore[assignment]
+    server = client = scheme = close_timer = initial_response = None
+    handshake_initiated = handshake_complete = close_sent = disconnected = read_paused = False
+    ping_timer = pong_timer = pending_ping_payload = None
+    ping_sent_at = last_ping_rtt = 0.0
+    curr_msg_data_type = "bytes"
+    # Replaced (never appended to) when a message starts: websockets refuses a continuation first.
+    frames: list[bytes] = []  # noqa: RUF012
+
+    config = property(lambda self: self._shared.config)
+    app = property(lambda self: self._shared.app)
+    loop = property(lambda self: self._shared.loop)
+    app_state = property(lambda self: self._shared.app_state)
+    connections = property(lambda self: self._shared.connections)
+    tasks = property(lambda self: self._shared.tasks)
+    default_headers = property(lambda self: self._shared.default_headers)
+    root_path = property(lambda self: self._shared.config.root_path)
+    asgi_version = property(lambda self: self._shared.config.asgi_version)
+    ping_interval = property(lambda self: self._shared.config.ws_ping_interval)
+    ping_timeout = property(lambda self: self._shared.config.ws_ping_timeout)
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
+        self._shared = _Shared.of(config, server_state, app_state, _loop)
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.writable.set()
+        extensions = []
+        if config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12, client_max_window_bits=12, compress_settings={"memLevel": 5}
+                )
+            ]
+        self.conn = ServerProtocol(extensions=extensions, max_size=config.ws_max_size, logger=self.logger)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_AbortingTransport(transport, self.loop))  # type: ignore[arg-type]
+        # Every socket has the same local address, and those behind one proxy the same peer host:
+        # one copy each, not one per socket.
+        self.server = self._shared.local_address(self.server)
+        if self.client is not None:
+            self.client = (sys.intern(self.client[0]), self.client[1])
 
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(self.transport, _AbortingTransport):
@@ -235,5 +329,17 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.request is not None:
             # The parsed handshake is not read again (the app has the scope): about 3 KB a socket. The
             # parser's suspended frame still holds the request itself, so its headers are emptied.
+            # Its path too: it holds the query, and so the token when the client put it there.
             self.request.headers.clear()
+            self.request.path = ""
             self.request = self.response = None  # type: ignore[assignment]
+
+    def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
+        """uvicorn's `receive`, answering the inbox's Future rather than being a coroutine that
+        awaits it (see `_Inbox`). Reading, paused while a message waits for the app, resumes once
+        the app asks for the next one with none left."""
+        message = self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
