@@ -12,6 +12,7 @@ from ..broker import frame_id
 from ..config.settings import Settings
 from ..core.frames import CloseCode
 from ..core.ids import IdKey, id_key
+from ..core.timers import TimerWheel
 from ..telemetry.metrics import Metrics
 
 Closer = Callable[[int, str], Awaitable[None]]
@@ -51,9 +52,18 @@ class Connection:
         "_send",
         "_send_frame",
         "_flush_task",
+        "timers",
     )
 
-    def __init__(self, user_id: str, expires_at: float, settings: Settings, metrics: Metrics, closer: Closer) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        expires_at: float,
+        settings: Settings,
+        metrics: Metrics,
+        closer: Closer,
+        timers: TimerWheel | None = None,
+    ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.user_id = user_id
         self.expires_at = expires_at
@@ -77,6 +87,7 @@ class Connection:
         self._send: Sender | None = None
         self._send_frame: FrameWriter | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self.timers = timers  # where its deadlines (the token's expiry) are kept
 
     def attach(self, send: Sender, send_frame: FrameWriter | None = None) -> None:
         """Write frames through `send` from now on, starting with whatever is queued; where the

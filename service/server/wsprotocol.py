@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +28,7 @@ from websockets.server import ServerProtocol
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
 from ..core.frames import SEND_FRAME_EXTENSION
+from ..core.timers import TimerWheel
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
@@ -139,7 +142,7 @@ class _Shared:
     """What uvicorn's WebSocket protocol keeps per socket but is the same for every socket of a
     server: one of these per server, kept by each socket's protocol as a single reference."""
 
-    __slots__ = ("config", "app", "loop", "app_state", "connections", "tasks", "default_headers", "_local")
+    __slots__ = ("config", "app", "loop", "app_state", "connections", "tasks", "default_headers", "_local", "timers")
 
     _last: _Shared | None = None
 
@@ -154,6 +157,7 @@ class _Shared:
         self.tasks = state.tasks
         self.default_headers = state.default_headers
         self._local: tuple[str, int] | None = None
+        self.timers = TimerWheel(self.loop)  # every socket's ping and pong deadlines
 
     def local_address(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
         if address is not None and address != self._local:
@@ -333,6 +337,30 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request.headers.clear()
             self.request.path = ""
             self.request = self.response = None  # type: ignore[assignment]
+
+    # Liveness pings as uvicorn sends them, with their deadlines on the server's one TimerWheel
+    # rather than a loop timer per socket.
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self.ping_timer = self._shared.timers.call_later(delay, self, BoundedWebSocketProtocol.send_keepalive_ping)  # type: ignore[assignment]
+
+    def send_keepalive_ping(self) -> None:
+        self.ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        # A random payload identifies this ping: `handle_pong` ignores stale and unsolicited pongs.
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(self.pending_ping_payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.ping_timeout is not None:
+            self.pong_timer = self._shared.timers.call_later(  # type: ignore[assignment]
+                self.ping_timeout, self, WebSocketsSansIOProtocol.keepalive_timeout
+            )
+        else:
+            self.schedule_ping()
 
     def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
         """uvicorn's `receive`, answering the inbox's Future rather than being a coroutine that
