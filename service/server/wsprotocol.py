@@ -17,12 +17,13 @@ from typing import Any
 
 import orjson
 from uvicorn.config import Config
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.exceptions import SecurityError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -74,6 +75,9 @@ class _Inbox:
 
     def empty(self) -> bool:
         return not self._items
+
+
+_NO_FRAMES: list[bytes] = []
 
 
 class _Flag:
@@ -138,11 +142,46 @@ class _AbortingTransport:
         return getattr(self._transport, name)
 
 
+class _ScopeRewriter:
+    """Stands for uvicorn's ProxyHeadersMiddleware when its own `__call__` is run only for what it
+    does to the scope (the client and scheme a trusted proxy forwarded): nothing is wrapped."""
+
+    __slots__ = ("trusted_hosts", "app")
+
+    def __init__(self, trusted_hosts: object) -> None:
+        self.trusted_hosts = trusted_hosts
+        self.app = _nothing
+
+    def rewrite_scope(self, scope: Any) -> None:
+        step = ProxyHeadersMiddleware.__call__(self, scope, _nothing, _nothing)  # type: ignore[arg-type]
+        try:
+            step.send(None)
+        except StopIteration:
+            return
+        step.close()
+        raise RuntimeError("the proxy-headers rewrite did not finish at once")
+
+
+async def _nothing(*args: object) -> None:
+    return None
+
+
 class _Shared:
     """What uvicorn's WebSocket protocol keeps per socket but is the same for every socket of a
     server: one of these per server, kept by each socket's protocol as a single reference."""
 
-    __slots__ = ("config", "app", "loop", "app_state", "connections", "tasks", "default_headers", "_local", "timers")
+    __slots__ = (
+        "config",
+        "app",
+        "loop",
+        "app_state",
+        "connections",
+        "tasks",
+        "default_headers",
+        "_local",
+        "timers",
+        "proxy",
+    )
 
     _last: _Shared | None = None
 
@@ -151,6 +190,13 @@ class _Shared:
             config.load()
         self.config = config
         self.app = config.loaded_app
+        # uvicorn's proxy-headers middleware would stay suspended under every socket for its whole
+        # life, for a rewrite of the scope that is over before the app starts: the rewrite is run
+        # here, by the middleware's own code (`rewrite_scope`), and the app it wraps is called directly.
+        self.proxy: _ScopeRewriter | None = None
+        if isinstance(self.app, ProxyHeadersMiddleware):
+            self.proxy = _ScopeRewriter(self.app.trusted_hosts)
+            self.app = self.app.app
         self.loop = loop or asyncio.get_event_loop()
         self.app_state = app_state
         self.connections = state.connections
@@ -190,27 +236,20 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
       is answered at once with a JSON error; uvicorn left the connection hanging.
     """
 
-    # Set by the HTTP protocol that handed the connection over: frees the connection's place
-    # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
-    on_lost: Callable[[], None] | None = None
-    # Likewise: frees its place among the handshakes in flight (exposure.MAX_HANDSHAKES_IN_FLIGHT) once the
-    # app has answered the handshake (accepted, refused or closed it) or the connection is gone.
-    on_answered: Callable[[], None] | None = None
+    # `on_lost` is set by the HTTP protocol that handed the connection over: it frees the
+    # connection's place under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
+    # `on_answered` likewise frees its place among the handshakes in flight
+    # (exposure.MAX_HANDSHAKES_IN_FLIGHT) once the app has answered the handshake (accepted, refused
+    # or closed it) or the connection is gone.
 
-    # uvicorn's __init__ gives every socket some forty attributes. Past thirty (CPython's limit for
-    # attributes stored inline, sharing the class's keys) each socket gets a dict of its own, about
-    # 1.5 KB. So what is the same for every socket of a server is read through `_shared`, and every
-    # default until a socket changes it is the class's: no socket ever holds more than thirty names.
+    # uvicorn's __init__ gives every socket some forty attributes, which CPython then keeps in a
+    # dict of each socket's own (about 1.5 KB) instead of inline, sharing the class's keys. It keeps
+    # them inline only while every name an instance is given is one the class knew when that
+    # instance was made, and the class stops learning names after a few dozen instances: so what is
+    # the same for every socket of a server is read through `_shared`, and `__init__` names every
+    # attribute a socket is ever given (tests/test_idle_socket.py checks that it does).
     logger = logging.getLogger("uvicorn.error")
     close_timeout = WS_CLOSE_TIMEOUT_SECONDS
-    transport: asyncio.Transport = None  # type: ignore[assignment]
-    server = client = scheme = close_timer = initial_response = None
-    handshake_initiated = handshake_complete = close_sent = disconnected = read_paused = False
-    ping_timer = pong_timer = pending_ping_payload = None
-    ping_sent_at = last_ping_rtt = 0.0
-    curr_msg_data_type = "bytes"
-    # Replaced (never appended to) when a message starts: websockets refuses a continuation first.
-    frames: list[bytes] = []  # noqa: RUF012
 
     config = property(lambda self: self._shared.config)
     app = property(lambda self: self._shared.app)
@@ -236,6 +275,24 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue = _Inbox()  # type: ignore[assignment]
         self.writable = _Flag()  # type: ignore[assignment]
         self.writable.set()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server = self.client = self.scheme = None  # type: ignore[assignment]
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.scope: Any = None
+        self.handshake_initiated = self.handshake_complete = self.close_sent = self.disconnected = False
+        self.close_timer: Any = None
+        self.initial_response = None
+        self.read_paused = False
+        self.ping_timer: Any = None
+        self.pong_timer: Any = None
+        self.pending_ping_payload: bytes | None = None
+        self.ping_sent_at = self.last_ping_rtt = 0.0
+        # Replaced, never appended to, when a message starts (websockets refuses a continuation first).
+        self.frames = _NO_FRAMES
+        self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
+        self.on_lost: Callable[[], None] | None = None
+        self.on_answered: Callable[[], None] | None = None
         extensions = []
         if config.ws_per_message_deflate:
             extensions = [
@@ -298,8 +355,11 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
-        # The app task has not started yet: offer it the direct write (see `send_frame`).
+        # The app task has not started yet: rewrite its scope as the proxy-headers middleware
+        # would have, and offer it the direct write (see `send_frame`).
         if getattr(self, "scope", None) is not None:
+            if self._shared.proxy is not None:
+                self._shared.proxy.rewrite_scope(self.scope)
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
 
     def send_frame(self, wire: bytes) -> bool:
