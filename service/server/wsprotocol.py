@@ -21,6 +21,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
@@ -78,6 +79,7 @@ class _Inbox:
 
 
 _NO_FRAMES: list[bytes] = []
+_NO_HEADERS = Headers()
 
 
 class _Flag:
@@ -293,7 +295,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
         self.on_lost: Callable[[], None] | None = None
         self.on_answered: Callable[[], None] | None = None
-        extensions = []
+        extensions = None  # websockets reads None as no extensions: no empty list kept per socket
         if config.ws_per_message_deflate:
             extensions = [
                 ServerPerMessageDeflateFactory(
@@ -358,6 +360,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         # The app task has not started yet: rewrite its scope as the proxy-headers middleware
         # would have, and offer it the direct write (see `send_frame`).
         if getattr(self, "scope", None) is not None:
+            # uvicorn gives each socket a copy of the lifespan state; the socket handler only reads
+            # it (the runtime), so every socket reads the one dict instead of keeping a copy.
+            self.scope["state"] = self.app_state
             if self._shared.proxy is not None:
                 self._shared.proxy.rewrite_scope(self.scope)
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
@@ -394,7 +399,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             # The parsed handshake is not read again (the app has the scope): about 3 KB a socket. The
             # parser's suspended frame still holds the request itself, so its headers are emptied.
             # Its path too: it holds the query, and so the token when the client put it there.
-            self.request.headers.clear()
+            self.request.headers = _NO_HEADERS
             self.request.path = ""
             self.request = self.response = None  # type: ignore[assignment]
 
