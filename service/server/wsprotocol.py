@@ -17,11 +17,9 @@ from typing import Any
 
 import orjson
 from uvicorn.config import Config
-from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
-from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
@@ -30,7 +28,7 @@ from websockets.server import ServerProtocol
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
 from ..core.frames import SEND_FRAME_EXTENSION
-from ..core.timers import TimerWheel
+from .wslean import NO_FRAMES, NO_HEADERS, Flag, Inbox, Shared, shed_handshake_parser
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
@@ -38,80 +36,6 @@ _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "webs
 WS_CLOSE_TIMEOUT_SECONDS = 3.0
 # Once we close a socket, its last bytes get this long to leave; a peer that reads nothing is aborted.
 CLOSE_GRACE_SECONDS = 2.0
-
-
-class _Inbox:
-    """What uvicorn uses of an asyncio.Queue for a socket's inbound events (put_nowait, get,
-    empty), without its three deques and an Event, about 3 KB for each idle socket. One task (the
-    app's) reads; clients send little, so the list is made only while events wait.
-
-    `get` is a plain function that answers a Future, not a coroutine: the app's read of an idle
-    socket is then one Future, where a coroutine here and uvicorn's `receive` above it would each
-    keep a suspended frame for the socket's whole life."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: list[Any] | None = None
-        self._waiter: asyncio.Future[Any] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():  # a cancelled read takes nothing
-            waiter.set_result(item)
-        elif self._items is None:
-            self._items = [item]
-        else:
-            self._items.append(item)
-
-    def get(self) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
-        if self._items:
-            future.set_result(self._items.pop(0))
-            if not self._items:
-                self._items = None
-        else:
-            self._waiter = future
-        return future
-
-    def empty(self) -> bool:
-        return not self._items
-
-
-_NO_FRAMES: list[bytes] = []
-_NO_HEADERS = Headers()
-
-
-class _Flag:
-    """asyncio.Event's set/clear/is_set/wait, with waiters kept only while someone waits."""
-
-    __slots__ = ("_value", "_waiters")
-
-    def __init__(self) -> None:
-        self._value = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._value
-
-    def set(self) -> None:
-        self._value = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._value = False
-
-    async def wait(self) -> bool:
-        if not self._value:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            await waiter
-        return True
 
 
 class _AbortingTransport:
@@ -142,89 +66,6 @@ class _AbortingTransport:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._transport, name)
-
-
-class _ScopeRewriter:
-    """Stands for uvicorn's ProxyHeadersMiddleware when its own `__call__` is run only for what it
-    does to the scope (the client and scheme a trusted proxy forwarded): nothing is wrapped."""
-
-    __slots__ = ("trusted_hosts", "app")
-
-    def __init__(self, trusted_hosts: object) -> None:
-        self.trusted_hosts = trusted_hosts
-        self.app = _nothing
-
-    def rewrite_scope(self, scope: Any) -> None:
-        step = ProxyHeadersMiddleware.__call__(self, scope, _nothing, _nothing)  # type: ignore[arg-type]
-        try:
-            step.send(None)
-        except StopIteration:
-            return
-        step.close()
-        raise RuntimeError("the proxy-headers rewrite did not finish at once")
-
-
-async def _nothing(*args: object) -> None:
-    return None
-
-
-class _Shared:
-    """What uvicorn's WebSocket protocol keeps per socket but is the same for every socket of a
-    server: one of these per server, kept by each socket's protocol as a single reference."""
-
-    __slots__ = (
-        "config",
-        "app",
-        "loop",
-        "app_state",
-        "connections",
-        "tasks",
-        "default_headers",
-        "_local",
-        "timers",
-        "proxy",
-    )
-
-    _last: _Shared | None = None
-
-    def __init__(self, config: Config, state: ServerState, app_state: dict[str, Any], loop: Any) -> None:
-        if not config.loaded:
-            config.load()
-        self.config = config
-        self.app = config.loaded_app
-        # uvicorn's proxy-headers middleware would stay suspended under every socket for its whole
-        # life, for a rewrite of the scope that is over before the app starts: the rewrite is run
-        # here, by the middleware's own code (`rewrite_scope`), and the app it wraps is called directly.
-        self.proxy: _ScopeRewriter | None = None
-        if isinstance(self.app, ProxyHeadersMiddleware):
-            self.proxy = _ScopeRewriter(self.app.trusted_hosts)
-            self.app = self.app.app
-        self.loop = loop or asyncio.get_event_loop()
-        self.app_state = app_state
-        self.connections = state.connections
-        self.tasks = state.tasks
-        self.default_headers = state.default_headers
-        self._local: tuple[str, int] | None = None
-        self.timers = TimerWheel(self.loop)  # every socket's ping and pong deadlines
-
-    def local_address(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
-        if address is not None and address != self._local:
-            self._local = address
-        return self._local if address is not None else None
-
-    @classmethod
-    def of(cls, config: Config, state: ServerState, app_state: dict[str, Any], loop: Any) -> _Shared:
-        """The server's, made by its first socket (a process normally runs one server)."""
-        last = cls._last
-        if (
-            last is None
-            or last.config is not config
-            or last.connections is not state.connections
-            or last.app_state is not app_state
-            or (loop is not None and last.loop is not loop)
-        ):
-            last = cls._last = cls(config, state, app_state, loop)
-        return last
 
 
 class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -273,9 +114,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
-        self._shared = _Shared.of(config, server_state, app_state, _loop)
-        self.queue = _Inbox()  # type: ignore[assignment]
-        self.writable = _Flag()  # type: ignore[assignment]
+        self._shared = Shared.of(config, server_state, app_state, _loop)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.server = self.client = self.scheme = None  # type: ignore[assignment]
@@ -291,7 +132,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.pending_ping_payload: bytes | None = None
         self.ping_sent_at = self.last_ping_rtt = 0.0
         # Replaced, never appended to, when a message starts (websockets refuses a continuation first).
-        self.frames = _NO_FRAMES
+        self.frames = NO_FRAMES
         self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
         self.on_lost: Callable[[], None] | None = None
         self.on_answered: Callable[[], None] | None = None
@@ -399,9 +240,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             # The parsed handshake is not read again (the app has the scope): about 3 KB a socket. The
             # parser's suspended frame still holds the request itself, so its headers are emptied.
             # Its path too: it holds the query, and so the token when the client put it there.
-            self.request.headers = _NO_HEADERS
+            self.request.headers = NO_HEADERS
             self.request.path = ""
             self.request = self.response = None  # type: ignore[assignment]
+            shed_handshake_parser(self.conn)
 
     # Liveness pings as uvicorn sends them, with their deadlines on the server's one TimerWheel
     # rather than a loop timer per socket.
@@ -429,7 +271,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
         """uvicorn's `receive`, answering the inbox's Future rather than being a coroutine that
-        awaits it (see `_Inbox`). Reading, paused while a message waits for the app, resumes once
+        awaits it (see `wslean.Inbox`). Reading, paused while a message waits for the app, resumes once
         the app asks for the next one with none left."""
         message = self.queue.get()
         if self.read_paused and self.queue.empty():
