@@ -4,6 +4,7 @@ otherwise keep for its whole life (docs/capacity.md, "Memory per idle socket")."
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from uvicorn.config import Config
@@ -57,6 +58,7 @@ class Inbox:
 
 NO_FRAMES: list[bytes] = []
 NO_HEADERS = Headers()
+NO_SUBPROTOCOLS: list[str] = []
 
 
 class Flag:
@@ -130,6 +132,7 @@ class Shared:
         "_local",
         "timers",
         "proxy",
+        "_asgi",
     )
 
     _last: Shared | None = None
@@ -152,7 +155,16 @@ class Shared:
         self.tasks = state.tasks
         self.default_headers = state.default_headers
         self._local: tuple[str, int] | None = None
+        self._asgi = {"version": config.asgi_version, "spec_version": "2.4"}
         self.timers = TimerWheel(self.loop)  # every socket's ping and pong deadlines
+
+    def share_scope_values(self, scope: dict[str, Any]) -> None:
+        scope["state"] = self.app_state
+        if scope["asgi"] == self._asgi:
+            scope["asgi"] = self._asgi
+        if not scope["subprotocols"]:
+            scope["subprotocols"] = NO_SUBPROTOCOLS
+        scope["path"] = sys.intern(scope["path"])
 
     def local_address(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
         if address is not None and address != self._local:

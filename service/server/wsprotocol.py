@@ -201,9 +201,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         # The app task has not started yet: rewrite its scope as the proxy-headers middleware
         # would have, and offer it the direct write (see `send_frame`).
         if getattr(self, "scope", None) is not None:
-            # uvicorn gives each socket a copy of the lifespan state; the socket handler only reads
-            # it (the runtime), so every socket reads the one dict instead of keeping a copy.
-            self.scope["state"] = self.app_state
+            # uvicorn gives each socket a copy of the lifespan state, its own `asgi` dict, path and
+            # list of subprotocols; the socket handler only reads them, so the values that are the
+            # same for every socket are one shared copy rather than one kept per socket.
+            self._shared.share_scope_values(self.scope)
             if self._shared.proxy is not None:
                 self._shared.proxy.rewrite_scope(self.scope)
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
