@@ -118,3 +118,16 @@ async def test_wheel_deadline_added_while_firing_still_runs():
 
     wheel.call_later(0.05, 0, chain)
     assert await asyncio.wait_for(done, 10) == 3
+
+
+async def test_wheel_slot_shared_by_deadlines_runs_those_not_cancelled():
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution=0.1)
+    ran: list[int] = []
+    done = loop.create_future()
+    deadlines = [wheel.call_later(0.05, i, ran.append) for i in range(5)]  # one slot, five deadlines
+    deadlines[1].cancel()
+    deadlines[3].cancel()
+    wheel.call_later(0.2, None, lambda _: done.set_result(None))
+    await asyncio.wait_for(done, 10)
+    assert sorted(ran) == [0, 2, 4]

@@ -8,6 +8,7 @@ object in its time slot's set, and the wheel keeps a single loop timer, for its 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 from collections.abc import Callable
@@ -43,7 +44,12 @@ class TimerWheel:
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = RESOLUTION_SECONDS) -> None:
         self._loop = loop
         self._resolution = resolution
-        self._slots: dict[int, set[Deadline]] = {}
+        # A slot holds its one deadline as is, and a set only once it has two: with deadlines spread
+        # thin (tokens expiring at all hours), most slots have one, and an empty set is 216 bytes.
+        self._slots: dict[int, Deadline | set[Deadline]] = {}
+        # The slots in time order, for the next one due without a scan of all of them. A slot emptied
+        # by cancels stays here until due (or until the heap is rebuilt, at twice the slots' number).
+        self._order: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._armed: int | None = None  # the slot the loop timer is set for
 
@@ -54,18 +60,32 @@ class TimerWheel:
         deadline = Deadline(self, slot, owner, fn)
         members = self._slots.get(slot)
         if members is None:
-            members = self._slots[slot] = set()
-        members.add(deadline)
+            self._slots[slot] = deadline
+            self._add_slot(slot)
+        elif isinstance(members, Deadline):
+            self._slots[slot] = {members, deadline}
+        else:
+            members.add(deadline)
         if self._armed is None or slot < self._armed:
             self._arm(slot)
         return deadline
 
     def _discard(self, slot: int, deadline: Deadline) -> None:
         members = self._slots.get(slot)
-        if members is not None:
+        if members is deadline:
+            del self._slots[slot]  # the loop timer may still fire for it, and find nothing due
+        elif isinstance(members, set):
             members.discard(deadline)
             if not members:
-                del self._slots[slot]  # the loop timer may still fire for it, and find nothing due
+                del self._slots[slot]
+
+    def _add_slot(self, slot: int) -> None:
+        order = self._order
+        if len(order) > 2 * len(self._slots) + 64:
+            order[:] = self._slots
+            heapq.heapify(order)
+        else:
+            heapq.heappush(order, slot)
 
     def _arm(self, slot: int) -> None:
         if self._timer is not None:
@@ -76,13 +96,22 @@ class TimerWheel:
     def _fire(self) -> None:
         self._timer = self._armed = None
         # uvloop's timers count whole milliseconds, so the timer can fire a hair before its slot.
-        now = self._loop.time() + 0.002
-        for slot in sorted(s for s in self._slots if s * self._resolution <= now):
-            for deadline in self._slots.pop(slot):
+        last = math.floor((self._loop.time() + 0.002) / self._resolution)
+        order, due = self._order, []
+        while order and order[0] <= last:
+            due.append(heapq.heappop(order))
+        # Deadlines the callbacks add, even for now, wait for the next turn of the loop.
+        for slot in due:
+            members = self._slots.pop(slot, None)
+            if members is None:
+                continue  # emptied by cancels, or a second entry for one slot
+            for deadline in (members,) if isinstance(members, Deadline) else members:
                 deadline._wheel = None
                 try:
                     deadline.fn(deadline.owner)
                 except Exception:
                     logger.exception("a timed callback failed")
-        if self._slots and self._armed != (first := min(self._slots)):
-            self._arm(first)
+        while order and order[0] not in self._slots:
+            heapq.heappop(order)
+        if order and self._armed != order[0]:
+            self._arm(order[0])
