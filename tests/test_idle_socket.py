@@ -15,8 +15,11 @@ import gc
 import uvicorn
 from uvicorn.server import ServerState
 
+from service.config.settings import Settings
 from service.core.timers import Deadline, TimerWheel
+from service.delivery.connection import Connection
 from service.server.wsprotocol import BoundedWebSocketProtocol
+from service.telemetry.metrics import Metrics
 
 # Every name a socket's protocol is given over its life, outside its __init__: by uvicorn's
 # protocol, by ours, and by the HTTP protocol that hands the connection over.
@@ -56,6 +59,22 @@ async def test_every_socket_keeps_its_attributes_inline_through_its_life():
     late.ping_timer = object()
     assert _own_dict(late) is None, "a socket's protocol got a dict of its own"
     assert all(_own_dict(p) is None for p in early)
+
+
+async def test_connection_has_no_dict_and_no_task_or_queue_while_idle():
+    async def close(code: int, reason: str) -> None:
+        return None
+
+    wheel = TimerWheel(asyncio.get_running_loop())
+    conn = Connection("u", 2e9, Settings(jwt_secret="x" * 32), Metrics("r"), close, wheel)  # type: ignore[arg-type]
+    assert not hasattr(conn, "__dict__")
+    conn.attach(_write_at_once)
+    conn.send('{"type":"pong"}')  # written at once: nothing is left queued, no task is made
+    assert conn._queue is None and conn._flush_task is None
+
+
+async def _write_at_once(frame: str) -> None:
+    return None
 
 
 async def test_reading_an_idle_socket_is_a_future_not_a_coroutine():
