@@ -79,17 +79,11 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
       is answered at once with a JSON error; uvicorn left the connection hanging.
     """
 
-    # `on_lost` is set by the HTTP protocol that handed the connection over: it frees the
-    # connection's place under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
-    # `on_answered` likewise frees its place among the handshakes in flight
-    # (exposure.MAX_HANDSHAKES_IN_FLIGHT) once the app has answered the handshake (accepted, refused
-    # or closed it) or the connection is gone.
-
     # uvicorn's __init__ gives every socket some forty attributes, which CPython then keeps in a
     # dict of each socket's own (about 1.5 KB) instead of inline, sharing the class's keys. It keeps
     # them inline only while every name an instance is given is one the class knew when that
     # instance was made, and the class stops learning names after a few dozen instances: so what is
-    # the same for every socket of a server is read through `_shared`, and `__init__` names every
+    # the same for every socket of a server is read through one `Shared`, and `__init__` names every
     # attribute a socket is ever given (tests/test_idle_socket.py checks that it does).
     logger = logging.getLogger("uvicorn.error")
     close_timeout = WS_CLOSE_TIMEOUT_SECONDS
@@ -134,6 +128,11 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         # Replaced, never appended to, when a message starts (websockets refuses a continuation first).
         self.frames = NO_FRAMES
         self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
+        # Set by the HTTP protocol that handed the connection over: `on_lost` frees the connection's
+        # place under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed,
+        # `on_answered` its place among the handshakes in flight (exposure.MAX_HANDSHAKES_IN_FLIGHT)
+        # once the app has answered the handshake (accepted, refused or closed it) or the
+        # connection is gone.
         self.on_lost: Callable[[], None] | None = None
         self.on_answered: Callable[[], None] | None = None
         extensions = None  # websockets reads None as no extensions: no empty list kept per socket
