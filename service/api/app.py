@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -64,13 +64,14 @@ class NotifyApp(FastAPI):
         super().__init__(*args, **kwargs)
         self._http: ASGIApp = AccessLog(super().__call__)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:  # type: ignore[override]
+        # Not a coroutine itself: it hands back the handler's own, so that no frame of this
+        # dispatch stays suspended under every open socket. (The server is told this is ASGI 3.)
         if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "websocket" and scope["path"] == ws.PATH:
-            await ws.serve_socket(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+            return self._http(scope, receive, send)
+        if scope["type"] == "websocket" and scope["path"] == ws.PATH:
+            return ws.serve_socket(scope, receive, send)
+        return super().__call__(scope, receive, send)
 
 
 # Something the process runs beside the app for as long as its lifespan lasts (the server's GC pacer):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from ..auth.tokens import TokenVerifier
 from ..broker import Broker
 from ..config.settings import Settings
 from ..core.ratelimit import KeyedRate
+from ..core.timers import TimerWheel
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
@@ -32,3 +34,5 @@ class Runtime:
     member_publish_rate: KeyedRate | None = None
     push: Push | None = None  # None: neither Web Push nor FCM configured
     draining: bool = False
+    # Every connection's token expiry, on one loop timer (made in the lifespan, so on its loop).
+    timers: TimerWheel = field(default_factory=lambda: TimerWheel(asyncio.get_running_loop()))

@@ -11,6 +11,7 @@ from ..core.errors import BrokerUnavailable
 from ..core.frames import CloseCode, welcome
 from ..core.ids import IdKey, id_key, parse_id
 from ..core.streams import BROADCAST, user_stream
+from ..core.timers import Deadline
 from ..delivery.connection import Closer, Connection
 from .runtime import Runtime
 
@@ -37,7 +38,7 @@ async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume:
     """Register a connection and queue its welcome, then any replay, then live frames; none lost or doubled.
 
     Raises TooManyForUser."""
-    conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer)
+    conn = Connection(user_id, expires_at, runtime.settings, runtime.metrics, closer, runtime.timers)
     try:
         await _open(runtime, conn, resume)
     except BaseException:
@@ -90,7 +91,11 @@ async def replay(runtime: Runtime, stream: str, since: str, floors: dict[str, Id
     return page
 
 
-def schedule_expiry(conn: Connection) -> asyncio.TimerHandle:
+def schedule_expiry(conn: Connection) -> Deadline:
     """Close the connection with 4401 when its token expires (unless refreshed before)."""
-    delay = max(0.0, conn.expires_at - time.time())
-    return asyncio.get_running_loop().call_later(delay, conn.close, CloseCode.UNAUTHORIZED, "token expired")
+    assert conn.timers is not None
+    return conn.timers.call_later(conn.expires_at - time.time(), conn, _expire)
+
+
+def _expire(conn: Connection) -> None:
+    conn.close(CloseCode.UNAUTHORIZED, "token expired")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -25,6 +24,7 @@ from ..core.frames import (
 )
 from ..core.ids import parse_id
 from ..core.ratelimit import TokenBucket
+from ..core.timers import Deadline
 from ..delivery.connection import Connection
 from . import membership
 from .runtime import Runtime
@@ -132,9 +132,7 @@ async def _serve(scope: Scope, receive: Receive, send: Send, conn: Connection, r
         await conn.detach()
 
 
-async def _receive_forever(
-    receive: Receive, conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
-) -> asyncio.TimerHandle:
+async def _receive_forever(receive: Receive, conn: Connection, runtime: Runtime, expiry: Deadline) -> Deadline:
     bucket = TokenBucket(runtime.settings.max_inbound_rate)
     while not conn.closed:
         message = await receive()
@@ -155,9 +153,7 @@ async def _receive_forever(
     return expiry
 
 
-async def _handle(
-    frame: dict[str, Any], conn: Connection, runtime: Runtime, expiry: asyncio.TimerHandle
-) -> asyncio.TimerHandle:
+async def _handle(frame: dict[str, Any], conn: Connection, runtime: Runtime, expiry: Deadline) -> Deadline:
     kind = frame["type"]
     if kind == "ping":
         conn.send(PONG)

@@ -13,6 +13,7 @@ from ..config.settings import Settings
 from ..core.frames import CloseCode
 from ..core.ids import IdKey, id_key
 from ..core.ratelimit import TokenBucket
+from ..core.timers import TimerWheel
 from ..telemetry.metrics import Metrics
 
 Closer = Callable[[int, str], Awaitable[None]]
@@ -58,9 +59,18 @@ class Connection:
         "_send_frame",
         "_start",
         "_flush_task",
+        "timers",
     )
 
-    def __init__(self, user_id: str, expires_at: float, settings: Settings, metrics: Metrics, closer: Closer) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        expires_at: float,
+        settings: Settings,
+        metrics: Metrics,
+        closer: Closer,
+        timers: TimerWheel | None = None,
+    ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.user_id = user_id
         self.expires_at = expires_at
@@ -86,6 +96,7 @@ class Connection:
         self._send_frame: FrameWriter | None = None
         self._start: Starter = _in_a_task
         self._flush_task: asyncio.Task[None] | None = None
+        self.timers = timers  # where its deadlines (the token's expiry) are kept
 
     def attach(self, send: Sender, send_frame: FrameWriter | None = None, start: Starter | None = None) -> None:
         """Write frames through `send` from now on, starting with whatever is queued; where the

@@ -145,6 +145,8 @@ def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
         host=host,
         port=port,
         loop="uvloop",
+        # Said, not guessed from the app: its __call__ hands back a coroutine rather than being one.
+        interface="asgi3",
         http=functools.partial(PublishingHttpProtocol, exposure=exposure),  # type: ignore[arg-type]
         ws=BoundedWebSocketProtocol,
         # Clients send only small control frames: a bigger one is closed with 1009 before it is buffered.

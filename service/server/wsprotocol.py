@@ -8,19 +8,28 @@ a connection but needs only for a moment is made on demand or let go after the h
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
+import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import orjson
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.exceptions import SecurityError
-from websockets.http11 import Request
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
 from ..core.frames import SEND_EAGERLY_EXTENSION, SEND_FRAME_EXTENSION
 from .seams import send_eagerly
+from .wslean import NO_FRAMES, NO_HEADERS, Flag, Inbox, Shared, shed_handshake_parser
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
@@ -28,74 +37,6 @@ _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "webs
 WS_CLOSE_TIMEOUT_SECONDS = 3.0
 # Once we close a socket, its last bytes get this long to leave; a peer that reads nothing is aborted.
 CLOSE_GRACE_SECONDS = 2.0
-
-
-class _Inbox:
-    """What uvicorn uses of an asyncio.Queue for a socket's inbound events (put_nowait, get,
-    empty), without its three deques and an Event, about 3 KB for each idle socket. One task (the
-    app's) reads; clients send little, so the list is made only while events wait."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: list[Any] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: Any) -> None:
-        if self._items is None:
-            self._items = [item]
-        else:
-            self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def get(self) -> Any:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        assert self._items is not None
-        item = self._items.pop(0)
-        if not self._items:
-            self._items = None
-        return item
-
-    def empty(self) -> bool:
-        return not self._items
-
-
-class _Flag:
-    """asyncio.Event's set/clear/is_set/wait, with waiters kept only while someone waits."""
-
-    __slots__ = ("_value", "_waiters")
-
-    def __init__(self) -> None:
-        self._value = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        return self._value
-
-    def set(self) -> None:
-        self._value = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._value = False
-
-    async def wait(self) -> bool:
-        if not self._value:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            await waiter
-        return True
 
 
 class _AbortingTransport:
@@ -139,22 +80,78 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
       is answered at once with a JSON error; uvicorn left the connection hanging.
     """
 
-    # Set by the HTTP protocol that handed the connection over: frees the connection's place
-    # under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed.
-    on_lost: Callable[[], None] | None = None
-    # Likewise: frees its place among the handshakes in flight (exposure.MAX_HANDSHAKES_IN_FLIGHT) once the
-    # app has answered the handshake (accepted, refused or closed it) or the connection is gone.
-    on_answered: Callable[[], None] | None = None
+    # uvicorn's __init__ gives every socket some forty attributes, which CPython then keeps in a
+    # dict of each socket's own (about 1.5 KB) instead of inline, sharing the class's keys. It keeps
+    # them inline only while every name an instance is given is one the class knew when that
+    # instance was made, and the class stops learning names after a few dozen instances: so what is
+    # the same for every socket of a server is read through one `Shared`, and `__init__` names every
+    # attribute a socket is ever given (tests/test_idle_socket.py checks that it does).
+    logger = logging.getLogger("uvicorn.error")
+    close_timeout = WS_CLOSE_TIMEOUT_SECONDS
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.close_timeout = WS_CLOSE_TIMEOUT_SECONDS
-        self.queue = _Inbox()  # type: ignore[assignment]
-        self.writable = _Flag()  # type: ignore[assignment]
+    config = property(lambda self: self._shared.config)
+    app = property(lambda self: self._shared.app)
+    loop = property(lambda self: self._shared.loop)
+    app_state = property(lambda self: self._shared.app_state)
+    connections = property(lambda self: self._shared.connections)
+    tasks = property(lambda self: self._shared.tasks)
+    default_headers = property(lambda self: self._shared.default_headers)
+    root_path = property(lambda self: self._shared.config.root_path)
+    asgi_version = property(lambda self: self._shared.config.asgi_version)
+    ping_interval = property(lambda self: self._shared.config.ws_ping_interval)
+    ping_timeout = property(lambda self: self._shared.config.ws_ping_timeout)
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
+        self._shared = Shared.of(config, server_state, app_state, _loop)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server = self.client = self.scheme = None  # type: ignore[assignment]
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.scope: Any = None
+        self.handshake_initiated = self.handshake_complete = self.close_sent = self.disconnected = False
+        self.close_timer: Any = None
+        self.initial_response = None
+        self.read_paused = False
+        self.ping_timer: Any = None
+        self.pong_timer: Any = None
+        self.pending_ping_payload: bytes | None = None
+        self.ping_sent_at = self.last_ping_rtt = 0.0
+        # Replaced, never appended to, when a message starts (websockets refuses a continuation first).
+        self.frames = NO_FRAMES
+        self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
+        # Set by the HTTP protocol that handed the connection over: `on_lost` frees the connection's
+        # place under its client address (NOTIFY_MAX_CONNECTIONS_PER_IP) once it is closed,
+        # `on_answered` its place among the handshakes in flight (exposure.MAX_HANDSHAKES_IN_FLIGHT)
+        # once the app has answered the handshake (accepted, refused or closed it) or the
+        # connection is gone.
+        self.on_lost: Callable[[], None] | None = None
+        self.on_answered: Callable[[], None] | None = None
+        extensions = None  # websockets reads None as no extensions: no empty list kept per socket
+        if config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12, client_max_window_bits=12, compress_settings={"memLevel": 5}
+                )
+            ]
+        self.conn = ServerProtocol(extensions=extensions, max_size=config.ws_max_size, logger=self.logger)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_AbortingTransport(transport, self.loop))  # type: ignore[arg-type]
+        # Every socket has the same local address, and those behind one proxy the same peer host:
+        # one copy each, not one per socket.
+        self.server = self._shared.local_address(self.server)
+        if self.client is not None:
+            self.client = (sys.intern(self.client[0]), self.client[1])
 
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(self.transport, _AbortingTransport):
@@ -201,8 +198,15 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
-        # The app task has not started yet: offer it the direct write (see `send_frame`).
+        # The app task has not started yet: rewrite its scope as the proxy-headers middleware
+        # would have, and offer it the direct write (see `send_frame`).
         if getattr(self, "scope", None) is not None:
+            # uvicorn gives each socket a copy of the lifespan state, its own `asgi` dict, path and
+            # list of subprotocols; the socket handler only reads them, so the values that are the
+            # same for every socket are one shared copy rather than one kept per socket.
+            self._shared.share_scope_values(self.scope)
+            if self._shared.proxy is not None:
+                self._shared.proxy.rewrite_scope(self.scope)
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
             self.scope["extensions"][SEND_EAGERLY_EXTENSION] = send_eagerly
 
@@ -237,5 +241,42 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.accept" and self.request is not None:
             # The parsed handshake is not read again (the app has the scope): about 3 KB a socket. The
             # parser's suspended frame still holds the request itself, so its headers are emptied.
-            self.request.headers.clear()
+            # Its path too: it holds the query, and so the token when the client put it there.
+            self.request.headers = NO_HEADERS
+            self.request.path = ""
             self.request = self.response = None  # type: ignore[assignment]
+            shed_handshake_parser(self.conn)
+
+    # Liveness pings as uvicorn sends them, with their deadlines on the server's one TimerWheel
+    # rather than a loop timer per socket.
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self.ping_timer = self._shared.timers.call_later(delay, self, BoundedWebSocketProtocol.send_keepalive_ping)  # type: ignore[assignment]
+
+    def send_keepalive_ping(self) -> None:
+        self.ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        # A random payload identifies this ping: `handle_pong` ignores stale and unsolicited pongs.
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(self.pending_ping_payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.ping_timeout is not None:
+            self.pong_timer = self._shared.timers.call_later(  # type: ignore[assignment]
+                self.ping_timeout, self, WebSocketsSansIOProtocol.keepalive_timeout
+            )
+        else:
+            self.schedule_ping()
+
+    def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
+        """uvicorn's `receive`, answering the inbox's Future rather than being a coroutine that
+        awaits it (see `wslean.Inbox`). Reading, paused while a message waits for the app, resumes once
+        the app asks for the next one with none left."""
+        message = self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message

@@ -1,0 +1,153 @@
+"""What an idle socket keeps (docs/capacity.md, "Memory per idle socket"), guarded by structure.
+
+- The WebSocket protocol object keeps its attributes inline, sharing its class's keys, for every
+  socket and not only the first few dozen: no dict of its own (1.5 KB a socket when it had one).
+- Its liveness pings, and a connection's token expiry, are deadlines on one TimerWheel, not a loop
+  timer each (TimerWheel's own behaviour is checked here too: in order, never early, cancellable).
+- Reading an idle socket suspends no coroutine of the server's: `receive` answers a Future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from service.config.settings import Settings
+from service.core.timers import Deadline, TimerWheel
+from service.delivery.connection import Connection
+from service.server.seams import send_eagerly
+from service.server.wsprotocol import BoundedWebSocketProtocol
+from service.telemetry.metrics import Metrics
+
+# Every name a socket's protocol is given over its life, outside its __init__: by uvicorn's
+# protocol, by ours, and by the HTTP protocol that hands the connection over.
+LIFETIME_NAMES = (
+    "transport server client scheme request response scope handshake_initiated handshake_complete "
+    "close_sent disconnected close_timer initial_response read_paused ping_timer pong_timer "
+    "pending_ping_payload ping_sent_at last_ping_rtt frames curr_msg_data_type on_lost on_answered"
+).split()
+
+
+async def _app(scope: object, receive: object, send: object) -> None:
+    return None
+
+
+def _protocols(count: int) -> list[BoundedWebSocketProtocol]:
+    config = uvicorn.Config(_app, log_config=None, ws_per_message_deflate=False)
+    config.load()
+    state, app_state, loop = ServerState(), {}, asyncio.get_running_loop()
+    return [BoundedWebSocketProtocol(config, state, app_state, loop) for _ in range(count)]
+
+
+def _own_dict(obj: object) -> dict[str, object] | None:
+    """The instance's materialized __dict__, if CPython made one (without making one by asking)."""
+    for referent in gc.get_referents(obj):
+        if type(referent) is dict and "transport" in referent:
+            return referent
+    return None
+
+
+async def test_every_socket_keeps_its_attributes_inline_through_its_life():
+    # The class stops learning names after a few dozen instances: a name first given to a socket
+    # after that (by a ping, a close) would give that socket a dict of its own.
+    early = _protocols(64)
+    late = _protocols(1)[0]
+    for name in LIFETIME_NAMES:
+        setattr(late, name, getattr(late, name, None))
+    late.ping_timer = object()
+    assert _own_dict(late) is None, "a socket's protocol got a dict of its own"
+    assert all(_own_dict(p) is None for p in early)
+
+
+async def test_connection_has_no_dict_and_no_task_or_queue_while_idle():
+    async def close(code: int, reason: str) -> None:
+        return None
+
+    wheel = TimerWheel(asyncio.get_running_loop())
+    conn = Connection("u", 2e9, Settings(jwt_secret="x" * 32), Metrics("r"), close, wheel)  # type: ignore[arg-type]
+    assert not hasattr(conn, "__dict__")
+    conn.attach(_write_at_once, start=send_eagerly)  # the server offers it through the scope
+    conn.send('{"type":"pong"}')  # written at once: nothing is left queued, no task is made
+    assert conn._queue is None and conn._flush_task is None
+
+
+async def _write_at_once(frame: str) -> None:
+    return None
+
+
+async def test_reading_an_idle_socket_is_a_future_not_a_coroutine():
+    protocol = _protocols(1)[0]
+    pending = protocol.receive()
+    assert isinstance(pending, asyncio.Future) and not pending.done()
+    protocol.queue.put_nowait({"type": "websocket.receive", "text": "{}"})
+    assert await asyncio.wait_for(pending, 5) == {"type": "websocket.receive", "text": "{}"}
+
+
+async def test_pings_are_deadlines_on_the_servers_wheel():
+    first, second = _protocols(2)
+    first.transport = second.transport = _Transport()  # type: ignore[assignment]
+    first.schedule_ping()
+    second.schedule_ping()
+    assert isinstance(first.ping_timer, Deadline) and isinstance(second.ping_timer, Deadline)
+    assert first._shared.timers is second._shared.timers
+    first.stop_keepalive()
+    second.stop_keepalive()
+
+
+class _Transport:
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_wheel_runs_deadlines_in_order_never_early_and_not_once_cancelled():
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution=0.05)
+    ran: list[tuple[str, float]] = []
+    started = loop.time()
+    done = loop.create_future()
+
+    def record(name: str) -> None:
+        ran.append((name, loop.time()))
+        if name == "last":
+            done.set_result(None)
+
+    wheel.call_later(0.2, "b", record)
+    wheel.call_later(0.05, "a", record)
+    cancelled = wheel.call_later(0.1, "never", record)
+    wheel.call_later(0.3, "last", record)
+    cancelled.cancel()
+    await asyncio.wait_for(done, 10)
+    assert [name for name, _ in ran] == ["a", "b", "last"]
+    for (name, at), delay in zip(ran, (0.05, 0.2, 0.3), strict=True):
+        assert at >= started + delay - 0.002, f"{name} ran early"
+
+
+async def test_wheel_deadline_added_while_firing_still_runs():
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution=0.05)
+    done = loop.create_future()
+
+    def chain(step: int) -> None:
+        if step == 3:
+            done.set_result(step)
+        else:
+            wheel.call_later(0.0 if step == 1 else 0.05, step + 1, chain)
+
+    wheel.call_later(0.05, 0, chain)
+    assert await asyncio.wait_for(done, 10) == 3
+
+
+async def test_wheel_slot_shared_by_deadlines_runs_those_not_cancelled():
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution=0.1)
+    ran: list[int] = []
+    done = loop.create_future()
+    deadlines = [wheel.call_later(0.05, i, ran.append) for i in range(5)]  # one slot, five deadlines
+    deadlines[1].cancel()
+    deadlines[3].cancel()
+    wheel.call_later(0.2, None, lambda _: done.set_result(None))
+    await asyncio.wait_for(done, 10)
+    assert sorted(ran) == [0, 2, 4]
