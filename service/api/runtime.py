@@ -13,6 +13,7 @@ from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
 from ..push import Push
 from ..telemetry.metrics import Metrics
+from .hooks import Hooks
 
 
 @dataclass(slots=True)
@@ -31,4 +32,5 @@ class Runtime:
     publish_rate: KeyedRate | None = None
     member_publish_rate: KeyedRate | None = None
     push: Push | None = None  # None: neither Web Push nor FCM configured
+    hooks: Hooks | None = None  # None: no namespace names a join_hook or publish_hook
     draining: bool = False
