@@ -16,8 +16,10 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
+from service.api.hooks import HookRefused, Hooks, HookUnavailable
 from service.client import TopicRefused, listen
 from service.config.settings import Settings
+from service.telemetry.metrics import Metrics
 
 from .pushkit import _Server
 from .test_asyncapi import check_server_frame
@@ -240,6 +242,37 @@ async def test_a_hook_that_does_not_answer_is_unavailable_and_slows_no_one_else(
     assert history.json()["notifications"] == []
     await waiter.close()
     await other.close()
+
+
+async def test_hook_calls_beyond_the_bound_are_unavailable_at_once(backend):
+    """The hook client, in-process against the same real backend, bounded to one call in flight:
+    while one call hangs another is `unavailable` without reaching the backend; once the hanging
+    one timed out, calls go through again. Counted in notify_hook_calls_total."""
+    settings = Settings(jwt_secret=SECRET, hook_secret=HOOK_SECRET, hook_timeout_seconds=1)
+    metrics = Metrics("test")
+    hooks = Hooks(settings, metrics, in_flight=1)
+    url = f"{backend.origin}/join"
+    try:
+        backend.hanging.clear()
+        hanging = asyncio.create_task(hooks.join(url, uid("hang"), "gate:x", {}))
+        await asyncio.to_thread(backend.hanging.wait, TIMEOUT)
+        turned_away = uid("ok")
+        with pytest.raises(HookUnavailable, match="1 hook calls are already waiting"):
+            await hooks.join(url, turned_away, "gate:x", {})
+        assert not any(c["user"] == turned_away for c in backend.calls)
+        with pytest.raises(HookUnavailable, match="did not answer within 1 s"):
+            await hanging
+        assert await hooks.join(url, uid("ok"), "gate:x", {"sub": "x"}) == INFO
+        with pytest.raises(HookRefused) as refused:
+            await hooks.join(url, uid("no"), "gate:x", {})
+        assert refused.value.reason == "banned from this room"
+    finally:
+        await hooks.aclose()
+    counted = {
+        outcome: metrics.registry.get_sample_value("notify_hook_calls_total", {"hook": "join", "outcome": outcome})
+        for outcome in ("allowed", "refused", "unavailable")
+    }
+    assert counted == {"allowed": 1, "refused": 1, "unavailable": 2}
 
 
 async def test_sse_asks_the_join_hook_before_the_stream_starts(hooked, backend, http):

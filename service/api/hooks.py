@@ -51,13 +51,14 @@ class HookUnavailable(ServiceError):
 class Hooks:
     """The hook client the lifespan owns: one connection pool, one bound, one signer."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, in_flight: int = MAX_IN_FLIGHT) -> None:
         assert settings.hook_secret is not None  # the settings refuse hooks without one
         self._signer = Webhook(settings.hook_secret.get_secret_value())
         self._timeout = settings.hook_timeout_seconds
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        limits = httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT)
+        self._in_flight = in_flight
+        self._slots = asyncio.Semaphore(in_flight)
+        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
         self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits, follow_redirects=False)
 
     async def join(self, url: str, user: str, topic: str, claims: dict[str, Any]) -> Any:
@@ -88,7 +89,7 @@ class Hooks:
 
     async def _ask(self, url: str, payload: dict[str, Any]) -> dict[str, Any]:
         if self._slots.locked():
-            raise HookUnavailable(f"{MAX_IN_FLIGHT} hook calls are already waiting; try again")
+            raise HookUnavailable(f"{self._in_flight} hook calls are already waiting; try again")
         body = orjson.dumps(payload)
         now = datetime.datetime.now(datetime.UTC)
         message_id = f"msg_{uuid.uuid4().hex}"
