@@ -136,6 +136,9 @@ async def test_a_join_hook_decides_after_the_token(hooked, backend):
     failing = await connect(a, uid("err"), topics=[topic])
     error = await answer_to_join(failing, topic)
     assert (error["code"], error["message"]) == ("unavailable", "the hook answered 500")
+    # The operator hears of it too (at most once a minute per hook), without the secret.
+    await until(lambda: f"join hook {backend.origin}/join unavailable: the hook answered 500" in a.output())
+    assert HOOK_SECRET not in a.output()
 
     # The token is asked first: without the claim the hook is never called.
     unclaimed = uid("ok")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
+import time
 import uuid
 from typing import Any
 
@@ -25,8 +27,12 @@ from ..core.errors import Forbidden, ServiceError
 from ..push.outcome import guarded_post
 from ..telemetry.metrics import Metrics
 
+logger = logging.getLogger("service.hooks")
+
 # Hook calls in flight at once on a replica, and the pooled connections they may hold.
 MAX_IN_FLIGHT = 256
+# A hook that keeps failing is logged at most this often (each failure is counted in the metrics).
+_WARN_EVERY_SECONDS = 60.0
 
 
 class HookRefused(Forbidden):
@@ -60,6 +66,7 @@ class Hooks:
         self._slots = asyncio.Semaphore(in_flight)
         limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
         self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits, follow_redirects=False)
+        self._warned_at: dict[str, float] = {}
 
     async def join(self, url: str, user: str, topic: str, claims: dict[str, Any]) -> Any:
         """Whether the user may join: the answer's `info` (None without one), or HookRefused /
@@ -81,8 +88,13 @@ class Hooks:
         except HookRefused:
             self._metrics.hook_calls.labels(hook, "refused").inc()
             raise
-        except HookUnavailable:
+        except HookUnavailable as exc:
             self._metrics.hook_calls.labels(hook, "unavailable").inc()
+            now = time.monotonic()
+            if now - self._warned_at.get(url, -_WARN_EVERY_SECONDS) >= _WARN_EVERY_SECONDS:
+                self._warned_at[url] = now
+                # The URL without its query, which may carry a credential of the backend's.
+                logger.warning("%s hook %s unavailable: %s", hook, url.partition("?")[0], exc.message)
             raise
         self._metrics.hook_calls.labels(hook, "allowed").inc()
         return answer
