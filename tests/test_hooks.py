@@ -23,6 +23,7 @@ from service.telemetry.metrics import Metrics
 
 from .pushkit import _Server
 from .test_asyncapi import check_server_frame
+from .test_browser import HARNESS, browser, page  # noqa: F401 - fixtures, used by name
 from .test_client import running, take, until
 from .test_topics import connect, frame_of, uid
 from .utils import SECRET, TIMEOUT, Client, Replica, cluster_env, publisher_headers, refused_start, sse_events, token
@@ -312,6 +313,33 @@ async def test_the_python_client_shows_the_hooks_info(hooked):
     with pytest.raises(TopicRefused) as refused:
         await take(listen(a.ws_url, token(uid("no")), topics=[club]), 1, within=TIMEOUT + HOOK_TIMEOUT)
     assert (refused.value.error, refused.value.reason) == ("forbidden", "banned from this room")
+
+
+@pytest.mark.slow
+async def test_the_browser_client_shows_the_hooks_info(hooked, page):  # noqa: F811 - the fixture
+    """notify.js in a real Chromium: `join` resolves with the hook's `info` (kept as `topicInfo`),
+    and a hook's refusal rejects with its `reason`."""
+    a, _ = hooked
+    club = f"club:{uid('js')}"
+    await page.goto(f"{a.url}/healthz")
+    await page.evaluate(HARNESS, [{"urls": [a.url], "token": token(uid("ok"))}, []])
+    await page.wait_for_function("window.client.state === 'open'")
+    joined = await page.evaluate("(topic) => window.client.join(topic)", club)
+    assert joined["info"] == INFO
+    assert await page.evaluate("(topic) => window.client.topicInfo(topic)", club) == INFO
+    assert (await page.evaluate("window.seen.joined"))[0]["info"] == INFO
+    refused = await page.evaluate(
+        """async ([url, token, topic]) => {
+            const { NotifyClient } = await import("/client/notify.js");
+            const other = new NotifyClient({ urls: [url], token });
+            other.connect();
+            try { await other.join(topic); return null; }
+            catch (error) { return { code: error.code, reason: error.reason }; }
+            finally { other.close(); }
+        }""",
+        [a.url, token(uid("no")), club],
+    )
+    assert refused == {"code": "forbidden", "reason": "banned from this room"}
 
 
 HOOK = {"c": {"join": "any", "join_hook": "http://127.0.0.1:9/join"}}
