@@ -29,6 +29,7 @@ from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
 from . import client_assets, devices, events, health, inbox, publish, topics, ws
+from .hooks import Hooks
 from .limits import RequestLimits
 from .membership import MEMBERS_SHOWN
 from .models import ErrorBody
@@ -94,8 +95,18 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         hub = Hub(broker, metrics, settings.max_connections_per_user)
         push = create_push(settings, broker, metrics)
         member_lists = MemberLists(broker, settings.presence_cache_seconds, MEMBERS_SHOWN)
+        namespace_hooks = Hooks(settings, metrics) if any(o.hooked for o in settings.topics.values()) else None
         runtime = Runtime(
-            settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics, member_lists, push=push
+            settings,
+            replica_id,
+            metrics,
+            broker,
+            hub,
+            TokenVerifier(settings),
+            topics,
+            member_lists,
+            push=push,
+            hooks=namespace_hooks,
         )
         if settings.publish_rate:
             runtime.publish_rate = KeyedRate(settings.publish_rate)
@@ -113,6 +124,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
             logs.flush_access_summary()
             if push is not None:
                 await push.aclose()
+            if namespace_hooks is not None:
+                await namespace_hooks.aclose()
             await broker.stop()
 
     app = NotifyApp(

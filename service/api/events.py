@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
 from ..auth.tokens import Principal
 from ..core.errors import BrokerUnavailable, Forbidden, InvalidRequest, ServiceError, TooManyForUser
-from ..core.frames import BadFrame, CloseCode, error
+from ..core.frames import BadFrame, CloseCode
 from ..core.topics import TopicError
 from . import membership
 from .deps import ClientDep, RuntimeDep
+from .hooks import HookRefused, HookUnavailable
 from .models import ErrorBody
 from .runtime import Runtime
-from .session import Resume, close_stream, open_stream, schedule_expiry
+from .session import Resume, close_stream, entitle, open_stream, schedule_expiry
 from .sse import Position
 
 router = APIRouter(tags=["client"])
@@ -37,7 +38,11 @@ class _UnknownTopic(ServiceError):
             "description": "One event per frame; `id:` is the stream position (see docs/protocol.md).",
         },
         401: {"model": ErrorBody},
-        403: {"model": ErrorBody, "description": "The token does not permit joining a topic asked for."},
+        403: {
+            "model": ErrorBody,
+            "description": "The token does not permit joining a topic asked for, or the namespace's join hook"
+            " refused it (the body then carries the hook's `reason`, when it gave one).",
+        },
         404: {"model": ErrorBody, "description": "A topic asked for is in no configured namespace."},
         422: {"model": ErrorBody, "description": "A topic name or the cursor is malformed."},
         429: {
@@ -47,7 +52,8 @@ class _UnknownTopic(ServiceError):
         },
         503: {
             "model": ErrorBody,
-            "description": "The replica is draining, or at NOTIFY_MAX_CONNECTIONS (see Retry-After).",
+            "description": "The replica is draining, or at NOTIFY_MAX_CONNECTIONS (see Retry-After), or a"
+            " topic's join hook gave no usable answer in time (`unavailable`).",
         },
     },
 )
@@ -74,23 +80,43 @@ async def events(
             raise (_UnknownTopic if exc.code == "unknown_namespace" else InvalidRequest)(exc.message) from None
         if not runtime.topics.may_join(name, options, principal.user_id, principal.topics, None):
             raise Forbidden(f"this token does not permit joining {name!r}")
+    admitted = await _ask_join_hooks(runtime, principal, names)
     position = Position.parse(last_event_id or since, len(names))
     if position is None:
         raise InvalidRequest("Last-Event-ID (or since) is not a position this service gave")
     if not runtime.hub.has_room(principal.user_id):
         raise TooManyForUser("too many connections for this user")
     return StreamingResponse(
-        _stream(runtime, principal, names, position),
+        _stream(runtime, principal, names, position, admitted),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+async def _ask_join_hooks(runtime: Runtime, principal: Principal, names: list[str]) -> dict[str, Any]:
+    """Each topic's join hook asked at once, before the stream starts: topic -> the hook's info
+    (None without a hook). A refusal answers 403, else a hook without a usable answer 503."""
+    admitted: dict[str, Any] = dict.fromkeys(names)
+    hooked = {name: url for name in admitted if (url := runtime.topics.options(name).join_hook) is not None}
+    if not hooked:
+        return admitted
+    assert runtime.hooks is not None
+    calls = (runtime.hooks.join(str(url), principal.user_id, name, principal.claims) for name, url in hooked.items())
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    for failure in (HookRefused, HookUnavailable, BaseException):  # a refusal says the most
+        if (first := next((a for a in answers if isinstance(a, failure)), None)) is not None:
+            raise first
+    admitted.update(zip(hooked, answers, strict=True))
+    return admitted
 
 
 async def _noop_closer(code: int, reason: str) -> None:
     """SSE has no close frame: the stream simply ends when the connection is closed."""
 
 
-async def _stream(runtime: Runtime, principal: Principal, topics: list[str], position: Position) -> AsyncIterator[str]:
+async def _stream(
+    runtime: Runtime, principal: Principal, topics: list[str], position: Position, admitted: dict[str, Any]
+) -> AsyncIterator[str]:
     # Registered here, not in the route: a response that is never iterated (the client left at
     # once) never runs this generator's `finally`, and would leave the registration behind.
     yield "retry: 2000\n\n"
@@ -104,16 +130,16 @@ async def _stream(runtime: Runtime, principal: Principal, topics: list[str], pos
         return
     expiry = schedule_expiry(conn)
     try:
-        conn.grants = principal.topics
+        entitle(conn, principal, runtime)
         heartbeat = runtime.settings.sse_heartbeat_seconds
         for index, topic in enumerate(topics):
             join: dict[str, object] = {"type": "join", "topic": topic}
             if position.ids[2 + index] is not None:
                 join["since"] = position.ids[2 + index]
             try:
-                await membership.handle(join, conn, runtime)
+                await membership.handle(join, conn, runtime, admitted)
             except BadFrame as exc:
-                conn.send(error(exc.code, exc.message, exc.topic))
+                conn.send(exc.frame())
         while True:
             try:
                 async with asyncio.timeout(heartbeat):

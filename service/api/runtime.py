@@ -15,6 +15,7 @@ from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
 from ..push import Push
 from ..telemetry.metrics import Metrics
+from .hooks import Hooks
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class Runtime:
     publish_rate: KeyedRate | None = None
     member_publish_rate: KeyedRate | None = None
     push: Push | None = None  # None: neither Web Push nor FCM configured
+    hooks: Hooks | None = None  # None: no namespace names a join_hook or publish_hook
     draining: bool = False
     # Every connection's token expiry, on one loop timer (made in the lifespan, so on its loop).
     timers: TimerWheel = field(default_factory=lambda: TimerWheel(asyncio.get_running_loop()))

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from ..auth.tokens import Principal
 from ..broker import HistoryPage, frame_id
 from ..core.errors import BrokerUnavailable
 from ..core.frames import CloseCode, welcome
@@ -32,6 +33,13 @@ class Resume:
             if value is not None and parse_id(value) is None:
                 return f"{name} is not a notification id"
         return None
+
+
+def entitle(conn: Connection, principal: Principal, runtime: Runtime) -> None:
+    """What the connection's token (at the start, or its latest `refresh`) lets it do."""
+    conn.grants = principal.topics
+    # A join hook is told the claims; without one, an idle socket keeps no reference to them.
+    conn.claims = principal.claims if runtime.hooks is not None else None
 
 
 async def open_stream(runtime: Runtime, user_id: str, expires_at: float, resume: Resume, closer: Closer) -> Connection:

@@ -28,7 +28,7 @@ from ..core.timers import Deadline
 from ..delivery.connection import Connection
 from . import membership
 from .runtime import Runtime
-from .session import Resume, close_stream, open_stream, schedule_expiry
+from .session import Resume, close_stream, entitle, open_stream, schedule_expiry
 
 logger = logging.getLogger("service.ws")
 
@@ -68,7 +68,7 @@ async def serve_socket(scope: Scope, receive: Receive, send: Send) -> None:
         await _reject(websocket, CloseCode.TOO_MANY, "too many connections for this user")
         return
     try:
-        conn.grants = principal.topics
+        entitle(conn, principal, runtime)
         await websocket.accept()
         # Nothing reads the handshake again; let it go (the query may hold the token, too).
         scope["headers"], scope["query_string"] = [], b""
@@ -149,7 +149,7 @@ async def _receive_forever(receive: Receive, conn: Connection, runtime: Runtime,
             expiry = await _handle(frame, conn, runtime, expiry)
         except BadFrame as exc:
             runtime.metrics.errors.labels(exc.code).inc()
-            conn.send(error(exc.code, exc.message, exc.topic, exc.retry_after))
+            conn.send(exc.frame())
     return expiry
 
 
@@ -175,7 +175,7 @@ async def _handle(frame: dict[str, Any], conn: Connection, runtime: Runtime, exp
             raise BadFrame("invalid_token", "the new token is for another user")
         expiry.cancel()
         conn.expires_at = principal.expires_at
-        conn.grants = principal.topics
+        entitle(conn, principal, runtime)
         conn.send(encode({"type": "refreshed", "expires_at": int(principal.expires_at)}))
         return schedule_expiry(conn)
     elif kind in membership.TOPIC_FRAMES:

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -35,6 +35,8 @@ class Principal:
     topics: tuple[str, ...] = ()
     # The one topic a topic token (given in a join frame) is for.
     topic: str | None = None
+    # Every verified claim, as a join hook is told them.
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
@@ -198,6 +200,7 @@ class TokenVerifier:
             float(exp) if isinstance(exp, (int, float)) else 0.0,
             topics,
             topic if isinstance(topic, str) else None,
+            claims,
         )
 
 

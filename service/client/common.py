@@ -56,13 +56,15 @@ class Disconnected(Unauthorized):
 
 class TopicRefused(ListenerError):
     """The server refused to join one of the listener's topics (``forbidden``, ``full``,
-    ``unknown_namespace``, ...): ``topic`` and the error frame's ``error`` code and ``message``."""
+    ``unknown_namespace``, ...): ``topic`` and the error frame's ``error`` code and ``message``;
+    ``reason``: what the backend's join hook gave as its reason for a refusal (else None)."""
 
-    def __init__(self, topic: str, error: str, message: str) -> None:
+    def __init__(self, topic: str, error: str, message: str, reason: str | None = None) -> None:
         super().__init__(f"join {topic!r} refused: {error}: {message}")
         self.topic = topic
         self.error = error
         self.message = message
+        self.reason = reason
 
 
 def _full_jitter(base: float, cap: float, attempt: int) -> float:

@@ -65,7 +65,8 @@ class Listener:
 
     Attributes a caller may read: ``state`` ("connecting", "open", "backoff", "closed"),
     ``last_id`` / ``last_broadcast_id`` / ``last_topic_ids`` (the resume cursors, one per stream),
-    ``topics`` (the topics it joins), ``joined`` (those the current socket is in), ``connection_id``
+    ``topics`` (the topics it joins), ``joined`` (those the current socket is in), ``topic_info``
+    (the ``info`` a join hook gave each joined topic), ``connection_id``
     and ``url`` of the current socket, ``reconnects`` (how many times it connected again after the
     first)."""
 
@@ -139,6 +140,11 @@ class Listener:
     def topic_gaps(self) -> int:
         """How many ``joined`` frames said ``recovered: false``."""
         return self._membership.gaps
+
+    @property
+    def topic_info(self) -> dict[str, Any]:
+        """Topic -> the ``info`` of its latest ``joined``: what the namespace's join hook answered."""
+        return self._membership.info
 
     @property
     def joined(self) -> frozenset[str]:

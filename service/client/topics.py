@@ -44,7 +44,8 @@ class _Pacer:
 class TopicMembership:
     """The topics of one :class:`~service.client.Listener` (its options ``topics``, ``topic_tokens``,
     ``topic_since``, ``send_rate``); the listener exposes ``topics``, ``last_ids`` (as ``last_topic_ids``), ``gaps``
-    (as ``topic_gaps``) and ``joined``, and hands it every socket and every membership frame."""
+    (as ``topic_gaps``), ``info`` (as ``topic_info``) and ``joined``, and hands it every socket and every
+    membership frame."""
 
     def __init__(
         self,
@@ -63,6 +64,8 @@ class TopicMembership:
         # removed this user from finds no entry and is dropped.
         self.last_ids: dict[str, str | None] = {t: (topic_since or {}).get(t) for t in self.topics}
         self.gaps = 0
+        # topic -> the `info` its latest `joined` carried (what the namespace's join hook answered).
+        self.info: dict[str, Any] = {}
         self._tokens = dict(topic_tokens or {})
         self._send_rate = send_rate
         self._ws: Any = None  # the current socket and its pacer, from attach()
@@ -126,6 +129,10 @@ class TopicMembership:
             return
         self._joining.discard(topic)
         self._joined.add(topic)
+        if "info" in frame:
+            self.info[topic] = frame["info"]
+        else:
+            self.info.pop(topic, None)
         cursor = frame.get("cursor")
         if self.last_ids[topic] is None and isinstance(cursor, str):
             self.last_ids[topic] = cursor
@@ -143,6 +150,7 @@ class TopicMembership:
             logger.warning("removed from topic %s by the server; not joining it again", topic)
             self.topics.remove(topic)
             del self.last_ids[topic]
+            self.info.pop(topic, None)
 
     def on_error(self, frame: dict[str, Any]) -> bool:
         """False when the error frame does not answer one of our joins. An ``unavailable`` join is
@@ -159,5 +167,6 @@ class TopicMembership:
             # Jittered, so the members of a topic that was unavailable do not all come back at once.
             self._join_later(topic, random.uniform(0.5, 2.0))
         else:
-            raise TopicRefused(topic, code, message)
+            reason = frame.get("reason")
+            raise TopicRefused(topic, code, message, reason if isinstance(reason, str) else None)
         return True

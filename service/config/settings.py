@@ -17,6 +17,7 @@ from .push_options import (
     load_vapid_key,
     parse_origin,
 )
+from .signing import check_secret
 from .topic_options import TopicOptions
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class Settings(BaseSettings):
     # Topics: namespace -> options, as JSON (see core/topics.py); a topic outside them does not exist.
     topics: dict[str, TopicOptions] = Field(default_factory=dict)
     max_topics_per_connection: int = Field(64, gt=0)
+    # A namespace's join_hook and publish_hook: how long a call may take (then `unavailable`), and
+    # the Standard Webhooks secret each call is signed with (required once a namespace names a hook).
+    hook_timeout_seconds: float = Field(2.0, gt=0)
+    hook_secret: SecretStr | None = None
     # Messages a user may publish as a member, per second across all topics and all of the user's
     # sockets on a replica (`rate_limited` beyond); "off": no limit. It bounds what one user can
     # write into Redis (docs/capacity.md).
@@ -167,6 +172,20 @@ class Settings(BaseSettings):
     @classmethod
     def _fcm_endpoint(cls, value: str) -> str:
         return check_fcm_endpoint(value)
+
+    @field_validator("hook_secret")
+    @classmethod
+    def _hook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_secret(value.get_secret_value(), "NOTIFY_HOOK_SECRET")
+        return value
+
+    @model_validator(mode="after")
+    def _hooks_need_a_secret(self) -> Settings:
+        hooked = next((name for name, options in self.topics.items() if options.hooked), None)
+        if hooked is not None and self.hook_secret is None:
+            raise ValueError(f"NOTIFY_HOOK_SECRET is required: the namespace {hooked!r} names a hook")
+        return self
 
     @model_validator(mode="after")
     def _check_push(self) -> Settings:

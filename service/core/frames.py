@@ -45,12 +45,16 @@ def welcome(
     return encode(frame)
 
 
-def error(code: str, message: str, topic: str | None = None, retry_after: float | None = None) -> str:
+def error(
+    code: str, message: str, topic: str | None = None, retry_after: float | None = None, reason: str | None = None
+) -> str:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if topic is not None:
         frame["topic"] = topic
     if retry_after is not None:
         frame["retry_after"] = round(retry_after, 3)
+    if reason is not None:
+        frame["reason"] = reason
     return encode(frame)
 
 
@@ -89,12 +93,24 @@ def resync(stream: str) -> str:
 class BadFrame(Exception):
     """An inbound frame the server cannot act on; answered with an error frame."""
 
-    def __init__(self, code: str, message: str, topic: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        topic: str | None = None,
+        retry_after: float | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.topic = topic  # the topic a refused topic frame named
         self.retry_after = retry_after  # rate_limited: seconds until the frame would be taken
+        self.reason = reason  # a hook's refusal: the `reason` the backend gave, for the user
+
+    def frame(self) -> str:
+        """The error frame answering it."""
+        return error(self.code, self.message, self.topic, self.retry_after, self.reason)
 
 
 def parse_client_frame(text: str) -> dict[str, Any]:

@@ -88,10 +88,10 @@ class Topics:
     def may_join(
         topic: str, options: TopicOptions, user_id: str, grants: tuple[str, ...], topic_token: TopicGrant | None
     ) -> bool:
-        """Whether the connection's user may join: any user where the namespace says so, else a
-        `topics` claim of the connection token (exact, or `ns:*`), or a topic token for exactly
-        this user and topic."""
-        if options.join == "any":
+        """Whether the connection's user may join: any user where the namespace says so (or leaves
+        it to its join hook), else a `topics` claim of the connection token (exact, or `ns:*`), or a
+        topic token for exactly this user and topic."""
+        if options.join != "token":
             return True
         if topic_token is not None:
             return topic_token.user_id == user_id and topic_token.topic == topic

@@ -51,6 +51,7 @@ class Connection:
         "_floors",
         "topics",
         "grants",
+        "claims",
         "presence_asks",
         "_closer",
         "_metrics",
@@ -88,6 +89,9 @@ class Connection:
         self._floors: dict[str, IdKey] | None = None
         self.topics: set[str] | None = None  # the topics this socket joined
         self.grants: tuple[str, ...] = ()  # the topics its token lets it join (the `topics` claim)
+        # Its token's claims, for join hooks; kept only where a namespace has a join hook, so that
+        # elsewhere an idle socket holds no copy of them.
+        self.claims: dict[str, Any] | None = None
         self.presence_asks: TokenBucket | None = None  # made by the first `presence` frame
         self._closer = closer
         self._metrics = metrics

@@ -8,7 +8,7 @@
 //
 // Topics (see "Topics" in docs/protocol.md):
 //
-//   await client.join("chat:lobby");                          // resolves with the `joined` frame
+//   await client.join("chat:lobby");                          // resolves with the `joined` frame (`info`: a join hook's answer)
 //   await client.join("doc:42", { token: () => topicToken("doc:42") });  // a topic token (or a string)
 //   client.onTopic("chat:lobby", (m) => show(m.from, m.data));  // the topic's messages
 //   const { id } = await client.publish("chat:lobby", "msg", { text: "hi" });  // resolved by `published`
@@ -130,12 +130,16 @@ const MAYBE_ANSWERED = new Set(["ack", "signal"]);
 
 /** An error the server answered (or a request that could not get an answer). */
 export class NotifyError extends Error {
-  /** @param {string} code @param {string} message @param {string} [topic] */
-  constructor(code, message, topic) {
+  /**
+   * @param {string} code @param {string} message @param {string} [topic]
+   * @param {string} [reason]  a backend hook's reason for refusing a join or a publish (`forbidden`)
+   */
+  constructor(code, message, topic, reason) {
     super(topic === undefined ? `${code}: ${message}` : `${code} (${topic}): ${message}`);
     this.name = "NotifyError";
     this.code = code;
     this.topic = topic;
+    this.reason = reason;
   }
 }
 
@@ -232,6 +236,15 @@ export class NotifyClient {
   }
 
   /**
+   * What the namespace's join hook answered as `info` when this topic was last joined; null without.
+   * @param {string} topic
+   * @returns {*}
+   */
+  topicInfo(topic) {
+    return this._topics.get(topic)?.frame?.info ?? null;
+  }
+
+  /**
    * A topic's cursor: the newest id seen in it, or its `joined` cursor; null before either.
    * @param {string} topic
    * @returns {string | null}
@@ -246,7 +259,8 @@ export class NotifyClient {
    * (Welcome), "unread" (count), "error" ({code, message, topic?}), "resync" ({reason}: refetch the
    * inbox), "refreshed" ({expires_at}), "close" ({code, reason, transport, url}); for topics:
    * "message" (every topic message), "joined" (the `joined` frame: {topic, cursor, recovered?,
-   * count?}; `recovered: false` means messages of the topic were lost), "left" ({topic, reason?}:
+   * count?, info?}; `recovered: false` means messages of the topic were lost; `info` is what the
+   * namespace's join hook answered, also kept as `topicInfo(topic)`), "left" ({topic, reason?}:
    * "removed" when the server took the user out), "presence" ({topic, action, user, count}),
    * "signal" ({topic, event, data, from}). Notifications whose event name is one of these are
    * delivered to "notification" only. Returns a function that removes the handler.
@@ -494,7 +508,7 @@ export class NotifyClient {
       return;
     }
     this._topics.delete(topic);
-    const error = new NotifyError(frame.code, frame.message ?? "join refused", topic);
+    const error = new NotifyError(frame.code, frame.message ?? "join refused", topic, frame.reason);
     for (const waiter of state.waiters.splice(0)) waiter.reject(error);
   }
 
@@ -822,7 +836,7 @@ export class NotifyClient {
     const payload = { code: frame.code, message: frame.message };
     if (frame.topic !== undefined) payload.topic = frame.topic;
     if (entry) {
-      entry.reject?.(new NotifyError(frame.code, frame.message, frame.topic));
+      entry.reject?.(new NotifyError(frame.code, frame.message, frame.topic, frame.reason));
       if (entry.kind === "join") this._joinRefused(conn, entry.topic, frame);
     } else if (conn.kind === "sse" && typeof frame.topic === "string" && conn.topics.includes(frame.topic)) {
       this._joinRefused(conn, frame.topic, frame); // a topic the stream could not join

@@ -44,6 +44,13 @@ class Metrics:
             ["kind", "change"],
             registry=r,
         )
+        self.hook_calls = Counter(
+            "notify_hook_calls",
+            "Join and publish hook calls, by hook and outcome: allowed (200), refused (403), unavailable"
+            " (any other answer, a timeout, an unreachable hook, or too many calls in flight).",
+            ["hook", "outcome"],
+            registry=r,
+        )
         self.slow_consumers = Counter("notify_slow_consumers", "Sockets closed for not reading (4008).", registry=r)
         self.publish_latency = Histogram(
             "notify_publish_latency_seconds",
