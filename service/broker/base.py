@@ -105,10 +105,15 @@ def build_frame(id_: str, event_json: str, data_json: str, ts: int, parts: tuple
     return f'{NOTIFICATION_PREFIX}{id_}"{extra},"event":{event_json},"data":{data_json},"ts":{ts}{tail}'
 
 
-def presence_frame(topic: str, action: str, user_id: str, count: int) -> str:
-    return orjson.dumps(
-        {"type": "presence", "topic": topic, "action": action, "user": user_id, "count": count}
-    ).decode()
+def presence_frame(topic: str, changes: dict[str, str], count: int, limit: int) -> str:
+    """One interval's announcement (changes: user -> "j" or "l"); above `limit` members, the count
+    alone (scripts.ANNOUNCE builds the same frame in Redis)."""
+    frame: dict[str, object] = {"type": "presence", "topic": topic}
+    if count <= limit:
+        frame["joined"] = sorted(user for user, action in changes.items() if action == "j")
+        frame["left"] = sorted(user for user, action in changes.items() if action == "l")
+    frame["count"] = count
+    return orjson.dumps(frame).decode()
 
 
 class Broker(Protocol):

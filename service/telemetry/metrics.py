@@ -52,6 +52,9 @@ class Metrics:
             "notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r
         )
         self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
+        self.task_failures = Counter(
+            "notify_background_task_failures", "Background tasks of the hub that ended with an error.", registry=r
+        )
         self.broker_last_message = Gauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
         )

@@ -29,9 +29,10 @@ from . import scripts
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
 from .pipeline import AutoPipeline
-from .presence import Presence, RulesOf
+from .presence import Presence, PresenceKeys, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
+from .upkeep import Upkeep
 
 logger = logging.getLogger("service.broker")
 
@@ -128,7 +129,11 @@ class RedisBroker:
             subscription_client,
         )
         self._rules = rules
-        self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
+        keys = PresenceKeys(settings, self._key, self._prefix, rules)
+        self._presence = Presence(settings, self._redis, self._pipeline, keys, replica_id)
+        self._upkeep = Upkeep(
+            settings, metrics, self._redis, self._pipeline, keys, self._presence, self._prefix, replica_id
+        )
         self._subscription.restarted = self._presence.rewrite
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -142,6 +147,8 @@ class RedisBroker:
             asyncio.create_task(self._subscribe_forever(), name="redis-subscription"),
             asyncio.create_task(self._probe_forever(), name="redis-probe"),
             asyncio.create_task(self._presence.write_forever(), name="redis-presence"),
+            asyncio.create_task(self._upkeep.beat_forever(), name="redis-presence-beat"),
+            asyncio.create_task(self._upkeep.sweep_forever(), name="redis-presence-sweep"),
         ]
 
     async def stop(self) -> None:
@@ -151,6 +158,7 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._presence.forget()
+        await self._upkeep.forget()
         await self._subscription.stop()
         await self._pipeline.aclose()
         await self._redis.aclose()
@@ -346,7 +354,8 @@ class RedisBroker:
         return BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}")
 
     async def _probe_forever(self) -> None:
-        """Every interval: a probe round through our own channel, a heartbeat, and presence upkeep."""
+        """Every interval: a probe round through our own channel (presence upkeep has tasks of its
+        own: nothing it does can hold the probe back)."""
         interval = self._settings.probe_interval_seconds
         while True:
             try:
@@ -357,8 +366,6 @@ class RedisBroker:
                             for channel in self._subscription.probe_channels()
                         )
                     )
-                async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
-                    await self._presence.beat()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
