@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from .proxy import TcpProxy
 from .test_topics import connect, join, uid
 from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publisher_headers, started, token
 
@@ -124,35 +125,115 @@ async def test_a_join_storm_is_announced_once_per_interval_and_counted_exactly(o
     """Members join a `join_leave` room on two replicas, then a third of them leave: an early member
     gets a few announcements, not one per join; above the member limit they carry the count alone;
     and the count is exact after each wave."""
-    joiners, limit = 150, 60
-    env = presence_env(own_redis, NOTIFY_JOIN_LEAVE_MAX_MEMBERS=str(limit))
+    env = presence_env(own_redis, NOTIFY_JOIN_LEAVE_MAX_MEMBERS="60")
     with started(Replica(env), Replica(env)) as replicas:
-        topic = f"chat:{uid('storm')}"
-        first_id = uid("first")
-        first = await connect(replicas[0], first_id)
-        assert (await join(first, topic))["count"] == 1
-        sockets: list[Client] = []
-        for n in range(joiners):
-            sockets.append(await connect(replicas[n % 2], f"{uid('m')}-{n}"))
+        await join_storm(http, replicas, joiners=150, limit=60)
 
-        async def join_quietly(client: Client) -> None:
-            assert (await join(client, topic))["type"] == "joined"
 
-        joining = asyncio.gather(*(join_quietly(client) for client in sockets))
-        frames = await presence_frames(first, joiners + 1, 6 * TIMEOUT)
-        await joining
-        assert len(frames) <= joiners // 5, f"{len(frames)} announcements for {joiners} joins"
-        named = [user for frame in frames if "joined" in frame for user in frame["joined"]]
-        assert len(named) == len(set(named)), "nobody is announced twice"
-        assert all(frame["count"] > limit for frame in frames if "joined" not in frame)
-        assert all(frame["count"] <= limit for frame in frames if "joined" in frame)
-        assert (await members(http, replicas[1], topic))["count"] == joiners + 1
+async def test_the_embedded_broker_announces_the_same_way(http):
+    """One replica without Redis: the same announcements, the same limit, the same exact counts."""
+    env = {
+        "NOTIFY_TOPICS": json.dumps(NAMESPACES),
+        "NOTIFY_PRESENCE_LEAVE_GRACE_SECONDS": "0.5",
+        "NOTIFY_PRESENCE_EVENT_INTERVAL_SECONDS": "0.5",
+        "NOTIFY_JOIN_LEAVE_MAX_MEMBERS": "30",
+    }
+    with started(Replica(env)) as replicas:
+        await join_storm(http, replicas, joiners=75, limit=30)
 
-        leaving = joiners // 3
-        await asyncio.gather(*(client.close() for client in sockets[:leaving]))
-        after = await presence_frames(first, joiners + 1 - leaving, 6 * TIMEOUT)
-        assert all("joined" not in frame for frame in after if frame["count"] > limit)
-        assert len(after) <= 10, f"{len(after)} announcements for {leaving} leaves"
-        assert (await members(http, replicas[0], topic))["count"] == joiners + 1 - leaving
-        await asyncio.gather(*(client.close() for client in sockets[leaving:]))
-        await first.close()
+
+async def join_storm(http: httpx.AsyncClient, replicas: tuple[Replica, ...], joiners: int, limit: int) -> None:
+    topic = f"chat:{uid('storm')}"
+    first = await connect(replicas[0], uid("first"))
+    assert (await join(first, topic))["count"] == 1
+    sockets: list[Client] = []
+    for n in range(joiners):
+        sockets.append(await connect(replicas[n % len(replicas)], f"{uid('m')}-{n}"))
+
+    async def join_quietly(client: Client) -> None:
+        assert (await join(client, topic))["type"] == "joined"
+
+    joining = asyncio.gather(*(join_quietly(client) for client in sockets))
+    frames = await presence_frames(first, joiners + 1, 6 * TIMEOUT)
+    await joining
+    assert len(frames) <= joiners // 5, f"{len(frames)} announcements for {joiners} joins"
+    named = [user for frame in frames if "joined" in frame for user in frame["joined"]]
+    assert len(named) == len(set(named)), "nobody is announced twice"
+    assert all(frame["count"] > limit for frame in frames if "joined" not in frame)
+    assert all(frame["count"] <= limit for frame in frames if "joined" in frame)
+    assert (await members(http, replicas[-1], topic))["count"] == joiners + 1
+
+    leaving = joiners // 3
+    await asyncio.gather(*(client.close() for client in sockets[:leaving]))
+    after = await presence_frames(first, joiners + 1 - leaving, 6 * TIMEOUT)
+    assert all("joined" not in frame for frame in after if frame["count"] > limit)
+    assert len(after) <= 10, f"{len(after)} announcements for {leaving} leaves"
+    assert (await members(http, replicas[0], topic))["count"] == joiners + 1 - leaving
+    await asyncio.gather(*(client.close() for client in sockets[leaving:]))
+    await first.close()
+
+
+async def metric(http: httpx.AsyncClient, replica: Replica, name: str) -> float:
+    text = (await http.get(f"{replica.url}/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+async def test_closing_many_memberships_at_once_keeps_both_replicas_ready(own_redis, http):
+    """Sockets in 64 topics each close together on two replicas, Redis a millisecond away: neither
+    replica's `/readyz` fails nor its subscription is rebuilt while the leaves are swept; each topic
+    is swept by one replica; every topic is empty after the grace."""
+    users, per_user, topics_each = 4, 10, 64
+    proxy = TcpProxy(own_redis.port, delay=0.001).start()
+    try:
+        env = cluster_env(
+            own_redis,
+            NOTIFY_REDIS_URL=proxy.url,
+            NOTIFY_TOPICS=json.dumps({"room": {"join": "any", "presence": True}}),
+            NOTIFY_PRESENCE_LEAVE_GRACE_SECONDS="0.5",
+            NOTIFY_MAX_INBOUND_RATE="1000",  # 64 joins at once
+        )
+        with started(Replica(env), Replica(env)) as replicas:
+            run = uid("close")
+            sockets: list[tuple[Client, list[str]]] = []
+            for n in range(users * per_user):
+                client = await connect(replicas[n % 2], f"{run}-user-{n % users}")
+                topics = [f"room:{run}-{n}-{t}" for t in range(topics_each)]
+                for topic in topics:
+                    await client.send({"type": "join", "topic": topic})
+                sockets.append((client, topics))
+            for client, topics in sockets:
+                answers = [await client.recv(3 * TIMEOUT) for _ in topics]
+                assert all(answer["type"] == "joined" for answer in answers)
+            rebuilt = [await metric(http, replica, "notify_broker_reconnects_total") for replica in replicas]
+            streams = len(sockets) * topics_each
+
+            unready: list[int] = []
+            done = asyncio.Event()
+
+            async def watch_readiness() -> None:
+                while not done.is_set():
+                    for replica in replicas:
+                        status = (await http.get(f"{replica.url}/readyz")).status_code
+                        if status != 200:
+                            unready.append(status)
+                    await asyncio.sleep(0.1)
+
+            watcher = asyncio.create_task(watch_readiness())
+            await asyncio.gather(*(client.close() for client, _ in sockets))
+
+            async def all_swept() -> bool:
+                swept = sum([await metric(http, replica, "notify_presence_sweeps_total") for replica in replicas])
+                return swept >= streams
+
+            swept_in_time = await until(all_swept, 12 * TIMEOUT)
+            done.set()
+            await watcher
+            assert swept_in_time
+            assert not unready, f"/readyz answered {unready} while the leaves were swept"
+            assert [await metric(http, replica, "notify_broker_reconnects_total") for replica in replicas] == rebuilt
+            swept = sum([await metric(http, replica, "notify_presence_sweeps_total") for replica in replicas])
+            assert swept < 1.5 * streams, f"{swept} sweeps for {streams} topics: each is swept by one replica"
+            for _, topics in sockets[::per_user]:
+                assert (await members(http, replicas[1], topics[-1]))["count"] == 0
+    finally:
+        proxy.stop()

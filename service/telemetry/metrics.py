@@ -52,6 +52,9 @@ class Metrics:
             "notify_broker_probe_failures", "Liveness probes that failed or did not come back.", registry=r
         )
         self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
+        self.presence_sweeps = Counter(
+            "notify_presence_sweeps", "Topics this replica swept: leaves ended, joins and leaves announced.", registry=r
+        )
         self.task_failures = Counter(
             "notify_background_task_failures", "Background tasks of the hub that ended with an error.", registry=r
         )

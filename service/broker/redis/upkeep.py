@@ -139,6 +139,7 @@ class Upkeep:
                 )
                 if not streams:
                     return
+                self._metrics.presence_sweeps.inc(len(streams))
                 nexts = await asyncio.gather(
                     *(
                         self._pipeline.evaluate(self._announce, keys.keys(s, self._replica), keys.sweep_args(s))
