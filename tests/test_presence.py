@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from .proxy import TcpProxy
+from .test_asyncapi import check_server_frame
 from .test_topics import connect, join, uid
 from .utils import TIMEOUT, Client, RedisServer, Replica, cluster_env, publisher_headers, started, token
 
@@ -110,12 +111,13 @@ async def test_a_join_stands_when_only_the_note_after_it_fails(own_redis, http):
 
 
 async def presence_frames(client: Client, until_count: int, timeout: float) -> list[dict[str, Any]]:
-    """Every `presence` frame until one says `until_count` members."""
+    """Every `presence` frame until one says `until_count` members, each checked against the spec."""
     frames: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout):
         while True:
             frame = await client.recv(timeout)
             if frame["type"] == "presence":
+                check_server_frame(frame)
                 frames.append(frame)
                 if frame["count"] == until_count:
                     return frames

@@ -35,6 +35,7 @@ logger = logging.getLogger("service.broker")
 
 FAILURES = (RedisError, OSError, TimeoutError)
 _NO_RULES = StreamRules()
+_WRITE_CHUNK = 1000
 
 KeyOf = Callable[[str, str], str]
 
@@ -179,14 +180,11 @@ class Presence:
             self._dirty_event.clear()
             dirty, self._dirty = self._dirty, set()
             batch = list(dirty)
-            try:
-                async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
-                    outcomes = await asyncio.gather(
-                        *(self._write(s, u, self.sockets.get((s, u), 0), self._keys.rules(s)) for s, u in batch),
-                        return_exceptions=True,
-                    )
-            except TimeoutError:
-                outcomes = [TimeoutError()] * len(batch)
+            outcomes: list[Any] = []
+            # A chunk at a time: tens of thousands of leaves (sockets in 64 topics closing together)
+            # in one go would hold the event loop, and the probe and `/readyz` with it, for seconds.
+            for start in range(0, len(batch), _WRITE_CHUNK):
+                outcomes += await self._write_chunk(batch[start : start + _WRITE_CHUNK])
             failed = {
                 entry
                 for entry, outcome in zip(batch, outcomes, strict=True)
@@ -197,6 +195,16 @@ class Presence:
                 self._dirty |= failed
                 self._dirty_event.set()
                 await asyncio.sleep(1.0)
+
+    async def _write_chunk(self, chunk: list[tuple[str, str]]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
+                return await asyncio.gather(
+                    *(self._write(s, u, self.sockets.get((s, u), 0), self._keys.rules(s)) for s, u in chunk),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            return [TimeoutError()] * len(chunk)
 
     def rewrite(self) -> None:
         """Everything this replica holds goes to Redis again (topics too: their members see joins)."""
