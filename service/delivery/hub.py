@@ -72,6 +72,7 @@ class Hub:
         try:
             await self._add(stream, conn)
         except BaseException:
+            self._discard(stream, conn)
             self._all.discard(conn)
             self._metrics.connections.dec()
             if not self._members.get(stream):
