@@ -57,7 +57,7 @@ async def frame_of(client: Client, kind: str, timeout: float = TIMEOUT) -> dict[
     """The next frame of a kind; other kinds met on the way are skipped."""
     async with asyncio.timeout(timeout):
         while True:
-            frame = await client.recv()
+            frame = await client.recv(timeout)
             if frame["type"] == kind:
                 return frame
 
