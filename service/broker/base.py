@@ -147,8 +147,10 @@ class Broker(Protocol):
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record the user's sockets in a topic now; answers the distinct members across replicas.
 
-        Members are told of a user's first socket anywhere (`rules.events`), and of their last
-        one leaving after the grace, unless they are back. Raises TopicFull, BrokerUnavailable."""
+        Members are told (`rules.events`) of a user's first socket anywhere, and of their last
+        one leaving after the grace unless they are back, in one `presence_frame` per topic per
+        interval. Raises TopicFull, BrokerUnavailable; a join that raised (or was cancelled) is
+        undone by the caller with `set_presence`, and the broker brings its store back to that."""
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
         """Up to `limit` members of a topic (sorted) and the number of distinct members."""
