@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 LOCK      := deploy/requirements.lock
 TEST_LOCK := deploy/requirements-test.lock
 
-.PHONY: install system-deps run test test-latest lock openapi lint client bench soak storm abuse cluster clean
+.PHONY: install system-deps run test test-latest lock openapi lint client bench soak storm abuse presence-storm cluster clean
 
 $(STAMP): pyproject.toml $(TEST_LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -131,6 +131,13 @@ storm: install system-deps
 # 20 s while Redis's memory is watched. Prints how each request was answered (docs/reliability.md#abuse-budgets).
 abuse: install system-deps
 	$(PY) -m tests.load.abuse_budgets $(ABUSE_ARGS)
+
+# Presence storms, measured (several minutes): two replicas on one Redis. Five accounts of 200 sockets in 64 topics
+# each close at once; then 5,000 members join a join_leave room at 50 a second and 1,000 of them leave. Prints
+# readiness failures, subscription rebuilds, join and bystander latency, and how long until counts are exact
+# (docs/reliability.md, "Presence storms"). PRESENCE_STORM_ARGS: e.g. --scenario close --accounts 2.
+presence-storm: install
+	$(PY) -m tests.load.presence_storm $(PRESENCE_STORM_ARGS)
 
 # Redis, three replicas and nginx on http://127.0.0.1:$(CLUSTER_PORT), without containers; Ctrl-C stops them all.
 CLUSTER_PORT ?= 8080

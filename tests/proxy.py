@@ -33,14 +33,18 @@ class _Link:
                     break
                 # A stalled link holds what it read: nothing reaches the other side.
                 await self.open.wait()
-                if self.proxy.delay:
-                    await asyncio.sleep(self.proxy.delay)  # a longer way to Redis, each way
+                if self.proxy.delay:  # a network's latency: each chunk arrives `delay` later, in order
+                    asyncio.get_running_loop().call_later(self.proxy.delay, writer.write, data)
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            self.close()
+            if self.proxy.delay:
+                asyncio.get_running_loop().call_later(self.proxy.delay, self.close)
+            else:
+                self.close()
 
     def close(self) -> None:
         for writer in self.writers:
@@ -49,8 +53,8 @@ class _Link:
 
 
 class TcpProxy:
-    """127.0.0.1:<port> -> 127.0.0.1:<target_port>, started on a thread of its own; `delay`: the
-    seconds each read waits before it is passed on (a distant Redis)."""
+    """127.0.0.1:<port> -> 127.0.0.1:<target_port>, started on a thread of its own; `delay`
+    seconds of latency each way (a Redis across a network) when given."""
 
     def __init__(self, target_port: int, delay: float = 0.0) -> None:
         self.target_port = target_port

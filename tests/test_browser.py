@@ -385,7 +385,7 @@ async def test_topics_resume_per_stream_across_replicas(topic_pair, page, http):
            }""",
         [lobby, token(bob)],
     )
-    await page.wait_for_function("window.seen.presence.some(p => p.action === 'join' && p.count === 2)")
+    await page.wait_for_function("window.seen.presence.some(p => p.joined.length > 0 && p.count === 2)")
     members = await page.evaluate("t => window.client.presence(t)", lobby)
     assert members["count"] == 2 and members["users"] == sorted([user, bob])
     assert await page.evaluate("t => window.client.signal(t, 'typing', true)", lobby) is True

@@ -109,10 +109,15 @@ def build_frame(id_: str, event_json: str, data_json: str, ts: int, parts: tuple
     return f'{NOTIFICATION_PREFIX}{id_}"{extra},"event":{event_json},"data":{data_json},"ts":{ts}{tail}'
 
 
-def presence_frame(topic: str, action: str, user_id: str, count: int) -> str:
-    return orjson.dumps(
-        {"type": "presence", "topic": topic, "action": action, "user": user_id, "count": count}
-    ).decode()
+def presence_frame(topic: str, changes: dict[str, str], count: int, limit: int) -> str:
+    """One interval's announcement (changes: user -> "j" or "l"); above `limit` members, the count
+    alone (scripts.ANNOUNCE builds the same frame in Redis)."""
+    frame: dict[str, object] = {"type": "presence", "topic": topic}
+    if count <= limit:
+        frame["joined"] = sorted(user for user, action in changes.items() if action == "j")
+        frame["left"] = sorted(user for user, action in changes.items() if action == "l")
+    frame["count"] = count
+    return orjson.dumps(frame).decode()
 
 
 class Broker(Protocol):
@@ -146,8 +151,10 @@ class Broker(Protocol):
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record the user's sockets in a topic now; answers the distinct members across replicas.
 
-        Members are told of a user's first socket anywhere (`rules.events`), and of their last
-        one leaving after the grace, unless they are back. Raises TopicFull, BrokerUnavailable."""
+        Members are told (`rules.events`) of a user's first socket anywhere, and of their last
+        one leaving after the grace unless they are back, in one `presence_frame` per topic per
+        interval. Raises TopicFull, BrokerUnavailable; a join that raised (or was cancelled) is
+        undone by the caller with `set_presence`, and the broker brings its store back to that."""
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
         """Up to `limit` members of a topic (sorted) and the number of distinct members."""

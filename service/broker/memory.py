@@ -41,10 +41,13 @@ class _Stream:
 
 @dataclass(slots=True)
 class _Members:
-    """A topic's members on this (only) replica: sockets per user, and users inside their leave grace."""
+    """A topic's members on this (only) replica: sockets per user, users inside their leave grace,
+    and the joins and leaves ('j', 'l') waiting for the next announcement."""
 
     sockets: dict[str, int] = field(default_factory=dict)
     leaving: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    changes: dict[str, str] = field(default_factory=dict)
+    announcing: asyncio.TimerHandle | None = None
 
 
 def _now_ms() -> int:
@@ -60,6 +63,8 @@ class MemoryBroker:
         self._size = settings.history_size
         self._ttl_ms = settings.history_ttl_seconds * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_seconds * 1000
+        self._interval = settings.presence_event_interval_seconds
+        self._limit = settings.join_leave_max_members
         self._streams: dict[str, _Stream] = {}
         self._read: dict[str, IdKey] = {}
         self._idempotency: dict[tuple[str, str], tuple[Published, int]] = {}
@@ -83,6 +88,8 @@ class MemoryBroker:
         for members in self._topics.values():
             for timer in members.leaving.values():
                 timer.cancel()
+            if members.announcing is not None:
+                members.announcing.cancel()
         self._on_frame = None
 
     @property
@@ -126,11 +133,12 @@ class MemoryBroker:
                 back.cancel()  # back within the grace: nobody was told they left
             members.sockets[user_id] = sockets
             if not present and rules.events:
-                self._deliver(stream, presence_frame(topic_of(stream) or "", "join", user_id, len(members.sockets)))
+                self._note(stream, members, "j", user_id)
         elif present and user_id not in members.leaving:
             loop = asyncio.get_running_loop()
             members.sockets[user_id] = 0
             members.leaving[user_id] = loop.call_later(rules.grace_ms / 1000, self._left, stream, user_id, rules)
+        self._drop_if_empty(stream, members)
         return len(members.sockets)
 
     def _left(self, stream: str, user_id: str, rules: StreamRules) -> None:
@@ -139,8 +147,30 @@ class MemoryBroker:
             return
         del members.sockets[user_id]
         if rules.events:
-            self._deliver(stream, presence_frame(topic_of(stream) or "", "leave", user_id, len(members.sockets)))
-        if not members.sockets:
+            self._note(stream, members, "l", user_id)
+        self._drop_if_empty(stream, members)
+
+    def _note(self, stream: str, members: _Members, action: str, user_id: str) -> None:
+        """As scripts.PRESENCE notes it: a join and a leave within one interval cancel out."""
+        if members.changes.get(user_id, action) != action:
+            del members.changes[user_id]
+        else:
+            members.changes[user_id] = action
+        if members.announcing is None:
+            members.announcing = asyncio.get_running_loop().call_later(self._interval, self._announce, stream)
+
+    def _announce(self, stream: str) -> None:
+        members = self._topics.get(stream)
+        if members is None:
+            return
+        members.announcing = None
+        changes, members.changes = members.changes, {}
+        if changes:
+            self._deliver(stream, presence_frame(topic_of(stream) or "", changes, len(members.sockets), self._limit))
+        self._drop_if_empty(stream, members)
+
+    def _drop_if_empty(self, stream: str, members: _Members) -> None:
+        if not members.sockets and members.announcing is None:
             del self._topics[stream]
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     presence_leave_grace_seconds: float = Field(3.0, ge=0)
     # A replica whose heartbeat stops for this long is taken out of presence by the others.
     presence_dead_after_seconds: float = Field(6.0, gt=0)
+    # A topic's joins and leaves (namespaces with join_leave) are told in one `presence` frame per
+    # this interval, not one frame each: a room of N members joining costs N frames, not N².
+    presence_event_interval_seconds: float = Field(1.0, gt=0)
+    # Above this many members a topic's `presence` frames carry the count alone, not who joined and left.
+    join_leave_max_members: int = Field(500, ge=0)
 
     # Sockets.
     ping_interval: float = Field(20.0, gt=0)

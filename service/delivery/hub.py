@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from ..broker import Broker, StreamRules, frame_id
 from ..broker.base import CONTROL
-from ..core.errors import TooManyForUser
+from ..core.errors import BrokerUnavailable, TooManyForUser
 from ..core.frames import RESYNC, CloseCode, encode, wire_text
 from ..core.ids import id_key
 from ..core.streams import BROADCAST, topic_of, topic_stream, user_of, user_stream
@@ -43,6 +45,7 @@ class Hub:
         self._all: set[Connection] = set()
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._sockets: dict[tuple[str, str], int] = {}  # (topic stream, user) -> sockets here
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._all)
@@ -56,7 +59,9 @@ class Hub:
         return len(self._members.get(user_stream(user_id), ())) < self._max_per_user
 
     async def register(self, conn: Connection) -> None:
-        """Add a connection; once this returns, every frame published for its user reaches it."""
+        """Add a connection; once this returns, every frame published for its user reaches it.
+
+        Raises TooManyForUser or BrokerUnavailable, and then nothing has changed."""
         if not self.has_room(conn.user_id):
             raise TooManyForUser("too many connections for this user")
         stream = user_stream(conn.user_id)
@@ -64,18 +69,26 @@ class Hub:
         self._metrics.connections.inc()
         if len(self._members.get(stream, ())) == 0:
             self._metrics.users_online.inc()
-        self._broker.set_presence(stream, conn.user_id, len(self._members.get(stream, ())) + 1)
-        await self._add(stream, conn)
+        try:
+            await self._add(stream, conn)
+        except BaseException:
+            self._discard(stream, conn)
+            self._all.discard(conn)
+            self._metrics.connections.dec()
+            if not self._members.get(stream):
+                self._metrics.users_online.dec()
+            raise
+        self._broker.set_presence(stream, conn.user_id, len(self._members[stream]))
 
     async def unregister(self, conn: Connection) -> None:
         stream = user_stream(conn.user_id)
         if conn not in self._members.get(stream, ()):
             return
         for topic in list(conn.topics or ()):
-            await self.leave(conn, topic)
+            self._leave_now(conn, topic)
         self._all.discard(conn)
         self._metrics.connections.dec()
-        await self._remove(stream, conn)
+        self._discard(stream, conn)
         left = len(self._members.get(stream, ()))
         self._broker.set_presence(stream, conn.user_id, left)
         if not left:
@@ -84,18 +97,29 @@ class Hub:
     async def join(self, conn: Connection, topic: str, rules: StreamRules) -> int:
         """Make the connection a member of a topic; answers the topic's distinct members.
 
-        Raises TopicFull or BrokerUnavailable, and then nothing has changed."""
+        Raises TopicFull or BrokerUnavailable, and then nothing has changed (nor when the join
+        is cancelled: a dropped handshake leaves no member behind, here or in the broker)."""
         stream = topic_stream(topic)
-        here = self._sockets.get((stream, conn.user_id), 0)
-        count = await self._broker.join_presence(stream, conn.user_id, here + 1, rules)
-        self._sockets[(stream, conn.user_id)] = self._sockets.get((stream, conn.user_id), 0) + 1
+        key = (stream, conn.user_id)
+        # Our own bookkeeping first, so that undoing a join that failed anywhere below is exact.
+        self._sockets[key] = self._sockets.get(key, 0) + 1
         if conn.topics is None:
             conn.topics = set()
         conn.topics.add(topic)
-        await self._add(stream, conn)
+        try:
+            count = await self._broker.join_presence(stream, conn.user_id, self._sockets[key], rules)
+            await self._add(stream, conn)
+        except BaseException:
+            self._leave_now(conn, topic)
+            raise
         return count
 
     async def leave(self, conn: Connection, topic: str) -> None:
+        self._leave_now(conn, topic)
+
+    def _leave_now(self, conn: Connection, topic: str) -> None:
+        """Leave at once, without waiting for anything: it must happen locally even while Redis
+        is away (presence is written in the background), and it undoes a join that failed."""
         if conn.topics is None or topic not in conn.topics:
             return
         conn.topics.discard(topic)
@@ -103,34 +127,63 @@ class Hub:
         left = self._sockets.pop((stream, conn.user_id), 1) - 1
         if left:
             self._sockets[(stream, conn.user_id)] = left
-        await self._remove(stream, conn)
-        # Written in the background: a leave must happen locally even while Redis is away.
+        self._discard(stream, conn)
         self._broker.set_presence(stream, conn.user_id, left)
 
     async def _add(self, stream: str, conn: Connection) -> None:
         members = self._members.get(stream)
-        if members is None:
-            members = self._members[stream] = {conn}
-            pending = self._subscribing[stream] = asyncio.get_running_loop().create_future()
-            try:
-                await self._broker.subscribe(stream)
-            finally:
-                pending.set_result(None)
-                if self._subscribing.get(stream) is pending:
-                    del self._subscribing[stream]
+        if members is not None:
+            members.add(conn)
+            pending = self._subscribing.get(stream)
+            if pending is not None and not await asyncio.shield(pending):
+                self._discard(stream, conn)
+                raise BrokerUnavailable("could not subscribe the stream")
             return
-        members.add(conn)
-        if stream in self._subscribing:
-            await asyncio.shield(self._subscribing[stream])
+        self._members[stream] = {conn}
+        pending = self._subscribing[stream] = asyncio.get_running_loop().create_future()
+        subscribed = False
+        try:
+            await self._broker.subscribe(stream)
+            subscribed = True
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            raise BrokerUnavailable(f"could not subscribe the stream: {type(exc).__name__}") from exc
+        finally:
+            if self._subscribing.get(stream) is pending:
+                del self._subscribing[stream]
+            if not subscribed:
+                # Nobody may stay a member of a stream that is not subscribed: the next one to
+                # join would take it as subscribed and never hear from it. Those waiting leave too.
+                self._members.pop(stream, None)
+                self._spawn(self._release(stream))
+            pending.set_result(subscribed)
 
-    async def _remove(self, stream: str, conn: Connection) -> None:
+    def _discard(self, stream: str, conn: Connection) -> None:
         members = self._members.get(stream)
         if members is None or conn not in members:
             return
         members.discard(conn)
         if not members:
             del self._members[stream]
+            self._spawn(self._release(stream))
+
+    async def _release(self, stream: str) -> None:
+        # Checked when the task runs: a member may have come (and subscribed it) since.
+        if stream not in self._members and stream not in self._subscribing:
             await self._broker.unsubscribe(stream)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run in the background, kept until done; a failure is logged and counted, never lost."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._metrics.task_failures.inc()
+            logger.error("hub background task failed", exc_info=exc)
 
     def on_frame(self, stream: str, frame: str) -> None:
         """Deliver one frame from the broker to this replica's sockets: encoded once, queued to each."""
@@ -161,7 +214,7 @@ class Hub:
         elif kind == REMOVE and (topic := topic_of(stream)) is not None:
             removed = encode({"type": "left", "topic": topic, "reason": "removed"})
             for conn in [c for c in targets if c.user_id == argument]:
-                asyncio.get_running_loop().create_task(self.leave(conn, topic))
+                self._leave_now(conn, topic)
                 conn.send(removed)
         elif kind == DISCONNECT and user_of(stream) is not None:
             for conn in list(targets):

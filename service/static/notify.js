@@ -14,7 +14,7 @@
 //   const { id } = await client.publish("chat:lobby", "msg", { text: "hi" });  // resolved by `published`
 //   client.signal("chat:lobby", "typing", true);               // fire and forget: no answer, no id
 //   const { users, count } = await client.presence("chat:lobby");  // the `members` frame
-//   client.on("presence", (p) => ...);  // {topic, action: "join" | "leave", user, count}
+//   client.on("presence", (p) => ...);  // {topic, joined, left, count}: once per interval; a large topic: {topic, count}
 //   client.on("signal", (s) => ...);    // {topic, event, data, from}
 //   await client.leave("chat:lobby");
 //
@@ -261,7 +261,7 @@ export class NotifyClient {
    * "message" (every topic message), "joined" (the `joined` frame: {topic, cursor, recovered?,
    * count?, info?}; `recovered: false` means messages of the topic were lost; `info` is what the
    * namespace's join hook answered, also kept as `topicInfo(topic)`), "left" ({topic, reason?}:
-   * "removed" when the server took the user out), "presence" ({topic, action, user, count}),
+   * "removed" when the server took the user out), "presence" ({topic, joined, left, count}, or {topic, count} above the server's member limit),
    * "signal" ({topic, event, data, from}). Notifications whose event name is one of these are
    * delivered to "notification" only. Returns a function that removes the handler.
    * @param {string} event

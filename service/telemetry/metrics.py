@@ -77,6 +77,12 @@ class Metrics:
             registry=r,
         )
         self.broker_errors = Counter("notify_broker_errors", "Failed Redis calls.", registry=r)
+        self.presence_sweeps = Counter(
+            "notify_presence_sweeps", "Topics this replica swept: leaves ended, joins and leaves announced.", registry=r
+        )
+        self.task_failures = Counter(
+            "notify_background_task_failures", "Background tasks of the hub that ended with an error.", registry=r
+        )
         self.broker_last_message = Gauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
         )

@@ -30,10 +30,11 @@ from .budget import TopicBudget
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
 from .pipeline import AutoPipeline, Lua
-from .presence import Presence, RulesOf
+from .presence import Presence, PresenceKeys, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
 from .supervisor import Supervisor
+from .upkeep import Upkeep
 
 logger = logging.getLogger("service.broker")
 
@@ -137,7 +138,11 @@ class RedisBroker:
             self._supervisor,
         )
         self._rules = rules
-        self._presence = Presence(settings, self._redis, self._pipeline, self._key, self._prefix, replica_id, rules)
+        keys = PresenceKeys(settings, self._key, self._prefix, rules)
+        self._presence = Presence(settings, self._redis, self._pipeline, keys, replica_id)
+        self._upkeep = Upkeep(
+            settings, metrics, self._redis, self._pipeline, keys, self._presence, self._prefix, replica_id
+        )
         self._subscription.restarted = self._presence.rewrite
         self._budget = TopicBudget(self._pipeline, self._prefix, self._ttl)
 
@@ -150,10 +155,13 @@ class RedisBroker:
         self._supervisor.keep("redis-subscription", self._subscribe_forever)
         self._supervisor.keep("redis-probe", self._probe_forever)
         self._supervisor.keep("redis-presence", self._write_presence)
+        self._supervisor.keep("redis-presence-beat", self._upkeep.beat_forever)
+        self._supervisor.keep("redis-presence-sweep", self._upkeep.sweep_forever)
 
     async def stop(self) -> None:
         await self._supervisor.stop()
         await self._presence.forget()
+        await self._upkeep.forget()
         await self._subscription.stop()
         await self._pipeline.aclose()
         await self._redis.aclose()
@@ -384,7 +392,8 @@ class RedisBroker:
         return BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}")
 
     async def _probe_forever(self) -> None:
-        """Every interval: a probe round through our own channel, a heartbeat, and presence upkeep."""
+        """Every interval: a probe round through our own channel (presence upkeep has tasks of its
+        own: nothing it does can hold the probe back)."""
         interval = self._settings.probe_interval_seconds
         while True:
             try:
@@ -395,8 +404,6 @@ class RedisBroker:
                             for channel in self._subscription.probe_channels()
                         )
                     )
-                async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
-                    await self._presence.beat()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001

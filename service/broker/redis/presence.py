@@ -4,11 +4,11 @@ Per stream (a user's, or a topic) Redis keeps `members` (user -> sockets on ever
 per replica, `members:<replica>` (user -> sockets there), so the sum survives any one replica:
 - a user's own stream is written in the background, batched (it feeds `online` in a publish's
   answer); a topic is written at once, because a join answers the member count;
-- each replica beats every probe interval; one that stops beating for `dead_after` is reaped by
-  whichever live replica claims it first: its sockets are taken out of every stream it had, and
-  topic members are told of every user who had sockets only there;
-- a user's last socket leaving a topic starts a grace; a global set lists the topics with leaves
-  waiting, and every replica sweeps it, so a leave is told even when its replica is gone.
+- what this replica holds (`sockets`) is the truth Redis is brought back to: a write that failed,
+  was cancelled or passed its deadline may still have landed, so it is written again, as it now is;
+- a user's last socket leaving a topic starts a grace; joins and leaves are announced once per
+  interval per topic. A global sorted set lists the streams waiting for either, and upkeep.py
+  sweeps it, one replica per stream.
 """
 
 from __future__ import annotations
@@ -33,46 +33,62 @@ from .resp import command
 
 logger = logging.getLogger("service.broker")
 
-_FAILURES = (RedisError, OSError, TimeoutError)
-_CLAIM_MS = 30_000
+FAILURES = (RedisError, OSError, TimeoutError)
 _NO_RULES = StreamRules()
+_WRITE_CHUNK = 1000
 
 KeyOf = Callable[[str, str], str]
 
 
+class PresenceKeys:
+    """The keys and arguments every presence script of one stream takes (scripts.py's order)."""
+
+    def __init__(self, settings: Settings, key: KeyOf, prefix: str, rules: RulesOf) -> None:
+        self._key = key
+        self._rules = rules
+        self.ttl_ms = settings.history_ttl_seconds * 1000
+        self.interval_ms = int(settings.presence_event_interval_seconds * 1000)
+        self.limit = settings.join_leave_max_members
+        self.due = f"{prefix}:leaving"  # streams waiting for the sweep (the name predates announcements)
+        self.streams_of = f"{prefix}:replica:{{0}}:streams"  # the streams a replica has members in
+
+    def rules(self, stream: str) -> StreamRules:
+        return self._rules(stream) if is_topic(stream) else _NO_RULES
+
+    def keys(self, stream: str, replica: str) -> list[str]:
+        key = self._key
+        return [key(stream, "m"), key(stream, f"m:{replica}"), key(stream, "g"), key(stream, "c")] + [
+            key(stream, "e"),
+            key(stream, "ed"),
+        ]
+
+    def sweep_args(self, stream: str) -> list[str | int]:
+        """ANNOUNCE's and REAP's arguments."""
+        topic = orjson.dumps(topic_of(stream) or "").decode()
+        return ["", "", int(self.rules(stream).events), "", "", topic, self.ttl_ms, self.interval_ms, self.limit]
+
+
 class Presence:
-    """This replica's share of presence, and the reaping of replicas that died."""
+    """This replica's share of presence, written to Redis."""
 
     def __init__(
         self,
         settings: Settings,
         redis: Any,
         pipeline: AutoPipeline | ClusterPipelines,
-        key: KeyOf,
-        prefix: str,
+        keys: PresenceKeys,
         replica_id: str,
-        rules: RulesOf,
     ) -> None:
         self._settings = settings
         self._redis = redis
         # Presence writes share the publishes' pipelined connection: a burst of joins or a rewrite
         # of every member is one write, never a pool connection each.
         self._pipeline = pipeline
-        self._key = key
+        self._keys = keys
         self._replica = replica_id
-        self._rules = rules
-        self._ttl_ms = settings.history_ttl_seconds * 1000
-        self._replicas = f"{prefix}:replicas"
-        self._graces = f"{prefix}:leaving"
-        self._streams_of = f"{prefix}:replica:{{0}}:streams"
-        self._claim = f"{prefix}:reaping:{{0}}"
-        self._dead_after_ms = int(settings.presence_dead_after_seconds * 1000)
+        self._streams_key = keys.streams_of.format(replica_id)
         self._script = Lua.of(scripts.PRESENCE)
-        self._finalize = Lua.of(scripts.FINALIZE)
-        self._reap = Lua.of(scripts.REAP)
-        self._heartbeat = Lua.of(scripts.HEARTBEAT)
-        self._silent = Lua.of(scripts.SILENT)
-        self._grace_done = Lua.of(scripts.GRACE_DONE)
+        self._due = Lua.of(scripts.DUE)
         self.sockets: dict[tuple[str, str], int] = {}  # (stream, user) -> sockets on this replica
         self._users_in: dict[str, int] = {}  # stream -> users with sockets on this replica
         self._dirty: set[tuple[str, str]] = set()
@@ -81,7 +97,7 @@ class Presence:
     # ---- writes
 
     def set(self, stream: str, user_id: str, sockets: int) -> None:
-        """Record in the background (a user's own stream)."""
+        """Record in the background (a user's own stream, a leave, an undone join)."""
         self._remember(stream, user_id, sockets)
         self._dirty.add((stream, user_id))
         self._dirty_event.set()
@@ -91,14 +107,21 @@ class Presence:
         previous = self.sockets.get((stream, user_id), 0)
         self._remember(stream, user_id, sockets)
         try:
-            status, count = await self._write(stream, user_id, sockets, rules)
-        except _FAILURES as exc:
-            self._remember(stream, user_id, previous)
-            raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+            status, count, noted = await self._write(stream, user_id, sockets, rules)
+        except BaseException as exc:
+            # Failed, cancelled or past its deadline: the script may still have run (or run later,
+            # from Redis's input buffer). Redis is brought back to what this replica holds.
+            self.set(stream, user_id, previous)
+            if isinstance(exc, FAILURES):
+                raise BrokerUnavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+            raise
         if status == 1:
             self._remember(stream, user_id, previous)
             raise TopicFull(stream)
-        return int(count)
+        if not noted:  # the presence itself is written: only the note is written again, in the background
+            self._dirty.add((stream, user_id))
+            self._dirty_event.set()
+        return count
 
     def _remember(self, stream: str, user_id: str, sockets: int) -> None:
         had = (stream, user_id) in self.sockets
@@ -112,32 +135,33 @@ class Presence:
             if left:
                 self._users_in[stream] = left
 
-    async def _write(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> tuple[int, int]:
-        topic = topic_of(stream)
-        keys = [self._key(stream, "m"), self._key(stream, f"m:{self._replica}"), self._key(stream, "g")]
-        keys.append(self._key(stream, "c"))
+    async def _write(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> tuple[int, int, bool]:
+        """Run the presence script, and note which streams this replica is in: (status, members,
+        whether the note was written too). Raises when the script failed (it may still have run)."""
+        keys = self._keys
         args = [user_id, sockets, int(rules.events), rules.grace_ms, rules.max_members or 0]
-        args += [orjson.dumps(topic or "").decode(), self._ttl_ms]
-        streams_key = self._streams_of.format(self._replica)
+        args += [orjson.dumps(topic_of(stream) or "").decode(), keys.ttl_ms, keys.interval_ms]
         # The script and the note of which streams this replica is in leave in one write.
-        calls = [self._pipeline.evaluate(self._script, keys, args)]
+        calls = [self._pipeline.evaluate(self._script, keys.keys(stream, self._replica), args)]
         if sockets:
-            calls.append(self._pipeline.execute(command("SADD", streams_key, stream), key=streams_key))
+            calls.append(self._pipeline.execute(command("SADD", self._streams_key, stream), key=self._streams_key))
         elif stream not in self._users_in:
-            calls.append(self._pipeline.execute(command("SREM", streams_key, stream), key=streams_key))
-        (status, count, due), *_ = await asyncio.gather(*calls)
-        if status == 2:
-            # A leave waits for its grace; whichever replica sweeps first after it tells the members.
-            await self._pipeline.execute(command("ZADD", self._graces, "LT", due, stream), key=self._graces)
-        return int(status), int(count)
-
-    def _rules_for(self, stream: str) -> StreamRules:
-        return self._rules(stream) if is_topic(stream) else _NO_RULES
+            calls.append(self._pipeline.execute(command("SREM", self._streams_key, stream), key=self._streams_key))
+        outcome, *note = await asyncio.gather(*calls, return_exceptions=True)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        noted = not (note and isinstance(note[0], BaseException))
+        status, count, due = outcome
+        if due:
+            # A leave waits for its grace, an announcement for its interval: whichever replica
+            # claims the stream once it is due finishes them.
+            await self._pipeline.evaluate(self._due, [keys.due], [stream, int(due), ""])
+        return int(status), int(count), noted
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
         """The count, and up to `limit` members (which ones, of a larger topic, is Redis's scan
         order): a read whose cost is bounded by `limit`, not by the topic's size."""
-        key = self._key(stream, "m")
+        key = self._keys.keys(stream, self._replica)[0]
         count, users, cursor = await self._redis.hlen(key), set(), 0
         while True:
             cursor, page = await self._redis.hscan(key, cursor, count=limit)
@@ -148,7 +172,7 @@ class Presence:
 
     async def online(self, stream: str) -> int:
         user_id = user_of(stream)
-        return int(await self._redis.hget(self._key(stream, "m"), user_id or "") or 0)
+        return int(await self._redis.hget(self._keys.keys(stream, self._replica)[0], user_id or "") or 0)
 
     # ---- background
 
@@ -161,71 +185,41 @@ class Presence:
             self._dirty_event.clear()
             dirty, self._dirty = self._dirty, set()
             batch = list(dirty)
-            try:
-                async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
-                    outcomes = await asyncio.gather(
-                        *(self._write(s, u, self.sockets.get((s, u), 0), self._rules_for(s)) for s, u in batch),
-                        return_exceptions=True,
-                    )
-            except TimeoutError:
-                outcomes = [TimeoutError()] * len(batch)
-            failed = {entry for entry, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, Exception)}
+            outcomes: list[Any] = []
+            # A chunk at a time: tens of thousands of leaves (sockets in 64 topics closing together)
+            # in one go would hold the event loop, and the probe and `/readyz` with it, for seconds.
+            for start in range(0, len(batch), _WRITE_CHUNK):
+                outcomes += await self._write_chunk(batch[start : start + _WRITE_CHUNK])
+            failed = {
+                entry
+                for entry, outcome in zip(batch, outcomes, strict=True)
+                if isinstance(outcome, Exception) or not outcome[2]
+            }
             if failed:  # Redis is away: only these are written again, once it is back
                 logger.debug("presence: %d writes failed, retried", len(failed))
                 self._dirty |= failed
                 self._dirty_event.set()
                 await asyncio.sleep(1.0)
 
-    async def beat(self) -> None:
-        """Say this replica is alive; if the others had reaped it (or Redis lost its data), write
-        all of its presence again. Then reap the dead and tell the leaves that are due."""
-        if await self._pipeline.evaluate(self._heartbeat, [self._replicas], [self._replica]):
-            self.rewrite()
-        for dead in await self._pipeline.evaluate(self._silent, [self._replicas], [self._dead_after_ms]):
-            if dead != self._replica:
-                await self._reap_replica(dead)
-        await self._sweep_graces()
+    async def _write_chunk(self, chunk: list[tuple[str, str]]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout_seconds * 4):
+                return await asyncio.gather(
+                    *(self._write(s, u, self.sockets.get((s, u), 0), self._keys.rules(s)) for s, u in chunk),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            return [TimeoutError()] * len(chunk)
 
     def rewrite(self) -> None:
         """Everything this replica holds goes to Redis again (topics too: their members see joins)."""
         self._dirty.update(self.sockets)
         self._dirty_event.set()
 
-    async def _reap_replica(self, dead: str) -> None:
-        if not await self._redis.set(self._claim.format(dead), self._replica, nx=True, px=_CLAIM_MS):
-            return  # another replica is on it
-        streams_key = self._streams_of.format(dead)
-        reaped = 0
-        async for stream in self._redis.sscan_iter(streams_key, count=500):
-            rules = self._rules_for(stream)
-            keys = [self._key(stream, "m"), self._key(stream, f"m:{dead}"), self._key(stream, "g")]
-            keys.append(self._key(stream, "c"))
-            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            reaped += int(await self._pipeline.evaluate(self._reap, keys, args))
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.delete(streams_key)
-        pipe.zrem(self._replicas, dead)
-        await pipe.execute()
-        logger.warning("replica %s stopped beating: took its %d memberships out of presence", dead, reaped)
-
-    async def _sweep_graces(self) -> None:
-        now = await self._redis.time()
-        now_ms = now[0] * 1000 + now[1] // 1000
-        for stream, due in await self._redis.zrangebyscore(self._graces, "-inf", now_ms, withscores=True):
-            rules = self._rules(stream)
-            keys = [self._key(stream, "m"), self._key(stream, "m"), self._key(stream, "g"), self._key(stream, "c")]
-            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            following = int(await self._pipeline.evaluate(self._finalize, keys, args))
-            if following:
-                await self._redis.zadd(self._graces, {stream: following}, xx=True)
-            else:
-                await self._pipeline.evaluate(self._grace_done, [self._graces], [stream, int(due)])
-
     async def forget(self) -> None:
         """On a clean stop: this replica's sockets are gone from every stream (topics' leaves wait
         for their grace, told by the replicas that remain)."""
-        with contextlib.suppress(*_FAILURES):
+        with contextlib.suppress(*FAILURES):
             async with asyncio.timeout(self._settings.publish_timeout_seconds * 2):
                 held, self.sockets = list(self.sockets), {}
-                await asyncio.gather(*(self._write(s, u, 0, self._rules_for(s)) for s, u in held))
-                await self._redis.zrem(self._replicas, self._replica)
+                await asyncio.gather(*(self._write(s, u, 0, self._keys.rules(s)) for s, u in held))

@@ -129,19 +129,40 @@ return #redis.call('XRANGE', KEYS[2], from, '+')
 """
 )
 
+# Topic presence keys, in the order every presence script takes them: members (user -> sockets on
+# every replica), a replica's members (user -> sockets there), leaving (user -> when their leave is
+# due), channel, changes (user -> 'j' or 'l' since the last announcement), when the next
+# announcement is due. ARGV[3]: events flag, ARGV[6]: topic JSON, ARGV[7]: ttl ms, ARGV[8]: the
+# announcement interval ms.
+#
+# Joins and leaves are not told one by one (a room of N joining would be N² frames): each is noted,
+# a join and a leave of the same user within one interval cancel out, and one `presence` frame per
+# interval carries them all (see ANNOUNCE).
 _PRESENCE_EVENT = """
-local function tell(action, user)
+local function note(action, user)
   if ARGV[3] ~= '1' then return end
-  redis.call('SPUBLISH', KEYS[4], '{"type":"presence","topic":' .. ARGV[6] .. ',"action":"' .. action
-    .. '","user":' .. cjson.encode(user) .. ',"count":' .. redis.call('HLEN', KEYS[1]) .. '}')
+  local pending = redis.call('HGET', KEYS[5], user)
+  if pending and pending ~= action then
+    redis.call('HDEL', KEYS[5], user)
+  else
+    redis.call('HSET', KEYS[5], user, action)
+    redis.call('PEXPIRE', KEYS[5], ARGV[7])
+  end
+  redis.call('SET', KEYS[6], now + tonumber(ARGV[8]), 'NX', 'PX', ARGV[7])
+end
+-- When this stream next needs the sweep (a leave's grace ends, or an announcement is due); 0: never.
+local function next_due()
+  local due = tonumber(redis.call('GET', KEYS[6]) or '0')
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if #first > 0 and (due == 0 or tonumber(first[2]) < due) then due = tonumber(first[2]) end
+  return due
 end
 """
 
-# KEYS: members (user -> sockets on every replica), this replica's members (user -> sockets here),
-#       leaving (user -> when their leave is due), channel.
-# ARGV: user, sockets here now, events flag, grace ms, member cap (0: none), topic JSON, ttl ms.
-# Returns {status, members, due}: status 0 done, 1 refused (the cap), 2 a leave is now due at
-# `due` (unix ms; the caller registers it for `FINALIZE`).
+# KEYS: the topic presence keys. ARGV: user, sockets here now, events flag, grace ms, member cap
+# (0: none), topic JSON, ttl ms, interval ms.
+# Returns {status, members, due}: status 0 done, 1 refused (the cap); `due` (unix ms, 0: none) is
+# when the stream needs the sweep: the caller registers it (DUE).
 PRESENCE = (
     _NOW
     + _PRESENCE_EVENT
@@ -153,34 +174,36 @@ local cap = tonumber(ARGV[5])
 if n > 0 and not known and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
   return {1, redis.call('HLEN', KEYS[1]), 0}
 end
-if n == mine then return {0, redis.call('HLEN', KEYS[1]), 0} end
+if n == mine then return {0, redis.call('HLEN', KEYS[1]), next_due()} end
 if n > 0 then redis.call('HSET', KEYS[2], user, n) else redis.call('HDEL', KEYS[2], user) end
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local total = tonumber(redis.call('HINCRBY', KEYS[1], user, n - mine))
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if total > 0 then
   -- Back within the grace: nobody was told they left, so nobody is told they joined.
-  if redis.call('ZREM', KEYS[3], user) == 0 and not known then tell('join', user) end
-  return {0, redis.call('HLEN', KEYS[1]), 0}
+  if redis.call('ZREM', KEYS[3], user) == 0 and not known then note('j', user) end
+  return {0, redis.call('HLEN', KEYS[1]), next_due()}
 end
 redis.call('HSET', KEYS[1], user, 0)
 local grace = tonumber(ARGV[4])
 if grace > 0 then
   redis.call('ZADD', KEYS[3], now + grace, user)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {2, redis.call('HLEN', KEYS[1]), now + grace}
+  return {0, redis.call('HLEN', KEYS[1]), next_due()}
 end
 redis.call('HDEL', KEYS[1], user)
 redis.call('ZREM', KEYS[3], user)
-tell('leave', user)
-return {0, redis.call('HLEN', KEYS[1]), 0}
+note('l', user)
+return {0, redis.call('HLEN', KEYS[1]), next_due()}
 """
 )
 
-# KEYS: members, unused, leaving, channel. ARGV: unused, unused, events flag, unused, unused, topic JSON.
-# Ends every leave whose grace is over (the user has no socket anywhere): removed, members told.
-# Returns when the next leave still waiting for its grace is due (0: none).
-FINALIZE = (
+# KEYS: the topic presence keys. ARGV: unused, unused, events flag, unused, unused, topic JSON,
+# ttl ms, interval ms, member limit for named joins and leaves.
+# Ends every leave whose grace is over (the user has no socket anywhere), then, once its interval
+# is over, sends the announcement: one frame with the users who joined and left since the last one
+# and the member count; above the limit, the count alone. Returns the stream's next due time (0: none).
+ANNOUNCE = (
     _NOW
     + _PRESENCE_EVENT
     + """
@@ -188,20 +211,41 @@ for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[3], user)
   if tonumber(redis.call('HGET', KEYS[1], user) or '0') <= 0 then
     redis.call('HDEL', KEYS[1], user)
-    tell('leave', user)
+    note('l', user)
   end
 end
-local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-if #nxt == 0 then return 0 end
-return tonumber(nxt[2])
+local due = redis.call('GET', KEYS[6])
+if due and tonumber(due) <= now then
+  redis.call('DEL', KEYS[6])
+  local changes = redis.call('HGETALL', KEYS[5])
+  redis.call('DEL', KEYS[5])
+  if #changes > 0 then
+    local count = redis.call('HLEN', KEYS[1])
+    local frame = '{"type":"presence","topic":' .. ARGV[6]
+    if count <= tonumber(ARGV[9]) then
+      local joined, left = {}, {}
+      for i = 1, #changes, 2 do
+        if changes[i + 1] == 'j' then joined[#joined + 1] = changes[i] else left[#left + 1] = changes[i] end
+      end
+      table.sort(joined)
+      table.sort(left)
+      for i, user in ipairs(joined) do joined[i] = cjson.encode(user) end
+      for i, user in ipairs(left) do left[i] = cjson.encode(user) end
+      frame = frame .. ',"joined":[' .. table.concat(joined, ',') .. '],"left":[' .. table.concat(left, ',') .. ']'
+    end
+    redis.call('SPUBLISH', KEYS[4], frame .. ',"count":' .. count .. '}')
+  end
+end
+return next_due()
 """
 )
 
-# KEYS: members, the dead replica's members, leaving, channel. ARGV: unused, unused, events flag,
-# unused, unused, topic JSON. Takes a replica that died without saying goodbye out of one stream:
-# a user whose only sockets were there has left (their grace has passed while it was found dead).
+# KEYS: the topic presence keys, the dead replica's members second. ARGV as ANNOUNCE's. Takes a
+# replica that died without saying goodbye out of one stream: a user whose only sockets were there
+# has left (their grace has passed while it was found dead). Returns {users reaped, next due}.
 REAP = (
-    _PRESENCE_EVENT
+    _NOW
+    + _PRESENCE_EVENT
     + """
 local gone = redis.call('HGETALL', KEYS[2])
 for i = 1, #gone, 2 do
@@ -210,11 +254,11 @@ for i = 1, #gone, 2 do
   if total <= 0 then
     redis.call('HDEL', KEYS[1], user)
     redis.call('ZREM', KEYS[3], user)
-    tell('leave', user)
+    note('l', user)
   end
 end
 redis.call('DEL', KEYS[2])
-return #gone / 2
+return {#gone / 2, next_due()}
 """
 )
 
@@ -236,11 +280,31 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 """
 )
 
-# KEYS: streams with leaves waiting (stream -> when the first is due). ARGV: stream, the due time
-# that was read. Forgets the stream unless another leave was registered since it was read.
-GRACE_DONE = """
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if due and tonumber(due) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+# KEYS: streams waiting for the sweep (stream -> when; a negative score: claimed by a sweeper
+# until minus that time). ARGV: how long a claim lasts (ms), at most this many streams.
+# Claims the streams that are due (and those whose claim ran out, its sweeper presumably gone), so
+# that one replica sweeps each. Returns {the claim's score, streams}.
+CLAIM = (
+    _NOW
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], -now, now, 'LIMIT', 0, tonumber(ARGV[2]))
+local claim = -(now + tonumber(ARGV[1]))
+for _, stream in ipairs(due) do redis.call('ZADD', KEYS[1], claim, stream) end
+return {claim, due}
+"""
+)
+
+# KEYS: streams waiting for the sweep. ARGV: stream, when it is next due (0: not), the claim the
+# caller held ('' for none). A writer's due time replaces a claim or a later time; a sweeper's
+# replaces only its own claim, and otherwise keeps the earlier of the two.
+DUE = """
+local current = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local when = tonumber(ARGV[2])
+if current and ARGV[3] ~= '' and tonumber(current) == tonumber(ARGV[3]) then
+  if when > 0 then redis.call('ZADD', KEYS[1], when, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
+elseif when > 0 and (not current or (ARGV[3] == '' and tonumber(current) < 0) or when < tonumber(current)) then
+  redis.call('ZADD', KEYS[1], when, ARGV[1])
+end
 return 0
 """
 
