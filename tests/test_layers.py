@@ -22,6 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "service.openapi": {"service.config", "service.api"},
     "service.server": {
         "service.api",
+        "service.webhooks",
+        "service.outbox",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -30,6 +32,8 @@ ALLOWED: dict[str, set[str]] = {
         "service.config",
     },
     "service.api": {
+        "service.webhooks",
+        "service.outbox",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -37,6 +41,8 @@ ALLOWED: dict[str, set[str]] = {
         "service.core",
         "service.config",
     },
+    "service.webhooks": {"service.outbox", "service.broker", "service.telemetry", "service.core", "service.config"},
+    "service.outbox": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.delivery": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.auth": {"service.core", "service.config"},
     "service.broker": {"service.telemetry", "service.core", "service.config"},

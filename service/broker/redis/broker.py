@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.retry import Retry
@@ -28,7 +29,7 @@ from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, Rea
 from . import scripts
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
-from .pipeline import AutoPipeline
+from .pipeline import AutoPipeline, Lua
 from .presence import Presence, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
@@ -306,6 +307,17 @@ class RedisBroker:
         read = marker is not None and id_key(notification_id) <= id_key(marker)
         retained = bool(entries) and id_key(notification_id) >= id_key(self._floor(stream))
         return ReadState(read=read, retained=retained)
+
+    # ---- for other parts that keep state in Redis (the outbox)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def evaluate(self, script: Lua, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a script on the shared pipelined connection of the primary that owns its keys (which
+        share one hash tag); BrokerUnavailable on failure or past the publish deadline."""
+        return await self._call(self._pipeline.evaluate(script, keys, args))
 
     # ---- helpers
 
