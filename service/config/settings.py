@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .topic_options import TopicOptions
+from .webhook_options import WebhookEndpoint
 
 if TYPE_CHECKING:
     from .redis_url import Topology
@@ -93,6 +94,15 @@ class Settings(BaseSettings):
     # rather than delivery to open sockets (`server/admission.py`). "off": no cap.
     max_handshake_rate: float | None = Field(600.0, gt=0)
 
+    # Webhooks (`service/webhooks/`): endpoints as JSON, [{"url", "secret", "events"}]; none: no
+    # webhooks, and nothing on any path costs more for them.
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    # One attempt's deadline; the delays before each retry (after the last failure the event is dead),
+    # each jittered by up to 20 %; events pending per endpoint beyond which new ones are dropped.
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retry_seconds: Annotated[tuple[float, ...], NoDecode] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
+    webhook_max_pending: int = Field(100_000, gt=0)
+
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
 
@@ -115,6 +125,19 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_seconds", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                delays = tuple(float(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                raise ValueError("must be seconds separated by commas, e.g. 5,30,120") from None
+            if any(not 0 <= delay <= 7 * 86400 for delay in delays):
+                raise ValueError("each delay must be from 0 to 604800 seconds")
+            return delays
         return value
 
     @field_validator("access_log", mode="before")
