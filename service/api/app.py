@@ -17,15 +17,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..auth.tokens import TokenVerifier
-from ..broker import create_broker
+from ..broker import Broker, create_broker
 from ..config.settings import Settings
 from ..core.errors import ServiceError
+from ..core.streams import user_stream
 from ..core.topics import Topics
 from ..delivery.hub import Hub
+from ..outbox import create_outbox
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
-from . import client_assets, events, health, inbox, publish, topics, ws
+from ..webhooks import ReadMarkers, Webhooks
+from . import client_assets, events, health, inbox, publish, topics, webhooks, ws
 from .limits import RequestLimits
 from .models import ErrorBody
 from .runtime import Runtime
@@ -90,6 +93,10 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         runtime = Runtime(settings, replica_id, metrics, broker, hub, TokenVerifier(settings), topics)
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
+        if settings.webhooks:
+            runtime.webhooks = _webhooks(settings, broker, metrics)
+            runtime.reads = ReadMarkers(_tell_read(runtime.webhooks))
+            await runtime.webhooks.start()
         try:
             async with AsyncExitStack() as hooks:
                 for hook in process_hooks:
@@ -98,6 +105,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if runtime.webhooks is not None:
+                await runtime.webhooks.stop()
             await broker.stop()
 
     app = NotifyApp(
@@ -106,7 +115,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for module in (publish, topics, inbox, events, client_assets):
+    for module in (publish, topics, inbox, events, webhooks, client_assets):
         app.include_router(module.router, responses=CONNECTION_ERRORS)
     app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
@@ -120,6 +129,20 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
     )
     app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
     return app
+
+
+def _webhooks(settings: Settings, broker: Broker, metrics: Metrics) -> Webhooks:
+    outbox = create_outbox(
+        broker, settings.webhook_retry_seconds, settings.webhook_max_pending, settings.webhook_timeout_seconds
+    )
+    return Webhooks(settings, outbox, metrics)
+
+
+def _tell_read(webhooks: Webhooks) -> Callable[[str, str], None]:
+    def tell(user_id: str, up_to: str) -> None:
+        webhooks.emit_soon("notification.read", {"user": user_id, "up_to": up_to}, user_stream(user_id))
+
+    return tell
 
 
 def _install_error_handlers(app: FastAPI) -> None:

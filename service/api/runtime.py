@@ -11,6 +11,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..telemetry.metrics import Metrics
+from ..webhooks import ReadMarkers, Webhooks
 
 
 @dataclass(slots=True)
@@ -26,3 +27,13 @@ class Runtime:
     topics: Topics
     draining: bool = False
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    # With NOTIFY_WEBHOOKS only: None otherwise, and every path that would tell them costs nothing.
+    webhooks: Webhooks | None = None
+    reads: ReadMarkers | None = None
+
+    async def mark_read(self, user_id: str, up_to: str) -> int:
+        """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""
+        unread = await self.broker.mark_read(user_id, up_to)
+        if self.reads is not None:
+            self.reads.moved(user_id, up_to)
+        return unread
