@@ -83,6 +83,14 @@ async def test_embedded_signed_retried_with_one_id_and_reads_paced(http):
         assert markers[0] == {"user": "alice", "up_to": ids[0]} and markers[-1] == {"user": "alice", "up_to": ids[2]}
         await asyncio.sleep(1.5)
         assert len(receiver.events("notification.read")) == 2
+        # An ack of an older id moves nothing, so tells nothing; one past the newest tells the newest.
+        await alice.send({"type": "ack", "id": ids[0]})
+        sent = await http.post(replica.url + "/notify/alice", json={"event": "e"}, headers=_pub())
+        await alice.send({"type": "ack", "id": "99999999999999-1"})
+        reads = await receiver.wait_for(lambda r: len([x for x in r if x.event["type"] == "notification.read"]) >= 3)
+        assert [r.event["data"]["up_to"] for r in reads if r.event["type"] == "notification.read"][2:] == [
+            sent.json()["id"]
+        ]
         assert receiver.unverified == 0
         await alice.close()
 

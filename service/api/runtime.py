@@ -33,7 +33,7 @@ class Runtime:
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
         """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""
-        unread = await self.broker.mark_read(user_id, up_to)
-        if self.reads is not None:
-            self.reads.moved(user_id, up_to)
-        return unread
+        marked = await self.broker.mark_read(user_id, up_to)
+        if self.reads is not None and marked.moved_to is not None:
+            self.reads.moved(user_id, marked.moved_to)
+        return marked.unread

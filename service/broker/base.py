@@ -77,6 +77,15 @@ class ReadState:
     retained: bool
 
 
+@dataclass(frozen=True, slots=True)
+class MarkedRead:
+    """What moving a read marker did: the unread count, and where the marker moved to (None when
+    it did not move: an older id, or one past nothing)."""
+
+    unread: int
+    moved_to: str | None = None
+
+
 def frame_id(frame: str) -> str | None:
     """The id of a notification frame this service built; None for control frames."""
     if not frame.startswith(NOTIFICATION_PREFIX):
@@ -172,8 +181,8 @@ class Broker(Protocol):
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         """The user's retained notifications older than `before`, newest first, and the unread count."""
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
-        """Move the user's read marker forward to `up_to`; returns the unread count.
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
+        """Move the user's read marker forward to `up_to` (never past the newest notification).
 
         When the count changes, every socket of the user on every replica gets an `unread` frame."""
 

@@ -16,6 +16,7 @@ from .base import (
     HistoryPage,
     Inbox,
     LostHandler,
+    MarkedRead,
     Published,
     ReadState,
     RulesOf,
@@ -196,18 +197,18 @@ class MemoryBroker:
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         return Inbox(await self.latest(user_stream(user_id), before, limit), self._unread(user_id))
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
         stream = user_stream(user_id)
         entries = self._streams.get(stream)
         if entries is None or not entries.entries:
-            return 0
+            return MarkedRead(0)
         target = min(id_key(up_to), entries.entries[-1][0])
         if target > self._read.get(user_id, (0, 0)):
             self._read[user_id] = target
             count = self._unread(user_id)
             self._deliver(stream, f'{{"type":"unread","count":{count}}}')
-            return count
-        return self._unread(user_id)
+            return MarkedRead(count, f"{target[0]}-{target[1]}")
+        return MarkedRead(self._unread(user_id))
 
     async def read_state(self, user_id: str, notification_id: str) -> ReadState:
         key = id_key(notification_id)

@@ -25,7 +25,17 @@ from ...core.errors import BrokerUnavailable
 from ...core.ids import id_key, is_recoverable
 from ...core.streams import BROADCAST, is_topic, user_of, user_stream
 from ...telemetry.metrics import Metrics
-from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
+from ..base import (
+    FrameHandler,
+    HistoryPage,
+    Inbox,
+    LostHandler,
+    MarkedRead,
+    Published,
+    ReadState,
+    StreamRules,
+    frame_parts,
+)
 from . import scripts
 from .cluster import ClusterPipelines, SlotMap
 from .connector import Connector
@@ -293,10 +303,11 @@ class RedisBroker:
         )
         return Inbox(frames, int(unread))
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
         stream = user_stream(user_id)
         keys = [self._key(stream, "r"), self._key(stream, "h"), self._key(stream, "c")]
-        return int(await self._call(self._mark_read_script(keys=keys, args=[up_to, self._ttl_ms])))
+        count, moved_to = await self._call(self._mark_read_script(keys=keys, args=[up_to, self._ttl_ms]))
+        return MarkedRead(int(count), moved_to or None)
 
     async def read_state(self, user_id: str, notification_id: str) -> ReadState:
         stream = user_stream(user_id)

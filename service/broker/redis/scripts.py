@@ -82,14 +82,15 @@ end
 """
 
 # KEYS: read marker, history, channel. ARGV: up_to id, ttl ms.
-# Moves the marker forward (never past the newest entry), returns the unread count (entries after
-# the marker and young enough to be served), and tells every socket of the user when it moved.
+# Moves the marker forward (never past the newest entry), and tells every socket of the user when
+# it moved. Returns {the unread count (entries after the marker and young enough to be served),
+# the marker it moved to or ''}.
 MARK_READ = (
     _NOW
     + _COMPARE
     + """
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #newest == 0 then return 0 end
+if #newest == 0 then return {0, ''} end
 local target = ARGV[1]
 if later(target, newest[1][1]) then target = newest[1][1] end
 local marker = redis.call('GET', KEYS[1])
@@ -102,8 +103,11 @@ local floor = string.format('%d-0', now - tonumber(ARGV[2]))
 local from = '(' .. marker
 if later(floor, marker) then from = floor end
 local count = #redis.call('XRANGE', KEYS[2], from, '+')
-if moved then redis.call('SPUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}') end
-return count
+if moved then
+  redis.call('SPUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}')
+  return {count, marker}
+end
+return {count, ''}
 """
 )
 
