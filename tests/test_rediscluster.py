@@ -15,7 +15,10 @@ import httpx
 import orjson
 import pytest
 
+from .receiver import receiving
 from .test_topics import connect, join
+from .test_webhooks import admin, say, texts
+from .test_webhooks import env as webhook_env
 from .topology import ClusterTopology
 from .utils import ROOT, SECRET, TIMEOUT, Replica, publish, publisher_headers, started
 
@@ -292,3 +295,27 @@ async def wait_ready(http: httpx.AsyncClient, replica: Replica, within: float) -
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{replica.url} not ready within {within}s:\n{replica.output()}")
+
+
+async def test_webhooks_spread_over_the_cluster(cluster, http):
+    """Webhook events from members of topics all over the cluster each reach the receiver once,
+    signed, from a queue whose shards live on more than one primary."""
+    with receiving() as receiver:
+        config = cluster.env(**webhook_env(receiver))
+        with started(Replica(config), Replica(config)) as (a, b):
+            topics = [f"chat:cl-{os.getpid()}-{n}" for n in range(8)]
+            sockets = [await say(a if n % 2 else b, topic, topic) for n, topic in enumerate(topics)]
+            got = await receiver.wait_for(lambda r: texts(r) == set(topics))
+            assert len(got) == len(topics) and receiver.unverified == 0
+            prefix = config["NOTIFY_REDIS_PREFIX"]
+            holders = {cluster.owner(f"{prefix}:{{ob{shard}}}:stats").port for shard in range(8)}
+            used = {
+                cluster.owner(f"{prefix}:{{ob{shard}}}:stats").port
+                for shard in range(8)
+                if cluster.owner(f"{prefix}:{{ob{shard}}}:stats").call("EXISTS", f"{prefix}:{{ob{shard}}}:stats")
+            }
+            assert len(holders) > 1 and len(used) > 1
+            state = (await http.get(a.url + "/webhooks", headers=admin())).json()[0]
+            assert state["delivered"] == len(topics) and state["pending"] == 0
+            for socket in sockets:
+                await socket.close()

@@ -22,10 +22,12 @@ def admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {token('ops', 'notify:admin')}"}
 
 
-def env(*receivers: Receiver, **extra: str) -> dict[str, str]:
+def env(
+    *receivers: Receiver, events: tuple[str, ...] = ("topic.message", "notification.*"), **extra: str
+) -> dict[str, str]:
     return {
         "NOTIFY_TOPICS": TOPICS,
-        "NOTIFY_WEBHOOKS": json.dumps([r.endpoint() for r in receivers]),
+        "NOTIFY_WEBHOOKS": json.dumps([r.endpoint(events=events) for r in receivers]),
         "NOTIFY_WEBHOOK_RETRY_SECONDS": FAST_RETRIES,
         **extra,
     }
@@ -121,7 +123,7 @@ async def test_two_replicas_share_the_queue(redis_server, http):
     secret of the endpoint; the admin API shows the same counts on both replicas."""
     old = new_secret()
     with receiving() as receiver:
-        endpoint = {**receiver.endpoint(), "secret": [old, receiver.secret], "events": ["topic.*"]}
+        endpoint = {**receiver.endpoint(), "secret": [old, receiver.secret], "events": ["topic.message"]}
         config = cluster_env(redis_server, **{**env(receiver), "NOTIFY_WEBHOOKS": json.dumps([endpoint])})
         with started(Replica(config), Replica(config)) as (a, b):
             topic = f"chat:{uuid.uuid4().hex[:8]}"
@@ -259,3 +261,115 @@ async def test_events_in_flight_on_a_killed_replica_arrive(redis_server):
             # Each event answered 200 after the kill (the hung attempts timed out at 2 s, unanswered).
             await receiver.wait_for(lambda r: texts([x for x in r if x.at > killed_at + 0.1]) == set(said), timeout=30)
             await client.close()
+
+
+PRESENCE_TOPICS = json.dumps({"chat": {"join": "any", "publish": True}, "room": {"join": "any", "presence": True}})
+
+
+def presence_env(receiver: Receiver, **extra: str) -> dict[str, str]:
+    return env(
+        receiver,
+        events=("user.*", "topic.*"),
+        NOTIFY_TOPICS=PRESENCE_TOPICS,
+        NOTIFY_PRESENCE_LEAVE_GRACE_SECONDS="0.5",
+        **extra,
+    )
+
+
+def told(received: list[Received], *types: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(r.event["type"], r.event["data"]) for r in received if r.event["type"] in types]
+
+
+async def connected(replica: Replica, user: str) -> Client:
+    client = await Client.connect(replica, user)
+    await client.welcome()
+    return client
+
+
+async def test_users_online_and_offline_across_replicas(redis_server):
+    """A user's first socket anywhere is user.online; a second device on another replica, or a
+    reconnect within the grace, is no event; their last socket gone is user.offline after the grace."""
+    with receiving() as receiver:
+        config = cluster_env(redis_server, **presence_env(receiver))
+        with started(Replica(config), Replica(config)) as (a, b):
+            user = f"u{uuid.uuid4().hex[:8]}"
+            on_a = await connected(a, user)
+            await receiver.wait_for(lambda r: told(r, "user.online") == [("user.online", {"user": user})])
+            on_b = await connected(b, user)
+            await on_a.close()
+            await on_b.close()
+            back = await connected(a, user)  # within the grace: neither offline nor online
+            await asyncio.sleep(1.5)
+            assert told(receiver.events(), "user.online", "user.offline") == [("user.online", {"user": user})]
+            await back.close()
+            got = await receiver.wait_for(lambda r: len(told(r, "user.offline")) == 1)
+            assert told(got, "user.online", "user.offline")[-1] == ("user.offline", {"user": user})
+            assert receiver.unverified == 0
+
+
+async def test_topic_occupied_members_and_vacated(redis_server):
+    """A topic's first member is topic.occupied, its last one leaving topic.vacated (after the
+    grace), in every namespace; members added and removed where the namespace shows presence."""
+    with receiving() as receiver:
+        config = cluster_env(redis_server, **presence_env(receiver))
+        with started(Replica(config), Replica(config)) as (a, b):
+            room, chat = f"room:{uuid.uuid4().hex[:8]}", f"chat:{uuid.uuid4().hex[:8]}"
+            alice, bob = await connected(a, "alice"), await connected(b, "bob")
+            for client, topic in ((alice, room), (bob, room), (alice, chat)):
+                await client.send({"type": "join", "topic": topic})
+                assert (await client.recv())["type"] == "joined"
+            await alice.send({"type": "leave", "topic": room})
+            await bob.close()
+            await alice.send({"type": "leave", "topic": chat})
+            types = ("topic.occupied", "topic.vacated", "topic.member_added", "topic.member_removed")
+            got = await receiver.wait_for(lambda r: len(told(r, *types)) == 8)
+            in_room = [(t, d) for t, d in told(got, *types) if d["topic"] == room]
+            # Events sent at the same moment may arrive in either order; a grace apart, they do not.
+            assert in_room.index(("topic.occupied", {"topic": room})) < in_room.index(
+                ("topic.vacated", {"topic": room})
+            )
+            assert sorted(in_room, key=str) == sorted(
+                [
+                    ("topic.occupied", {"topic": room}),
+                    ("topic.member_added", {"topic": room, "user": "alice"}),
+                    ("topic.member_added", {"topic": room, "user": "bob"}),
+                    ("topic.member_removed", {"topic": room, "user": "alice"}),
+                    ("topic.member_removed", {"topic": room, "user": "bob"}),
+                    ("topic.vacated", {"topic": room}),
+                ],
+                key=str,
+            )
+            assert [(t, d) for t, d in told(got, *types) if d["topic"] == chat] == [
+                ("topic.occupied", {"topic": chat}),
+                ("topic.vacated", {"topic": chat}),
+            ]
+            await alice.close()
+
+
+async def test_embedded_presence_events():
+    """Embedded broker: user.online, and user.offline after the grace."""
+    with receiving() as receiver, started(Replica(presence_env(receiver))) as (replica,):
+        client = await connected(replica, "erin")
+        await receiver.wait_for(lambda r: told(r, "user.online") == [("user.online", {"user": "erin"})])
+        await client.close()
+        await receiver.wait_for(lambda r: told(r, "user.offline") == [("user.offline", {"user": "erin"})])
+
+
+@pytest.mark.slow
+async def test_user_offline_from_a_killed_replica(redis_server):
+    """A replica SIGKILLed: user.offline within 15 s for a user whose sockets were only there, none
+    for a user who still has a socket on the surviving replica."""
+    with receiving() as receiver:
+        config = cluster_env(redis_server, **presence_env(receiver))
+        with started(Replica(config), Replica(config)) as (a, b):
+            only_a, both = f"a{uuid.uuid4().hex[:8]}", f"b{uuid.uuid4().hex[:8]}"
+            sockets = [await connected(a, only_a), await connected(a, both), await connected(b, both)]
+            await receiver.wait_for(lambda r: len(told(r, "user.online")) == 2)
+            a.signal(9)
+            killed_at = time.monotonic()
+            got = await receiver.wait_for(lambda r: told(r, "user.offline") != [], timeout=20)
+            assert told(got, "user.offline") == [("user.offline", {"user": only_a})]
+            assert got[-1].at - killed_at < 15
+            await asyncio.sleep(2)
+            assert told(receiver.events(), "user.offline") == [("user.offline", {"user": only_a})]
+            await sockets[2].close()

@@ -27,7 +27,7 @@ from ..outbox import create_outbox
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
-from ..webhooks import ReadMarkers, Webhooks
+from ..webhooks import PresenceEvents, ReadMarkers, Webhooks
 from . import client_assets, events, health, inbox, publish, topics, webhooks, ws
 from .limits import RequestLimits
 from .models import ErrorBody
@@ -96,6 +96,9 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         if settings.webhooks:
             runtime.webhooks = _webhooks(settings, broker, metrics)
             runtime.reads = ReadMarkers(_tell_read(runtime.webhooks))
+            if PresenceEvents.wanted(runtime.webhooks):
+                watch = PresenceEvents(runtime.webhooks, topics.presence_on)
+                broker.watch_presence(watch.changed, int(settings.presence_leave_grace_seconds * 1000))
             await runtime.webhooks.start()
         try:
             async with AsyncExitStack() as hooks:

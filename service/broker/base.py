@@ -32,6 +32,10 @@ RulesOf = Callable[[str], StreamRules]
 
 # Called when what this replica missed cannot be replayed (Redis came back without its data).
 LostHandler = Callable[[], Awaitable[None]]
+# Told of each presence change this replica decides: (stream, "join" or "leave", user, the stream's
+# distinct members after it). A join is a user's first socket anywhere; a leave, their last one
+# gone and the grace over (or their replica found dead).
+PresenceWatch = Callable[[str, str, str, int], None]
 
 NOTIFICATION_PREFIX = '{"type":"notification","id":"'
 CONTROL = "!"
@@ -147,6 +151,10 @@ class Broker(Protocol):
 
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         """Record the user's sockets in the stream on this replica, written in the background."""
+
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        """From now on, tell `watch` of every presence change, users' own streams included (whose
+        leaves then wait `user_grace_ms`, as a topic's do)."""
 
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record the user's sockets in a topic now; answers the distinct members across replicas.

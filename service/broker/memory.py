@@ -17,6 +17,7 @@ from .base import (
     Inbox,
     LostHandler,
     MarkedRead,
+    PresenceWatch,
     Published,
     ReadState,
     RulesOf,
@@ -65,7 +66,9 @@ class MemoryBroker:
         self._idempotency: dict[tuple[str, str], tuple[Published, int]] = {}
         self._subscribed: set[str] = {BROADCAST}
         self._online: dict[str, int] = {}  # user stream -> sockets
-        self._topics: dict[str, _Members] = {}
+        self._topics: dict[str, _Members] = {}  # topics, and users' own streams while watched
+        self._watch: PresenceWatch | None = None
+        self._user_rules = StreamRules()
         self._on_frame: FrameHandler | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -105,10 +108,17 @@ class MemoryBroker:
         if is_topic(stream):
             with contextlib.suppress(TopicFull):
                 self._topic_presence(stream, user_id, sockets, self._rules(stream))
-        elif sockets:
-            self._online[stream] = sockets
         else:
-            self._online.pop(stream, None)
+            if sockets:
+                self._online[stream] = sockets
+            else:
+                self._online.pop(stream, None)
+            if self._watch is not None:
+                self._topic_presence(stream, user_id, sockets, self._user_rules)
+
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        self._watch = watch
+        self._user_rules = StreamRules(grace_ms=user_grace_ms)
 
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         return self._topic_presence(stream, user_id, sockets, rules)
@@ -125,6 +135,8 @@ class MemoryBroker:
             members.sockets[user_id] = sockets
             if not present and rules.events:
                 self._deliver(stream, presence_frame(topic_of(stream) or "", "join", user_id, len(members.sockets)))
+            if not present and self._watch is not None:
+                self._watch(stream, "join", user_id, len(members.sockets))
         elif present and user_id not in members.leaving:
             loop = asyncio.get_running_loop()
             members.sockets[user_id] = 0
@@ -138,6 +150,8 @@ class MemoryBroker:
         del members.sockets[user_id]
         if rules.events:
             self._deliver(stream, presence_frame(topic_of(stream) or "", "leave", user_id, len(members.sockets)))
+        if self._watch is not None:
+            self._watch(stream, "leave", user_id, len(members.sockets))
         if not members.sockets:
             del self._topics[stream]
 

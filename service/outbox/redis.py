@@ -42,6 +42,7 @@ class RedisOutbox(Waker):
         self._max_pending = max_pending
         self._pending: dict[str, int] = {}
         self._pending_read = -PENDING_READ_SECONDS
+        self._reading: asyncio.Task[Any] | None = None
         self._lease_ms = int((attempt_seconds + LEASE_MARGIN_SECONDS) * 1000)
         self._prefix = broker.prefix
         self._next = 0  # the shard the next claim starts at, so none is always served last
@@ -60,12 +61,12 @@ class RedisOutbox(Waker):
 
     async def enqueue(self, destination: str, payload: str, order_key: str) -> str | None:
         if self._max_pending:
-            if time.monotonic() - self._pending_read >= PENDING_READ_SECONDS:
-                await self.stats()
+            self._read_pending()
             if self._pending.get(destination, 0) >= self._max_pending:
                 return None
         shard = zlib.crc32(order_key.encode()) % SHARDS
         job_id = new_id(shard)
+        # The script is this call's first wait, so jobs enqueued one after another reach Redis in that order.
         args = (job_id, destination, payload, self._max_pending)
         queued = await self._run(scripts.ENQUEUE, shard, ("due", "jobs", "meta", "stats"), args)
         if not queued:
@@ -73,6 +74,14 @@ class RedisOutbox(Waker):
         self._pending[destination] = self._pending.get(destination, 0) + 1
         self.wake()
         return job_id
+
+    def _read_pending(self) -> None:
+        """Read the pending counts again in the background when they are a second old."""
+        if time.monotonic() - self._pending_read < PENDING_READ_SECONDS:
+            return
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.get_running_loop().create_task(self.stats())
+            self._reading.add_done_callback(_quiet)
 
     async def claim(self, limit: int) -> list[Job]:
         token = secrets.token_hex(8)
@@ -166,6 +175,11 @@ class RedisOutbox(Waker):
 
     async def resume(self, destination: str) -> None:
         await self._run(scripts.SET_STAT, 0, ("stats",), ("z:" + destination, ""))
+
+
+def _quiet(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # Redis away: the counts are read again on a later enqueue
 
 
 def _shard(job_id: str) -> int:

@@ -20,7 +20,7 @@ local function parse(meta)
 end
 """
 
-# KEYS: due, jobs, meta, stats. ARGV: id, destination, payload, max pending in this shard (0: none).
+# KEYS: due, jobs, meta, stats. ARGV: id, destination, payload, max pending (0: none).
 # Returns 1 queued, 0 refused (over the bound).
 ENQUEUE = Lua.of(
     _NOW

@@ -87,17 +87,21 @@ class Webhooks:
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
         body = orjson.dumps({"type": event_type, "timestamp": stamp, "data": data}).decode()
         payload = f"{event_type}\n{body}"
-        for index in targets:
+        # Every endpoint's job at once: each enqueue reaches Redis in the order `emit` was called.
+        outcomes = await asyncio.gather(
+            *(self._outbox.enqueue(_DESTINATION + str(index), payload, order_key) for index in targets),
+            return_exceptions=True,
+        )
+        for index, queued in zip(targets, outcomes, strict=True):
             endpoint = str(index)
-            try:
-                queued = await self._outbox.enqueue(_DESTINATION + endpoint, payload, order_key)
-                reason = "" if queued else f"over NOTIFY_WEBHOOK_MAX_PENDING for endpoint {index}"
-            except BrokerUnavailable as exc:
-                queued, reason = None, f"the queue is unreachable ({exc.message})"
-            if queued:
+            if isinstance(queued, str):
                 self._metrics.webhook_enqueued.labels(event_type, endpoint).inc()
+            elif isinstance(queued, BrokerUnavailable):
+                self._dropped(event_type, endpoint, f"the queue is unreachable ({queued.message})")
+            elif isinstance(queued, BaseException):
+                raise queued
             else:
-                self._dropped(event_type, endpoint, reason)
+                self._dropped(event_type, endpoint, f"over NOTIFY_WEBHOOK_MAX_PENDING for endpoint {index}")
 
     def emit_soon(self, event_type: str, data: dict[str, Any], order_key: str) -> None:
         """`emit` from code that may not wait for the queue (a timer's callback)."""

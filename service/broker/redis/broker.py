@@ -31,6 +31,7 @@ from ..base import (
     Inbox,
     LostHandler,
     MarkedRead,
+    PresenceWatch,
     Published,
     ReadState,
     StreamRules,
@@ -208,6 +209,10 @@ class RedisBroker:
 
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         self._presence.set(stream, user_id, sockets)
+
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        self._presence.watch = watch
+        self._presence.user_rules = StreamRules(grace_ms=user_grace_ms)
 
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         return await self._call(self._presence.join(stream, user_id, sockets, rules))

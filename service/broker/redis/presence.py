@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
 from ...core.streams import is_topic, topic_of, user_of
-from ..base import RulesOf, StreamRules, TopicFull
+from ..base import PresenceWatch, RulesOf, StreamRules, TopicFull
 from . import scripts
 from .cluster import ClusterPipelines
 from .pipeline import AutoPipeline, Lua
@@ -77,6 +77,9 @@ class Presence:
         self._users_in: dict[str, int] = {}  # stream -> users with sockets on this replica
         self._dirty: set[tuple[str, str]] = set()
         self._dirty_event = asyncio.Event()
+        # Who hears each join and leave this replica decides (`RedisBroker.watch_presence`).
+        self.watch: PresenceWatch | None = None
+        self.user_rules = _NO_RULES
 
     # ---- writes
 
@@ -117,7 +120,7 @@ class Presence:
         keys = [self._key(stream, "m"), self._key(stream, f"m:{self._replica}"), self._key(stream, "g")]
         keys.append(self._key(stream, "c"))
         args = [user_id, sockets, int(rules.events), rules.grace_ms, rules.max_members or 0]
-        args += [orjson.dumps(topic or "").decode(), self._ttl_ms]
+        args += [orjson.dumps(topic or "").decode(), self._ttl_ms, self._watched]
         streams_key = self._streams_of.format(self._replica)
         # The script and the note of which streams this replica is in leave in one write.
         calls = [self._pipeline.evaluate(self._script, keys, args)]
@@ -125,14 +128,24 @@ class Presence:
             calls.append(self._pipeline.execute(command("SADD", streams_key, stream), key=streams_key))
         elif stream not in self._users_in:
             calls.append(self._pipeline.execute(command("SREM", streams_key, stream), key=streams_key))
-        (status, count, due), *_ = await asyncio.gather(*calls)
+        (status, count, due, changes), *_ = await asyncio.gather(*calls)
+        self._heard(stream, changes)
         if status == 2:
             # A leave waits for its grace; whichever replica sweeps first after it tells the members.
             await self._pipeline.execute(command("ZADD", self._graces, "LT", due, stream), key=self._graces)
         return int(status), int(count)
 
     def _rules_for(self, stream: str) -> StreamRules:
-        return self._rules(stream) if is_topic(stream) else _NO_RULES
+        return self._rules(stream) if is_topic(stream) else self.user_rules
+
+    @property
+    def _watched(self) -> int:
+        return int(self.watch is not None)
+
+    def _heard(self, stream: str, changes: list[Any]) -> None:
+        if self.watch is not None:
+            for i in range(0, len(changes), 3):
+                self.watch(stream, changes[i], changes[i + 1], int(changes[i + 2]))
 
     async def members(self, stream: str, limit: int) -> tuple[list[str], int]:
         pipe = self._redis.pipeline(transaction=False)
@@ -195,8 +208,10 @@ class Presence:
             rules = self._rules_for(stream)
             keys = [self._key(stream, "m"), self._key(stream, f"m:{dead}"), self._key(stream, "g")]
             keys.append(self._key(stream, "c"))
-            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            reaped += int(await self._pipeline.evaluate(self._reap, keys, args))
+            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode(), "", self._watched]
+            taken, changes = await self._pipeline.evaluate(self._reap, keys, args)
+            reaped += int(taken)
+            self._heard(stream, changes)
         pipe = self._redis.pipeline(transaction=False)
         pipe.delete(streams_key)
         pipe.zrem(self._replicas, dead)
@@ -209,8 +224,10 @@ class Presence:
         for stream, due in await self._redis.zrangebyscore(self._graces, "-inf", now_ms, withscores=True):
             rules = self._rules(stream)
             keys = [self._key(stream, "m"), self._key(stream, "m"), self._key(stream, "g"), self._key(stream, "c")]
-            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode()]
-            following = int(await self._pipeline.evaluate(self._finalize, keys, args))
+            args = ["", "", int(rules.events), "", "", orjson.dumps(topic_of(stream) or "").decode(), "", self._watched]
+            following, changes = await self._pipeline.evaluate(self._finalize, keys, args)
+            following = int(following)
+            self._heard(stream, changes)
             if following:
                 await self._redis.zadd(self._graces, {stream: following}, xx=True)
             else:

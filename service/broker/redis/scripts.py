@@ -124,8 +124,14 @@ return #redis.call('XRANGE', KEYS[2], from, '+')
 """
 )
 
+# Every change is also returned, as action, user, members after, when ARGV[8] is '1' (someone
+# watches presence: the webhooks).
 _PRESENCE_EVENT = """
+local changes = {}
 local function tell(action, user)
+  if ARGV[8] == '1' then
+    for _, v in ipairs({action, user, redis.call('HLEN', KEYS[1])}) do changes[#changes + 1] = v end
+  end
   if ARGV[3] ~= '1' then return end
   redis.call('SPUBLISH', KEYS[4], '{"type":"presence","topic":' .. ARGV[6] .. ',"action":"' .. action
     .. '","user":' .. cjson.encode(user) .. ',"count":' .. redis.call('HLEN', KEYS[1]) .. '}')
@@ -134,9 +140,10 @@ end
 
 # KEYS: members (user -> sockets on every replica), this replica's members (user -> sockets here),
 #       leaving (user -> when their leave is due), channel.
-# ARGV: user, sockets here now, events flag, grace ms, member cap (0: none), topic JSON, ttl ms.
-# Returns {status, members, due}: status 0 done, 1 refused (the cap), 2 a leave is now due at
-# `due` (unix ms; the caller registers it for `FINALIZE`).
+# ARGV: user, sockets here now, events flag, grace ms, member cap (0: none), topic JSON, ttl ms,
+# watched flag.
+# Returns {status, members, due, changes}: status 0 done, 1 refused (the cap), 2 a leave is now due
+# at `due` (unix ms; the caller registers it for `FINALIZE`).
 PRESENCE = (
     _NOW
     + _PRESENCE_EVENT
@@ -146,9 +153,9 @@ local mine = tonumber(redis.call('HGET', KEYS[2], user) or '0')
 local known = redis.call('HEXISTS', KEYS[1], user) == 1
 local cap = tonumber(ARGV[5])
 if n > 0 and not known and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
-  return {1, redis.call('HLEN', KEYS[1]), 0}
+  return {1, redis.call('HLEN', KEYS[1]), 0, changes}
 end
-if n == mine then return {0, redis.call('HLEN', KEYS[1]), 0} end
+if n == mine then return {0, redis.call('HLEN', KEYS[1]), 0, changes} end
 if n > 0 then redis.call('HSET', KEYS[2], user, n) else redis.call('HDEL', KEYS[2], user) end
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local total = tonumber(redis.call('HINCRBY', KEYS[1], user, n - mine))
@@ -156,25 +163,25 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if total > 0 then
   -- Back within the grace: nobody was told they left, so nobody is told they joined.
   if redis.call('ZREM', KEYS[3], user) == 0 and not known then tell('join', user) end
-  return {0, redis.call('HLEN', KEYS[1]), 0}
+  return {0, redis.call('HLEN', KEYS[1]), 0, changes}
 end
 redis.call('HSET', KEYS[1], user, 0)
 local grace = tonumber(ARGV[4])
 if grace > 0 then
   redis.call('ZADD', KEYS[3], now + grace, user)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {2, redis.call('HLEN', KEYS[1]), now + grace}
+  return {2, redis.call('HLEN', KEYS[1]), now + grace, changes}
 end
 redis.call('HDEL', KEYS[1], user)
 redis.call('ZREM', KEYS[3], user)
 tell('leave', user)
-return {0, redis.call('HLEN', KEYS[1]), 0}
+return {0, redis.call('HLEN', KEYS[1]), 0, changes}
 """
 )
 
-# KEYS: members, unused, leaving, channel. ARGV: unused, unused, events flag, unused, unused, topic JSON.
-# Ends every leave whose grace is over (the user has no socket anywhere): removed, members told.
-# Returns when the next leave still waiting for its grace is due (0: none).
+# KEYS: members, unused, leaving, channel. ARGV: unused, unused, events flag, unused, unused, topic JSON,
+# unused, watched flag. Ends every leave whose grace is over (the user has no socket anywhere):
+# removed, members told. Returns {when the next leave still waiting for its grace is due (0: none), changes}.
 FINALIZE = (
     _NOW
     + _PRESENCE_EVENT
@@ -187,14 +194,15 @@ for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   end
 end
 local nxt = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-if #nxt == 0 then return 0 end
-return tonumber(nxt[2])
+if #nxt == 0 then return {0, changes} end
+return {tonumber(nxt[2]), changes}
 """
 )
 
 # KEYS: members, the dead replica's members, leaving, channel. ARGV: unused, unused, events flag,
-# unused, unused, topic JSON. Takes a replica that died without saying goodbye out of one stream:
-# a user whose only sockets were there has left (their grace has passed while it was found dead).
+# unused, unused, topic JSON, unused, watched flag. Takes a replica that died without saying goodbye
+# out of one stream: a user whose only sockets were there has left (their grace has passed while it
+# was found dead). Returns {memberships taken out, changes}.
 REAP = (
     _PRESENCE_EVENT
     + """
@@ -209,7 +217,7 @@ for i = 1, #gone, 2 do
   end
 end
 redis.call('DEL', KEYS[2])
-return #gone / 2
+return {#gone / 2, changes}
 """
 )
 
