@@ -32,8 +32,8 @@ class Received:
     headers: dict[str, str]
 
 
-# What to answer a request: status, headers, seconds to wait before answering.
-Answer = tuple[int, dict[str, str], float]
+# What to answer a request: status, headers, seconds to wait before answering, and optionally a body.
+Answer = tuple[int, dict[str, str], float] | tuple[int, dict[str, str], float, bytes]
 
 
 class Receiver:
@@ -64,10 +64,10 @@ class Receiver:
                     receiver.received.append(Received(headers["webhook-id"], time.monotonic(), event, headers))
                 self._reply(*receiver.answer(headers["webhook-id"], nth))
 
-            def _reply(self, status: int, headers: dict[str, str], delay: float) -> None:
+            def _reply(self, status: int, headers: dict[str, str], delay: float, body: bytes | None = None) -> None:
                 if delay:
                     time.sleep(delay)
-                payload = json.dumps({"status": status}).encode()
+                payload = json.dumps({"status": status}).encode() if body is None else body
                 with contextlib.suppress(OSError):
                     self.send_response(status)
                     for name, value in headers.items():

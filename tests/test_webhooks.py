@@ -101,6 +101,28 @@ def _pub() -> dict[str, str]:
     return {"Authorization": f"Bearer {token('backend', 'notify:publish')}"}
 
 
+async def test_redirects_not_followed_and_answers_read_only_in_part(http):
+    """A 3xx is a failed attempt (its Location is never called), and of a 1 MB error answer only
+    the start is kept as the event's last error."""
+    with receiving() as elsewhere:
+
+        def answer(_id: str, nth: int) -> tuple[int, dict[str, str], float, bytes]:
+            if nth <= 2:
+                return 307, {"Location": elsewhere.url}, 0.0, b""
+            return 500, {}, 0.0, b"x" * 1_000_000
+
+        with receiving(answer) as receiver, started(Replica(env(receiver))) as (replica,):
+            client = await say(replica, "chat:moved", "hi")
+
+            async def one_dead() -> list | None:
+                return await _admin_get(http, replica, "/webhooks/dead") or None
+
+            (dead,) = await _until(one_dead)
+            assert dead["attempts"] == 5 and dead["error"].startswith("HTTP 500: xxx") and len(dead["error"]) < 1000
+            assert elsewhere.events() == [] and len(receiver.events()) == 5
+            await client.close()
+
+
 async def _admin_get(http, replica: Replica, path: str) -> Any:
     response = await http.get(replica.url + path, headers=admin())
     assert response.status_code == 200, response.text

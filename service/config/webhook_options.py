@@ -7,7 +7,7 @@ import binascii
 import re
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, SecretStr, field_validator
 
 SECRET_PREFIX = "whsec_"
 _EVENT = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*(\.\*)?|\*")
@@ -20,8 +20,8 @@ class WebhookEndpoint(BaseModel):
 
     url: str
     # Standard Webhooks secrets; every request carries one signature per secret, so a receiver
-    # keeps verifying while a new secret is rolled out.
-    secret: tuple[str, ...]
+    # keeps verifying while a new secret is rolled out. Never shown: settings may be logged.
+    secret: tuple[SecretStr, ...]
     # Exact types or `prefix.*`; None: every type.
     events: tuple[str, ...] | None = None
 
@@ -68,7 +68,3 @@ class WebhookEndpoint(BaseModel):
             if pattern.endswith(".*") and event_type.startswith(pattern[:-1]):
                 return True
         return False
-
-    def __repr__(self) -> str:
-        # Settings may be logged or shown in a traceback: never the secrets.
-        return f"WebhookEndpoint(url={self.url!r}, events={self.events!r})"

@@ -31,7 +31,7 @@ class Sender:
 
     def __init__(self, endpoints: tuple[WebhookEndpoint, ...], timeout: float) -> None:
         self._endpoints = endpoints
-        self._signers = [[Webhook(secret) for secret in endpoint.secret] for endpoint in endpoints]
+        self._signers = [[Webhook(secret.get_secret_value()) for secret in endpoint.secret] for endpoint in endpoints]
         self._timeout = timeout
         self._client = httpx.AsyncClient(
             timeout=timeout,

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -56,6 +57,8 @@ class Webhooks:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="webhooks-refresh")
 
     async def stop(self) -> None:
+        if self._emitting:  # events decided just before the stop (a leave) are queued first
+            await asyncio.wait(self._emitting, timeout=2.0)
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -184,7 +187,7 @@ class Webhooks:
             out.append(
                 {
                     "index": index,
-                    "url": endpoint.url,
+                    "url": _shown(endpoint.url),
                     "events": list(endpoint.events) if endpoint.events is not None else None,
                     "pending": found.pending if found else 0,
                     "delivered": found.delivered if found else 0,
@@ -223,6 +226,14 @@ class Webhooks:
         self._disabled.pop(index, None)
         self._metrics.webhook_disabled.labels(str(index)).set(0)
         logger.info("webhook endpoint %d enabled", index)
+
+
+def _shown(url: str) -> str:
+    """The URL without a password it may carry."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@", 1)))
 
 
 def _iso(ms: int | None) -> str | None:
