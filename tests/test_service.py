@@ -151,3 +151,13 @@ async def test_cors_allows_configured_origins_only(http):
         assert "access-control-allow-origin" not in evil.headers
     finally:
         replica.stop()
+
+
+def test_webhook_secrets_are_never_shown():
+    """Settings printed, logged or dumped as JSON never carry a webhook secret."""
+    from service.config.settings import Settings
+
+    secret = new_secret()
+    settings = Settings(jwt_secret=SECRET, webhooks=[{"url": "http://127.0.0.1:9/h", "secret": [secret]}])  # type: ignore[arg-type, list-item]
+    for shown in (str(settings), repr(settings), str(settings.webhooks[0]), settings.model_dump_json()):
+        assert secret not in shown and secret[6:] not in shown
