@@ -136,3 +136,14 @@ async def test_lease_of_a_dead_replica_runs_out(redis_server):
     finally:
         for broker in brokers:
             await broker.stop()
+
+
+async def test_a_released_job_is_due_again_at_once(outboxes):
+    """A job handed back by a stopping replica goes to the next claim, its attempts unchanged."""
+    a, b = outboxes
+    job_id = await a.enqueue("d:5", "x", "k")
+    (held,) = await _claim_all(a, 1)
+    await a.release(held)
+    (again,) = await b.claim(64)
+    assert again.id == job_id and again.attempts == 0
+    await b.complete(again)

@@ -395,3 +395,32 @@ async def test_user_offline_from_a_killed_replica(redis_server):
             await asyncio.sleep(2)
             assert told(receiver.events(), "user.offline") == [("user.offline", {"user": only_a})]
             await sockets[2].close()
+
+
+@pytest.mark.slow
+async def test_a_stopping_replica_hands_its_attempts_back(redis_server, http):
+    """SIGTERM while attempts hang at the receiver: the stopping replica hands its events back and
+    the other delivers each one long before their lease (attempt timeout 30 s + 10 s) would end."""
+    hanging = {"yes": True}
+
+    def answer(_id: str, _nth: int) -> tuple[int, dict[str, str], float]:
+        return (200, {}, 4.0 if hanging["yes"] else 0.0)
+
+    with receiving(answer) as receiver:
+        extra = {"NOTIFY_WEBHOOK_TIMEOUT_SECONDS": "30", "NOTIFY_DRAIN_SECONDS": "0"}
+        config = cluster_env(redis_server, **env(receiver, **extra))
+        with started(Replica(config), Replica(config)) as (a, b):
+            said = [f"t{i}" for i in range(8)]
+            client = await say(a, f"chat:{uuid.uuid4().hex[:8]}", *said)
+            await receiver.wait_for(lambda r: len(texts(r)) == len(said))
+            hanging["yes"] = False
+            a.signal(15)
+
+            async def all_delivered() -> bool:
+                state = (await _admin_get(http, b, "/webhooks"))[0]
+                return state["delivered"] == len(said) and state["pending"] == 0
+
+            await _until(all_delivered, timeout=20)
+            # The stopping replica held some: they were asked for again, by the other.
+            assert len(receiver.events()) > len(said)
+            await client.close()

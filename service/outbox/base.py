@@ -118,6 +118,10 @@ class Outbox(Protocol):
         """Dead at once, kept for replay."""
         ...
 
+    async def release(self, job: Job) -> None:
+        """Handed back without an attempt counted (this replica stops): due again at once."""
+        ...
+
     async def dead(self, limit: int) -> list[Job]:
         """Dead jobs, newest first."""
         ...

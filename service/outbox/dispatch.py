@@ -17,6 +17,8 @@ logger = logging.getLogger("service.outbox")
 # How often the queue is asked for due jobs when nothing woke the dispatcher: another replica's
 # enqueues and retries coming due are found within this.
 POLL_SECONDS = 0.25
+# How long a stopping replica spends handing back the jobs it was attempting.
+RELEASE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,20 +56,24 @@ class Dispatcher:
         self._concurrency = concurrency
         self._busy = 0
         self._task: asyncio.Task[None] | None = None
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._jobs: dict[asyncio.Task[None], Job] = {}  # attempts in flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._claim_forever(), name="outbox-dispatcher")
 
     async def stop(self) -> None:
-        """Stop claiming and abandon attempts in flight: their leases run out and another replica
-        (or this one, after a restart in Redis) takes them."""
+        """Stop claiming, abandon the attempts in flight and hand their jobs back, so that another
+        replica takes them at once (those not handed back in time wait for their lease to run out)."""
+        in_flight = list(self._jobs.values())
         tasks = [t for t in (self._task, *self._jobs) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(RELEASE_SECONDS):
+                await asyncio.gather(*(self._outbox.release(job) for job in in_flight), return_exceptions=True)
 
     async def _claim_forever(self) -> None:
         failures = 0
@@ -87,8 +93,8 @@ class Dispatcher:
             for job in jobs:
                 self._busy += 1
                 task = asyncio.create_task(self._settle(job))
-                self._jobs.add(task)
-                task.add_done_callback(self._jobs.discard)
+                self._jobs[task] = job
+                task.add_done_callback(self._jobs.pop)
             if not jobs or self._busy >= self._concurrency:
                 await self._outbox.wait(POLL_SECONDS)
 

@@ -119,6 +119,9 @@ class RedisOutbox(Waker):
         args = (job.id, job.claim, error, DEAD_KEPT)
         await self._run(scripts.BURY, _shard(job.id), ("lease", "dead", "meta", "stats", "jobs"), args)
 
+    async def release(self, job: Job) -> None:
+        await self._run(scripts.RELEASE, _shard(job.id), ("lease", "due", "meta"), (job.id, job.claim))
+
     async def dead(self, limit: int) -> list[Job]:
         replies = await asyncio.gather(
             *(self._run(scripts.DEAD, s, ("dead", "meta", "jobs"), (limit,)) for s in range(SHARDS))

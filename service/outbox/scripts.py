@@ -107,6 +107,22 @@ return 1
 """
 )
 
+# KEYS: lease, due, meta. ARGV: id, claim token. Handed back unattempted (this replica stops):
+# due again at once, for whoever claims next.
+RELEASE = Lua.of(
+    _NOW
+    + """
+local meta = redis.call('HGET', KEYS[3], ARGV[1])
+if not meta then return 0 end
+local a, c, claim, d, e = parse(meta)
+if claim ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], a .. '|' .. c .. '||' .. d .. '|' .. e)
+return 1
+"""
+)
+
 # KEYS: lease, dead, meta, stats, jobs. ARGV: id, claim token, error, dead kept. Dead, kept for
 # replay; the oldest dead beyond the bound are forgotten.
 BURY = Lua.of(
