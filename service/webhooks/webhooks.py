@@ -82,7 +82,8 @@ class Webhooks:
 
     async def emit(self, event_type: str, data: dict[str, Any], order_key: str) -> None:
         """Queue the event for every endpoint that wants it; events of one `order_key` (a stream)
-        leave in order. Never raises: what cannot be queued is counted and logged as dropped."""
+        are queued in order. What cannot be queued (the queue unreachable, the endpoint over its
+        bound) is counted and logged as dropped, never raised: the event itself already happened."""
         targets = self._targets_of(event_type)
         if not targets:
             return
