@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from service.broker import Broker, StreamRules, create_broker
+from service.broker import Broker, MarkedRead, StreamRules, create_broker
 from service.config.settings import Settings
 from service.core.errors import BrokerUnavailable
 from service.core.ids import id_key
@@ -103,9 +103,9 @@ async def test_read_marker_clamps_and_never_moves_back(broker):
     impl, received = broker
     await impl.subscribe("u:r")
     ids = [(await impl.publish("u:r", '"e"', str(n), None)).id for n in range(4)]
-    assert await impl.mark_read("r", ids[1]) == 2
-    assert await impl.mark_read("r", ids[0]) == 2
-    assert await impl.mark_read("r", "99999999999999-1") == 0, "clamped to the newest entry"
+    assert await impl.mark_read("r", ids[1]) == MarkedRead(2, ids[1])
+    assert await impl.mark_read("r", ids[0]) == MarkedRead(2), "never back, and not said to have moved"
+    assert await impl.mark_read("r", "99999999999999-1") == MarkedRead(0, ids[3]), "clamped to the newest entry"
     inbox = await impl.inbox("r", None, 10)
     assert inbox.unread == 0 and len(inbox.frames) == 4
     assert (await impl.read_state("r", ids[2])).read

@@ -23,6 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "service.server": {
         "service.api",
         "service.push",
+        "service.webhooks",
+        "service.outbox",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -32,6 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     "service.api": {
         "service.push",
+        "service.webhooks",
+        "service.outbox",
         "service.delivery",
         "service.auth",
         "service.broker",
@@ -40,6 +44,8 @@ ALLOWED: dict[str, set[str]] = {
         "service.config",
     },
     "service.push": {"service.broker", "service.telemetry", "service.core", "service.config"},
+    "service.webhooks": {"service.outbox", "service.broker", "service.telemetry", "service.core", "service.config"},
+    "service.outbox": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.delivery": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.auth": {"service.core", "service.config"},
     "service.broker": {"service.telemetry", "service.core", "service.config"},

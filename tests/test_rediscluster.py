@@ -15,8 +15,11 @@ import httpx
 import pytest
 
 from .pushkit import vapid_pem
+from .receiver import receiving
 from .test_devices import ids, put, webpush
 from .test_topics import connect, join
+from .test_webhooks import admin, say, texts
+from .test_webhooks import env as webhook_env
 from .topology import ClusterTopology
 from .utils import (
     ROOT,
@@ -342,3 +345,27 @@ async def test_a_burst_of_reads_waits_for_the_pool_on_a_cluster(cluster, http):
             *(http.get(f"{replica.url}/me/notifications", headers=headers) for _ in range(200))
         )
         assert sorted({response.status_code for response in responses}) == [200]
+
+
+async def test_webhooks_spread_over_the_cluster(cluster, http):
+    """Webhook events from members of topics all over the cluster each reach the receiver once,
+    signed, from a queue whose shards live on more than one primary."""
+    with receiving() as receiver:
+        config = cluster.env(**webhook_env(receiver))
+        with started(Replica(config), Replica(config)) as (a, b):
+            topics = [f"chat:cl-{os.getpid()}-{n}" for n in range(8)]
+            sockets = [await say(a if n % 2 else b, topic, topic) for n, topic in enumerate(topics)]
+            got = await receiver.wait_for(lambda r: texts(r) == set(topics))
+            assert len(got) == len(topics) and receiver.unverified == 0
+            prefix = config["NOTIFY_REDIS_PREFIX"]
+            holders = {cluster.owner(f"{prefix}:{{ob{shard}}}:stats").port for shard in range(8)}
+            used = {
+                cluster.owner(f"{prefix}:{{ob{shard}}}:stats").port
+                for shard in range(8)
+                if cluster.owner(f"{prefix}:{{ob{shard}}}:stats").call("EXISTS", f"{prefix}:{{ob{shard}}}:stats")
+            }
+            assert len(holders) > 1 and len(used) > 1
+            state = (await http.get(a.url + "/webhooks", headers=admin())).json()[0]
+            assert state["delivered"] == len(topics) and state["pending"] == 0
+            for socket in sockets:
+                await socket.close()

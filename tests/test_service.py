@@ -10,7 +10,8 @@ import sys
 
 from service.openapi import render
 
-from .utils import ROOT, Client, publish
+from .receiver import new_secret
+from .utils import ROOT, SECRET, Client, publish
 
 
 def test_openapi_file_is_current():
@@ -36,6 +37,28 @@ def test_refuses_a_short_secret():
         [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert result.returncode == 2 and "too short" in result.stderr
+
+
+def test_refuses_bad_webhook_settings():
+    """A bad endpoint or delay list stops start-up with one line naming the setting, never the secret."""
+    secret = new_secret()
+    cases = {
+        "NOTIFY_WEBHOOKS": (json.dumps([{"url": "ftp://x", "secret": secret}]), "0.url"),
+        "NOTIFY_WEBHOOK_RETRY_SECONDS": ("5,soon", "seconds separated by commas"),
+    }
+    cases_secret = json.dumps([{"url": "http://127.0.0.1:9/h", "secret": "whsec_" + "A" * 8}])
+    for name, (value, expected) in [*cases.items(), ("NOTIFY_WEBHOOKS", (cases_secret, "24 to 64 bytes"))]:
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "--port", "1"],
+            env={**os.environ, "NOTIFY_JWT_SECRET": SECRET, name: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert name in lines[0] and expected in lines[0] and secret not in lines[0], lines[0]
 
 
 async def test_health_ready_and_metrics(single, http):
@@ -128,3 +151,13 @@ async def test_cors_allows_configured_origins_only(http):
         assert "access-control-allow-origin" not in evil.headers
     finally:
         replica.stop()
+
+
+def test_webhook_secrets_are_never_shown():
+    """Settings printed, logged or dumped as JSON never carry a webhook secret."""
+    from service.config.settings import Settings
+
+    secret = new_secret()
+    settings = Settings(jwt_secret=SECRET, webhooks=[{"url": "http://127.0.0.1:9/h", "secret": [secret]}])  # type: ignore[arg-type, list-item]
+    for shown in (str(settings), repr(settings), str(settings.webhooks[0]), settings.model_dump_json()):
+        assert secret not in shown and secret[6:] not in shown

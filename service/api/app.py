@@ -17,18 +17,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..auth.tokens import TokenVerifier
-from ..broker import create_broker
+from ..broker import Broker, create_broker
 from ..config.settings import Settings
 from ..core.errors import ServiceError
 from ..core.ratelimit import KeyedRate
+from ..core.streams import user_stream
 from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
+from ..outbox import create_outbox
 from ..push import create_push
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
-from . import client_assets, devices, events, health, inbox, publish, topics, ws
+from ..webhooks import PresenceEvents, ReadMarkers, Webhooks
+from . import client_assets, devices, events, health, inbox, publish, topics, webhooks, ws
 from .hooks import Hooks
 from .limits import RequestLimits
 from .membership import MEMBERS_SHOWN
@@ -114,6 +117,13 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         runtime.member_publish_rate = KeyedRate(settings.member_publish_rate) if settings.member_publish_rate else None
         app.state.runtime = runtime  # for the server's drain hook, which runs outside any request
         await broker.start(hub.on_frame, hub.on_lost)
+        if settings.webhooks:
+            runtime.webhooks = _webhooks(settings, broker, metrics)
+            runtime.reads = ReadMarkers(_tell_read(runtime.webhooks))
+            if PresenceEvents.wanted(runtime.webhooks):
+                watch = PresenceEvents(runtime.webhooks, topics.presence_on)
+                broker.watch_presence(watch.changed, int(settings.presence_leave_grace_seconds * 1000))
+            await runtime.webhooks.start()
         try:
             async with AsyncExitStack() as hooks:
                 for hook in process_hooks:
@@ -122,6 +132,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if runtime.webhooks is not None:
+                await runtime.webhooks.stop()
             if push is not None:
                 await push.aclose()
             if namespace_hooks is not None:
@@ -134,7 +146,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    for module in (publish, topics, inbox, devices, events, client_assets):
+    for module in (publish, topics, inbox, devices, events, webhooks, client_assets):
         app.include_router(module.router, responses=CONNECTION_ERRORS)
     app.include_router(health.router)  # probes: never refused at a ceiling (/readyz aside, as documented)
     _install_error_handlers(app)
@@ -148,6 +160,20 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
     )
     app.add_middleware(RequestLimits, limit=settings.max_payload_bytes, batch_limit=settings.max_batch_bytes)
     return app
+
+
+def _webhooks(settings: Settings, broker: Broker, metrics: Metrics) -> Webhooks:
+    outbox = create_outbox(
+        broker, settings.webhook_retry_seconds, settings.webhook_max_pending, settings.webhook_timeout_seconds
+    )
+    return Webhooks(settings, outbox, metrics)
+
+
+def _tell_read(webhooks: Webhooks) -> Callable[[str, str], None]:
+    def tell(user_id: str, up_to: str) -> None:
+        webhooks.emit_soon("notification.read", {"user": user_id, "up_to": up_to}, user_stream(user_id))
+
+    return tell
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -55,7 +55,7 @@ async def my_notifications(
 @router.post("/me/notifications/read", response_model=UnreadCount, responses=_ERRORS)
 async def mark_read(body: MarkRead, principal: ClientDep, runtime: RuntimeDep) -> UnreadCount:
     """Mark everything up to `up_to` as read on all the caller's devices; the marker never moves back."""
-    return UnreadCount(unread=await runtime.broker.mark_read(principal.user_id, body.up_to))
+    return UnreadCount(unread=await runtime.mark_read(principal.user_id, body.up_to))
 
 
 @router.get("/users/{user_id:path}/notifications", response_model=InboxPage, responses=_ERRORS)

@@ -80,6 +80,11 @@ async def handle(
         except BrokerUnavailable as exc:
             raise BadFrame("unavailable", exc.message, topic) from None
         runtime.metrics.published_topic.inc()
+        if runtime.webhooks is not None and runtime.webhooks.wants("topic.message"):
+            message = {"topic": topic, "id": published.id, "from": conn.user_id}
+            message.update(event=orjson.loads(event), data=orjson.loads(data), ts=published.ts)
+            # Queued before the member hears `published`: told to the backend at least once.
+            await runtime.webhooks.emit("topic.message", message, topic_stream(topic))
         conn.send(encode({"type": "published", "topic": topic, "id": published.id}))
     elif kind == "signal":
         if not options.signals:

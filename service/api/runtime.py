@@ -15,6 +15,7 @@ from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
 from ..push import Push
 from ..telemetry.metrics import Metrics
+from ..webhooks import ReadMarkers, Webhooks
 from .hooks import Hooks
 
 
@@ -38,3 +39,13 @@ class Runtime:
     draining: bool = False
     # Every connection's token expiry, on one loop timer (made in the lifespan, so on its loop).
     timers: TimerWheel = field(default_factory=lambda: TimerWheel(asyncio.get_running_loop()))
+    # With NOTIFY_WEBHOOKS only: None otherwise, and every path that would tell them costs nothing.
+    webhooks: Webhooks | None = None
+    reads: ReadMarkers | None = None
+
+    async def mark_read(self, user_id: str, up_to: str) -> int:
+        """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""
+        marked = await self.broker.mark_read(user_id, up_to)
+        if self.reads is not None and marked.moved_to is not None:
+            self.reads.moved(user_id, marked.moved_to)
+        return marked.unread

@@ -162,7 +162,7 @@ async def _handle(frame: dict[str, Any], conn: Connection, runtime: Runtime, exp
         if not isinstance(up_to, str) or parse_id(up_to) is None:
             raise BadFrame("invalid_id", 'ack needs "id": a notification id')
         try:
-            await runtime.broker.mark_read(conn.user_id, up_to)
+            await runtime.mark_read(conn.user_id, up_to)
         except BrokerUnavailable as exc:
             raise BadFrame("unavailable", exc.message) from None
     elif kind == "refresh":

@@ -6,12 +6,24 @@ import logging
 
 from ..config.settings import Settings
 from ..telemetry.metrics import Metrics
-from .base import Broker, HistoryPage, Inbox, Published, ReadState, RulesOf, StreamRules, TopicFull, frame_id
+from .base import (
+    Broker,
+    HistoryPage,
+    Inbox,
+    MarkedRead,
+    Published,
+    ReadState,
+    RulesOf,
+    StreamRules,
+    TopicFull,
+    frame_id,
+)
 
 __all__ = [
     "Broker",
     "HistoryPage",
     "Inbox",
+    "MarkedRead",
     "Published",
     "ReadState",
     "StreamRules",

@@ -32,6 +32,10 @@ RulesOf = Callable[[str], StreamRules]
 
 # Called when what this replica missed cannot be replayed (Redis came back without its data).
 LostHandler = Callable[[], Awaitable[None]]
+# Told of each presence change this replica decides: (stream, "join" or "leave", user, the stream's
+# distinct members after it). A join is a user's first socket anywhere; a leave, their last one
+# gone and the grace over (or their replica found dead).
+PresenceWatch = Callable[[str, str, str, int], None]
 
 NOTIFICATION_PREFIX = '{"type":"notification","id":"'
 CONTROL = "!"
@@ -79,6 +83,15 @@ class ReadState:
 
     read: bool
     retained: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MarkedRead:
+    """What moving a read marker did: the unread count, and where the marker moved to (None when
+    it did not move: an older id, or one past nothing)."""
+
+    unread: int
+    moved_to: str | None = None
 
 
 def frame_id(frame: str) -> str | None:
@@ -148,6 +161,10 @@ class Broker(Protocol):
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         """Record the user's sockets in the stream on this replica, written in the background."""
 
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        """From now on, tell `watch` of every presence change, users' own streams included (whose
+        leaves then wait `user_grace_ms`, as a topic's do)."""
+
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record the user's sockets in a topic now; answers the distinct members across replicas.
 
@@ -183,8 +200,8 @@ class Broker(Protocol):
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         """The user's retained notifications older than `before`, newest first, and the unread count."""
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
-        """Move the user's read marker forward to `up_to`; returns the unread count.
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
+        """Move the user's read marker forward to `up_to` (never past the newest notification).
 
         When the count changes, every socket of the user on every replica gets an `unread` frame."""
 

@@ -17,6 +17,8 @@ from .base import (
     HistoryPage,
     Inbox,
     LostHandler,
+    MarkedRead,
+    PresenceWatch,
     Published,
     ReadState,
     RulesOf,
@@ -70,9 +72,11 @@ class MemoryBroker:
         self._idempotency: dict[tuple[str, str], tuple[Published, int]] = {}
         self._subscribed: set[str] = {BROADCAST}
         self._online: dict[str, int] = {}  # user stream -> sockets
-        self._topics: dict[str, _Members] = {}
+        self._topics: dict[str, _Members] = {}  # topics, and users' own streams while watched
         # Per namespace with max_topics: its topics holding history -> their last publish (ms).
         self._held: dict[str, dict[str, int]] = {}
+        self._watch: PresenceWatch | None = None
+        self._user_rules = StreamRules()
         self._on_frame: FrameHandler | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -114,10 +118,17 @@ class MemoryBroker:
         if is_topic(stream):
             with contextlib.suppress(TopicFull):
                 self._topic_presence(stream, user_id, sockets, self._rules(stream))
-        elif sockets:
-            self._online[stream] = sockets
         else:
-            self._online.pop(stream, None)
+            if sockets:
+                self._online[stream] = sockets
+            else:
+                self._online.pop(stream, None)
+            if self._watch is not None:
+                self._topic_presence(stream, user_id, sockets, self._user_rules)
+
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        self._watch = watch
+        self._user_rules = StreamRules(grace_ms=user_grace_ms)
 
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         return self._topic_presence(stream, user_id, sockets, rules)
@@ -134,6 +145,8 @@ class MemoryBroker:
             members.sockets[user_id] = sockets
             if not present and rules.events:
                 self._note(stream, members, "j", user_id)
+            if not present and self._watch is not None:
+                self._watch(stream, "join", user_id, len(members.sockets))
         elif present and user_id not in members.leaving:
             loop = asyncio.get_running_loop()
             members.sockets[user_id] = 0
@@ -148,6 +161,8 @@ class MemoryBroker:
         del members.sockets[user_id]
         if rules.events:
             self._note(stream, members, "l", user_id)
+        if self._watch is not None:
+            self._watch(stream, "leave", user_id, len(members.sockets))
         self._drop_if_empty(stream, members)
 
     def _note(self, stream: str, members: _Members, action: str, user_id: str) -> None:
@@ -233,18 +248,18 @@ class MemoryBroker:
     async def inbox(self, user_id: str, before: str | None, limit: int) -> Inbox:
         return Inbox(await self.latest(user_stream(user_id), before, limit), self._unread(user_id))
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
         stream = user_stream(user_id)
         entries = self._streams.get(stream)
         if entries is None or not entries.entries:
-            return 0
+            return MarkedRead(0)
         target = min(id_key(up_to), entries.entries[-1][0])
         if target > self._read.get(user_id, (0, 0)):
             self._read[user_id] = target
             count = self._unread(user_id)
             self._deliver(stream, f'{{"type":"unread","count":{count}}}')
-            return count
-        return self._unread(user_id)
+            return MarkedRead(count, f"{target[0]}-{target[1]}")
+        return MarkedRead(self._unread(user_id))
 
     async def read_state(self, user_id: str, notification_id: str) -> ReadState:
         key = id_key(notification_id)

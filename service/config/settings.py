@@ -19,6 +19,7 @@ from .push_options import (
 )
 from .signing import check_secret
 from .topic_options import TopicOptions
+from .webhook_options import WebhookEndpoint
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -138,6 +139,14 @@ class Settings(BaseSettings):
         default_factory=lambda: [parse_origin(o, "default") for o in DEFAULT_PUSH_ORIGINS]
     )
     max_devices_per_user: int = Field(10, gt=0)
+    # Webhooks (`service/webhooks/`): endpoints as JSON, [{"url", "secret", "events"}]; none: no
+    # webhooks, and nothing on any path costs more for them.
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+    # One attempt's deadline; the delays before each retry (after the last failure the event is dead),
+    # each jittered by up to 20 %; events pending per endpoint beyond which new ones are dropped.
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_retry_seconds: Annotated[tuple[float, ...], NoDecode] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
+    webhook_max_pending: int = Field(100_000, gt=0)
 
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)
@@ -204,6 +213,19 @@ class Settings(BaseSettings):
         """The VAPID signing key, if one is configured (checked when settings load)."""
         pem = self.vapid_private_key.get_secret_value() if self.vapid_private_key is not None else None
         return load_vapid_key(pem, self.vapid_private_key_file)
+
+    @field_validator("webhook_retry_seconds", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                delays = tuple(float(part) for part in value.split(",") if part.strip())
+            except ValueError:
+                raise ValueError("must be seconds separated by commas, e.g. 5,30,120") from None
+            if any(not 0 <= delay <= 7 * 86400 for delay in delays):
+                raise ValueError("each delay must be from 0 to 604800 seconds")
+            return delays
+        return value
 
     @field_validator("access_log", mode="before")
     @classmethod

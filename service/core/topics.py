@@ -59,6 +59,11 @@ class Topics:
             raise TopicError("unknown_namespace", f"no namespace {namespace_of(topic)!r} is configured")
         return options
 
+    def presence_on(self, topic: str) -> bool:
+        """Whether the topic's namespace shows its members (False outside the namespaces)."""
+        options = self._namespaces.get(namespace_of(topic))
+        return options is not None and options.presence
+
     def exists(self, topic: str) -> bool:
         """Whether the topic's namespace is configured (its name already checked)."""
         return namespace_of(topic) in self._namespaces

@@ -86,6 +86,44 @@ class Metrics:
         self.broker_last_message = Gauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
         )
+        by_type = ["type", "endpoint"]
+        self.webhook_enqueued = Counter(
+            "notify_webhook_events_enqueued", "Webhook events queued, by type and endpoint.", by_type, registry=r
+        )
+        self.webhook_delivered = Counter(
+            "notify_webhook_events_delivered", "Webhook events answered 2xx, by type and endpoint.", by_type, registry=r
+        )
+        self.webhook_retried = Counter(
+            "notify_webhook_events_retried", "Failed webhook attempts to be retried.", by_type, registry=r
+        )
+        self.webhook_dead = Counter(
+            "notify_webhook_events_dead", "Webhook events given up on (kept for replay).", by_type, registry=r
+        )
+        self.webhook_dropped = Counter(
+            "notify_webhook_events_dropped",
+            "Webhook events not queued: the endpoint over NOTIFY_WEBHOOK_MAX_PENDING, or the queue unreachable.",
+            by_type,
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "notify_webhook_delivery_latency_seconds",
+            "From a webhook event to its endpoint's 2xx, retries included.",
+            ["endpoint"],
+            buckets=(*_LATENCY_BUCKETS, 10.0, 60.0, 600.0, 3600.0),
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            "notify_webhook_pending",
+            "Webhook events waiting for each endpoint (every replica's).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.webhook_disabled = Gauge(
+            "notify_webhook_endpoint_disabled",
+            "1 while an endpoint is disabled (it answered 410).",
+            ["endpoint"],
+            registry=r,
+        )
 
         self.accept_paused = Counter(
             "notify_accept_paused",

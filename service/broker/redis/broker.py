@@ -24,7 +24,18 @@ from ...core.errors import BrokerUnavailable
 from ...core.ids import id_key, is_ahead, is_recoverable
 from ...core.streams import BROADCAST, is_topic, user_of, user_stream
 from ...telemetry.metrics import Metrics
-from ..base import FrameHandler, HistoryPage, Inbox, LostHandler, Published, ReadState, StreamRules, frame_parts
+from ..base import (
+    FrameHandler,
+    HistoryPage,
+    Inbox,
+    LostHandler,
+    MarkedRead,
+    PresenceWatch,
+    Published,
+    ReadState,
+    StreamRules,
+    frame_parts,
+)
 from . import scripts
 from .budget import TopicBudget
 from .cluster import ClusterPipelines, SlotMap
@@ -214,6 +225,9 @@ class RedisBroker:
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         self._presence.set(stream, user_id, sockets)
 
+    def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        self._presence.watch_with(watch, user_grace_ms)
+
     async def join_presence(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         return await self._call(self._presence.join(stream, user_id, sockets, rules))
 
@@ -317,10 +331,11 @@ class RedisBroker:
         )
         return Inbox(frames, int(unread))
 
-    async def mark_read(self, user_id: str, up_to: str) -> int:
+    async def mark_read(self, user_id: str, up_to: str) -> MarkedRead:
         stream = user_stream(user_id)
         keys = [self._key(stream, "r"), self._key(stream, "h"), self._key(stream, "c")]
-        return int(await self._call(self._mark_read_script(keys=keys, args=[up_to, self._ttl_ms])))
+        count, moved_to = await self._call(self._mark_read_script(keys=keys, args=[up_to, self._ttl_ms]))
+        return MarkedRead(int(count), moved_to or None)
 
     async def read_state(self, user_id: str, notification_id: str) -> ReadState:
         stream = user_stream(user_id)
@@ -338,6 +353,17 @@ class RedisBroker:
         under the publish deadline; raises BrokerUnavailable. For data of a user's own, such as devices."""
         stream = user_stream(user_id)
         return await self._call(self._pipeline.evaluate(script, [self._key(stream, s) for s in suffixes], args))
+
+    # ---- for other parts that keep state in Redis (the outbox)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def evaluate(self, script: Lua, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run a script on the shared pipelined connection of the primary that owns its keys (which
+        share one hash tag); BrokerUnavailable on failure or past the publish deadline."""
+        return await self._call(self._pipeline.evaluate(script, keys, args))
 
     # ---- helpers
 

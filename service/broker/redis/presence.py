@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
 from ...core.streams import is_topic, topic_of, user_of
-from ..base import RulesOf, StreamRules, TopicFull
+from ..base import PresenceWatch, RulesOf, StreamRules, TopicFull
 from . import scripts
 from .cluster import ClusterPipelines
 from .pipeline import AutoPipeline, Lua
@@ -49,11 +49,15 @@ class PresenceKeys:
         self.ttl_ms = settings.history_ttl_seconds * 1000
         self.interval_ms = int(settings.presence_event_interval_seconds * 1000)
         self.limit = settings.join_leave_max_members
+        # While someone watches presence (`RedisBroker.watch_presence`: the webhooks), every script
+        # also returns the joins and leaves it decided, and users' own streams get a leave grace.
+        self.watched = 0
+        self.user_rules = _NO_RULES
         self.due = f"{prefix}:leaving"  # streams waiting for the sweep (the name predates announcements)
         self.streams_of = f"{prefix}:replica:{{0}}:streams"  # the streams a replica has members in
 
     def rules(self, stream: str) -> StreamRules:
-        return self._rules(stream) if is_topic(stream) else _NO_RULES
+        return self._rules(stream) if is_topic(stream) else self.user_rules
 
     def keys(self, stream: str, replica: str) -> list[str]:
         key = self._key
@@ -65,7 +69,8 @@ class PresenceKeys:
     def sweep_args(self, stream: str) -> list[str | int]:
         """ANNOUNCE's and REAP's arguments."""
         topic = orjson.dumps(topic_of(stream) or "").decode()
-        return ["", "", int(self.rules(stream).events), "", "", topic, self.ttl_ms, self.interval_ms, self.limit]
+        events = int(self.rules(stream).events)
+        return ["", "", events, "", "", topic, self.ttl_ms, self.interval_ms, self.limit, self.watched]
 
 
 class Presence:
@@ -93,6 +98,18 @@ class Presence:
         self._users_in: dict[str, int] = {}  # stream -> users with sockets on this replica
         self._dirty: set[tuple[str, str]] = set()
         self._dirty_event = asyncio.Event()
+        self.watch: PresenceWatch | None = None  # who hears each join and leave this replica decides
+
+    def watch_with(self, watch: PresenceWatch, user_grace_ms: int) -> None:
+        self.watch = watch
+        self._keys.watched = 1
+        self._keys.user_rules = StreamRules(grace_ms=user_grace_ms)
+
+    def heard(self, stream: str, changes: list[Any]) -> None:
+        """Tell the watcher what a script decided: (action, user, members after) triples."""
+        if self.watch is not None:
+            for i in range(0, len(changes), 3):
+                self.watch(stream, changes[i], changes[i + 1], int(changes[i + 2]))
 
     # ---- writes
 
@@ -140,7 +157,7 @@ class Presence:
         whether the note was written too). Raises when the script failed (it may still have run)."""
         keys = self._keys
         args = [user_id, sockets, int(rules.events), rules.grace_ms, rules.max_members or 0]
-        args += [orjson.dumps(topic_of(stream) or "").decode(), keys.ttl_ms, keys.interval_ms]
+        args += [orjson.dumps(topic_of(stream) or "").decode(), keys.ttl_ms, keys.interval_ms, keys.limit, keys.watched]
         # The script and the note of which streams this replica is in leave in one write.
         calls = [self._pipeline.evaluate(self._script, keys.keys(stream, self._replica), args)]
         if sockets:
@@ -151,7 +168,8 @@ class Presence:
         if isinstance(outcome, BaseException):
             raise outcome
         noted = not (note and isinstance(note[0], BaseException))
-        status, count, due = outcome
+        status, count, due, changes = outcome
+        self.heard(stream, changes)
         if due:
             # A leave waits for its grace, an announcement for its interval: whichever replica
             # claims the stream once it is due finishes them.

@@ -91,14 +91,15 @@ end
 """
 
 # KEYS: read marker, history, channel. ARGV: up_to id, ttl ms.
-# Moves the marker forward (never past the newest entry), returns the unread count (entries after
-# the marker and young enough to be served), and tells every socket of the user when it moved.
+# Moves the marker forward (never past the newest entry), and tells every socket of the user when
+# it moved. Returns {the unread count (entries after the marker and young enough to be served),
+# the marker it moved to or ''}.
 MARK_READ = (
     _NOW
     + _COMPARE
     + """
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #newest == 0 then return 0 end
+if #newest == 0 then return {0, ''} end
 local target = ARGV[1]
 if later(target, newest[1][1]) then target = newest[1][1] end
 local marker = redis.call('GET', KEYS[1])
@@ -111,8 +112,11 @@ local floor = string.format('%d-0', now - tonumber(ARGV[2]))
 local from = '(' .. marker
 if later(floor, marker) then from = floor end
 local count = #redis.call('XRANGE', KEYS[2], from, '+')
-if moved then redis.call('SPUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}') end
-return count
+if moved then
+  redis.call('SPUBLISH', KEYS[3], '{"type":"unread","count":' .. count .. '}')
+  return {count, marker}
+end
+return {count, ''}
 """
 )
 
@@ -133,13 +137,21 @@ return #redis.call('XRANGE', KEYS[2], from, '+')
 # every replica), a replica's members (user -> sockets there), leaving (user -> when their leave is
 # due), channel, changes (user -> 'j' or 'l' since the last announcement), when the next
 # announcement is due. ARGV[3]: events flag, ARGV[6]: topic JSON, ARGV[7]: ttl ms, ARGV[8]: the
-# announcement interval ms.
+# announcement interval ms, ARGV[9]: the member limit for named joins and leaves, ARGV[10]: '1'
+# when someone watches presence (the webhooks): every join and leave is then also returned, as
+# action, user, members after.
 #
 # Joins and leaves are not told one by one (a room of N joining would be N² frames): each is noted,
 # a join and a leave of the same user within one interval cancel out, and one `presence` frame per
 # interval carries them all (see ANNOUNCE).
 _PRESENCE_EVENT = """
+local changes = {}
 local function note(action, user)
+  if ARGV[10] == '1' then
+    local told = 'leave'
+    if action == 'j' then told = 'join' end
+    for _, v in ipairs({told, user, redis.call('HLEN', KEYS[1])}) do changes[#changes + 1] = v end
+  end
   if ARGV[3] ~= '1' then return end
   local pending = redis.call('HGET', KEYS[5], user)
   if pending and pending ~= action then
@@ -160,9 +172,9 @@ end
 """
 
 # KEYS: the topic presence keys. ARGV: user, sockets here now, events flag, grace ms, member cap
-# (0: none), topic JSON, ttl ms, interval ms.
-# Returns {status, members, due}: status 0 done, 1 refused (the cap); `due` (unix ms, 0: none) is
-# when the stream needs the sweep: the caller registers it (DUE).
+# (0: none), topic JSON, ttl ms, interval ms, member limit, watched flag.
+# Returns {status, members, due, changes}: status 0 done, 1 refused (the cap); `due` (unix ms, 0:
+# none) is when the stream needs the sweep: the caller registers it (DUE).
 PRESENCE = (
     _NOW
     + _PRESENCE_EVENT
@@ -172,9 +184,9 @@ local mine = tonumber(redis.call('HGET', KEYS[2], user) or '0')
 local known = redis.call('HEXISTS', KEYS[1], user) == 1
 local cap = tonumber(ARGV[5])
 if n > 0 and not known and cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
-  return {1, redis.call('HLEN', KEYS[1]), 0}
+  return {1, redis.call('HLEN', KEYS[1]), 0, changes}
 end
-if n == mine then return {0, redis.call('HLEN', KEYS[1]), next_due()} end
+if n == mine then return {0, redis.call('HLEN', KEYS[1]), next_due(), changes} end
 if n > 0 then redis.call('HSET', KEYS[2], user, n) else redis.call('HDEL', KEYS[2], user) end
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 local total = tonumber(redis.call('HINCRBY', KEYS[1], user, n - mine))
@@ -182,27 +194,28 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if total > 0 then
   -- Back within the grace: nobody was told they left, so nobody is told they joined.
   if redis.call('ZREM', KEYS[3], user) == 0 and not known then note('j', user) end
-  return {0, redis.call('HLEN', KEYS[1]), next_due()}
+  return {0, redis.call('HLEN', KEYS[1]), next_due(), changes}
 end
 redis.call('HSET', KEYS[1], user, 0)
 local grace = tonumber(ARGV[4])
 if grace > 0 then
   redis.call('ZADD', KEYS[3], now + grace, user)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {0, redis.call('HLEN', KEYS[1]), next_due()}
+  return {0, redis.call('HLEN', KEYS[1]), next_due(), changes}
 end
 redis.call('HDEL', KEYS[1], user)
 redis.call('ZREM', KEYS[3], user)
 note('l', user)
-return {0, redis.call('HLEN', KEYS[1]), next_due()}
+return {0, redis.call('HLEN', KEYS[1]), next_due(), changes}
 """
 )
 
 # KEYS: the topic presence keys. ARGV: unused, unused, events flag, unused, unused, topic JSON,
-# ttl ms, interval ms, member limit for named joins and leaves.
+# ttl ms, interval ms, member limit for named joins and leaves, watched flag.
 # Ends every leave whose grace is over (the user has no socket anywhere), then, once its interval
 # is over, sends the announcement: one frame with the users who joined and left since the last one
-# and the member count; above the limit, the count alone. Returns the stream's next due time (0: none).
+# and the member count; above the limit, the count alone. Returns {the stream's next due time (0:
+# none), changes}.
 ANNOUNCE = (
     _NOW
     + _PRESENCE_EVENT
@@ -236,13 +249,13 @@ if due and tonumber(due) <= now then
     redis.call('SPUBLISH', KEYS[4], frame .. ',"count":' .. count .. '}')
   end
 end
-return next_due()
+return {next_due(), changes}
 """
 )
 
 # KEYS: the topic presence keys, the dead replica's members second. ARGV as ANNOUNCE's. Takes a
 # replica that died without saying goodbye out of one stream: a user whose only sockets were there
-# has left (their grace has passed while it was found dead). Returns {users reaped, next due}.
+# has left (their grace has passed while it was found dead). Returns {users reaped, next due, changes}.
 REAP = (
     _NOW
     + _PRESENCE_EVENT
@@ -258,7 +271,7 @@ for i = 1, #gone, 2 do
   end
 end
 redis.call('DEL', KEYS[2])
-return {#gone / 2, next_due()}
+return {#gone / 2, next_due(), changes}
 """
 )
 

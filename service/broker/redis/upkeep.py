@@ -109,14 +109,16 @@ class Upkeep:
         outcomes = await asyncio.gather(
             *(self._pipeline.evaluate(self._reap, keys.keys(s, dead), keys.sweep_args(s)) for s in streams)
         )
+        for s, (_, _, changes) in zip(streams, outcomes, strict=True):
+            self._presence.heard(s, changes)
         await asyncio.gather(
             *(
                 self._pipeline.evaluate(self._due, [keys.due], [s, int(due), ""])
-                for s, (_, due) in zip(streams, outcomes, strict=True)
+                for s, (_, due, _) in zip(streams, outcomes, strict=True)
                 if due
             )
         )
-        return sum(int(reaped) for reaped, _ in outcomes)
+        return sum(int(reaped) for reaped, _, _ in outcomes)
 
     async def sweep_forever(self) -> None:
         while True:
@@ -146,10 +148,12 @@ class Upkeep:
                         for s in streams
                     )
                 )
+                for s, (_, changes) in zip(streams, nexts, strict=True):
+                    self._presence.heard(s, changes)
                 await asyncio.gather(
                     *(
                         self._pipeline.evaluate(self._due, [keys.due], [s, int(due), int(claim)])
-                        for s, due in zip(streams, nexts, strict=True)
+                        for s, (due, _) in zip(streams, nexts, strict=True)
                     )
                 )
             if len(streams) < _SWEEP_BATCH:

@@ -1,0 +1,123 @@
+"""Dispatcher: claims due jobs and hands each to a sender, at most `concurrency` at once, then
+settles it as the sender's outcome says."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..core.errors import BrokerUnavailable
+from .base import Job, Outbox
+
+logger = logging.getLogger("service.outbox")
+
+# How often the queue is asked for due jobs when nothing woke the dispatcher: another replica's
+# enqueues and retries coming due are found within this.
+POLL_SECONDS = 0.25
+# How long a stopping replica spends handing back the jobs it was attempting.
+RELEASE_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Retried per the delays, not sooner than `not_before` seconds (dead after the last)."""
+
+    error: str
+    not_before: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Dead at once (kept for replay): the destination refused it for good."""
+
+    error: str
+
+
+Outcome = Delivered | Failed | Refused
+# What the dispatcher reports once a job is settled: the job, and "delivered", "retried" or "dead".
+Report = Callable[[Job, str, Outcome], None]
+
+
+class Dispatcher:
+    def __init__(
+        self, outbox: Outbox, send: Callable[[Job], Awaitable[Outcome]], report: Report, concurrency: int = 64
+    ) -> None:
+        self._outbox = outbox
+        self._send = send
+        self._report = report
+        self._concurrency = concurrency
+        self._busy = 0
+        self._task: asyncio.Task[None] | None = None
+        self._jobs: dict[asyncio.Task[None], Job] = {}  # attempts in flight
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._claim_forever(), name="outbox-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop claiming, abandon the attempts in flight and hand their jobs back, so that another
+        replica takes them at once (those not handed back in time wait for their lease to run out)."""
+        in_flight = list(self._jobs.values())
+        tasks = [t for t in (self._task, *self._jobs) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(RELEASE_SECONDS):
+                await asyncio.gather(*(self._outbox.release(job) for job in in_flight), return_exceptions=True)
+
+    async def _claim_forever(self) -> None:
+        failures = 0
+        while True:
+            free = self._concurrency - self._busy
+            jobs = []
+            if free > 0:
+                try:
+                    jobs = await self._outbox.claim(free)
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - Redis down or slow: asked again, backing off
+                    failures += 1
+                    if failures == 1:
+                        logger.warning("outbox: cannot claim jobs: %s", exc)
+                    await asyncio.sleep(min(5.0, POLL_SECONDS * 2**failures))
+                    continue
+            for job in jobs:
+                self._busy += 1
+                task = asyncio.create_task(self._settle(job))
+                self._jobs[task] = job
+                task.add_done_callback(self._jobs.pop)
+            if not jobs or self._busy >= self._concurrency:
+                await self._outbox.wait(POLL_SECONDS)
+
+    async def _settle(self, job: Job) -> None:
+        try:
+            outcome = await self._send(job)
+            try:
+                if isinstance(outcome, Delivered):
+                    await self._outbox.complete(job)
+                    what = "delivered"
+                elif isinstance(outcome, Failed):
+                    retried = await self._outbox.fail(job, outcome.error, outcome.not_before)
+                    what = "retried" if retried else "dead"
+                else:
+                    await self._outbox.bury(job, outcome.error)
+                    what = "dead"
+            except BrokerUnavailable as exc:
+                # Not settled: its lease runs out and it is attempted again (at least once).
+                logger.warning("outbox: job %s not settled: %s", job.id, exc)
+                return
+            self._report(job, what, outcome)
+        except Exception:
+            logger.exception("outbox: job %s failed unexpectedly", job.id)
+        finally:
+            self._busy -= 1
+            self._outbox.wake()
