@@ -19,7 +19,10 @@ UNPARSEABLE = {
 }
 
 # Endpoints that exist only on a replica configured for them, tried with the same bodies there.
-TRIED_ELSEWHERE = {"/me/devices/{device_id}": "tests/test_devices.py::test_unparseable_device_bodies_answer_422"}
+TRIED_ELSEWHERE = {
+    "/me/devices/{device_id}": "tests/test_devices.py::test_unparseable_device_bodies_answer_422",
+    "/webhooks/dead/replay": "tests/test_webhooks.py::test_unparseable_replay_bodies_answer_422",
+}
 
 
 @pytest.mark.parametrize("what", list(UNPARSEABLE))

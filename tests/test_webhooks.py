@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from .receiver import Received, Receiver, new_secret, receiving
+from .test_bodies import UNPARSEABLE
 from .utils import TIMEOUT, Client, Replica, cluster_env, started, token
 
 TOPICS = json.dumps({"chat": {"join": "any", "publish": True}})
@@ -95,6 +96,19 @@ async def test_embedded_signed_retried_with_one_id_and_reads_paced(http):
         ]
         assert receiver.unverified == 0
         await alice.close()
+
+
+async def test_unparseable_replay_bodies_answer_422(http):
+    """A replay body that cannot be parsed, however it fails, is 422 invalid_request saying so, as
+    on every other endpoint that takes a body (tests/test_bodies.py); nothing is replayed."""
+    with receiving() as receiver, started(Replica(env(receiver))) as (replica,):
+        headers = {**admin(), "Content-Type": "application/json"}
+        for what, value in UNPARSEABLE.items():
+            body = b'{"ids":' + value + b"}"
+            answer = await http.post(replica.url + "/webhooks/dead/replay", content=body, headers=headers)
+            assert answer.status_code == 422, (what, answer.text)
+            assert answer.json()["message"].startswith("the body is not valid JSON: "), (what, answer.text)
+        assert receiver.events() == []
 
 
 def _pub() -> dict[str, str]:
