@@ -14,6 +14,14 @@ full jitter, reusing the same key: the server answers a repeated key with the fi
 retry never delivers twice. Any other 4xx raises :class:`PublishError` carrying the server's JSON
 error at once.
 
+Devices for push (docs/protocol.md, "Push")::
+
+    async with Devices("http://127.0.0.1:8000", user_token) as devices:
+        await devices.register_fcm("pixel-7", fcm_registration_token)  # again after FCM rotates it
+        print(await devices.list())
+        await devices.remove("pixel-7")
+    # with a notify:admin token: await admin.user_devices("alice"), await admin.remove_user_device("alice", "pixel-7")
+
 Listening (a user's token)::
 
     async for notification in listen("ws://127.0.0.1:8000/ws", token_or_callable, topics=["chat:lobby"]):
@@ -53,9 +61,11 @@ from .common import (
     TokenSource,
     TopicRefused,
     Unauthorized,
+    _error_from,
     _full_jitter,
     _resolve,
 )
+from .devices import Device, DeviceError, Devices
 from .listener import Listener, listen
 from .streams import Notification
 from .streams import _key as _key  # defined here once: code importing it from here keeps working
@@ -63,6 +73,9 @@ from .streams import _key as _key  # defined here once: code importing it from h
 __all__ = [
     "BatchItem",
     "BatchResult",
+    "Device",
+    "DeviceError",
+    "Devices",
     "Disconnected",
     "Listener",
     "ListenerError",
@@ -252,16 +265,6 @@ def _batch_item(item: BatchItem | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(item, BatchItem):
         return {"user": item.user, "event": item.event, "data": item.data}
     return dict(item)
-
-
-def _error_from(response: httpx.Response) -> PublishError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return PublishError(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
-    return PublishError(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -1,5 +1,6 @@
-"""What the publisher (service/client/__init__.py) and the listener (service/client/listener.py and its
-listener_*.py parts) have in common: their errors, a token source and the backoff delay.
+"""What the publisher (service/client/__init__.py), the device client (devices.py) and the listener
+(service/client/listener.py and its listener_*.py parts) have in common: their errors, a token source,
+the backoff delay and the reading of the server's JSON errors.
 
 It imports none of them, so that each imports it and none imports another: the package re-exports
 the listener, which would otherwise import the package back while it is still half loaded.
@@ -11,6 +12,8 @@ import inspect
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import httpx
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 """A token, or a (sync or async) callable that returns a current one."""
@@ -78,3 +81,14 @@ async def _resolve(source: TokenSource) -> str:
     if inspect.isawaitable(value):
         value = await value
     return str(value)
+
+
+def _error_from(response: httpx.Response, kind: type[PublishError] = PublishError) -> PublishError:
+    """The server's JSON error as `kind`, or the HTTP status when the body is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return kind(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
+    return kind(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
