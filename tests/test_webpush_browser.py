@@ -19,7 +19,7 @@ from service.telemetry.metrics import Metrics
 from .firefox import Firefox, firefox_binary
 from .mozpush import MozPush
 from .pushkit import vapid_pem
-from .utils import SECRET, TIMEOUT, running, token
+from .utils import SECRET, TIMEOUT, publisher_headers, running, token
 
 PEM = vapid_pem()
 SUBJECT = "mailto:ops@example.com"
@@ -180,3 +180,30 @@ def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_p
     devices = httpx.get(f"{replica.url}/users/{USER}/devices", headers=ADMIN, timeout=10).json()["devices"]
     assert devices == []
     assert firefox.evaluate('localStorage.getItem("notify.deviceId")') is None
+
+
+def test_the_demo_page_enables_and_disables_push_and_shows_it_on_each_notification(replica, mozpush, firefox):
+    """The demo's "Enable push" button appears because the service has a VAPID key; clicking it
+    registers this browser as a device of the page's user, and every notification shows that push
+    is on; clicking again removes the device and the notifications say push is off."""
+    firefox.goto(f"{replica.url}/demo?user=ff-demo")
+    toggle = 'document.getElementById("push-toggle")'
+    assert poll(firefox, f"!{toggle}.hidden", True) is True
+    assert firefox.evaluate(f"{toggle}.textContent") == "Enable push"
+    hello = {"event": "demo.hello", "data": 1}
+    posted = httpx.post(f"{replica.url}/notify/ff-demo", json=hello, headers=publisher_headers(), timeout=10)
+    assert posted.status_code == 202, posted.text
+    tags = """[...document.querySelectorAll('[data-testid="push-state"]')].map((t) => t.dataset.push)"""
+    assert poll(firefox, tags, ["off"]) == ["off"]
+
+    firefox.evaluate(f"{toggle}.click()")
+    assert poll(firefox, f"{toggle}.dataset.enabled", "true") == "true"
+    assert firefox.evaluate(f"{toggle}.textContent") == "Disable push"
+    assert firefox.evaluate(tags) == ["on"]
+    devices = httpx.get(f"{replica.url}/users/ff-demo/devices", headers=ADMIN, timeout=10).json()["devices"]
+    assert [(d["kind"], d["origin"]) for d in devices] == [("webpush", mozpush.origin)]
+
+    firefox.evaluate(f"{toggle}.click()")
+    assert poll(firefox, f"{toggle}.dataset.enabled", "false") == "false"
+    assert firefox.evaluate(tags) == ["off"]
+    assert httpx.get(f"{replica.url}/users/ff-demo/devices", headers=ADMIN, timeout=10).json()["devices"] == []
