@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from service.config.settings import Settings
 from service.push import Push, PushMessage
@@ -18,7 +21,7 @@ from service.telemetry.metrics import Metrics
 
 from .firefox import Firefox, firefox_binary
 from .mozpush import MozPush
-from .pushkit import vapid_pem
+from .pushkit import public_of, vapid_pem
 from .utils import SECRET, TIMEOUT, publisher_headers, running, token
 
 PEM = vapid_pem()
@@ -78,6 +81,14 @@ class ReadPush(PushMessage):
         return json.dumps({"type": "read", "up_to": self.id}).encode()
 
 
+def service_sender(mozpush: MozPush) -> Push:
+    """The service's own push machinery, with the replica's VAPID key (what the replica would send)."""
+    settings = Settings(
+        jwt_secret=SECRET, vapid_private_key=PEM, vapid_subject=SUBJECT, push_allowed_origins=mozpush.origin
+    )
+    return Push(settings, broker=None, metrics=Metrics("test"))
+
+
 def send(replica_push: Push, device_id: str, subscription: dict, message: PushMessage) -> str:
     async def go() -> str:
         fields = {"endpoint": subscription["endpoint"], **subscription["keys"]}
@@ -95,6 +106,10 @@ SETUP = f"""(async () => {{
   window.client = new NotifyClient({{ url: location.origin, token: {json.dumps(token(USER))} }});
   return true;
 }})()"""
+
+
+REGISTRATION = 'navigator.serviceWorker.getRegistration("/client/")'
+SUBSCRIPTION = f"{REGISTRATION}.then((r) => r.pushManager.getSubscription()).then((s) => s.toJSON())"
 
 
 def poll(browser: Firefox, expression: str, until: object) -> object:
@@ -119,14 +134,8 @@ def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_p
     devices = httpx.get(f"{replica.url}/users/{USER}/devices", headers=ADMIN, timeout=10).json()["devices"]
     assert [(d["id"], d["kind"], d["origin"]) for d in devices] == [(enabled["deviceId"], "webpush", mozpush.origin)]
 
-    registration = 'navigator.serviceWorker.getRegistration("/client/")'
-    subscription = firefox.evaluate(
-        f"{registration}.then((r) => r.pushManager.getSubscription()).then((s) => s.toJSON())"
-    )
-    settings = Settings(
-        jwt_secret=SECRET, vapid_private_key=PEM, vapid_subject=SUBJECT, push_allowed_origins=mozpush.origin
-    )
-    sender = Push(settings, broker=None, metrics=Metrics("test"))
+    subscription = firefox.evaluate(SUBSCRIPTION)
+    sender = service_sender(mozpush)
     shipped = PushMessage(
         id="1795615904511-2",
         event="order.shipped",
@@ -143,7 +152,7 @@ def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_p
     assert send(sender, enabled["deviceId"], subscription, later) == "sent 201"
     assert mozpush.refused == []
 
-    shown = f"""{registration}.then((r) => r.getNotifications())
+    shown = f"""{REGISTRATION}.then((r) => r.getNotifications())
       .then((ns) => ns.map((n) => ({{title: n.title, body: n.body, tag: n.tag, data: n.data}})))"""
     notifications = poll(firefox, f"{shown}.then((ns) => ns.length)", 2)
     assert notifications == 2, firefox.log[-30:]
@@ -207,3 +216,36 @@ def test_the_demo_page_enables_and_disables_push_and_shows_it_on_each_notificati
     assert poll(firefox, f"{toggle}.dataset.enabled", "false") == "false"
     assert firefox.evaluate(tags) == ["off"]
     assert httpx.get(f"{replica.url}/users/ff-demo/devices", headers=ADMIN, timeout=10).json()["devices"] == []
+
+
+def test_the_push_service_refuses_a_vapid_jwt_that_a_real_one_would(replica, mozpush, firefox):
+    """The local push service is only worth testing against if it checks VAPID as a real one does:
+    a JWT signed with another key than the subscription's applicationServerKey, for another
+    audience, or expiring beyond 24 hours is answered 401 and never reaches the browser."""
+    firefox.goto(f"{replica.url}/demo?user=ff-vapid")
+    assert firefox.evaluate(SETUP) is True
+    enabled = firefox.evaluate('client.enablePush({serviceWorker: "/client/notify-sw.js"})')
+    channel = enabled["endpoint"].rsplit("/", 1)[1]
+    subscription = firefox.evaluate(SUBSCRIPTION)
+    now = int(time.time())
+    own_key = serialization.load_pem_private_key(PEM.encode(), None)
+    other_key = serialization.load_pem_private_key(vapid_pem().encode(), None)
+    refusals = {
+        "another key": (other_key, {"aud": mozpush.origin, "exp": now + 3600, "sub": SUBJECT}),
+        "another audience": (own_key, {"aud": "https://push.example.com", "exp": now + 3600, "sub": SUBJECT}),
+        "beyond 24 hours": (own_key, {"aud": mozpush.origin, "exp": now + 25 * 3600, "sub": SUBJECT}),
+    }
+    headers = {"TTL": "60", "Content-Encoding": "aes128gcm"}
+    for what, (key, claims) in refusals.items():
+        signed = jwt.encode(claims, key, algorithm="ES256")
+        authorization = f"vapid t={signed},k={public_of(PEM)}"
+        answer = httpx.post(enabled["endpoint"], headers={**headers, "Authorization": authorization}, content=b"x")
+        assert answer.status_code == 401, what
+    assert len(mozpush.refused) == len(refusals)
+
+    sender = service_sender(mozpush)
+    hello = PushMessage(id="1795615905000-1", event="hello", title="Hello", ts=1795615905000, ttl=60)
+    assert send(sender, enabled["deviceId"], subscription, hello) == "sent 201"
+    asyncio.run(sender.aclose())
+    assert len(mozpush.wait_for_ack(channel, 1)) == 1  # the signed one alone reached Firefox
+    firefox.evaluate("client.disablePush({scope: '/client/'})")
