@@ -24,6 +24,8 @@ from .mozpush import MozPush
 from .pushkit import public_of, vapid_pem
 from .utils import SECRET, TIMEOUT, publisher_headers, running, token
 
+pytestmark = pytest.mark.slow
+
 PEM = vapid_pem()
 SUBJECT = "mailto:ops@example.com"
 USER = "ff-alice"
