@@ -226,9 +226,11 @@ def test_the_push_service_refuses_a_vapid_jwt_that_a_real_one_would(replica, moz
     audience, or expiring beyond 24 hours is answered 401 and never reaches the browser."""
     firefox.goto(f"{replica.url}/demo?user=ff-vapid")
     assert firefox.evaluate(SETUP) is True
-    enabled = firefox.evaluate('client.enablePush({serviceWorker: "/client/notify-sw.js"})')
+    # Registered for the whole origin: the worker is served with `Service-Worker-Allowed: /`.
+    enabled = firefox.evaluate('client.enablePush({serviceWorker: "/client/notify-sw.js", scope: "/"})')
+    assert firefox.evaluate('navigator.serviceWorker.getRegistration("/").then((r) => r.scope)') == f"{replica.url}/"
     channel = enabled["endpoint"].rsplit("/", 1)[1]
-    subscription = firefox.evaluate(SUBSCRIPTION)
+    subscription = firefox.evaluate(SUBSCRIPTION.replace('"/client/"', '"/"'))
     now = int(time.time())
     own_key = serialization.load_pem_private_key(PEM.encode(), None)
     other_key = serialization.load_pem_private_key(vapid_pem().encode(), None)
@@ -250,4 +252,4 @@ def test_the_push_service_refuses_a_vapid_jwt_that_a_real_one_would(replica, moz
     assert send(sender, enabled["deviceId"], subscription, hello) == "sent 201"
     asyncio.run(sender.aclose())
     assert len(mozpush.wait_for_ack(channel, 1)) == 1  # the signed one alone reached Firefox
-    firefox.evaluate("client.disablePush({scope: '/client/'})")
+    firefox.evaluate("client.disablePush({scope: '/'})")
