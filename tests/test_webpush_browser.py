@@ -253,3 +253,32 @@ def test_the_push_service_refuses_a_vapid_jwt_that_a_real_one_would(replica, moz
     asyncio.run(sender.aclose())
     assert len(mozpush.wait_for_ack(channel, 1)) == 1  # the signed one alone reached Firefox
     firefox.evaluate("client.disablePush({scope: '/'})")
+
+
+def test_enable_push_says_why_it_cannot(mozpush, firefox):
+    """On a service without a VAPID key enablePush rejects with push_unavailable; on one whose
+    allowed origins do not include the browser's push service, with device_refused and the
+    service's reason, and the subscription is dropped again: nothing is left registered."""
+    with running({"NOTIFY_DEMO": "true"}) as bare:
+        firefox.goto(f"{bare.url}/demo?user=ff-none")
+        assert firefox.evaluate(SETUP) is True
+        failed = firefox.evaluate("client.enablePush().then(() => null, (e) => ({code: e.code, message: e.message}))")
+        assert failed == {
+            "code": "push_unavailable",
+            "message": "push_unavailable: the service has no Web Push (HTTP 404)",
+        }
+    env = {
+        "NOTIFY_VAPID_PRIVATE_KEY": PEM,
+        "NOTIFY_VAPID_SUBJECT": SUBJECT,
+        "NOTIFY_PUSH_ALLOWED_ORIGINS": "https://push.example.com",
+        "NOTIFY_DEMO": "true",
+    }
+    with running(env) as elsewhere:
+        firefox.goto(f"{elsewhere.url}/demo?user=ff-refused")
+        assert firefox.evaluate(SETUP) is True
+        failed = firefox.evaluate("client.enablePush().then(() => null, (e) => ({code: e.code, reason: e.reason}))")
+        assert failed["code"] == "device_refused"
+        assert failed == {"code": "device_refused", "reason": "subscription.endpoint must be an https URL"}
+        assert firefox.evaluate(SUBSCRIPTION.replace(".then((s) => s.toJSON())", "")) is None
+        listed = httpx.get(f"{elsewhere.url}/users/ff-refused/devices", headers=ADMIN, timeout=10)
+        assert listed.json()["devices"] == []
