@@ -63,6 +63,7 @@ from .common import (
     Unauthorized,
     _error_from,
     _full_jitter,
+    _HttpClient,
     _resolve,
 )
 from .devices import Device, DeviceError, Devices
@@ -138,7 +139,7 @@ class BatchResult:
         return self.status == 202
 
 
-class Publisher:
+class Publisher(_HttpClient):
     """An async client for the publish API (``POST /notify/{user}``, ``/broadcast``, ``/notify``,
     ``/topics/{topic}``).
 
@@ -161,23 +162,10 @@ class Publisher:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.base_url = base_url.rstrip("/")
-        self._token = token
+        super().__init__(base_url, token, timeout, client)
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._own_client = client is None
-        self._http = client or httpx.AsyncClient(timeout=timeout)
-
-    async def __aenter__(self) -> Publisher:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._own_client:
-            await self._http.aclose()
 
     async def notify(
         self, user: str, event: str, data: Any = None, *, idempotency_key: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -92,3 +92,24 @@ def _error_from(response: httpx.Response, kind: type[PublishError] = PublishErro
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return kind(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
     return kind(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
+
+
+class _HttpClient:
+    """What the publisher and the device client share: a base URL, a token source, and an httpx
+    client, owned (and closed) unless the caller passed one in."""
+
+    def __init__(self, base_url: str, token: TokenSource, timeout: float, client: httpx.AsyncClient | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._own_client = client is None
+        self._http = client or httpx.AsyncClient(timeout=timeout)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._http.aclose()

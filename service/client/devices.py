@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .common import PublishError, TokenSource, _error_from, _resolve
+from .common import PublishError, TokenSource, _error_from, _HttpClient, _resolve
 
 
 class DeviceError(PublishError):
@@ -32,7 +32,7 @@ class Device:
         return cls(body["id"], body["kind"], body.get("origin"), body["registered_at"])
 
 
-class Devices:
+class Devices(_HttpClient):
     """``PUT/GET/DELETE /me/devices`` with a user's token; ``/users/{user}/devices`` with an admin's.
 
     ``token`` is a JWT or a callable returning a current one (called before every request). A
@@ -43,20 +43,7 @@ class Devices:
     def __init__(
         self, base_url: str, token: TokenSource, *, timeout: float = 10.0, client: httpx.AsyncClient | None = None
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._token = token
-        self._own_client = client is None
-        self._http = client or httpx.AsyncClient(timeout=timeout)
-
-    async def __aenter__(self) -> Devices:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._own_client:
-            await self._http.aclose()
+        super().__init__(base_url, token, timeout, client)
 
     async def register_fcm(self, device_id: str, token: str) -> Device:
         """Register (or replace) an app's FCM registration token."""
