@@ -25,12 +25,15 @@ $(STAMP): pyproject.toml $(TEST_LOCK)
 
 install: $(STAMP)
 
-# Debian's nginx (load-balancer tests, `make cluster`) and Chromium (browser tests, driven by Playwright;
-# Playwright's own browser download is never used). Both run as plain processes, never as system services.
+# Debian's nginx (load-balancer tests, `make cluster`), Chromium (browser tests, driven by Playwright;
+# Playwright's own browser download is never used) and firefox-esr (the Web Push test: the only browser
+# whose push service can be a local one, driven over WebDriver BiDi). All run as plain processes, never
+# as system services.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v firefox-esr >/dev/null 2>&1 || missing="$$missing firefox-esr"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing from Debian"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

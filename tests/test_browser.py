@@ -238,6 +238,9 @@ async def test_demo_page_publish_form(demo_single, page):
     item = page.locator(f'[data-testid="notification"][data-id="{published}"]')
     await expect(item).to_have_attribute("data-event", "demo.form")
     await expect(item).to_contain_text('{"text":"hi"}')
+    # No VAPID key on this service: no push button, and the notification says push is off here.
+    await expect(item.get_by_test_id("push-state")).to_have_attribute("data-push", "off")
+    await expect(page.get_by_test_id("push-toggle")).to_be_hidden()
 
 
 async def test_falls_back_to_sse_when_websockets_fail(demo_single, page, http):

@@ -13,6 +13,8 @@ import httpx
 import pytest
 import redis
 
+from service.client import DeviceError, Devices
+
 from .pushkit import Subscription, service_account, vapid_pem
 from .test_bodies import UNPARSEABLE
 from .utils import RedisServer, Replica, cluster_env, running, started, token
@@ -209,3 +211,30 @@ def test_devices_in_redis_are_shared_by_replicas_and_survive_their_restarts(own_
         f"{prefix}:{{u:r-bob}}:d",
         f"{prefix}:{{u:r-bob}}:do",
     ]
+
+
+async def test_the_python_client_registers_lists_and_removes_fcm_devices(embedded):
+    """`service.client.Devices`: an app registers its FCM token (again after FCM rotates it), lists
+    and removes it; a refusal is a DeviceError with the server's reason; a backend sees and removes
+    any user's devices with the admin scope, and a user's token cannot."""
+    rotated = "cXk2:APA91b" + "R" * 140
+    async with Devices(embedded.url, lambda: token("py-alice")) as devices:
+        phone = await devices.register_fcm("pixel-7", "cXk1:APA91b" + "Q" * 140)
+        assert (phone.id, phone.kind, phone.origin) == ("pixel-7", "fcm", None)
+        await devices.register_fcm("pixel-7", rotated)
+        subscription = Subscription(ENDPOINT).to_json()
+        laptop = await devices.register_webpush("laptop", subscription)
+        assert laptop.origin == "https://push.example.com"
+        assert [d.id for d in await devices.list()] == ["pixel-7", "laptop"]
+        with pytest.raises(DeviceError) as refused:
+            await devices.register_fcm("pixel-8", "short")
+        assert refused.value.status == 422 and "not an FCM registration token" in refused.value.message
+        with pytest.raises(DeviceError) as forbidden:
+            await devices.user_devices("py-alice")
+        assert forbidden.value.status == 403
+        await devices.remove("laptop")
+        assert [d.id for d in await devices.list()] == ["pixel-7"]
+    async with Devices(embedded.url, token("ops", "notify:admin")) as admin:
+        assert [d.id for d in await admin.user_devices("py-alice")] == ["pixel-7"]
+        await admin.remove_user_device("py-alice", "pixel-7")
+        assert await admin.user_devices("py-alice") == []

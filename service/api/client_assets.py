@@ -1,4 +1,5 @@
-"""The browser client (/client/notify.js) and, when NOTIFY_DEMO is on, the demo page and its tokens."""
+"""The browser client (/client/notify.js), its Web Push service worker (/client/notify-sw.js) and, when
+NOTIFY_DEMO is on, the demo page and its tokens."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ _DEMO_TOKEN_SECONDS = 600
 async def client_script() -> FileResponse:
     """The dependency-free browser client, an ES module."""
     return FileResponse(STATIC / "notify.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/client/notify-sw.js", response_class=FileResponse)
+async def service_worker() -> FileResponse:
+    """The Web Push service worker: shows pushes, opens their url on click, closes them when read.
+    It may control the whole origin (`Service-Worker-Allowed: /`), so a page can register it with scope `/`."""
+    headers = {"Cache-Control": "no-cache", "Service-Worker-Allowed": "/"}
+    return FileResponse(STATIC / "notify-sw.js", media_type="text/javascript", headers=headers)
 
 
 @router.get("/demo", response_class=FileResponse, include_in_schema=False)

@@ -14,6 +14,14 @@ full jitter, reusing the same key: the server answers a repeated key with the fi
 retry never delivers twice. Any other 4xx raises :class:`PublishError` carrying the server's JSON
 error at once.
 
+Devices for push (docs/protocol.md, "Push")::
+
+    async with Devices("http://127.0.0.1:8000", user_token) as devices:
+        await devices.register_fcm("pixel-7", fcm_registration_token)  # again after FCM rotates it
+        print(await devices.list())
+        await devices.remove("pixel-7")
+    # with a notify:admin token: await admin.user_devices("alice"), await admin.remove_user_device("alice", "pixel-7")
+
 Listening (a user's token)::
 
     async for notification in listen("ws://127.0.0.1:8000/ws", token_or_callable, topics=["chat:lobby"]):
@@ -53,9 +61,12 @@ from .common import (
     TokenSource,
     TopicRefused,
     Unauthorized,
+    _error_from,
     _full_jitter,
+    _HttpClient,
     _resolve,
 )
+from .devices import Device, DeviceError, Devices
 from .listener import Listener, listen
 from .streams import Notification
 from .streams import _key as _key  # defined here once: code importing it from here keeps working
@@ -63,6 +74,9 @@ from .streams import _key as _key  # defined here once: code importing it from h
 __all__ = [
     "BatchItem",
     "BatchResult",
+    "Device",
+    "DeviceError",
+    "Devices",
     "Disconnected",
     "Listener",
     "ListenerError",
@@ -125,7 +139,7 @@ class BatchResult:
         return self.status == 202
 
 
-class Publisher:
+class Publisher(_HttpClient):
     """An async client for the publish API (``POST /notify/{user}``, ``/broadcast``, ``/notify``,
     ``/topics/{topic}``).
 
@@ -148,23 +162,10 @@ class Publisher:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        self.base_url = base_url.rstrip("/")
-        self._token = token
+        super().__init__(base_url, token, timeout, client)
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
-        self._own_client = client is None
-        self._http = client or httpx.AsyncClient(timeout=timeout)
-
-    async def __aenter__(self) -> Publisher:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._own_client:
-            await self._http.aclose()
 
     async def notify(
         self, user: str, event: str, data: Any = None, *, idempotency_key: str | None = None
@@ -252,16 +253,6 @@ def _batch_item(item: BatchItem | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(item, BatchItem):
         return {"user": item.user, "event": item.event, "data": item.data}
     return dict(item)
-
-
-def _error_from(response: httpx.Response) -> PublishError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return PublishError(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
-    return PublishError(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

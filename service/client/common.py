@@ -1,5 +1,6 @@
-"""What the publisher (service/client/__init__.py) and the listener (service/client/listener.py and its
-listener_*.py parts) have in common: their errors, a token source and the backoff delay.
+"""What the publisher (service/client/__init__.py), the device client (devices.py) and the listener
+(service/client/listener.py and its listener_*.py parts) have in common: their errors, a token source,
+the backoff delay and the reading of the server's JSON errors.
 
 It imports none of them, so that each imports it and none imports another: the package re-exports
 the listener, which would otherwise import the package back while it is still half loaded.
@@ -10,7 +11,9 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
+
+import httpx
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 """A token, or a (sync or async) callable that returns a current one."""
@@ -78,3 +81,35 @@ async def _resolve(source: TokenSource) -> str:
     if inspect.isawaitable(value):
         value = await value
     return str(value)
+
+
+def _error_from(response: httpx.Response, kind: type[PublishError] = PublishError) -> PublishError:
+    """The server's JSON error as `kind`, or the HTTP status when the body is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return kind(response.status_code, body["error"], str(body.get("message", "")), body.get("details"))
+    return kind(response.status_code, "http_error", response.text[:200] or response.reason_phrase)
+
+
+class _HttpClient:
+    """What the publisher and the device client share: a base URL, a token source, and an httpx
+    client, owned (and closed) unless the caller passed one in."""
+
+    def __init__(self, base_url: str, token: TokenSource, timeout: float, client: httpx.AsyncClient | None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._own_client = client is None
+        self._http = client or httpx.AsyncClient(timeout=timeout)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._http.aclose()

@@ -164,6 +164,44 @@ export function tokenExpiry(token) {
   }
 }
 
+const DEVICE_KEY = "notify.deviceId";
+
+/** This browser's device id (localStorage), made on first use when `create`; null otherwise. */
+function storedDeviceId(create) {
+  let id = localStorage.getItem(DEVICE_KEY);
+  if (!id && create) {
+    id = "web-" + crypto.randomUUID().replace(/-/g, "");
+    localStorage.setItem(DEVICE_KEY, id);
+  }
+  return id;
+}
+
+/** Resolves once the registration has an active worker. Not `navigator.serviceWorker.ready`: that
+ * waits for a worker whose scope covers this page, which may never come. */
+function activated(registration) {
+  if (registration.active) return Promise.resolve(registration);
+  const worker = registration.installing || registration.waiting;
+  return new Promise((resolve, reject) => {
+    worker.addEventListener("statechange", () => {
+      if (worker.state === "activated") resolve(registration);
+      if (worker.state === "redundant") reject(new NotifyError("push_unsupported", "the service worker failed to install"));
+    });
+    if (registration.active) resolve(registration); // activated before the listener was there
+  });
+}
+
+function base64UrlBytes(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4);
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+}
+
+function sameKey(buffer, publicKey) {
+  if (!buffer) return false;
+  const a = new Uint8Array(buffer);
+  const b = base64UrlBytes(publicKey);
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
 function baseUrl(url) {
   const origin = typeof location !== "undefined" ? location.href : undefined;
   const u = new URL(url, origin);
@@ -356,6 +394,76 @@ export class NotifyClient {
     if (!response.ok) throw new Error(`ack failed: HTTP ${response.status}`);
     const body = await response.json();
     if (typeof body.unread === "number") this._setUnread(body.unread);
+  }
+
+  // ---- Web Push (docs/protocol.md, "Push")
+
+  /**
+   * Let the service reach this browser while no page is open: asks for notification permission,
+   * registers the service worker, subscribes with the service's VAPID key (GET /push/vapid) and
+   * registers the subscription as a device (PUT /me/devices/{id}). The device id is kept in
+   * localStorage (`notify.deviceId`), so enabling again replaces this browser's device instead
+   * of adding one. Rejects with a NotifyError: "push_unsupported" (no service worker or
+   * PushManager), "permission_denied", "push_unavailable" (the service has no VAPID key), or
+   * "device_refused" (the service refused the subscription; `reason` says why).
+   * @param {{serviceWorker?: string, scope?: string}} [options]
+   * @returns {Promise<{deviceId: string, endpoint: string}>}
+   */
+  async enablePush({ serviceWorker = "/client/notify-sw.js", scope } = {}) {
+    if (typeof navigator === "undefined" || !navigator.serviceWorker || typeof PushManager === "undefined") {
+      throw new NotifyError("push_unsupported", "this browser has no service workers or Push API");
+    }
+    const permission = await Notification.requestPermission();
+    if (permission !== "granted") throw new NotifyError("permission_denied", `notification permission is ${permission}`);
+    const vapid = await fetch(this.url + "/push/vapid");
+    if (!vapid.ok) throw new NotifyError("push_unavailable", `the service has no Web Push (HTTP ${vapid.status})`);
+    const { public_key: publicKey } = await vapid.json();
+    const registration = await navigator.serviceWorker.register(serviceWorker, scope ? { scope } : undefined);
+    await activated(registration);
+    let subscription = await registration.pushManager.getSubscription();
+    if (subscription && !sameKey(subscription.options.applicationServerKey, publicKey)) {
+      await subscription.unsubscribe(); // made for another VAPID key: the service could not push to it
+      subscription = null;
+    }
+    subscription ??= await registration.pushManager.subscribe({
+      userVisibleOnly: true,
+      applicationServerKey: base64UrlBytes(publicKey),
+    });
+    const deviceId = storedDeviceId(true);
+    const answer = await this._deviceRequest("PUT", deviceId, { kind: "webpush", subscription: subscription.toJSON() });
+    if (!answer.ok) {
+      const body = await answer.json().catch(() => ({}));
+      await subscription.unsubscribe();
+      throw new NotifyError("device_refused", `the service refused the device (HTTP ${answer.status})`, undefined, body.message);
+    }
+    return { deviceId, endpoint: subscription.endpoint };
+  }
+
+  /**
+   * Stop pushes to this browser: unsubscribes and removes the device (DELETE /me/devices/{id}).
+   * @param {{scope?: string}} [options]  the scope enablePush registered the worker with, if not its default
+   * @returns {Promise<void>}
+   */
+  async disablePush({ scope } = {}) {
+    const deviceId = storedDeviceId(false);
+    if (typeof navigator !== "undefined" && navigator.serviceWorker) {
+      const registration = await navigator.serviceWorker.getRegistration(scope);
+      const subscription = registration && (await registration.pushManager.getSubscription());
+      if (subscription) await subscription.unsubscribe();
+    }
+    if (!deviceId) return;
+    const answer = await this._deviceRequest("DELETE", deviceId);
+    if (!answer.ok && answer.status !== 404) throw new Error(`disablePush failed: HTTP ${answer.status}`);
+    localStorage.removeItem(DEVICE_KEY);
+  }
+
+  async _deviceRequest(method, deviceId, body) {
+    const token = await this._currentToken();
+    return fetch(`${this.url}/me/devices/${deviceId}`, {
+      method,
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
   }
 
   // ---- topics
