@@ -28,6 +28,7 @@ from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
 from ..webhooks import PresenceEvents, ReadMarkers, Webhooks
+from ..webhooks.fallback import fallbacks_for
 from . import client_assets, events, health, inbox, publish, topics, webhooks, ws
 from .limits import RequestLimits
 from .models import ErrorBody
@@ -100,6 +101,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 watch = PresenceEvents(runtime.webhooks, topics.presence_on)
                 broker.watch_presence(watch.changed, int(settings.presence_leave_grace_seconds * 1000))
             await runtime.webhooks.start()
+            runtime.fallbacks = fallbacks_for(runtime.webhooks, broker, settings.history_ttl_seconds)
         try:
             async with AsyncExitStack() as hooks:
                 for hook in process_hooks:
@@ -108,6 +110,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if runtime.fallbacks is not None:
+                await runtime.fallbacks.stop()
             if runtime.webhooks is not None:
                 await runtime.webhooks.stop()
             await broker.stop()

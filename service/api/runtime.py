@@ -12,6 +12,7 @@ from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..telemetry.metrics import Metrics
 from ..webhooks import ReadMarkers, Webhooks
+from ..webhooks.fallback import Fallbacks
 
 
 @dataclass(slots=True)
@@ -30,6 +31,7 @@ class Runtime:
     # With NOTIFY_WEBHOOKS only: None otherwise, and every path that would tell them costs nothing.
     webhooks: Webhooks | None = None
     reads: ReadMarkers | None = None
+    fallbacks: Fallbacks | None = None
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
         """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""
