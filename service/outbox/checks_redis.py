@@ -1,7 +1,7 @@
 """RedisChecks: due checks in Redis, spread over hash-tagged shards by user, shared by every replica.
 
-Per shard (`<prefix>:{fc3}:...`, one slot of a Cluster): `due` (zset check -> when due, ms), `lease`
-(zset check -> when its lease runs out), `check` (hash check -> payload), and one string per check,
+Per shard (`<prefix>:{fc3}:...`, one slot of a Cluster): `due` (zset check -> when due, or when
+its lease runs out once claimed, ms), `check` (hash check -> payload), and one string per check,
 `st:<check>`, its state, expiring when the notification would have left history. A check is named
 `<user>\\n<id>` (a user id holds no control character).
 """
@@ -41,30 +41,28 @@ RECORD = Lua.of("return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])")
 # KEYS: state.
 STATE = Lua.of("return redis.call('GET', KEYS[1])")
 
-# KEYS: due, lease, check. ARGV: limit, lease ms. Checks whose lease ran out (their replica died)
-# are due again first; then up to `limit` due checks are leased to the caller: check, payload, each.
+# KEYS: due, check. ARGV: limit, lease ms. Up to `limit` due checks, leased to the caller by moving
+# them that far into the future: a replica that dies holding one leaves it due again when the lease
+# runs out. Returns check, payload, for each.
 CLAIM = Lua.of(
     _NOW
     + """
-for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
-  redis.call('ZREM', KEYS[2], c)
-  redis.call('ZADD', KEYS[1], now, c)
-end
 local out = {}
 for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))) do
-  redis.call('ZREM', KEYS[1], c)
-  local payload = redis.call('HGET', KEYS[3], c)
+  local payload = redis.call('HGET', KEYS[2], c)
   if payload then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), c)
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), c)
     out[#out + 1] = c
     out[#out + 1] = payload
+  else
+    redis.call('ZREM', KEYS[1], c)
   end
 end
 return out
 """
 )
 
-# KEYS: lease, check, state. ARGV: check, state. Done: forgotten, its state kept as long as it was.
+# KEYS: due, check, state. ARGV: check, state. Done: forgotten, its state kept as long as it was.
 SETTLE = Lua.of(
     """
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -110,7 +108,7 @@ class RedisChecks:
 
     async def claim(self, limit: int) -> list[DueCheck]:
         each = max(1, -(-limit // SHARDS))
-        keys = [[self._key(s, "due"), self._key(s, "lease"), self._key(s, "check")] for s in range(SHARDS)]
+        keys = [[self._key(s, "due"), self._key(s, "check")] for s in range(SHARDS)]
         replies = await asyncio.gather(*(self._run(CLAIM, k, [each, self._lease_ms]) for k in keys))
         claimed = []
         for reply in replies:
@@ -121,4 +119,4 @@ class RedisChecks:
 
     async def settle(self, check: DueCheck, state: str) -> None:
         shard, name, key = self._at(check.user, check.notification_id)
-        await self._run(SETTLE, [self._key(shard, "lease"), self._key(shard, "check"), key], [name, state])
+        await self._run(SETTLE, [self._key(shard, "due"), self._key(shard, "check"), key], [name, state])
