@@ -31,6 +31,7 @@ from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
 from ..webhooks import PresenceEvents, ReadMarkers, Webhooks
+from ..webhooks.fallback import fallbacks_for
 from . import client_assets, devices, events, health, inbox, publish, topics, webhooks, ws
 from .hooks import Hooks
 from .limits import RequestLimits
@@ -124,6 +125,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 watch = PresenceEvents(runtime.webhooks, topics.presence_on)
                 broker.watch_presence(watch.changed, int(settings.presence_leave_grace_seconds * 1000))
             await runtime.webhooks.start()
+            runtime.fallbacks = fallbacks_for(runtime.webhooks, broker, settings.history_ttl_seconds)
         try:
             async with AsyncExitStack() as hooks:
                 for hook in process_hooks:
@@ -132,6 +134,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 yield {"runtime": runtime}
         finally:
             logs.flush_access_summary()
+            if runtime.fallbacks is not None:
+                await runtime.fallbacks.stop()
             if runtime.webhooks is not None:
                 await runtime.webhooks.stop()
             if push is not None:

@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from ..auth.tokens import PUBLISH_SCOPE, Principal
 from ..core.errors import InvalidToken, ServiceError
 from ..core.ids import is_valid_user_id
-from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..core.streams import BROADCAST, is_topic, topic_stream, user_of, user_stream
 from ..core.topics import is_valid_topic_name
-from .models import PublishRequest
+from .models import NotifyRequest, PublishRequest
 from .publish import _check_rate, _publish, accepted
 from .runtime import Runtime
 
@@ -75,7 +75,8 @@ def prepare(runtime: Runtime, stream: str, headers: list[Header], body: bytes) -
         return None  # pydantic would read these literals here; the route's parser refuses them (`api.body`)
     try:
         principal = runtime.verifier.verify_now(authorization[7:].decode("latin-1").strip())
-        request = PublishRequest.model_validate_json(body)
+        # A user's notification may carry a fallback; a broadcast or a topic's message may not.
+        request = (NotifyRequest if user_of(stream) is not None else PublishRequest).model_validate_json(body)
     except (InvalidToken, ValidationError):
         return None
     if principal is None or PUBLISH_SCOPE not in principal.scopes:

@@ -81,8 +81,13 @@ async def notification_status(
     reader: ReaderDep,
     runtime: RuntimeDep,
 ) -> NotificationStatus:
-    """Whether the user has read a notification (scope `notify:read`)."""
+    """Whether the user has read a notification, and what became of its fallback (scope `notify:read`)."""
     state = await runtime.broker.read_state(user, notification_id)
     if not state.retained and not state.read:
         raise NotFound(f"no notification {notification_id} for {user!r} in retained history")
-    return NotificationStatus(id=notification_id, user=user, read=state.read, retained=state.retained)
+    fallback = "none"
+    if runtime.fallbacks is not None:
+        fallback = await runtime.fallbacks.state(user, notification_id, state)
+    return NotificationStatus(
+        id=notification_id, user=user, read=state.read, retained=state.retained, fallback=fallback
+    )

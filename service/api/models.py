@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,7 +28,41 @@ class PublishRequest(BaseModel):
     data: Any = None
 
 
-class BatchItem(PublishRequest):
+MAX_FALLBACK_SECONDS = 604_800
+
+
+class Fallback(BaseModel):
+    """What the backend asks to hear about this notification, as a webhook event."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"when": "unread", "after_seconds": 60}]})
+
+    when: Literal["unread", "offline"] = Field(
+        description="`offline`: `notification.undelivered` at once when none of the user's sockets or SSE streams is"
+        " open (`online` is 0). `unread`: `notification.unread` when the notification is still retained and unread"
+        " `after_seconds` after it was published; a read before then cancels it."
+    )
+    after_seconds: Annotated[int, Field(ge=0, le=MAX_FALLBACK_SECONDS, strict=True)] | None = Field(
+        None, description="For `unread`: seconds to wait (default 60). Ignored for `offline`."
+    )
+
+
+class NotifyRequest(PublishRequest):
+    """One notification to a user, with an optional fallback."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"event": "order.shipped", "data": {"order": 7}},
+                {"event": "chat.message", "data": {"text": "hi"}, "fallback": {"when": "unread", "after_seconds": 60}},
+            ]
+        },
+    )
+
+    fallback: Fallback | None = None
+
+
+class BatchItem(NotifyRequest):
     """One notification of a batch, with its recipient: a user, or a topic."""
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +74,8 @@ class BatchItem(PublishRequest):
     def _one_recipient(self) -> BatchItem:
         if (self.user is None) == (self.topic is None):
             raise ValueError('an item names exactly one of "user" and "topic"')
+        if self.fallback is not None and self.user is None:
+            raise ValueError('"fallback" is for notifications to a user')
         return self
 
 
@@ -129,6 +165,12 @@ class NotificationStatus(BaseModel):
     user: str
     read: bool
     retained: bool
+    fallback: Literal["pending", "sent", "cancelled", "none"] = Field(
+        "none",
+        description="What became of the notification's `fallback`: `pending` (an `unread` check not yet due),"
+        " `sent` (its webhook event was queued), `cancelled` (read, or gone from history, before it was due),"
+        " `none` (no fallback, an `offline` one while the user was online, or no endpoint wanting its event).",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Body, Header, Path
 from ..auth.tokens import Principal
 from ..broker import Published
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
-from ..core.streams import BROADCAST, is_topic, topic_stream, user_stream
+from ..core.streams import BROADCAST, is_topic, topic_stream, user_of, user_stream
 from ..core.topics import TopicError
 from ..telemetry import logs
 from .body import JsonRoute
@@ -24,6 +24,7 @@ from .models import (
     BatchItem,
     BatchItemResult,
     ErrorBody,
+    NotifyRequest,
     PublishAccepted,
     PublishRequest,
 )
@@ -64,7 +65,7 @@ IdempotencyKey = Annotated[
 @router.post("/notify/{user_id:path}", status_code=202, response_model=PublishAccepted, responses=_ERRORS)
 async def notify(
     user_id: Annotated[str, Path(min_length=1, max_length=256, pattern=USER_ID_PATTERN)],
-    body: PublishRequest,
+    body: NotifyRequest,
     publisher: PublisherDep,
     runtime: RuntimeDep,
     idempotency_key: IdempotencyKey = None,
@@ -149,6 +150,11 @@ async def _publish(
     published = await runtime.broker.publish(stream, orjson.dumps(body.event).decode(), data_json, scoped_key)
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
     logs.notification_id.set(published.id)
+    fallback = body.fallback if isinstance(body, NotifyRequest) else None
+    if fallback is not None and runtime.fallbacks is not None and not published.duplicate:
+        user = user_of(stream)
+        assert user is not None  # a fallback is only ever accepted for a user
+        await runtime.fallbacks.published(user, fallback.when, fallback.after_seconds, published, body.event, body.data)
     if not published.duplicate:
         metrics = runtime.metrics
         (

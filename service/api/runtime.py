@@ -16,6 +16,7 @@ from ..delivery.memberlists import MemberLists
 from ..push import Push
 from ..telemetry.metrics import Metrics
 from ..webhooks import ReadMarkers, Webhooks
+from ..webhooks.fallback import Fallbacks
 from .hooks import Hooks
 
 
@@ -42,6 +43,7 @@ class Runtime:
     # With NOTIFY_WEBHOOKS only: None otherwise, and every path that would tell them costs nothing.
     webhooks: Webhooks | None = None
     reads: ReadMarkers | None = None
+    fallbacks: Fallbacks | None = None
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
         """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""

@@ -1,0 +1,134 @@
+"""Fallbacks: what a backend asked to hear about a notification it published to a user.
+
+`offline`: nobody of the user was online when it was published: `notification.undelivered` at once.
+`unread`: still retained and unread N seconds later: `notification.unread`, decided then by the one
+replica that claims the due check (whichever replica took the publish, and whether it is alive).
+A read before then cancels it: the check finds the read marker past the notification and sends
+nothing, so a read costs nothing more than it did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+
+from ..broker import Broker, Published, ReadState
+from ..core.errors import BrokerUnavailable
+from ..core.streams import user_stream
+from ..outbox.checks import CANCELLED, PENDING, SENT, Checks, DueCheck
+from .webhooks import Webhooks
+
+logger = logging.getLogger("service.webhooks")
+
+UNREAD, UNDELIVERED = "notification.unread", "notification.undelivered"
+DEFAULT_AFTER_SECONDS = 60
+# How often due checks are looked for: a check fires within this of its time.
+POLL_SECONDS = 0.5
+# A claimed check is another replica's once this has passed without it being settled (its replica died).
+LEASE_SECONDS = 30.0
+CLAIM_LIMIT = 64
+
+
+class Fallbacks:
+    """Owned by the app's lifespan, beside the webhooks it tells."""
+
+    def __init__(self, webhooks: Webhooks, checks: Checks, broker: Broker, retention_seconds: float) -> None:
+        self._webhooks = webhooks
+        self._checks = checks
+        self._broker = broker
+        self._retention = retention_seconds
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._webhooks.wants(UNREAD):
+            self._task = asyncio.create_task(self._check_forever(), name="fallback-checks")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def published(
+        self, user: str, when: str, after: int | None, published: Published, event: str, data: Any
+    ) -> None:
+        """Act on a fresh publish's fallback. A queue out of reach is logged, not raised: the
+        notification itself is published."""
+        told = {"user": user, "id": published.id, "event": event, "data": data, "ts": published.ts}
+        try:
+            if when == "offline":
+                if published.online == 0 and self._webhooks.wants(UNDELIVERED):
+                    await self._webhooks.emit(UNDELIVERED, told, user_stream(user))
+                    await self._checks.record(user, published.id, SENT, self._retention)
+            elif self._webhooks.wants(UNREAD):
+                delay = DEFAULT_AFTER_SECONDS if after is None else after
+                payload = orjson.dumps(told).decode()
+                await self._checks.schedule(user, published.id, delay, payload, delay + self._retention)
+        except BrokerUnavailable as exc:
+            logger.warning("fallback of %s not recorded: %s", published.id, exc.message)
+
+    async def state(self, user: str, notification_id: str, read: ReadState) -> str:
+        """ "pending", "sent", "cancelled" or "none". A pending check the user has read past (or that
+        left history) is cancelled already: it will send nothing when it comes due."""
+        found = await self._checks.state(user, notification_id)
+        if found is None:
+            return "none"
+        if found == PENDING and (read.read or not read.retained):
+            return CANCELLED
+        return found
+
+    async def _check_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                due = await self._checks.claim(CLAIM_LIMIT)
+                failures = 0
+            except BrokerUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("fallback: cannot claim due checks: %s", exc.message)
+                await asyncio.sleep(min(5.0, POLL_SECONDS * 2**failures))
+                continue
+            await asyncio.gather(*(self._decide(check) for check in due))
+            if len(due) < CLAIM_LIMIT:
+                await asyncio.sleep(POLL_SECONDS)
+
+    async def _decide(self, check: DueCheck) -> None:
+        try:
+            read = await self._broker.read_state(check.user, check.notification_id)
+            if read.retained and not read.read:
+                await self._webhooks.emit(UNREAD, orjson.loads(check.payload), user_stream(check.user))
+                await self._checks.settle(check, SENT)
+            else:
+                await self._checks.settle(check, CANCELLED)
+        except BrokerUnavailable as exc:
+            # Not settled: its lease runs out and it is decided again.
+            logger.warning("fallback of %s not decided: %s", check.notification_id, exc.message)
+        except Exception:
+            logger.exception("fallback of %s failed unexpectedly", check.notification_id)
+
+
+def fallbacks_for(webhooks: Webhooks, broker: Broker, retention_seconds: float) -> Fallbacks | None:
+    """Started fallbacks when an endpoint wants their events; None (a fallback asks for nothing) otherwise."""
+    if not (webhooks.wants(UNREAD) or webhooks.wants(UNDELIVERED)):
+        return None
+    fallbacks = Fallbacks(webhooks, _checks(broker), broker, retention_seconds)
+    fallbacks.start()
+    return fallbacks
+
+
+def _checks(broker: Broker) -> Checks:
+    """Checks beside the broker: in Redis when the broker is, else in this process."""
+    from ..broker.redis.broker import RedisBroker
+
+    if isinstance(broker, RedisBroker):
+        from ..outbox.checks_redis import RedisChecks
+
+        return RedisChecks(broker, LEASE_SECONDS)
+    from ..outbox.checks_memory import MemoryChecks
+
+    return MemoryChecks()
