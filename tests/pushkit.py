@@ -77,6 +77,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)
 
 
 class _Quiet(ThreadingHTTPServer):
@@ -139,7 +140,25 @@ class PushService(_Server):
 
     def __init__(self) -> None:
         self.status: dict[str, tuple[int, dict[str, str], bytes]] = {}
-        super().__init__(lambda path, headers, body: self.status.get(path, (201, {}, b"")))
+        # Answers given once, before `status` (e.g. a 429 then the default 201): path -> answers left.
+        self.first: dict[str, list[tuple[int, dict[str, str], bytes]]] = {}
+        # While cleared, requests are held unanswered; once set, the held ones are answered 503.
+        self.gate = threading.Event()
+        self.gate.set()
+        self.accepted: list[Received] = []  # answered 2xx: what the push service took
+        self._lock = threading.Lock()
+        super().__init__(self._answer)
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if not self.gate.is_set():
+            self.gate.wait(4 * TIMEOUT)
+            return 503, {"Retry-After": "1"}, b""
+        with self._lock:
+            answers = self.first.get(path)
+            answer = answers.pop(0) if answers else self.status.get(path, (201, {}, b""))
+            if 200 <= answer[0] < 300:
+                self.accepted.append(Received(path, headers, body))
+        return answer
 
     def endpoint(self, name: str) -> str:
         return f"{self.origin}/push/{name}"

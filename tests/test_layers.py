@@ -43,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
         "service.core",
         "service.config",
     },
-    "service.push": {"service.broker", "service.telemetry", "service.core", "service.config"},
+    "service.push": {"service.outbox", "service.broker", "service.telemetry", "service.core", "service.config"},
     "service.webhooks": {"service.outbox", "service.broker", "service.telemetry", "service.core", "service.config"},
     "service.outbox": {"service.broker", "service.telemetry", "service.core", "service.config"},
     "service.delivery": {"service.broker", "service.telemetry", "service.core", "service.config"},

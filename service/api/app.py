@@ -26,12 +26,15 @@ from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
 from ..outbox import create_outbox
-from ..push import create_push
+from ..outbox.checks import Checks
+from ..push import Push, create_push
+from ..push import jobs as push_jobs
+from ..push.jobs import PushJobs
 from ..telemetry import logs
 from ..telemetry.logs import AccessLog
 from ..telemetry.metrics import Metrics
 from ..webhooks import PresenceEvents, ReadMarkers, Webhooks
-from ..webhooks.fallback import fallbacks_for
+from ..webhooks.fallback import checks_for, fallbacks_for, wanted
 from . import client_assets, devices, events, health, inbox, publish, topics, webhooks, ws
 from .hooks import Hooks
 from .limits import RequestLimits
@@ -125,7 +128,14 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 watch = PresenceEvents(runtime.webhooks, topics.presence_on)
                 broker.watch_presence(watch.changed, int(settings.presence_leave_grace_seconds * 1000))
             await runtime.webhooks.start()
-            runtime.fallbacks = fallbacks_for(runtime.webhooks, broker, settings.history_ttl_seconds)
+        if wanted(runtime.webhooks, push is not None):
+            checks = checks_for(broker)
+            if push is not None:
+                runtime.pushes = _pushes(push, broker, checks, settings.history_ttl_seconds)
+                await runtime.pushes.start()
+            runtime.fallbacks = fallbacks_for(
+                runtime.webhooks, runtime.pushes, checks, broker, settings.history_ttl_seconds
+            )
         try:
             async with AsyncExitStack() as hooks:
                 for hook in process_hooks:
@@ -138,6 +148,8 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
                 await runtime.fallbacks.stop()
             if runtime.webhooks is not None:
                 await runtime.webhooks.stop()
+            if runtime.pushes is not None:
+                await runtime.pushes.stop()
             if push is not None:
                 await push.aclose()
             if namespace_hooks is not None:
@@ -171,6 +183,11 @@ def _webhooks(settings: Settings, broker: Broker, metrics: Metrics) -> Webhooks:
         broker, settings.webhook_retry_seconds, settings.webhook_max_pending, settings.webhook_timeout_seconds
     )
     return Webhooks(settings, outbox, metrics)
+
+
+def _pushes(push: Push, broker: Broker, checks: Checks, retention_seconds: float) -> PushJobs:
+    outbox = create_outbox(broker, push_jobs.RETRY_SECONDS, push_jobs.MAX_PENDING, push_jobs.ATTEMPT_SECONDS, "op")
+    return PushJobs(push, outbox, checks, retention_seconds)
 
 
 def _tell_read(webhooks: Webhooks) -> Callable[[str, str], None]:

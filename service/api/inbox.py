@@ -19,6 +19,7 @@ from .models import (
     MarkRead,
     NotificationItem,
     NotificationStatus,
+    PushState,
     UnreadCount,
 )
 
@@ -88,6 +89,12 @@ async def notification_status(
     fallback = "none"
     if runtime.fallbacks is not None:
         fallback = await runtime.fallbacks.state(user, notification_id, state)
+    push = await runtime.pushes.state(user, notification_id) if runtime.pushes is not None else None
     return NotificationStatus(
-        id=notification_id, user=user, read=state.read, retained=state.retained, fallback=fallback
+        id=notification_id,
+        user=user,
+        read=state.read,
+        retained=state.retained,
+        fallback=fallback,
+        push=PushState(**push) if push is not None else None,
     )

@@ -46,8 +46,25 @@ class Fallback(BaseModel):
     )
 
 
+class PushContent(BaseModel):
+    """What the user's devices show when the fallback fires (Web Push and FCM)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"title": "Order shipped", "url": "https://example.com/o/7"}]}
+    )
+
+    title: str = Field(min_length=1, max_length=200)
+    body: str | None = Field(None, max_length=2000)
+    url: str | None = Field(None, max_length=2000, description="Opened (or focused) when the notification is clicked.")
+    icon: str | None = Field(None, max_length=2000)
+    tag: str | None = Field(
+        None, min_length=1, max_length=200, description="A newer push with the same tag replaces an undelivered one."
+    )
+    data: Any = None
+
+
 class NotifyRequest(PublishRequest):
-    """One notification to a user, with an optional fallback."""
+    """One notification to a user, with an optional fallback and push."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -55,11 +72,18 @@ class NotifyRequest(PublishRequest):
             "examples": [
                 {"event": "order.shipped", "data": {"order": 7}},
                 {"event": "chat.message", "data": {"text": "hi"}, "fallback": {"when": "unread", "after_seconds": 60}},
+                {"event": "chat.message", "push": {"title": "New message", "body": "hi"}},
             ]
         },
     )
 
     fallback: Fallback | None = None
+    push: PushContent | None = Field(
+        None,
+        description="Pushed to every device of the user when the fallback fires (`offline` when no `fallback` is"
+        " given). Ignored when the service has neither Web Push nor FCM configured. 422 when it would be over"
+        " 4,096 bytes encrypted.",
+    )
 
 
 class BatchItem(NotifyRequest):
@@ -74,8 +98,8 @@ class BatchItem(NotifyRequest):
     def _one_recipient(self) -> BatchItem:
         if (self.user is None) == (self.topic is None):
             raise ValueError('an item names exactly one of "user" and "topic"')
-        if self.fallback is not None and self.user is None:
-            raise ValueError('"fallback" is for notifications to a user')
+        if (self.fallback is not None or self.push is not None) and self.user is None:
+            raise ValueError('"fallback" and "push" are for notifications to a user')
         return self
 
 
@@ -160,6 +184,15 @@ class UnreadCount(BaseModel):
     unread: int
 
 
+class PushState(BaseModel):
+    state: Literal["none", "pending", "sent", "failed"] = Field(
+        description="`none`: not pushed (no `push`, the fallback did not fire, or no device); `pending`: queued for"
+        " `devices` devices; `sent`: at least one device's push service took it; `failed`: refused (or given up"
+        " when it left history) for a device, and no device took it yet."
+    )
+    devices: int = Field(description="The devices it was queued for.")
+
+
 class NotificationStatus(BaseModel):
     id: str
     user: str
@@ -171,6 +204,7 @@ class NotificationStatus(BaseModel):
         " `sent` (its webhook event was queued), `cancelled` (read, or gone from history, before it was due),"
         " `none` (no fallback, an `offline` one while the user was online, or no endpoint wanting its event).",
     )
+    push: PushState | None = Field(None, description="What became of the notification's `push` (when push is on).")
 
 
 class ErrorBody(BaseModel):

@@ -15,6 +15,7 @@ from ..broker import Published
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, ServiceError
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_of, user_stream
 from ..core.topics import TopicError
+from ..push.webpush import PushTooLarge, check_size
 from ..telemetry import logs
 from .body import JsonRoute
 from .deps import PublisherDep, RuntimeDep
@@ -24,6 +25,7 @@ from .models import (
     BatchItem,
     BatchItemResult,
     ErrorBody,
+    Fallback,
     NotifyRequest,
     PublishAccepted,
     PublishRequest,
@@ -143,6 +145,7 @@ async def _publish(
         raise InvalidRequest("data must be JSON whose integers fit in 64 bits") from None
     if len(data_json) > runtime.settings.max_payload_bytes:
         raise PayloadTooLarge(f"data is larger than {runtime.settings.max_payload_bytes} bytes once encoded")
+    push = _push_of(runtime, body)
     scoped_key = None
     if idempotency_key:
         scoped_key = hashlib.sha256(f"{publisher.user_id}\0{idempotency_key}".encode()).hexdigest()
@@ -150,11 +153,8 @@ async def _publish(
     published = await runtime.broker.publish(stream, orjson.dumps(body.event).decode(), data_json, scoped_key)
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
     logs.notification_id.set(published.id)
-    fallback = body.fallback if isinstance(body, NotifyRequest) else None
-    if fallback is not None and runtime.fallbacks is not None and not published.duplicate:
-        user = user_of(stream)
-        assert user is not None  # a fallback is only ever accepted for a user
-        await runtime.fallbacks.published(user, fallback.when, fallback.after_seconds, published, body.event, body.data)
+    if isinstance(body, NotifyRequest) and not published.duplicate:
+        await _fall_back(runtime, stream, body, published, push)
     if not published.duplicate:
         metrics = runtime.metrics
         (
@@ -165,6 +165,33 @@ async def _publish(
             else metrics.published_user
         ).inc()
     return published
+
+
+def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
+    """The publish's push, checked before anything is published (422 when too large once encrypted);
+    None without `push`, or with no push configured (then it is ignored)."""
+    if not isinstance(body, NotifyRequest) or body.push is None or runtime.pushes is None:
+        return None
+    push = body.push.model_dump()
+    try:
+        check_size(runtime.pushes.message("0-0", int(time.time() * 1000), body.event, push))
+    except (PushTooLarge, orjson.JSONEncodeError) as exc:
+        raise InvalidRequest(f"push: {exc}") from None
+    return push
+
+
+async def _fall_back(
+    runtime: Runtime, stream: str, body: NotifyRequest, published: Published, push: dict[str, Any] | None
+) -> None:
+    """A user's fallback (`push` alone means `offline`); nothing at all without either."""
+    fallback = body.fallback or (Fallback(when="offline") if push is not None else None)
+    if fallback is None or runtime.fallbacks is None:
+        return
+    user = user_of(stream)
+    assert user is not None  # a fallback and a push are only ever accepted for a user
+    await runtime.fallbacks.published(
+        user, fallback.when, fallback.after_seconds, published, body.event, body.data, push
+    )
 
 
 def accepted(stream: str, published: Published) -> dict[str, Any]:

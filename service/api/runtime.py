@@ -14,6 +14,7 @@ from ..core.topics import Topics
 from ..delivery.hub import Hub
 from ..delivery.memberlists import MemberLists
 from ..push import Push
+from ..push.jobs import PushJobs
 from ..telemetry.metrics import Metrics
 from ..webhooks import ReadMarkers, Webhooks
 from ..webhooks.fallback import Fallbacks
@@ -44,10 +45,14 @@ class Runtime:
     webhooks: Webhooks | None = None
     reads: ReadMarkers | None = None
     fallbacks: Fallbacks | None = None
+    pushes: PushJobs | None = None  # with push configured only: sends through its outbox
 
     async def mark_read(self, user_id: str, up_to: str) -> int:
         """Move a user's read marker (an `ack` frame, `POST /me/notifications/read`); the unread count."""
         marked = await self.broker.mark_read(user_id, up_to)
-        if self.reads is not None and marked.moved_to is not None:
-            self.reads.moved(user_id, marked.moved_to)
+        if marked.moved_to is not None:
+            if self.reads is not None:
+                self.reads.moved(user_id, marked.moved_to)
+            if self.pushes is not None:
+                self.pushes.read_moved(user_id, marked.moved_to)
         return marked.unread

@@ -25,15 +25,18 @@ __all__ = [
 ]
 
 
-def create_outbox(broker: Broker, delays: tuple[float, ...], max_pending: int, attempt_seconds: float) -> Outbox:
+def create_outbox(
+    broker: Broker, delays: tuple[float, ...], max_pending: int, attempt_seconds: float, tag: str = "ob"
+) -> Outbox:
     """The outbox beside the broker: in Redis when the broker is, else in this process. A job is
-    leased to one replica for `attempt_seconds` (how long one delivery attempt may take) and a margin."""
+    leased to one replica for `attempt_seconds` (how long one delivery attempt may take) and a margin.
+    `tag` names its keys in Redis (`ob`: webhooks, `op`: pushes), so two outboxes never share jobs."""
     from ..broker.redis.broker import RedisBroker
 
     if isinstance(broker, RedisBroker):
         from .redis import RedisOutbox
 
-        return RedisOutbox(broker, delays, max_pending, attempt_seconds)
+        return RedisOutbox(broker, delays, max_pending, attempt_seconds, tag)
     from .memory import MemoryOutbox
 
     return MemoryOutbox(delays, max_pending)

@@ -31,10 +31,16 @@ _STAT_FIELDS = {"p": "pending", "d": "delivered", "f": "failed", "x": "dead"}
 
 class RedisOutbox(Waker):
     def __init__(
-        self, broker: RedisBroker, delays: tuple[float, ...], max_pending: int, attempt_seconds: float
+        self,
+        broker: RedisBroker,
+        delays: tuple[float, ...],
+        max_pending: int,
+        attempt_seconds: float,
+        tag: str = "ob",
     ) -> None:
         super().__init__()
         self._broker = broker
+        self._tag = tag  # each outbox its own keys: one's dispatcher never claims another's jobs
         self._delays = delays
         # A destination's jobs are spread over the shards, so its pending count is their sum: read
         # at most once a second (and counted up locally between reads), so the bound is exact
@@ -48,7 +54,7 @@ class RedisOutbox(Waker):
         self._next = 0  # the shard the next claim starts at, so none is always served last
 
     def _keys(self, shard: int, *names: str) -> list[str]:
-        return [f"{self._prefix}:{{ob{shard}}}:{name}" for name in names]
+        return [f"{self._prefix}:{{{self._tag}{shard}}}:{name}" for name in names]
 
     async def _run(self, script: Any, shard: int, names: Sequence[str], args: Sequence[str | int]) -> Any:
         return await self._broker.evaluate(script, self._keys(shard, *names), args)

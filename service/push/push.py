@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 import httpx
@@ -34,7 +35,11 @@ class Push:
         )
         # No redirects, ever; the proxy environment is not read, so every request goes where its URL says.
         self._client = httpx.AsyncClient(follow_redirects=False, timeout=_TIMEOUT, trust_env=False)
-        self._webpush = WebPushSender(self.vapid, self.origins, self._client) if self.vapid is not None else None
+        self._webpush = (
+            WebPushSender(self.vapid, self.origins, self._client, metrics.push_encrypt_latency.observe)
+            if self.vapid is not None
+            else None
+        )
         self._fcm = (
             FcmSender(settings.fcm_credentials_file, settings.fcm_endpoint, self._client)
             if settings.fcm_credentials_file is not None
@@ -69,7 +74,11 @@ class Push:
         sender = self._webpush if device.kind == "webpush" else self._fcm
         if sender is None:
             return Outcome("failed", None, f"{device.kind} is no longer configured")
+        started = time.perf_counter()
         outcome = await sender.send(device, message)
+        self._metrics.push_send_latency.observe(time.perf_counter() - started)
+        result = "retried" if outcome.result == "retry" else outcome.result
+        self._metrics.pushes.labels(device.kind, result, str(outcome.status or "none")).inc()
         if outcome.result == "gone" and await self.devices.remove(user_id, device.id, only=device) is not None:
             self._metrics.push_devices.labels(device.kind, "gone").inc()
         return outcome

@@ -44,6 +44,25 @@ class Metrics:
             ["kind", "change"],
             registry=r,
         )
+        self.pushes = Counter(
+            "notify_pushes",
+            "Push attempts, by kind (webpush, fcm), result (sent, gone, retried, failed) and answer (the push"
+            " service's HTTP status, or none when it could not be reached).",
+            ["kind", "result", "answer"],
+            registry=r,
+        )
+        self.push_encrypt_latency = Histogram(
+            "notify_push_encrypt_seconds",
+            "Time to encrypt one Web Push payload (aes128gcm, per device).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.push_send_latency = Histogram(
+            "notify_push_send_seconds",
+            "Time for one push attempt, from the request to the push service's answer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.hook_calls = Counter(
             "notify_hook_calls",
             "Join and publish hook calls, by hook and outcome: allowed (200), refused (403), unavailable"

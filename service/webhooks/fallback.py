@@ -5,6 +5,9 @@
 replica that claims the due check (whichever replica took the publish, and whether it is alive).
 A read before then cancels it: the check finds the read marker past the notification and sends
 nothing, so a read costs nothing more than it did.
+
+A notification with `push` is pushed to every device of the user when its fallback fires, beside
+the webhook event (when an endpoint wants it): the same decision, taken once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -33,18 +36,39 @@ LEASE_SECONDS = 30.0
 CLAIM_LIMIT = 64
 
 
-class Fallbacks:
-    """Owned by the app's lifespan, beside the webhooks it tells."""
+class Pushes(Protocol):
+    """What a fired fallback asks of push (service.push.jobs.PushJobs)."""
 
-    def __init__(self, webhooks: Webhooks, checks: Checks, broker: Broker, retention_seconds: float) -> None:
+    async def fan_out(self, user: str, notification_id: str, ts: int, event: str, push: dict[str, Any]) -> None: ...
+
+
+class Fallbacks:
+    """Owned by the app's lifespan, beside the webhooks and the pushes it tells (either may be absent)."""
+
+    def __init__(
+        self,
+        webhooks: Webhooks | None,
+        pushes: Pushes | None,
+        checks: Checks,
+        broker: Broker,
+        retention_seconds: float,
+    ) -> None:
         self._webhooks = webhooks
+        self._pushes = pushes
         self._checks = checks
         self._broker = broker
         self._retention = retention_seconds
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def checks(self) -> Checks:
+        return self._checks
+
+    def _wants(self, event_type: str) -> bool:
+        return self._webhooks is not None and self._webhooks.wants(event_type)
+
     def start(self) -> None:
-        if self._webhooks.wants(UNREAD):
+        if self._wants(UNREAD) or self._pushes is not None:
             self._task = asyncio.create_task(self._check_forever(), name="fallback-checks")
 
     async def stop(self) -> None:
@@ -54,22 +78,37 @@ class Fallbacks:
                 await self._task
 
     async def published(
-        self, user: str, when: str, after: int | None, published: Published, event: str, data: Any
+        self,
+        user: str,
+        when: str,
+        after: int | None,
+        published: Published,
+        event: str,
+        data: Any,
+        push: dict[str, Any] | None = None,
     ) -> None:
-        """Act on a fresh publish's fallback. A queue out of reach is logged, not raised: the
-        notification itself is published."""
+        """Act on a fresh publish's fallback (`push`: what to push when it fires, when push is on).
+        A queue out of reach is logged, not raised: the notification itself is published."""
         told = {"user": user, "id": published.id, "event": event, "data": data, "ts": published.ts}
+        pushing = push is not None and self._pushes is not None
         try:
             if when == "offline":
-                if published.online == 0 and self._webhooks.wants(UNDELIVERED):
-                    await self._webhooks.emit(UNDELIVERED, told, user_stream(user))
+                if published.online == 0 and (pushing or self._wants(UNDELIVERED)):
+                    await self._fire(UNDELIVERED, told, push)
                     await self._checks.record(user, published.id, SENT, self._retention)
-            elif self._webhooks.wants(UNREAD):
+            elif pushing or self._wants(UNREAD):
                 delay = DEFAULT_AFTER_SECONDS if after is None else after
-                payload = orjson.dumps(told).decode()
+                payload = orjson.dumps({**told, "push": push} if pushing else told).decode()
                 await self._checks.schedule(user, published.id, delay, payload, delay + self._retention)
         except BrokerUnavailable as exc:
             logger.warning("fallback of %s not recorded: %s", published.id, exc.message)
+
+    async def _fire(self, event_type: str, told: dict[str, Any], push: dict[str, Any] | None) -> None:
+        user = told["user"]
+        if self._webhooks is not None and self._webhooks.wants(event_type):
+            await self._webhooks.emit(event_type, told, user_stream(user))
+        if push is not None and self._pushes is not None:
+            await self._pushes.fan_out(user, told["id"], told["ts"], told["event"], push)
 
     async def state(self, user: str, notification_id: str, read: ReadState) -> str:
         """ "pending", "sent", "cancelled" or "none". A pending check the user has read past (or that
@@ -101,7 +140,9 @@ class Fallbacks:
         try:
             read = await self._broker.read_state(check.user, check.notification_id)
             if read.retained and not read.read:
-                await self._webhooks.emit(UNREAD, orjson.loads(check.payload), user_stream(check.user))
+                told = orjson.loads(check.payload)
+                push = told.pop("push", None)
+                await self._fire(UNREAD, told, push)
                 await self._checks.settle(check, SENT)
             else:
                 await self._checks.settle(check, CANCELLED)
@@ -112,16 +153,24 @@ class Fallbacks:
             logger.exception("fallback of %s failed unexpectedly", check.notification_id)
 
 
-def fallbacks_for(webhooks: Webhooks, broker: Broker, retention_seconds: float) -> Fallbacks | None:
-    """Started fallbacks when an endpoint wants their events; None (a fallback asks for nothing) otherwise."""
-    if not (webhooks.wants(UNREAD) or webhooks.wants(UNDELIVERED)):
+def wanted(webhooks: Webhooks | None, push: bool) -> bool:
+    """Whether a fallback can ask for anything: an endpoint wants its events, or push is configured."""
+    return push or (webhooks is not None and (webhooks.wants(UNREAD) or webhooks.wants(UNDELIVERED)))
+
+
+def fallbacks_for(
+    webhooks: Webhooks | None, pushes: Pushes | None, checks: Checks, broker: Broker, retention_seconds: float
+) -> Fallbacks | None:
+    """Started fallbacks when an endpoint wants their events or push is configured; None (a
+    fallback asks for nothing, and costs nothing) otherwise."""
+    if not wanted(webhooks, pushes is not None):
         return None
-    fallbacks = Fallbacks(webhooks, _checks(broker), broker, retention_seconds)
+    fallbacks = Fallbacks(webhooks, pushes, checks, broker, retention_seconds)
     fallbacks.start()
     return fallbacks
 
 
-def _checks(broker: Broker) -> Checks:
+def checks_for(broker: Broker) -> Checks:
     """Checks beside the broker: in Redis when the broker is, else in this process."""
     from ..broker.redis.broker import RedisBroker
 
