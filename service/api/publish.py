@@ -167,6 +167,10 @@ async def _publish(
     return published
 
 
+# The size is checked before the notification has its id: with the longest id one can be.
+_LONGEST_ID = "9" * 15 + "-" + "9" * 19
+
+
 def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
     """The publish's push, checked before anything is published (422 when too large once encrypted);
     None without `push`, or with no push configured (then it is ignored)."""
@@ -174,7 +178,7 @@ def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
         return None
     push = body.push.model_dump()
     try:
-        check_size(runtime.pushes.message("0-0", int(time.time() * 1000), body.event, push))
+        check_size(runtime.pushes.message(_LONGEST_ID, int(time.time() * 1000), body.event, push))
     except (PushTooLarge, orjson.JSONEncodeError) as exc:
         raise InvalidRequest(f"push: {exc}") from None
     return push
