@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from .pushkit import Google, PushService, Received, Subscription, public_of, service_account, vapid_pem
+from .topology import ClusterTopology
 from .utils import Client, Replica, cluster_env, publisher_headers, started, token, until
 
 SUBJECT = "mailto:ops@example.com"
@@ -115,48 +116,68 @@ async def online(replica: Replica, user: str) -> Client:
     return client
 
 
-async def test_offline_pushed_online_not_and_unread_after_n_across_replicas(redis_server, http, env, push_service):
+async def offline_unread_and_read(
+    http: httpx.AsyncClient, a: Replica, b: Replica, env: dict[str, str], push_service: PushService
+) -> None:
     """Publishes on `a`, sockets on `b`: the offline user's two devices each get the push once (and
     never the other user's devices); the online user's get nothing; `unread` after 2 s pushes what
     is still unread and not what was read on `b`; a read past a pushed notification sends the read
     push; GET /notifications/{id} tells the push state."""
+    away, here = uid(), uid()
+    phones = [Phone(push_service, away, "laptop"), Phone(push_service, away, "phone")]
+    mine = Phone(push_service, here, "laptop")
+    for phone in (*phones, mine):
+        await phone.register(http, b)
+    socket = await online(b, here)
+
+    gone = await notify(http, a, away, push=PUSH)  # push alone: fallback offline
+    seen = await notify(http, a, here, push=PUSH)
+    assert gone["online"] == 0 and seen["online"] == 1
+    await until(lambda: all(phone.got() for phone in phones), what="both devices pushed")
+    for phone in phones:
+        assert phone.got() == [shown(gone)]
+        request = phone.requests()[0]
+        push_service.verify_vapid(request, public_of(env["NOTIFY_VAPID_PRIVATE_KEY"]), SUBJECT)
+        assert request.headers["topic"] == "o7" and request.headers["urgency"] == "normal"
+    await until_push(http, b, away, gone, {"state": "sent", "devices": 2})
+    assert await push_state(http, a, here, seen["id"]) == {"state": "none", "devices": 0}
+
+    read = await notify(http, a, here, push=PUSH, fallback={"when": "unread", "after_seconds": 2})
+    left = await notify(http, a, here, push=PUSH, fallback={"when": "unread", "after_seconds": 2})
+    await socket.notifications(3)
+    await socket.send({"type": "ack", "id": read["id"]})
+    await until(lambda: mine.got() != [], what="the unread one pushed")
+    assert mine.got() == [shown(left)]
+    await until_push(http, a, here, left, {"state": "sent", "devices": 1})
+    assert await push_state(http, a, here, read["id"]) == {"state": "none", "devices": 0}
+
+    # Read past the pushed one, on the other replica: its device is told to close it.
+    await socket.send({"type": "ack", "id": left["id"]})
+    await until(lambda: len(mine.got()) == 2, what="the read push")
+    assert mine.got()[1] == {"type": "read", "up_to": left["id"]}
+    await asyncio.sleep(1.0)
+    assert len(mine.got()) == 2 and all(len(phone.got()) == 1 for phone in phones)
+    await socket.close()
+
+
+async def test_offline_pushed_online_not_and_unread_after_n_across_replicas(redis_server, http, env, push_service):
     config = cluster_env(redis_server, **env)
     with started(Replica(config), Replica(config)) as (a, b):
-        away, here = uid(), uid()
-        phones = [Phone(push_service, away, "laptop"), Phone(push_service, away, "phone")]
-        mine = Phone(push_service, here, "laptop")
-        for phone in (*phones, mine):
-            await phone.register(http, b)
-        socket = await online(b, here)
+        await offline_unread_and_read(http, a, b, env, push_service)
 
-        gone = await notify(http, a, away, push=PUSH)  # push alone: fallback offline
-        seen = await notify(http, a, here, push=PUSH)
-        assert gone["online"] == 0 and seen["online"] == 1
-        await until(lambda: all(phone.got() for phone in phones), what="both devices pushed")
-        for phone in phones:
-            assert phone.got() == [shown(gone)]
-            request = phone.requests()[0]
-            push_service.verify_vapid(request, public_of(env["NOTIFY_VAPID_PRIVATE_KEY"]), SUBJECT)
-            assert request.headers["topic"] == "o7" and request.headers["urgency"] == "normal"
-        await until_push(http, b, away, gone, {"state": "sent", "devices": 2})
-        assert await push_state(http, a, here, seen["id"]) == {"state": "none", "devices": 0}
 
-        read = await notify(http, a, here, push=PUSH, fallback={"when": "unread", "after_seconds": 2})
-        left = await notify(http, a, here, push=PUSH, fallback={"when": "unread", "after_seconds": 2})
-        await socket.notifications(3)
-        await socket.send({"type": "ack", "id": read["id"]})
-        await until(lambda: mine.got() != [], what="the unread one pushed")
-        assert mine.got() == [shown(left)]
-        await until_push(http, a, here, left, {"state": "sent", "devices": 1})
-        assert await push_state(http, a, here, read["id"]) == {"state": "none", "devices": 0}
+async def test_embedded_the_same(http, env, push_service):
+    """The embedded broker: jobs and states in the process, with the same outcomes."""
+    with started(Replica(env)) as (replica,):
+        await offline_unread_and_read(http, replica, replica, env, push_service)
 
-        # Read past the pushed one, on the other replica: its device is told to close it.
-        await socket.send({"type": "ack", "id": left["id"]})
-        await until(lambda: len(mine.got()) == 2, what="the read push")
-        assert mine.got()[1] == {"type": "read", "up_to": left["id"]}
-        await asyncio.sleep(1.0)
-        assert len(mine.got()) == 2 and all(len(phone.got()) == 1 for phone in phones)
-        await socket.close()
+
+async def test_on_a_redis_cluster(http, env, push_service):
+    """A Redis Cluster: devices beside each user's stream, jobs and states on hash-tagged shards."""
+    with ClusterTopology() as cluster:
+        config = cluster.env(**env)
+        with started(Replica(config), Replica(config)) as (a, b):
+            await offline_unread_and_read(http, a, b, env, push_service)
 
 
 async def test_answers_gone_retried_and_refused(http, env, push_service, google):
