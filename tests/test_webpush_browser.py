@@ -101,13 +101,17 @@ def send(replica_push: Push, device_id: str, subscription: dict, message: PushMe
 
 
 # The page: notify.js imported, the worker's messages collected in window.swMessages.
-SETUP = f"""(async () => {{
+def setup(user: str) -> str:
+    return f"""(async () => {{
   window.swMessages = [];
   navigator.serviceWorker.addEventListener("message", (e) => window.swMessages.push(e.data));
   const {{ NotifyClient }} = await import("/client/notify.js");
-  window.client = new NotifyClient({{ url: location.origin, token: {json.dumps(token(USER))} }});
+  window.client = new NotifyClient({{ url: location.origin, token: {json.dumps(token(user))} }});
   return true;
 }})()"""
+
+
+SETUP = setup(USER)
 
 
 REGISTRATION = 'navigator.serviceWorker.getRegistration("/client/")'
@@ -191,6 +195,58 @@ def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_p
     devices = httpx.get(f"{replica.url}/users/{USER}/devices", headers=ADMIN, timeout=10).json()["devices"]
     assert devices == []
     assert firefox.evaluate('localStorage.getItem("notify.deviceId")') is None
+
+
+def test_a_backend_publish_with_push_reaches_a_page_gone_offline_and_a_read_elsewhere_closes_it(
+    replica, mozpush, firefox
+):
+    """The whole path: a page enables push and closes its socket; a backend publishes with `push`
+    (fallback `offline` by default); the service queues it, sends it through the local push service,
+    and the worker shows it; the user reads it on another device (REST); the service pushes `read`
+    and the worker closes it."""
+    user = "ff-bob"
+    firefox.goto(f"{replica.url}/demo")
+    assert firefox.evaluate(setup(user)) is True
+    welcomed = 'new Promise((r) => { client.on("welcome", () => r(true)); client.connect(); })'
+    assert firefox.evaluate(welcomed) is True
+    enabled = firefox.evaluate('client.enablePush({serviceWorker: "/client/notify-sw.js"})')
+    assert enabled["endpoint"].startswith(f"{mozpush.origin}/wpush/")
+    firefox.evaluate("client.close()")
+
+    body = {
+        "event": "order.shipped",
+        "data": {"order": 8},
+        "push": {"title": "Order 8 shipped", "body": "Arrives Friday", "tag": "order-8", "url": f"{replica.url}/demo"},
+    }
+    published = None
+    for _ in range(int(20 * TIMEOUT)):  # until the closed socket is gone: only then is it pushed
+        answer = httpx.post(f"{replica.url}/notify/{user}", json=body, headers=publisher_headers(), timeout=10)
+        assert answer.status_code == 202, answer.text
+        if answer.json()["online"] == 0:
+            published = answer.json()
+            break
+        time.sleep(0.1)
+    assert published is not None, "the page's socket never closed"
+
+    shown = f"""{REGISTRATION}.then((r) => r.getNotifications())
+      .then((ns) => ns.map((n) => ({{title: n.title, body: n.body, tag: n.tag, id: n.data.id}})))"""
+    wanted = [{"title": "Order 8 shipped", "body": "Arrives Friday", "tag": "order-8", "id": published["id"]}]
+    assert poll(firefox, shown, wanted) == wanted, firefox.log[-30:]
+    assert mozpush.refused == []
+
+    # Read on another device: the worker is told to close what it shows up to that id.
+    marked = httpx.post(
+        f"{replica.url}/me/notifications/read",
+        json={"up_to": published["id"]},
+        headers={"Authorization": f"Bearer {token(user)}"},
+        timeout=10,
+    )
+    assert marked.status_code == 200, marked.text
+    closed = 'swMessages.filter((m) => m.type === "read").map((m) => m.closed)'
+    assert poll(firefox, f"{closed}.length", 1) == 1, firefox.log[-30:]
+    assert firefox.evaluate(closed) == [[published["id"]]]
+    assert poll(firefox, f"{shown}.then((ns) => ns.length)", 0) == 0
+    firefox.evaluate("client.disablePush({scope: '/client/'})")
 
 
 def test_the_demo_page_enables_and_disables_push_and_shows_it_on_each_notification(replica, mozpush, firefox):
