@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from .pushkit import Google, PushService, Received, Subscription, public_of, service_account, vapid_pem
+from .rawhttp import metric
 from .topology import ClusterTopology
 from .utils import Client, Replica, cluster_env, publisher_headers, started, token, until
 
@@ -221,6 +222,49 @@ async def test_answers_gone_retried_and_refused(http, env, push_service, google)
             return "app" not in [d["id"] for d in found.json()["devices"]]
 
         await until(app_removed, what="the unregistered token removed")
+
+        # What was counted, by kind, result and answer; and how long encryption and sending took.
+        for line, least in (
+            ('notify_pushes_total{answer="201",kind="webpush",result="sent"}', 3),
+            ('notify_pushes_total{answer="429",kind="webpush",result="retried"}', 1),
+            ('notify_pushes_total{answer="413",kind="webpush",result="failed"}', 2),
+            ('notify_pushes_total{answer="410",kind="webpush",result="gone"}', 1),
+            ('notify_pushes_total{answer="200",kind="fcm",result="sent"}', 1),
+            ('notify_pushes_total{answer="404",kind="fcm",result="gone"}', 1),
+            ("notify_push_encrypt_seconds_count", 7),
+            ("notify_push_send_seconds_count", 8),
+        ):
+            assert await metric(http, replica, line) >= least, line
+
+
+async def test_failed_state_a_batch_item_and_a_retry_given_up_when_history_ends(http, env, push_service):
+    """A user whose one device refuses (413) sees `failed`; a batch's user item pushes as a single
+    publish does; a push its service keeps answering 503 is retried until its notification leaves
+    history (3 s here), then given up (counted as expired)."""
+    with started(Replica({**env, "NOTIFY_HISTORY_TTL_SECONDS": "3"})) as (replica,):
+        refused, batched, busy = (Phone(push_service, uid(), "d") for _ in range(3))
+        for phone in (refused, batched, busy):
+            await phone.register(http, replica)
+        push_service.status[refused.path] = (413, {}, b"")
+        push_service.status[busy.path] = (503, {}, b"")
+
+        sent = await notify(http, replica, refused.user, push=PUSH)
+        await until_push(http, replica, refused.user, sent, {"state": "failed", "devices": 1})
+
+        items = [{"user": batched.user, "event": "order.shipped", "push": PUSH}]
+        answer = await http.post(f"{replica.url}/notify", json=items, headers=publisher_headers())
+        assert answer.status_code == 200 and answer.json()["results"][0]["status"] == 202, answer.text
+        await until(lambda: batched.got() != [], what="the batch item pushed")
+        assert batched.got()[0]["id"] == answer.json()["results"][0]["id"]
+
+        await notify(http, replica, busy.user, push=PUSH)
+        expired = 'notify_pushes_total{answer="503",kind="webpush",result="expired"}'
+
+        async def given_up() -> bool:
+            return await metric(http, replica, expired) == 1
+
+        await until(given_up, within=30, what="the retry given up")
+        assert len(busy.requests()) >= 2 and busy.got() == []
 
 
 async def test_a_push_too_large_is_refused_alike_on_both_paths(http, env):

@@ -131,7 +131,7 @@ def create_app(settings: Settings, process_hooks: Sequence[ProcessHook] = ()) ->
         if wanted(runtime.webhooks, push is not None):
             checks = checks_for(broker)
             if push is not None:
-                runtime.pushes = _pushes(push, broker, checks, settings.history_ttl_seconds)
+                runtime.pushes = _pushes(push, broker, checks, settings.history_ttl_seconds, metrics)
                 await runtime.pushes.start()
             runtime.fallbacks = fallbacks_for(
                 runtime.webhooks, runtime.pushes, checks, broker, settings.history_ttl_seconds
@@ -185,9 +185,9 @@ def _webhooks(settings: Settings, broker: Broker, metrics: Metrics) -> Webhooks:
     return Webhooks(settings, outbox, metrics)
 
 
-def _pushes(push: Push, broker: Broker, checks: Checks, retention_seconds: float) -> PushJobs:
+def _pushes(push: Push, broker: Broker, checks: Checks, retention_seconds: float, metrics: Metrics) -> PushJobs:
     outbox = create_outbox(broker, push_jobs.RETRY_SECONDS, push_jobs.MAX_PENDING, push_jobs.ATTEMPT_SECONDS, "op")
-    return PushJobs(push, outbox, checks, retention_seconds)
+    return PushJobs(push, outbox, checks, retention_seconds, metrics)
 
 
 def _tell_read(webhooks: Webhooks) -> Callable[[str, str], None]:

@@ -22,6 +22,7 @@ import orjson
 from ..core.errors import BrokerUnavailable
 from ..outbox import Delivered, Dispatcher, Failed, Job, Outbox, Outcome, Refused
 from ..outbox.checks import Checks
+from ..telemetry.metrics import Metrics
 from .push import Push
 from .webpush import PushMessage
 
@@ -40,8 +41,9 @@ NONE, PENDING, SENT, FAILED = "none", "pending", "sent", "failed"
 class PushJobs:
     """Owned by the app's lifespan when push is configured."""
 
-    def __init__(self, push: Push, outbox: Outbox, checks: Checks, retention_seconds: float) -> None:
+    def __init__(self, push: Push, outbox: Outbox, checks: Checks, retention_seconds: float, metrics: Metrics) -> None:
         self._push = push
+        self._metrics = metrics
         self._outbox = outbox
         self._checks = checks
         self._retention = retention_seconds
@@ -137,8 +139,11 @@ class PushJobs:
             return Failed(outcome.reason, outcome.retry_after or 0.0)
         if notification:
             await self._record(user, message.id, FAILED)
-        reason = outcome.reason if outcome.result == "failed" else f"{outcome.reason}; the notification left history"
-        return Refused(reason)
+        if outcome.result == "failed":
+            return Refused(outcome.reason)
+        self._metrics.pushes.labels(device.kind, "expired", str(outcome.status or "none")).inc()
+        logger.info("push to device %s given up: its notification left history", device.id)
+        return Refused(f"{outcome.reason}; the notification left history")
 
 
 def _order(notification_id: str) -> tuple[int, int]:

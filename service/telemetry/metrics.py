@@ -46,8 +46,9 @@ class Metrics:
         )
         self.pushes = Counter(
             "notify_pushes",
-            "Push attempts, by kind (webpush, fcm), result (sent, gone, retried, failed) and answer (the push"
-            " service's HTTP status, or none when it could not be reached).",
+            "Push attempts, by kind (webpush, fcm), result (sent, gone, retried, failed; expired: a retry given"
+            " up as its notification left history) and answer (the push service's HTTP status, or none when it"
+            " could not be reached).",
             ["kind", "result", "answer"],
             registry=r,
         )
