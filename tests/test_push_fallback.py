@@ -266,6 +266,19 @@ async def test_failed_state_a_batch_item_and_a_retry_given_up_when_history_ends(
         await until(given_up, within=30, what="the retry given up")
         assert len(busy.requests()) >= 2 and busy.got() == []
 
+        # A Retry-After past the notification's life: tried once more when it leaves history, then given up.
+        slow = Phone(push_service, uid(), "d")
+        await slow.register(http, replica)
+        push_service.status[slow.path] = (429, {"Retry-After": "86400"}, b"")
+        await notify(http, replica, slow.user, push=PUSH)
+        late = 'notify_pushes_total{answer="429",kind="webpush",result="expired"}'
+
+        async def late_given_up() -> bool:
+            return await metric(http, replica, late) == 1
+
+        await until(late_given_up, within=30, what="the far Retry-After given up with its notification")
+        assert len(slow.requests()) == 2
+
 
 async def test_a_push_too_large_is_refused_alike_on_both_paths(http, env):
     """Over 4,096 bytes once encrypted: 422 before anything is published, from the fast path and

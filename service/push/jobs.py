@@ -135,8 +135,10 @@ class PushJobs:
             if notification and outcome.result == "sent":
                 await self._record(user, message.id, SENT)
             return Delivered()
-        if outcome.result == "retry" and time.time() * 1000 < message.ts + message.ttl * 1000:
-            return Failed(outcome.reason, outcome.retry_after or 0.0)
+        left = (message.ts + message.ttl * 1000) / 1000 - time.time()  # seconds until it leaves history
+        if outcome.result == "retry" and left > 0:
+            # A Retry-After beyond the notification's life is taken as that: tried once more, then given up.
+            return Failed(outcome.reason, min(outcome.retry_after or 0.0, left))
         if notification:
             await self._record(user, message.id, FAILED)
         if outcome.result == "failed":
