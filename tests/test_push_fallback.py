@@ -140,6 +140,7 @@ async def offline_unread_and_read(
         request = phone.requests()[0]
         push_service.verify_vapid(request, public_of(env["NOTIFY_VAPID_PRIVATE_KEY"]), SUBJECT)
         assert request.headers["topic"] == "o7" and request.headers["urgency"] == "normal"
+        assert request.headers["ttl"] == "86400"  # as long as it stays in history (the default retention)
     await until_push(http, b, away, gone, {"state": "sent", "devices": 2})
     assert await push_state(http, a, here, seen["id"]) == {"state": "none", "devices": 0}
 
@@ -152,7 +153,7 @@ async def offline_unread_and_read(
     await until_push(http, a, here, left, {"state": "sent", "devices": 1})
     assert await push_state(http, a, here, read["id"]) == {"state": "none", "devices": 0}
 
-    # Read past the pushed one, on the other replica: its device is told to close it.
+    # Read past the pushed one (through `b`, whichever replica pushed it): its device is told to close it.
     await socket.send({"type": "ack", "id": left["id"]})
     await until(lambda: len(mine.got()) == 2, what="the read push")
     assert mine.got()[1] == {"type": "read", "up_to": left["id"]}
