@@ -15,8 +15,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from ...config.settings import Settings
@@ -38,9 +36,9 @@ from ..base import (
 )
 from . import scripts
 from .budget import TopicBudget
-from .cluster import ClusterPipelines, SlotMap
+from .clients import RedisClients
 from .connector import Connector
-from .pipeline import AutoPipeline, Lua
+from .pipeline import Lua
 from .presence import Presence, PresenceKeys, RulesOf
 from .resp import bulk, command
 from .subscription import Subscription
@@ -68,46 +66,14 @@ class RedisBroker:
         self._ttl_ms = settings.history_ttl_seconds * 1000
         # Where Redis is (one node, or the primary Sentinel names and follows) and how to reach it (TLS).
         self._connector = Connector(settings)
-        # Commands get a hard deadline; the pool blocks rather than opening a socket per stuck call.
-        self._redis = self._connector.client(
-            decode_responses=True,
-            # The call's own deadline (`_call`) always fires before the socket times out: a reply that
-            # is merely late is never retried, since the publish script may already have run.
-            # The one retry is for a pooled connection found dead (Redis restarted), where it did not.
-            socket_timeout=settings.publish_timeout_seconds + 1.0,
-            socket_connect_timeout=settings.publish_timeout_seconds,
-            retry=Retry(NoBackoff(), 1),
-            max_connections=settings.redis_pool_size,
-            pool_timeout=settings.publish_timeout_seconds,
+        # The pool, and the pipelined connections publishes share (clients.py).
+        clients = RedisClients(settings, self._connector)
+        self._redis, self._gate, self._slots, self._pipeline = (
+            clients.redis,
+            clients.gate,
+            clients.slots,
+            clients.pipeline,
         )
-        # redis-py's cluster client has no waiting pool (each node's raises when its connections are
-        # out): there, calls queue here for one of NOTIFY_REDIS_POOL_SIZE places instead.
-        self._gate = asyncio.Semaphore(settings.redis_pool_size) if self._connector.clustered else None
-        # Publishes, the hot path, share one pipelined connection (one per primary, in a cluster);
-        # everything else uses the pool.
-        self._slots: SlotMap | None = None
-        self._pipeline: AutoPipeline | ClusterPipelines
-        if self._connector.clustered:
-            slots = self._slots = SlotMap(self._redis)
-            node_options = {"decode_responses": True, "socket_connect_timeout": settings.publish_timeout_seconds}
-
-            def pipeline_to(address: tuple[str, int]) -> AutoPipeline:
-                client = self._connector.node_client(address, **node_options)
-                return AutoPipeline(
-                    client,
-                    settings.publish_timeout_seconds,
-                    replicas=settings.redis_replicas_ack,
-                    on_broken=slots.suspect,
-                )
-
-            self._pipeline = ClusterPipelines(slots, pipeline_to)
-        else:
-            self._pipeline = AutoPipeline(
-                self._redis,
-                settings.publish_timeout_seconds,
-                replicas=settings.redis_replicas_ack,
-                on_broken=self._connector.suspect,
-            )
         # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
         # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments.
         sha = self._redis.register_script(scripts.PUBLISH).sha
@@ -120,20 +86,6 @@ class RedisBroker:
         )
         self._mark_read_script = self._redis.register_script(scripts.MARK_READ)
         self._unread_script = self._redis.register_script(scripts.UNREAD)
-        sub_options = {
-            "decode_responses": True,
-            "socket_connect_timeout": settings.publish_timeout_seconds,
-            "socket_keepalive": True,
-            "retry": Retry(NoBackoff(), 0),
-        }
-
-        def subscription_client(address: tuple[str, int] | None) -> Any:
-            # The subscription's connections, read raw (resp.RawConnection). They wait for messages
-            # indefinitely: the probe, not a socket timeout, finds stalls.
-            if address is None:
-                return self._connector.client(**sub_options)
-            return self._connector.node_client(address, **sub_options)
-
         self._supervisor = Supervisor(metrics.broker_task_restarts, settings.reconnect_max_seconds)
         self._subscription = Subscription(
             settings,
@@ -144,7 +96,7 @@ class RedisBroker:
             self._key,
             replica_id,
             self._slots,
-            subscription_client,
+            clients.subscription_client,
             self._ttl,
             self._supervisor,
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +29,21 @@ from redis.asyncio.connection import (
     BlockingConnectionPool,
     Connection,
     ConnectionPool,
-    SSLConnection,
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...config.redis_url import CLUSTER, SENTINEL, Topology
 from ...config.settings import Settings
+from .connections import (
+    PrimaryConnection,
+    PrimaryPool,
+    PrimaryTlsConnection,
+    TlsConnection,
+    tls_options,
+)
 from .resp import RawConnection
 
 logger = logging.getLogger("service.broker")
@@ -62,7 +65,7 @@ class Connector:
         topology = settings.redis_topology()
         assert topology is not None
         self.topology: Topology = topology
-        tls = _tls_options(settings) if topology.tls else {}
+        tls = tls_options(settings) if topology.tls else {}
         self._node_options: dict[str, Any] = {
             "username": topology.username,
             "password": topology.password,
@@ -73,7 +76,7 @@ class Connector:
         self._changed = asyncio.Event()  # replaced at every change: `pause` waits for the next one
         self._wake = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
-        self._pools: list[_PrimaryPool] = []
+        self._pools: list[PrimaryPool] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._asking: asyncio.Task[None] | None = None
         self._unnamed = False  # the last round found no primary
@@ -116,13 +119,13 @@ class Connector:
             # Only primaries are read from: a replica may lag behind what a publish answered.
             return RedisCluster(startup_nodes=seeds, require_full_coverage=False, **kwargs)
         if self._sentinel is not None:
-            kind = _PrimaryTlsConnection if topology.tls else _PrimaryConnection
-            pool = _PrimaryPool(topology.master_name, self._sentinel, self, connection_class=kind, **kwargs)
+            kind = PrimaryTlsConnection if topology.tls else PrimaryConnection
+            pool = PrimaryPool(topology.master_name, self._sentinel, self, connection_class=kind, **kwargs)
             self._pools.append(pool)
         elif topology.path is not None:
             pool = BlockingConnectionPool(connection_class=UnixDomainSocketConnection, path=topology.path, **kwargs)
         else:
-            (host, port), kind = topology.nodes[0], _TlsConnection if topology.tls else Connection
+            (host, port), kind = topology.nodes[0], TlsConnection if topology.tls else Connection
             pool = BlockingConnectionPool(connection_class=kind, host=host, port=port, **kwargs)
         return aioredis.Redis.from_pool(pool)
 
@@ -130,7 +133,7 @@ class Connector:
         """A client of one node of a cluster (its own connections: publishes, subscriptions)."""
         kwargs = {**self._node_options, **options}
         kwargs.pop("db", None)
-        kind = _TlsConnection if self.topology.tls else Connection
+        kind = TlsConnection if self.topology.tls else Connection
         return aioredis.Redis.from_pool(
             ConnectionPool(connection_class=kind, host=address[0], port=address[1], **kwargs)
         )
@@ -281,7 +284,7 @@ def refuse_non_cluster_seeds(settings: Settings) -> str | None:
     topology = settings.redis_topology()
     if topology is None or topology.kind != CLUSTER:
         return None
-    tls = {"ssl": True, **_tls_options(settings)} if topology.tls else {}
+    tls = {"ssl": True, **tls_options(settings)} if topology.tls else {}
     for host, port in topology.nodes:
         client = redis.Redis(
             host=host,
@@ -304,96 +307,6 @@ def refuse_non_cluster_seeds(settings: Settings) -> str | None:
                 " use redis://host:port/db for one Redis"
             )
     return None
-
-
-class _PrimaryPool(SentinelConnectionPool, BlockingConnectionPool):
-    """Connections go to the primary the connector knows, instead of asking a sentinel each time;
-    a call finding every connection busy waits for one (see `Connector.client`)."""
-
-    def __init__(self, service_name: str | None, sentinel: Sentinel, connector: Connector, **kwargs: Any) -> None:
-        self.connector = connector
-        super().__init__(service_name, sentinel, **kwargs)
-
-    async def get_master_address(self) -> Address:
-        address = await self.connector.primary_address()
-        if self.master_address != address:
-            self.master_address = address
-            await self.disconnect(inuse_connections=False)
-        return address
-
-
-class _TlsReported:
-    """Says plainly, once, why a TLS handshake failed (a wrong CA looks like Redis being down)."""
-
-    host: str
-    port: int
-
-    async def _connect(self) -> None:
-        try:
-            await super()._connect()  # type: ignore[misc]
-        except ssl.SSLError as exc:
-            _tls_failed(f"{self.host}:{self.port}", exc)
-            raise
-        _tls_failures.clear()
-
-
-class _TlsConnection(_TlsReported, SSLConnection):
-    pass
-
-
-class _PrimaryConnection(SentinelManagedConnection):
-    """A connection to the Sentinel-named primary that reports its failures to the connector."""
-
-    connection_pool: _PrimaryPool
-
-    async def connect(self) -> None:
-        try:
-            await super().connect()
-        except (RedisConnectionError, RedisTimeoutError):
-            self.connection_pool.connector.suspect()
-            raise
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError):
-            self.connection_pool.connector.suspect()  # READONLY arrives here as a ConnectionError
-            raise
-
-
-class _PrimaryTlsConnection(_TlsReported, _PrimaryConnection, SSLConnection):
-    pass
-
-
-_tls_failures: set[str] = set()
-
-
-def _tls_failed(address: str, exc: ssl.SSLError) -> None:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        reason = f"certificate verify failed: {exc.verify_message}"
-    else:
-        reason = str(exc.reason or exc).lower().replace("_", " ")
-    line = f"redis: TLS handshake with {address} failed: {reason}"
-    if line in _tls_failures:
-        return
-    _tls_failures.add(line)
-    hint = (
-        "NOTIFY_REDIS_CA_FILE must hold the CA that signed the Redis server's certificate, which must name the host"
-        if isinstance(exc, ssl.SSLCertVerificationError)
-        else "check NOTIFY_REDIS_CA_FILE, NOTIFY_REDIS_CERT_FILE and NOTIFY_REDIS_KEY_FILE against the server's"
-        " TLS settings"
-    )
-    logger.error("%s; %s", line, hint)
-
-
-def _tls_options(settings: Settings) -> dict[str, Any]:
-    return {
-        "ssl_ca_certs": settings.redis_ca_file,
-        "ssl_certfile": settings.redis_cert_file,
-        "ssl_keyfile": settings.redis_key_file,
-        "ssl_cert_reqs": "required",
-        "ssl_check_hostname": True,
-    }
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
