@@ -2,6 +2,7 @@
 
     python -m tests.load.logcost [--rate 1000] [--seconds 2] [--rounds 15] [--users 1000]
                                  [--connections 10] [--modes default,tuned] [--profile DIR]
+                                 [--out docs/bench/logcost.md]
                                  [--baseline-tree DIR]
 
 One Redis and one replica per mode, each with its own sockets (`--users` users, two sockets each)
@@ -38,6 +39,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -83,6 +85,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+def _quartiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "-"
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.3f}-{high:.3f}"
+
+
 async def _round(mode: Mode, rate: float, seconds: float, drain: float) -> dict[str, Any]:
     assert mode.server is not None and mode.fleet is not None and mode.pub is not None
     server, fleet, pub = mode.server, mode.fleet, mode.pub
@@ -116,6 +125,7 @@ async def _round(mode: Mode, rate: float, seconds: float, drain: float) -> dict[
     return {
         "publishes": accepted,
         "errors": count - accepted,
+        "statuses": statuses,  # by HTTP status; what is missing from `count` was not answered in time
         "delivered": rec.received,
         "lost": 2 * accepted - rec.received,
         "server_cpu_s": cpu,
@@ -126,6 +136,50 @@ async def _round(mode: Mode, rate: float, seconds: float, drain: float) -> dict[
         "p99_ms": _percentile(latency, 0.99),
         "log_bytes": server.log.stat().st_size - log_before,
     }
+
+
+def _summary(ns: argparse.Namespace, modes: list[Mode], reference: str) -> list[str]:
+    """The run's table, in Markdown: medians over the rounds, each mode against the reference."""
+
+    def median(mode: Mode, key: str) -> float:
+        return statistics.median(r[key] for r in mode.rounds)
+
+    ref = next(m for m in modes if m.label == reference)
+    lines = [
+        f"{ns.rate:,.0f} POST /notify/{{user}} per second for {ns.seconds:g} s over {ns.connections} keep-alive "
+        f"connections, {2 * ns.users:,} sockets over {ns.users:,} users per replica, {ns.rounds} rounds per mode "
+        f"alternating (order rotated each round), medians. Ratio: deliveries per CPU-s / {reference}'s in the same "
+        "round: the median over the rounds, its interquartile range and, in brackets, the lowest and highest round.",
+        "",
+        f"| mode | publishes per CPU-s | deliveries per CPU-s | ratio to {reference} | server CPU | p99 ms [range] "
+        "| log per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode in modes:
+        ratios = [
+            mine["deliveries_per_cpu_s"] / theirs["deliveries_per_cpu_s"]
+            for mine, theirs in zip(mode.rounds, ref.rounds, strict=True)
+        ]
+        p99 = [r["p99_ms"] for r in mode.rounds]
+        lines.append(
+            f"| {mode.label} | {median(mode, 'publishes_per_cpu_s'):,.0f} | "
+            f"{median(mode, 'deliveries_per_cpu_s'):,.0f} | "
+            f"{statistics.median(ratios):.3f}, IQR {_quartiles(ratios)} [{min(ratios):.3f}, {max(ratios):.3f}] | "
+            f"{median(mode, 'server_cpu_util'):.0%} | {median(mode, 'p99_ms'):.1f} [{min(p99):.1f}, {max(p99):.1f}] | "
+            f"{median(mode, 'log_bytes') / 1024:,.0f} KB |"
+        )
+    lost = sum(r["lost"] + r["errors"] for m in modes for r in m.rounds)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    lines += [
+        "",
+        f"Lost deliveries and failed publishes over every round: {lost}. Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} CPUs, load average at the end {load}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+    ]
+    return lines
+
+
+def _save(path: Path, lines: list[str]) -> None:
+    path.write_text("\n".join(lines) + "\n")
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -141,6 +195,7 @@ async def main(argv: list[str] | None = None) -> int:
         help=f"of {', '.join(_MODES)}; one replica each (a mode twice: two replicas, to see the noise between them)",
     )
     parser.add_argument("--profile", help="py-spy each replica through the middle round into this directory")
+    parser.add_argument("--out", help="also write the table to this Markdown file (make bench's report includes it)")
     parser.add_argument(
         "--baseline-tree", type=os.path.realpath, help="another checkout: its default and NOTIFY_ACCESS_LOG=false too"
     )
@@ -194,7 +249,8 @@ async def main(argv: list[str] | None = None) -> int:
                     f"round {r + 1} {mode.label:>18}: {result['publishes_per_cpu_s']:,.0f} publishes and "
                     f"{result['deliveries_per_cpu_s']:,.0f} deliveries per CPU-s, CPU {result['server_cpu_util']:.0%}, "
                     f"p99 {result['p99_ms']:.1f} ms, log {result['log_bytes'] / 1024:,.0f} KB, "
-                    f"lost {result['lost']}, errors {result['errors']}",
+                    f"lost {result['lost']}, errors {result['errors']}"
+                    + (f" (answers {result['statuses']})" if result["errors"] else ""),
                     flush=True,
                 )
     finally:
@@ -207,34 +263,10 @@ async def main(argv: list[str] | None = None) -> int:
                 mode.server.stop()
         redis.stop()
 
-    def median(mode: Mode, key: str) -> float:
-        return statistics.median(r[key] for r in mode.rounds)
-
-    ref = next(m for m in modes if m.label == reference)
-    print(
-        f"\n{ns.rate:g} POST /notify/{{user}} per second for {ns.seconds:g} s over {ns.connections} connections, "
-        f"{2 * ns.users} sockets over {ns.users} users per replica, {ns.rounds} rounds per mode alternating "
-        f"(order rotated), medians. Ratio: deliveries per CPU-s / {reference}'s in the same round, the median "
-        "over the rounds and, in brackets, the lowest and highest round\n"
-    )
-    columns = f"publishes per CPU-s | deliveries per CPU-s | ratio to {reference} | server CPU | p99 ms | log per round"
-    print(f"| mode | {columns} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode in modes:
-        ratios = [
-            mine["deliveries_per_cpu_s"] / theirs["deliveries_per_cpu_s"]
-            for mine, theirs in zip(mode.rounds, ref.rounds, strict=True)
-        ]
-        print(
-            f"| {mode.label} | {median(mode, 'publishes_per_cpu_s'):,.0f} | "
-            f"{median(mode, 'deliveries_per_cpu_s'):,.0f} | "
-            f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | "
-            f"{median(mode, 'server_cpu_util'):.0%} | {median(mode, 'p99_ms'):.1f} | "
-            f"{median(mode, 'log_bytes') / 1024:,.0f} KB |"
-        )
-    lost = sum(r["lost"] + r["errors"] for m in modes for r in m.rounds)
-    print(f"\nlost deliveries and failed publishes over every round: {lost}")
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()}, {time.ctime()}")
+    report = _summary(ns, modes, reference)
+    print("\n" + "\n".join(report))
+    if ns.out:
+        _save(Path(ns.out), report)
     return 0
 
 
