@@ -125,7 +125,7 @@ soak: install
 
 # A reconnect storm, measured (a few minutes): Redis, three replicas and nginx, 2,000 sockets a replica; one replica
 # is SIGKILLed while publishes flow. Prints the reconnect time, lost and duplicated notifications and the latency of
-# the sockets that did not move (docs/reliability.md, "Reconnect storm"). STORM_ARGS: e.g. --handshake-rate off.
+# the sockets that did not move (docs/reliability.md, "Reconnect storm"). STORM_ARGS: e.g. --handshake-rate 600.
 storm: install system-deps
 	$(PY) -m tests.load.storm $(STORM_ARGS)
 

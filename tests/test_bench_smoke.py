@@ -99,3 +99,26 @@ def test_capacity_session_measures_one_redis():
     assert step["delivered"] == 100 and step["lost"] == 0 and step["duplicates"] == 0 and step["misrouted"] == 0
     # Fifty publishes may take less than a clock tick of either process: read, not necessarily above zero.
     assert single["publishes"] == 50 and single["primaries_cpu_s"] >= 0 and step["server_cpu_s"] >= 0
+
+
+def test_logcost_pairs_defaults_with_tuned_and_the_report_shows_it(tmp_path):
+    """The defaults' cost harness, tiny: the README's defaults and the tuned settings, three rounds
+    each, every delivery counted, a ratio to tuned with its spread written where `make bench`'s
+    report picks it up."""
+    from tests.load import logcost
+    from tests.load.report import _defaults_cost
+
+    out = tmp_path / "logcost.md"
+    argv = ["--rate", "50", "--seconds", "0.5", "--rounds", "3", "--users", "5", "--connections", "2"]
+    assert asyncio.run(logcost.main([*argv, "--out", str(out)])) == 0
+    table = out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "ratio to tuned" in rows["mode"]
+    assert rows["tuned"].split(" | ")[3].startswith("1.000, IQR 1.000-1.000 [1.000, 1.000]")
+    assert ", IQR " in rows["default"].split(" | ")[3]
+    assert "3 rounds per mode alternating (order rotated each round)" in table
+    assert "Lost deliveries and failed publishes over every round: 0." in table
+
+    lines: list[str] = []
+    _defaults_cost(tmp_path, lines.append)
+    assert lines[0] == "## What the defaults cost" and rows["default"] in lines

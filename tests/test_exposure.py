@@ -263,6 +263,24 @@ async def test_handshake_rate_paces_then_429_before_the_token_is_read(http):
         )
 
 
+async def test_by_default_a_burst_of_handshakes_is_not_paced_but_at_most_32_are_in_flight(http):
+    """With the defaults (no NOTIFY_MAX_HANDSHAKE_RATE), 200 sockets connecting at once are all
+    welcomed, none held back for a turn or refused 429: connects are bounded by what the replica
+    can take, not by a rate. The limit of 32 handshakes in flight still applies."""
+    with running() as r:
+        assert await metric(http, r, "notify_max_handshake_rate") == 0  # 0: no cap
+        clients = await asyncio.gather(*(Client.connect(r, f"burst{i}") for i in range(200)))
+        try:
+            welcomes = await asyncio.gather(*(c.welcome() for c in clients))
+            assert len(welcomes) == 200
+            assert await metric(http, r, "notify_handshakes_delayed_total") == 0
+            assert await metric(http, r, 'notify_connections_refused_total{reason="max_handshake_rate"}') == 0
+            peak = await metric(http, r, "notify_handshakes_in_flight_peak")
+            assert 1 <= peak <= 32, peak
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+
 # ---- slow-loris against a working replica
 
 

@@ -124,9 +124,10 @@ class Settings(BaseSettings):
     max_connections_per_ip: int | None = Field(None, gt=0)
     # WebSocket and SSE handshakes per second this replica takes on, before any token is verified: a
     # tenth of a second's worth at once, the next held back for their turn (up to a second ahead),
-    # beyond that 429 with a jittered Retry-After; so that a reconnect storm slows new connects
-    # rather than delivery to open sockets (`server/admission.py`). "off": no cap.
-    max_handshake_rate: float | None = Field(600.0, gt=0)
+    # beyond that 429 with a jittered Retry-After (`server/admission.py`). Unset or "off": no cap,
+    # the default, because in a reconnect storm the limit on handshakes in flight (always on) is what
+    # protects open sockets, and a cap only delayed reconnection (docs/reliability.md).
+    max_handshake_rate: float | None = Field(None, gt=0)
 
     # Push (Web Push and FCM): unset keys leave the push API answering 404.
     vapid_private_key: SecretStr | None = None

@@ -98,11 +98,11 @@ async def _session(  # type: ignore[no-untyped-def]
 class _Profiler:
     """py-spy record on one server while a workload runs (root needed); raw collapsed stacks."""
 
-    def __init__(self, plan: Plan, name: str, pid: int, seconds: float) -> None:
+    def __init__(self, profile_dir: str | None, name: str, pid: int, seconds: float) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
-        if plan.profile_dir is None:
+        if profile_dir is None:
             return
-        out = Path(plan.profile_dir) / f"{name}.txt"
+        out = Path(profile_dir) / f"{name}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         exe = Path(sys.executable).with_name("py-spy")
         self.proc = subprocess.Popen(
@@ -139,7 +139,7 @@ async def run_targeted(system: System, plan: Plan, round_index: int = 0) -> dict
         steps = []
         for rate in plan.rates:
             prof = (
-                _Profiler(plan, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration)
+                _Profiler(plan.profile_dir, f"targeted-{int(rate)}", dep.replicas[0].pid, plan.duration)
                 if system.server == "service" and rate == 1000
                 else None
             )
@@ -171,7 +171,8 @@ async def run_broadcast(system: System, plan: Plan, round_index: int = 0) -> dic
                 f"  {system.name} batch of {plan.batch_size} at {plan.batch_rate:g}/s: "
                 f"{batch['deliveries_per_cpu_s'] or 0:.0f}/cpu-s (single: {single['deliveries_per_cpu_s'] or 0:.0f})"
             )
-        prof = _Profiler(plan, "broadcast", dep.replicas[0].pid, plan.duration) if system.server == "service" else None
+        profile_dir = plan.profile_dir if system.server == "service" else None
+        prof = _Profiler(profile_dir, "broadcast", dep.replicas[0].pid, plan.duration)
         result = await W.broadcast(dep, fleet, pub, plan.broadcast_rate, plan.duration, plan.drain)
         if prof:
             prof.wait()

@@ -447,7 +447,7 @@ async def run_mode(system: System, mode: str, plan: Any, settle: float = 2.0, id
             out["idle_server_cpu_util"] = _over(idle.server, idle.wall)
             from .bench import _Profiler  # with --profile: py-spy on the service during the step
 
-            prof = _Profiler(plan, f"capacity-{mode}", dep.replicas[0].pid, plan.duration)
+            prof = _Profiler(plan.profile_dir, f"capacity-{mode}", dep.replicas[0].pid, plan.duration)
             before = brokers.cpu()
             step = await W.targeted(dep, fleet, pub, plan.capacity_rate, plan.duration, plan.drain)
             after = brokers.cpu()

@@ -158,7 +158,8 @@ class System:
             }[self.server]
             argv += ["--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")
-        # The handshake cap is off: the benchmark measures what a replica can take, not its pacing.
+        # The handshake cap off (the default, said here in case it changes): the benchmark measures
+        # what a replica can take, not its pacing.
         env = {
             "NOTIFY_JWT_SECRET": SECRET,
             "NOTIFY_LOG_LEVEL": "warning",

@@ -82,6 +82,24 @@ def _ratio(a: Any, b: Any, invert: bool = False) -> str:
     return f"{r:.2f}x"
 
 
+def _defaults_cost(out_dir: Path, add: Callable[[str], None]) -> None:
+    """The section on what the README's defaults cost, from the last `logcost --out` run, if any."""
+    table = out_dir / "logcost.md"
+    if not table.is_file():
+        return
+    add("## What the defaults cost")
+    add("")
+    add("The service as the README runs it (`python -m service` with only the secret and the Redis URL set:")
+    add("log level info, the access log's `summary`) against the same with `NOTIFY_LOG_LEVEL=warning` and")
+    add("`NOTIFY_ACCESS_LOG=off` (`tuned`), one replica each on one Redis, short rounds alternating between them")
+    add("with the order rotated, each round's two figures paired so that the machine's drift cancels. From")
+    add(f"`python -m tests.load.logcost --rounds 15 --seconds 4 --out {table.as_posix()}`, a separate invocation:")
+    add("")
+    for line in table.read_text().splitlines():
+        add(line)
+    add("")
+
+
 def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, started: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = results["summary"]
@@ -236,6 +254,7 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("")
     add(f"![p50 and p99 end-to-end latency against offered rate]({plot.relative_to(doc.parent)})")
     add("")
+    _defaults_cost(out_dir, add)
     add("## Targeted sweep")
     add("")
     add("`POST /notify/{user}` to a random one of the users at a fixed rate; each notification goes to both of")
