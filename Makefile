@@ -118,6 +118,7 @@ bench: install
 	  echo "node or npm not on PATH: Node Socket.IO is left out of the benchmark"; \
 	fi
 	$(PY) -m tests.load --out docs/bench
+	$(PY) -m tests.load.push --doc docs/benchmark.md
 
 # A few minutes of connects, disconnects and publishes, then a 1,000-socket drain: resources must come back.
 soak: install
