@@ -264,7 +264,7 @@ async def test_delivery_status_for_the_publisher(pair, http):
     user = uid()
     nid = (await publish(http, a, user, "s")).json()["id"]
     status = await http.get(f"{b.url}/notifications/{nid}", params={"user": user}, headers=publisher_headers())
-    assert status.json() == {"id": nid, "user": user, "read": False, "retained": True, "fallback": "none"}
+    assert status.json() == {"id": nid, "user": user, "read": False, "retained": True, "fallback": "none", "push": None}
     await http.post(
         f"{a.url}/me/notifications/read", json={"up_to": nid}, headers={"Authorization": f"Bearer {token(user)}"}
     )
