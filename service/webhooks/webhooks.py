@@ -36,7 +36,9 @@ class Webhooks:
         self._outbox = outbox
         self._metrics = metrics
         self._sender = Sender(self._endpoints, settings.webhook_timeout_seconds)
-        self._dispatcher = Dispatcher(outbox, self._send, self._report)
+        self._dispatcher = Dispatcher(
+            outbox, self._send, self._report, per_destination=settings.webhook_endpoint_concurrency
+        )
         self._targets: dict[str, tuple[int, ...]] = {}  # event type -> the endpoints that want it
         self._disabled: dict[int, str] = {}  # as last read back from the outbox (or set here)
         self._dropped_logged = -DROP_LOG_SECONDS
