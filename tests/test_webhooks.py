@@ -493,3 +493,40 @@ async def test_an_endpoint_that_never_answers_slows_nothing_else(redis_server, h
                 await watcher.close()
         finally:
             released.set()
+
+
+async def test_a_disabled_endpoint_stays_disabled_across_a_replica_restart(redis_server, http):
+    """A replica (re)starting with the same endpoints keeps a 410'd endpoint disabled for every
+    replica; one starting with another URL at that position (a new configuration) enables it."""
+
+    def answer(_id: str, _nth: int) -> tuple[int, dict[str, str], float]:
+        return (410, {}, 0.0)
+
+    with receiving(answer) as receiver, receiving() as moved:
+        config = cluster_env(redis_server, **env(receiver))
+        with started(Replica(config)) as (a,):
+            client = await say(a, "chat:restart", "first")
+
+            async def disabled(replica: Replica) -> bool:
+                return bool((await _admin_get(http, replica, "/webhooks"))[0]["disabled"])
+
+            await _until(lambda: disabled(a))
+            await client.close()
+        with started(Replica(config)) as (again,):
+            assert await disabled(again)
+            client = await say(again, "chat:restart", "second")
+
+            async def two_dead() -> dict[str, str] | None:
+                dead = await _admin_get(http, again, "/webhooks/dead?limit=10")
+                return {d["event"]["data"]["data"]["text"]: d["error"] for d in dead} if len(dead) == 2 else None
+
+            errors = await _until(two_dead)
+            assert "410" in errors["first"] and "disabled" in errors["second"]
+            assert len(receiver.events()) == 1  # "second" went dead without a request
+            await client.close()
+        renamed = {**config, "NOTIFY_WEBHOOKS": json.dumps([moved.endpoint(events=["topic.message"])])}
+        with started(Replica(renamed)) as (changed,):
+            assert not await disabled(changed)
+            client = await say(changed, "chat:restart", "third")
+            await moved.wait_for(lambda r: texts(r) == {"third"})
+            await client.close()

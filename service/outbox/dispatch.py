@@ -88,6 +88,7 @@ class Dispatcher:
         report: Report,
         concurrency: int = 64,
         per_destination: int = 16,
+        destinations: int | None = None,
     ) -> None:
         self._outbox = outbox
         self._send = send
@@ -96,6 +97,7 @@ class Dispatcher:
         # A destination that never answers holds at most this many of the attempts in flight.
         self._share = min(per_destination, concurrency)
         self._lanes: dict[str, _Lane] = {}
+        self._destinations = destinations  # how many there can be, when known
         self._busy = 0
         self._task: asyncio.Task[None] | None = None
         self._jobs: dict[asyncio.Task[None], Job] = {}  # attempts in flight
@@ -120,11 +122,11 @@ class Dispatcher:
     async def _claim_forever(self) -> None:
         failures = 0
         while True:
-            free = self._concurrency - self._busy
+            room = self._room()
             jobs = []
-            if free > 0:
+            if room > 0:
                 try:
-                    jobs = await self._outbox.claim(free)
+                    jobs = await self._outbox.claim(room)
                     failures = 0
                 except Exception as exc:  # noqa: BLE001 - Redis down or slow: asked again, backing off
                     failures += 1
@@ -133,8 +135,20 @@ class Dispatcher:
                     await asyncio.sleep(min(5.0, POLL_SECONDS * 2**failures))
                     continue
             started = await self._start(jobs)
-            if not started or self._busy >= self._concurrency:
+            # Claimed again at once only while the queue gives all that was asked: a claim asks every
+            # shard, so one per settled attempt would cost more than the attempts themselves.
+            if not started or len(jobs) < room or self._busy >= self._concurrency:
                 await self._outbox.wait(POLL_SECONDS)
+
+    def _room(self) -> int:
+        """How many jobs to claim: no more than the destinations have room for, so that a job is
+        handed back only when the claim brought more for one destination than it has room for."""
+        free = self._concurrency - self._busy
+        if self._destinations is None:
+            return free
+        busy = [len(lane.started) for lane in self._lanes.values() if lane.started]
+        idle = max(0, self._destinations - len(busy))
+        return min(free, idle * self._share + sum(max(0, self._share - n) for n in busy))
 
     async def _start(self, jobs: list[Job]) -> int:
         """Attempt the claimed jobs whose destination has room here; hand back the others."""
