@@ -272,10 +272,12 @@ def section(results: dict[str, Any], command: str, started: str) -> str:
         f"notifications/s for {p['duration']:g} s. These figures were taken on a shared, loaded machine "
         f"(2 CPUs, load average {load} at the end, other work running): each is the median over the rounds "
         "with the range in brackets, and a ratio is taken within each round against a system measured in "
-        "that same round. `today` is the service just before webhooks (exported from git), `none` this "
+        f"that same round. `today` is the service just before webhooks (`{TODAY_REV}`, exported from git; "
+        "what was merged after it is weighed with webhooks), `none` this "
         "service with no webhooks configured, `hooked` this service with an endpoint for "
         "`notification.unread`, `user.online` and `user.offline` and `fallback: unread after 60 s` on every "
-        "notification. Source: `tests/load/webhooks.py` (`python -m tests.load.webhooks`).",
+        "notification. Source: `tests/load/webhooks.py` (`python -m tests.load.webhooks`); raw figures: "
+        "[bench/results-webhooks.json](bench/results-webhooks.json).",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",
@@ -298,9 +300,36 @@ def section(results: dict[str, Any], command: str, started: str) -> str:
         f"| connects per second, no webhooks, against today | {ratio('none_connects_vs_today')} |  |",
         "",
         f"Notifications lost: {s['lost']}; publishes refused or unanswered: {s['http_errors']}.",
+        *_reading(s, p["rate"]),
         END,
     ]
     return "\n".join(lines)
+
+
+def _reading(s: dict[str, Any], rate: float) -> list[str]:
+    """What the figures say against the targets, in words."""
+    lines = []
+    events = s.get("events_per_cpu_s")
+    if events and rate / events["median"] > 1:
+        lines += [
+            "",
+            f"At {events['median']:,.0f} events per CPU-second, {rate:g} events a second take "
+            f"{rate / events['median']:.2f} CPU-seconds a second, more than the one core a replica has: the "
+            "queue grew through the delivery session, and its latency is the wait in that queue, not the "
+            "receiver's (the target holds only when the replica keeps up).",
+        ]
+    missed = [
+        name
+        for key, name, target in (
+            ("event_p99_ms", "p99 under 50 ms", lambda v: v < 50),
+            ("hooked_deliveries_vs_none", "0.8x targeted deliveries with the fallback", lambda v: v >= 0.8),
+            ("hooked_connects_vs_none", "0.9x connects with user.online/offline", lambda v: v >= 0.9),
+        )
+        if s.get(key) and not target(s[key]["median"])
+    ]
+    if missed:
+        lines += ["", "Targets not met in this run: " + "; ".join(missed) + "."]
+    return lines
 
 
 def place(doc: Path, text: str) -> None:
