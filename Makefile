@@ -105,7 +105,8 @@ client: install
 
 # Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
 # service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
-# behind docs/capacity.md) (about 45 minutes); writes docs/benchmark.md and docs/bench/. Without node (and npm) on
+# behind docs/capacity.md) (about 45 minutes), then what webhooks cost (tests/load/webhooks.py, about 15 minutes);
+# writes docs/benchmark.md and docs/bench/. Without node (and npm) on
 # PATH the Node servers are left out, and the report's conditions say so.
 bench: install
 	@# The bench extras are not locked (the report records the versions that ran), but they may not move
@@ -118,6 +119,7 @@ bench: install
 	  echo "node or npm not on PATH: Node Socket.IO is left out of the benchmark"; \
 	fi
 	$(PY) -m tests.load --out docs/bench
+	$(PY) -m tests.load.webhooks --out docs/bench
 	$(PY) -m tests.load.push --doc docs/benchmark.md
 
 # A few minutes of connects, disconnects and publishes, then a 1,000-socket drain: resources must come back.

@@ -6,9 +6,11 @@ nothing lost or doubled, latency and server CPU read), not how fast the service 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from tests.load import webhooks
 from tests.load import workloads as W
 from tests.load.bench import LEAN_PYTHON, NOTIFY, TOPIC, Plan, with_topics
 from tests.load.capacity import history_size, run_mode, run_raw
@@ -122,3 +124,27 @@ def test_logcost_pairs_defaults_with_tuned_and_the_report_shows_it(tmp_path):
     lines: list[str] = []
     _defaults_cost(tmp_path, lines.append)
     assert lines[0] == "## What the defaults cost" and rows["default"] in lines
+
+
+async def _webhook_delivery() -> dict:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(webhooks.Receiver, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        _, delivering = webhooks.systems(Path("."), url)
+        return await webhooks.delivery_session(delivering, rate=50, duration=1.0)
+    finally:
+        server.close()
+
+
+def test_webhook_harness_counts_every_event(tmp_path):
+    """Each `fallback: offline` publish of the delivery session is one event the receiver answers,
+    with its latency read; the report section the workload writes survives a rewrite of the rest."""
+    result = asyncio.run(_webhook_delivery())
+    assert result["accepted"] == 50 and result["events"] == 50
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["events_per_cpu_s"] > 0
+    doc = tmp_path / "benchmark.md"
+    doc.write_text("# Benchmark\n")
+    webhooks.place(doc, f"{webhooks.START}\n## Webhooks\n{webhooks.END}")
+    assert webhooks.kept_section(doc) == f"{webhooks.START}\n## Webhooks\n{webhooks.END}"
+    assert doc.read_text().startswith("# Benchmark\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from .receiver import Received, Receiver, new_secret, receiving
 from .test_bodies import UNPARSEABLE
-from .utils import TIMEOUT, Client, Replica, cluster_env, started, token
+from .utils import TIMEOUT, Client, Replica, cluster_env, publisher_headers, started, token
 
 TOPICS = json.dumps({"chat": {"join": "any", "publish": True}})
 FAST_RETRIES = "0.2,0.2,0.2,0.2"
@@ -441,4 +442,91 @@ async def test_a_stopping_replica_hands_its_attempts_back(redis_server, http):
             await _until(all_delivered, timeout=20)
             # The stopping replica held some: they were asked for again, by the other.
             assert len(receiver.events()) > len(said)
+            await client.close()
+
+
+async def test_an_endpoint_that_never_answers_slows_nothing_else(redis_server, http):
+    """Two endpoints, one hanging on every request and one answering at once: the hanging one holds
+    at most its share of attempts, so the other gets every event before any hanging attempt has
+    run out of time (a retry would show that), and sockets keep getting their frames meanwhile."""
+    released = threading.Event()
+
+    def hang(_id: str, _nth: int) -> tuple[int, dict[str, str], float]:
+        released.wait(120)
+        return (200, {}, 0.0)
+
+    with receiving(hang) as hanging, receiving() as prompt:
+        config = cluster_env(
+            redis_server,
+            **env(
+                hanging,
+                prompt,
+                NOTIFY_WEBHOOK_TIMEOUT_SECONDS="30",
+                NOTIFY_WEBHOOK_ENDPOINT_CONCURRENCY="8",
+                NOTIFY_MAX_INBOUND_RATE="1000",  # one member says 100 things at once
+            ),
+        )
+        try:
+            with started(Replica(config)) as (replica,):
+                topic = f"chat:{uuid.uuid4().hex[:8]}"
+                watcher = await Client.connect(replica, "carol")
+                await watcher.welcome()
+                said = [f"m{i}" for i in range(100)]  # more than the 64 attempts every endpoint shares
+                speaker = await say(replica, topic, *said)
+                got = await prompt.wait_for(lambda r: texts(r) == set(said), timeout=60)
+                # A backend's notification still reaches a socket while the hanging attempts wait.
+                posted = await http.post(
+                    replica.url + "/notify/carol",
+                    json={"event": "ping", "data": {"n": 1}},
+                    headers=publisher_headers(),
+                )
+                assert posted.status_code in (200, 202), posted.text
+                frame = await watcher.recv()
+                while frame.get("type") != "notification":
+                    frame = await watcher.recv()
+                assert frame["event"] == "ping"
+                seen = hanging.events()
+                # Every hanging attempt is still its first: none has run out of its 30 s yet.
+                assert len({r.id for r in seen}) == len(seen)
+                assert 1 <= len(seen) <= 8 and len(got) == len(said) and prompt.unverified == 0
+                await speaker.close()
+                await watcher.close()
+        finally:
+            released.set()
+
+
+async def test_a_disabled_endpoint_stays_disabled_across_a_replica_restart(redis_server, http):
+    """A replica (re)starting with the same endpoints keeps a 410'd endpoint disabled for every
+    replica; one starting with another URL at that position (a new configuration) enables it."""
+
+    def answer(_id: str, _nth: int) -> tuple[int, dict[str, str], float]:
+        return (410, {}, 0.0)
+
+    with receiving(answer) as receiver, receiving() as moved:
+        config = cluster_env(redis_server, **env(receiver))
+        with started(Replica(config)) as (a,):
+            client = await say(a, "chat:restart", "first")
+
+            async def disabled(replica: Replica) -> bool:
+                return bool((await _admin_get(http, replica, "/webhooks"))[0]["disabled"])
+
+            await _until(lambda: disabled(a))
+            await client.close()
+        with started(Replica(config)) as (again,):
+            assert await disabled(again)
+            client = await say(again, "chat:restart", "second")
+
+            async def two_dead() -> dict[str, str] | None:
+                dead = await _admin_get(http, again, "/webhooks/dead?limit=10")
+                return {d["event"]["data"]["data"]["text"]: d["error"] for d in dead} if len(dead) == 2 else None
+
+            errors = await _until(two_dead)
+            assert "410" in errors["first"] and "disabled" in errors["second"]
+            assert len(receiver.events()) == 1  # "second" went dead without a request
+            await client.close()
+        renamed = {**config, "NOTIFY_WEBHOOKS": json.dumps([moved.endpoint(events=["topic.message"])])}
+        with started(Replica(renamed)) as (changed,):
+            assert not await disabled(changed)
+            client = await say(changed, "chat:restart", "third")
+            await moved.wait_for(lambda r: texts(r) == {"third"})
             await client.close()

@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
     webhook_retry_seconds: Annotated[tuple[float, ...], NoDecode] = (5, 30, 120, 600, 1800, 3600, 10800, 21600)
     webhook_max_pending: int = Field(100_000, gt=0)
+    # Attempts in flight per replica to any one endpoint (of the 64 every endpoint shares): an
+    # endpoint that never answers holds at most these, and the others keep the rest.
+    webhook_endpoint_concurrency: int = Field(16, gt=0, le=64)
 
     # Shutdown: sockets are closed with 1012 spread over this many seconds.
     drain_seconds: float = Field(10.0, ge=0)

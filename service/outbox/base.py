@@ -118,8 +118,9 @@ class Outbox(Protocol):
         """Dead at once, kept for replay."""
         ...
 
-    async def release(self, job: Job) -> None:
-        """Handed back without an attempt counted (this replica stops): due again at once."""
+    async def release(self, job: Job, delay: float = 0.0) -> None:
+        """Handed back without an attempt counted (this replica stops, or the destination is at
+        its share of attempts here): due again after `delay` seconds."""
         ...
 
     async def dead(self, limit: int) -> list[Job]:

@@ -100,9 +100,9 @@ class MemoryOutbox(Waker):
             oldest = self._dead.pop(next(iter(self._dead)))
             self._of(oldest.destination).dead -= 1
 
-    async def release(self, job: Job) -> None:
+    async def release(self, job: Job, delay: float = 0.0) -> None:
         if job.id in self._jobs:
-            heapq.heappush(self._due, (time.time(), next(self._order), job.id))
+            heapq.heappush(self._due, (time.time() + delay, next(self._order), job.id))
 
     async def dead(self, limit: int) -> list[Job]:
         return list(itertools.islice(reversed(self._dead.values()), limit))

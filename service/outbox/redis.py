@@ -125,8 +125,9 @@ class RedisOutbox(Waker):
         args = (job.id, job.claim, error, DEAD_KEPT)
         await self._run(scripts.BURY, _shard(job.id), ("lease", "dead", "meta", "stats", "jobs"), args)
 
-    async def release(self, job: Job) -> None:
-        await self._run(scripts.RELEASE, _shard(job.id), ("lease", "due", "meta"), (job.id, job.claim))
+    async def release(self, job: Job, delay: float = 0.0) -> None:
+        args = (job.id, job.claim, int(delay * 1000))
+        await self._run(scripts.RELEASE, _shard(job.id), ("lease", "due", "meta"), args)
 
     async def dead(self, limit: int) -> list[Job]:
         replies = await asyncio.gather(

@@ -107,8 +107,8 @@ return 1
 """
 )
 
-# KEYS: lease, due, meta. ARGV: id, claim token. Handed back unattempted (this replica stops):
-# due again at once, for whoever claims next.
+# KEYS: lease, due, meta. ARGV: id, claim token, delay ms. Handed back unattempted (this replica
+# stops, or the destination is at its share here): due again after the delay, for whoever claims next.
 RELEASE = Lua.of(
     _NOW
     + """
@@ -117,7 +117,7 @@ if not meta then return 0 end
 local a, c, claim, d, e = parse(meta)
 if claim ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3] or '0'), ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], a .. '|' .. c .. '||' .. d .. '|' .. e)
 return 1
 """

@@ -27,21 +27,26 @@ class Gone(Refused):
 
 
 class Sender:
-    """Signs and POSTs events, on pooled connections shared by every endpoint."""
+    """Signs and POSTs events, on a pool of connections per endpoint, as many as its attempts in
+    flight: httpcore looks at every connection of a pool (a poll(2) each) to place each request."""
 
-    def __init__(self, endpoints: tuple[WebhookEndpoint, ...], timeout: float) -> None:
+    def __init__(self, endpoints: tuple[WebhookEndpoint, ...], timeout: float, connections: int) -> None:
         self._endpoints = endpoints
         self._signers = [[Webhook(secret.get_secret_value()) for secret in endpoint.secret] for endpoint in endpoints]
         self._timeout = timeout
-        self._client = httpx.AsyncClient(
-            timeout=timeout,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-            headers={"user-agent": "notify-service-webhooks"},
-        )
+        self._clients = [
+            httpx.AsyncClient(
+                timeout=timeout,
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+                headers={"user-agent": "notify-service-webhooks"},
+            )
+            for _ in endpoints
+        ]
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     async def post(self, index: int, message_id: str, body: str) -> Outcome:
         now = datetime.now(UTC)
@@ -54,8 +59,9 @@ class Sender:
         try:
             # The whole attempt, answer included, within the deadline (httpx's is per read).
             async with asyncio.timeout(self._timeout):
-                request = self._client.build_request("POST", self._endpoints[index].url, content=body, headers=headers)
-                response = await self._client.send(request, stream=True)
+                client = self._clients[index]
+                request = client.build_request("POST", self._endpoints[index].url, content=body, headers=headers)
+                response = await client.send(request, stream=True)
                 try:
                     answer = await _read_some(response)
                 finally:

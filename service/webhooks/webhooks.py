@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -35,8 +36,16 @@ class Webhooks:
         self._endpoints = settings.webhooks
         self._outbox = outbox
         self._metrics = metrics
-        self._sender = Sender(self._endpoints, settings.webhook_timeout_seconds)
-        self._dispatcher = Dispatcher(outbox, self._send, self._report)
+        self._sender = Sender(self._endpoints, settings.webhook_timeout_seconds, settings.webhook_endpoint_concurrency)
+        self._dispatcher = Dispatcher(
+            outbox,
+            self._send,
+            self._report,
+            per_destination=settings.webhook_endpoint_concurrency,
+            destinations=len(self._endpoints),
+        )
+        # Which URL a disable was said of: the outbox keeps it beside why.
+        self._fingerprints = [hashlib.sha256(e.url.encode()).hexdigest()[:12] for e in self._endpoints]
         self._targets: dict[str, tuple[int, ...]] = {}  # event type -> the endpoints that want it
         self._disabled: dict[int, str] = {}  # as last read back from the outbox (or set here)
         self._dropped_logged = -DROP_LOG_SECONDS
@@ -49,10 +58,16 @@ class Webhooks:
 
     async def start(self) -> None:
         await self._outbox.start()
-        # A disabled endpoint stays so until the service restarts (or an admin enables it).
+        # A disabled endpoint stays so, for every replica and across their restarts, until an admin
+        # enables it or its URL changes: a replica starting with another URL at that position (a
+        # new configuration deployed) enables it. One replica restarting must not call again an
+        # endpoint that said 410 to the others.
         with contextlib.suppress(BrokerUnavailable):
+            stats = await self._outbox.stats()
             for index in range(len(self._endpoints)):
-                await self._outbox.resume(_DESTINATION + str(index))
+                found = stats.get(_DESTINATION + str(index))
+                if found is not None and found.paused and self._disabled_why(index, found.paused) is None:
+                    await self._outbox.resume(_DESTINATION + str(index))
         self._dispatcher.start()
         self._refresher = asyncio.create_task(self._refresh_forever(), name="webhooks-refresh")
 
@@ -158,7 +173,13 @@ class Webhooks:
         self._disabled[index] = why
         self._metrics.webhook_disabled.labels(str(index)).set(1)
         with contextlib.suppress(BrokerUnavailable):
-            await self._outbox.pause(_DESTINATION + str(index), why)
+            await self._outbox.pause(_DESTINATION + str(index), f"{self._fingerprints[index]}|{why}")
+
+    def _disabled_why(self, index: int, paused: str) -> str | None:
+        """Why the endpoint is disabled, from what the outbox keeps; None when that was said of
+        another URL at this position (or by a version that did not say which)."""
+        fingerprint, _, why = paused.partition("|")
+        return why if fingerprint == self._fingerprints[index] else None
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -171,8 +192,9 @@ class Webhooks:
             found = stats.get(_DESTINATION + str(index))
             endpoint = str(index)
             self._metrics.webhook_pending.labels(endpoint).set(found.pending if found else 0)
-            if found is not None and found.paused:
-                self._disabled[index] = found.paused
+            why = self._disabled_why(index, found.paused) if found is not None and found.paused else None
+            if why is not None:
+                self._disabled[index] = why
             else:
                 self._disabled.pop(index, None)
             self._metrics.webhook_disabled.labels(endpoint).set(1 if index in self._disabled else 0)

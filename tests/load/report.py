@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import TOPIC
+from .webhooks import kept_section
 from .workloads import KNEE_P99_MS
 
 OURS = "notify-service"
@@ -405,6 +406,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     add("- Raw figures of every run: [bench/results.json](bench/results.json).")
     add("")
+    webhooks = kept_section(doc)  # written by tests/load/webhooks.py, which `make bench` runs after this
+    if webhooks is not None:
+        lines += [webhooks, ""]
     doc.write_text("\n".join(lines))
 
 

@@ -126,10 +126,18 @@ async def _wait(condition: Callable[[], bool], timeout: float) -> None:
 
 
 async def targeted(
-    dep: Deployment, fleet: Fleet, pub: Publisher, rate: float, duration: float, drain: float, batch: int = 0
+    dep: Deployment,
+    fleet: Fleet,
+    pub: Publisher,
+    rate: float,
+    duration: float,
+    drain: float,
+    batch: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """POST /notify/{user} to random users at `rate` per second (or `POST /notify` with `batch` items per
-    request, same notification rate); every notification should reach both devices of its user, once."""
+    request, same notification rate); every notification should reach both devices of its user, once.
+    `extra`: more fields of each notification (a `fallback`)."""
     users = fleet.users
     count = int(rate * duration)
     rec = fleet.recorder
@@ -146,7 +154,7 @@ async def targeted(
             if 200 <= status < 300:
                 accepted[i] = 1
 
-        body = orjson.dumps({"event": "bench", "data": {"t": t, "k": i, "r": run}})
+        body = orjson.dumps({"event": "bench", "data": {"t": t, "k": i, "r": run}, **(extra or {})})
         pub.request(f"/notify/u{rec.user_of[i]}", body, done)
 
     def batched(j: int, t: float) -> None:
