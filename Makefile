@@ -105,7 +105,8 @@ client: install
 
 # Side-by-side load benchmark against python-socketio, Node Socket.IO and two framework-free references, then the
 # service's capacity session (one Redis against a three-primary Redis Cluster, which needs redis-cli; the figures
-# behind docs/capacity.md) (about 45 minutes), then what webhooks cost (tests/load/webhooks.py, about 15 minutes);
+# behind docs/capacity.md) (about 45 minutes), then what webhooks cost (tests/load/webhooks.py, about 15 minutes)
+# and what Web Push costs (tests/load/push.py, a few minutes);
 # writes docs/benchmark.md and docs/bench/. Without node (and npm) on
 # PATH the Node servers are left out, and the report's conditions say so.
 bench: install
