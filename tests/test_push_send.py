@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 
@@ -18,6 +17,7 @@ from service.config.push_options import parse_origin
 from service.config.settings import Settings
 from service.core.errors import InvalidRequest
 from service.core.topics import Topics
+from service.egress import Client
 from service.push import Device, Push, PushMessage, PushTooLarge
 from service.push.outcome import MAX_ANSWER_BYTES, guarded_post
 from service.push.webpush import MAX_ENCRYPTED_BYTES, check_size, encrypt, encrypted_size, topic
@@ -190,10 +190,9 @@ def test_a_payload_over_4096_bytes_encrypted_is_refused():
 
 async def test_at_most_64_kb_of_an_answer_is_read(push_service):
     push_service.status["/push/big"] = (413, {}, b"x" * (4 * 1024 * 1024))
-    async with httpx.AsyncClient() as client:
-        answer = await guarded_post(
-            client, push_service.endpoint("big"), [parse_origin(push_service.origin, "t")], {}, b""
-        )
+    client = Client(1)
+    answer = await guarded_post(client, push_service.endpoint("big"), [parse_origin(push_service.origin, "t")], {}, b"")
+    await client.aclose()
     assert answer.status == 413 and len(answer.body) == MAX_ANSWER_BYTES
 
 

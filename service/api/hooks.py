@@ -18,12 +18,12 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import orjson
 from standardwebhooks.webhooks import Webhook
 
 from ..config.settings import Settings
 from ..core.errors import Forbidden, ServiceError
+from ..egress import Client, HTTPError
 from ..push.outcome import guarded_post
 from ..telemetry.metrics import Metrics
 
@@ -64,8 +64,7 @@ class Hooks:
         self._metrics = metrics
         self._in_flight = in_flight
         self._slots = asyncio.Semaphore(in_flight)
-        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-        self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits, follow_redirects=False)
+        self._client = Client(in_flight, user_agent="notify-service-hooks")
         self._warned_at: dict[str, float] = {}
 
     async def join(self, url: str, user: str, topic: str, claims: dict[str, Any]) -> Any:
@@ -117,8 +116,8 @@ class Hooks:
                     answer = await guarded_post(self._client, url, None, headers, body)
             except TimeoutError:
                 raise HookUnavailable(f"the hook did not answer within {self._timeout:g} s") from None
-            except httpx.HTTPError as exc:
-                raise HookUnavailable(f"the hook could not be reached ({type(exc).__name__})") from None
+            except HTTPError as exc:
+                raise HookUnavailable(f"the hook could not be reached ({exc})") from None
         if answer.status == 403:
             reason = (_object(answer.body) or {}).get("reason")
             raise HookRefused(reason if isinstance(reason, str) else None)

@@ -17,6 +17,7 @@ import orjson
 from google.auth import transport
 from google.oauth2 import service_account
 
+from ..egress import Client, HTTPError
 from .devices import Device
 from .outcome import MAX_ANSWER_BYTES, Outcome, by_status, guarded_post
 from .webpush import PushMessage
@@ -100,10 +101,11 @@ def fcm_message(token: str, message: PushMessage) -> dict[str, Any]:
 class FcmSender:
     """Sends one message to one FCM device and says what came of it."""
 
-    def __init__(self, credentials_file: str, endpoint: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, credentials_file: str, endpoint: str, client: Client, timeout: float) -> None:
         self._credentials = service_account.Credentials.from_service_account_file(credentials_file, scopes=[SCOPE])
         self._url = f"{endpoint}/v1/projects/{self._credentials.project_id}/messages:send"
         self._client = client
+        self._timeout = timeout
         self._token_client = httpx.Client(follow_redirects=False)
         self._refreshing = asyncio.Lock()
 
@@ -126,9 +128,9 @@ class FcmSender:
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         body = orjson.dumps(fcm_message(device.token, message))
         try:
-            answer = await guarded_post(self._client, self._url, None, headers, body)
-        except httpx.HTTPError as exc:
-            outcome = Outcome("retry", None, f"FCM could not be reached: {type(exc).__name__}")
+            answer = await guarded_post(self._client, self._url, None, headers, body, self._timeout)
+        except HTTPError as exc:
+            outcome = Outcome("retry", None, f"FCM could not be reached: {exc}")
         else:
             outcome = by_status(answer)
             code = _error_code(answer.body) if outcome.result != "sent" else None

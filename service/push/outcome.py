@@ -8,14 +8,15 @@ followed, and at most 64 KB of any answer read.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import httpx
-
 from ..config.push_options import Origin
+from ..egress import Answer, Client, HTTPError
 from .devices import allowed
 
 MAX_ANSWER_BYTES = 64 * 1024
@@ -34,41 +35,34 @@ class Outcome:
     retry_after: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-
 class NotAllowed(Exception):
     """The URL is outside the origins the operator listed."""
 
 
 async def guarded_post(
-    client: httpx.AsyncClient, url: str, origins: list[Origin] | None, headers: dict[str, str], body: bytes
+    client: Client,
+    url: str,
+    origins: list[Origin] | None,
+    headers: dict[str, str],
+    body: bytes,
+    seconds: float | None = None,
 ) -> Answer:
-    """POST without following redirects, reading at most MAX_ANSWER_BYTES of the answer (the rest is
-    dropped with the connection). `origins`: the URL must be on one of them (None: an operator's
-    own URL, such as the FCM endpoint)."""
+    """POST without following redirects (the client never does), reading at most MAX_ANSWER_BYTES
+    of the answer (the rest is dropped with the connection). `origins`: the URL must be on one of
+    them (None: an operator's own URL, such as the FCM endpoint). No answer
+    within `seconds` (connecting included) is an HTTPError, like a refused connection."""
     if origins is not None and not allowed(url, origins):
         raise NotAllowed("the endpoint is not on an allowed push origin")
-    request = client.build_request("POST", url, headers=headers, content=body)
-    response = await client.send(request, stream=True, follow_redirects=False)
+    if seconds is None:
+        return await client.post(url, headers, body, MAX_ANSWER_BYTES)
     try:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_raw():
-            chunks.append(chunk[: MAX_ANSWER_BYTES - size])
-            size += len(chunks[-1])
-            if size >= MAX_ANSWER_BYTES:
-                break
-        return Answer(response.status_code, response.headers, b"".join(chunks))
-    finally:
-        await response.aclose()
+        async with asyncio.timeout(seconds):
+            return await client.post(url, headers, body, MAX_ANSWER_BYTES)
+    except TimeoutError:
+        raise HTTPError(f"no answer within {seconds:g} s") from None
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
+def retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds, from either of its forms (delta-seconds or an HTTP date)."""
     value = headers.get("retry-after")
     if value is None:

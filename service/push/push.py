@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-import httpx
-
 from ..config.settings import Settings
 from ..core.errors import InvalidRequest
+from ..egress import Client
 from ..telemetry.metrics import Metrics
 from .devices import Device, DeviceStore, MemoryDevices, fcm_device, web_push_device
 from .fcm import FcmSender
@@ -16,8 +15,10 @@ from .outcome import Outcome
 from .redis_devices import RedisDevices, UserScripts
 from .webpush import PushMessage, Vapid, WebPushSender
 
-# A push service that does not answer within this is retried later, not waited for.
-_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+# A push service that does not answer within this (connecting included) is retried later, not waited for.
+TIMEOUT_SECONDS = 10.0
+# Connections kept to each push service's origin (as many pushes to it at once).
+CONNECTIONS = 64
 
 
 class Push:
@@ -33,15 +34,15 @@ class Push:
             if settings.redis_url is None
             else RedisDevices(cast(UserScripts, broker), settings.max_devices_per_user)
         )
-        # No redirects, ever; the proxy environment is not read, so every request goes where its URL says.
-        self._client = httpx.AsyncClient(follow_redirects=False, timeout=_TIMEOUT, trust_env=False)
+        # No redirects, ever; no proxy, so every request goes where its URL says.
+        self._client = Client(CONNECTIONS)
         self._webpush = (
-            WebPushSender(self.vapid, self.origins, self._client, metrics.push_encrypt_latency.observe)
+            WebPushSender(self.vapid, self.origins, self._client, TIMEOUT_SECONDS, metrics.push_encrypt_latency.observe)
             if self.vapid is not None
             else None
         )
         self._fcm = (
-            FcmSender(settings.fcm_credentials_file, settings.fcm_endpoint, self._client)
+            FcmSender(settings.fcm_credentials_file, settings.fcm_endpoint, self._client, TIMEOUT_SECONDS)
             if settings.fcm_credentials_file is not None
             else None
         )

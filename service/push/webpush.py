@@ -18,13 +18,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import http_ece
-import httpx
 import orjson
 import py_vapid
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..config.push_options import Origin
+from ..egress import Client, HTTPError
 from .devices import Device, b64url_decode
 from .outcome import NotAllowed, Outcome, by_status, guarded_post
 
@@ -146,12 +146,14 @@ class WebPushSender:
         self,
         vapid: Vapid,
         origins: list[Origin],
-        client: httpx.AsyncClient,
+        client: Client,
+        timeout: float,
         timed: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self._vapid = vapid
         self._origins = origins
         self._client = client
+        self._timeout = timeout
         self._timed = timed  # told how long each encryption took
 
     async def send(self, device: Device, message: PushMessage) -> Outcome:
@@ -169,11 +171,11 @@ class WebPushSender:
         if message.tag:
             headers["Topic"] = topic(message.tag)
         try:
-            answer = await guarded_post(self._client, device.endpoint, self._origins, headers, body)
+            answer = await guarded_post(self._client, device.endpoint, self._origins, headers, body, self._timeout)
         except NotAllowed as exc:
             outcome = Outcome("failed", None, str(exc))
-        except httpx.HTTPError as exc:
-            outcome = Outcome("retry", None, f"the push service could not be reached: {type(exc).__name__}")
+        except HTTPError as exc:
+            outcome = Outcome("retry", None, f"the push service could not be reached: {exc}")
         else:
             outcome = by_status(answer)
             if answer.status in (404, 410):

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import httpx
 from standardwebhooks.webhooks import Webhook
 
 from ..config.webhook_options import WebhookEndpoint
+from ..egress import Client, HTTPError
 from ..outbox import Delivered, Failed, Outcome, Refused
 
 # At most this much of an answer is read: a receiver's body is only ever shown as an error.
@@ -27,22 +27,15 @@ class Gone(Refused):
 
 
 class Sender:
-    """Signs and POSTs events, on a pool of connections per endpoint, as many as its attempts in
-    flight: httpcore looks at every connection of a pool (a poll(2) each) to place each request."""
+    """Signs and POSTs events, each endpoint's on keep-alive connections of its own, as many as its
+    attempts in flight."""
 
     def __init__(self, endpoints: tuple[WebhookEndpoint, ...], timeout: float, connections: int) -> None:
         self._endpoints = endpoints
         self._signers = [[Webhook(secret.get_secret_value()) for secret in endpoint.secret] for endpoint in endpoints]
         self._timeout = timeout
-        self._clients = [
-            httpx.AsyncClient(
-                timeout=timeout,
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-                headers={"user-agent": "notify-service-webhooks"},
-            )
-            for _ in endpoints
-        ]
+        # One client per endpoint: two endpoints on one origin each keep their own share of connections.
+        self._clients = [Client(connections, user_agent="notify-service-webhooks") for _ in endpoints]
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -57,38 +50,24 @@ class Sender:
             "webhook-signature": " ".join(signer.sign(message_id, now, body) for signer in self._signers[index]),
         }
         try:
-            # The whole attempt, answer included, within the deadline (httpx's is per read).
+            # The whole attempt, connecting and the answer included, within the deadline.
             async with asyncio.timeout(self._timeout):
-                client = self._clients[index]
-                request = client.build_request("POST", self._endpoints[index].url, content=body, headers=headers)
-                response = await client.send(request, stream=True)
-                try:
-                    answer = await _read_some(response)
-                finally:
-                    await response.aclose()
+                answer = await self._clients[index].post(
+                    self._endpoints[index].url, headers, body.encode(), MAX_ANSWER_BYTES
+                )
         except TimeoutError:
             return Failed(f"no answer within {self._timeout:g}s")
-        except httpx.HTTPError as exc:
-            return Failed(f"{type(exc).__name__}: {exc}"[:_ERROR_TEXT] or type(exc).__name__)
-        status = response.status_code
+        except HTTPError as exc:
+            return Failed(str(exc)[:_ERROR_TEXT] or type(exc).__name__)
+        status = answer.status
         if 200 <= status < 300:
             return Delivered()
-        error = f"HTTP {status}" + (f": {answer[:_ERROR_TEXT]}" if answer else "")
+        text = answer.body.decode(errors="replace").strip()
+        error = f"HTTP {status}" + (f": {text[:_ERROR_TEXT]}" if text else "")
         if status == 410:
             return Gone(error)
-        not_before = _retry_after(response.headers.get("retry-after")) if status in (429, 503) else 0.0
+        not_before = _retry_after(answer.header("retry-after")) if status in (429, 503) else 0.0
         return Failed(error, not_before)
-
-
-async def _read_some(response: httpx.Response) -> str:
-    """Up to MAX_ANSWER_BYTES of the answer, as text; the rest is never read."""
-    chunks, size = [], 0
-    async for chunk in response.aiter_raw():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= MAX_ANSWER_BYTES:
-            break
-    return b"".join(chunks)[:MAX_ANSWER_BYTES].decode(errors="replace").strip()
 
 
 def _retry_after(value: str | None) -> float:
