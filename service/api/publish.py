@@ -149,12 +149,19 @@ async def _publish(
     scoped_key = None
     if idempotency_key:
         scoped_key = hashlib.sha256(f"{publisher.user_id}\0{idempotency_key}".encode()).hexdigest()
+    # A user's fallback: on a single Redis its check is written by the publish itself (`check_for`).
+    fallback, fallbacks, user = _fallback_of(body, push), runtime.fallbacks, user_of(stream)
+    check = None
+    if fallback is not None and fallbacks is not None and user is not None:
+        check = fallbacks.check_for(user, fallback.when, fallback.after_seconds, push)
     started = time.perf_counter()
-    published = await runtime.broker.publish(stream, orjson.dumps(body.event).decode(), data_json, scoped_key)
+    published = await runtime.broker.publish(
+        stream, orjson.dumps(body.event).decode(), data_json, scoped_key, check=check
+    )
     runtime.metrics.publish_latency.observe(time.perf_counter() - started)
     logs.notification_id.set(published.id)
-    if isinstance(body, NotifyRequest) and not published.duplicate:
-        await _fall_back(runtime, stream, body, published, push)
+    if fallback is not None and fallbacks is not None and user is not None and not published.duplicate:
+        await fallbacks.published(user, fallback.when, fallback.after_seconds, published, body.event, body.data, push)
     if not published.duplicate:
         metrics = runtime.metrics
         (
@@ -184,18 +191,11 @@ def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
     return push
 
 
-async def _fall_back(
-    runtime: Runtime, stream: str, body: NotifyRequest, published: Published, push: dict[str, Any] | None
-) -> None:
-    """A user's fallback (`push` alone means `offline`); nothing at all without either."""
-    fallback = body.fallback or (Fallback(when="offline") if push is not None else None)
-    if fallback is None or runtime.fallbacks is None:
-        return
-    user = user_of(stream)
-    assert user is not None  # a fallback and a push are only ever accepted for a user
-    await runtime.fallbacks.published(
-        user, fallback.when, fallback.after_seconds, published, body.event, body.data, push
-    )
+def _fallback_of(body: PublishRequest, push: dict[str, Any] | None) -> Fallback | None:
+    """A user's fallback (`push` alone means `offline`); None without either."""
+    if not isinstance(body, NotifyRequest):
+        return None
+    return body.fallback or (Fallback(when="offline") if push is not None else None)
 
 
 def accepted(stream: str, published: Published) -> dict[str, Any]:

@@ -51,6 +51,28 @@ class Published:
     ts: int
     online: int | None = None
     duplicate: bool = False
+    # The `check` given to `publish` was scheduled with it, in the same step (see PublishCheck).
+    checked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PublishCheck:
+    """A due check (service.outbox.checks) a publish may schedule in its own step, so that a
+    `fallback` costs the publish no second round trip to Redis; named by the notification's id,
+    which only the publish knows. Keys and names as service/outbox/checks_redis.py lays them out:
+    the check is `name + id`, in the `due` zset `delay_ms` after the publish and in the `payloads`
+    hash, and its state key (`state + name + id`) says "pending" for `keep_ms`. Its payload is
+    `head + id + '","event":' + event + ',"data":' + data + ',"ts":' + ts + tail`, the
+    notification's own JSON spliced in (not encoded again)."""
+
+    due: str
+    payloads: str
+    state: str
+    name: str
+    delay_ms: int
+    keep_ms: int
+    head: str
+    tail: str
 
 
 class TopicFull(Exception):
@@ -183,9 +205,11 @@ class Broker(Protocol):
         data_json: str,
         idempotency_key: str | None,
         sender: str | None = None,
+        check: PublishCheck | None = None,
     ) -> Published:
         """Store and fan out one notification (`sender`: the member who published it to a topic);
-        raises BrokerUnavailable."""
+        raises BrokerUnavailable. `check`: schedule it in the same step where the broker can
+        (`Published.checked` says whether it did; never for a duplicate)."""
 
     async def send(self, stream: str, frame: str) -> None:
         """Fan out a frame that is neither stored nor replayed (signals, moderation); raises

@@ -19,6 +19,7 @@ from .base import (
     LostHandler,
     MarkedRead,
     PresenceWatch,
+    PublishCheck,
     Published,
     ReadState,
     RulesOf,
@@ -200,7 +201,9 @@ class MemoryBroker:
         data_json: str,
         idempotency_key: str | None,
         sender: str | None = None,
+        check: PublishCheck | None = None,
     ) -> Published:
+        # `check` is not taken here: checks in this process cost no round trip to schedule apart.
         now = _now_ms()
         if idempotency_key is not None:
             known = self._idempotency.get((stream, idempotency_key))

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..broker import PublishCheck
+
 PENDING, SENT, CANCELLED = "pending", "sent", "cancelled"
 
 
@@ -27,6 +29,12 @@ class DueCheck:
 class Checks(Protocol):
     async def schedule(self, user: str, notification_id: str, delay: float, payload: str, keep: float) -> None:
         """Due in `delay` seconds; its state ("pending" until settled) is kept `keep` seconds."""
+        ...
+
+    def for_publish(self, user: str, delay: float, keep: float, head: str, tail: str) -> PublishCheck | None:
+        """The check `schedule` would write, for the publish of the notification it is about to
+        write it in the same step (its id is the publish's to decide); None where that costs no
+        round trip to save. Its payload: `head`, the notification's id, event, data and ts, `tail`."""
         ...
 
     async def record(self, user: str, notification_id: str, state: str, keep: float) -> None:

@@ -6,6 +6,7 @@ import heapq
 import itertools
 import time
 
+from ..broker import PublishCheck
 from .checks import PENDING, DueCheck
 
 
@@ -25,6 +26,9 @@ class MemoryChecks:
         heapq.heappush(self._due, (time.time() + delay, next(self._order), user, notification_id))
         self._payloads[user, notification_id] = payload
         await self.record(user, notification_id, PENDING, keep)
+
+    def for_publish(self, user: str, delay: float, keep: float, head: str, tail: str) -> PublishCheck | None:
+        return None  # scheduled apart: nothing to save in this process
 
     async def record(self, user: str, notification_id: str, state: str, keep: float) -> None:
         now = time.time()

@@ -3,7 +3,8 @@
 Per shard (`<prefix>:{fc3}:...`, one slot of a Cluster): `due` (zset check -> when due, or when
 its lease runs out once claimed, ms), `check` (hash check -> payload), and one string per check,
 `st:<check>`, its state, expiring when the notification would have left history. A check is named
-`<user>\\n<id>` (a user id holds no control character).
+`<user>\\n<id>` (a user id holds no control character). On a single Redis a publish writes its
+check itself, in the same script (`for_publish`, the broker's scripts.PUBLISH_CHECKED), alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import zlib
 from typing import Any
 
+from ..broker import PublishCheck
 from ..broker.redis.broker import RedisBroker
 from ..broker.redis.pipeline import Lua
 from .checks import PENDING, DueCheck
@@ -96,6 +98,11 @@ class RedisChecks:
         shard, name, state = self._at(user, notification_id)
         keys = [self._key(shard, "due"), self._key(shard, "check"), state]
         await self._run(SCHEDULE, keys, [name, int(delay * 1000), payload, PENDING, int(keep * 1000)])
+
+    def for_publish(self, user: str, delay: float, keep: float, head: str, tail: str) -> PublishCheck | None:
+        shard = zlib.crc32(user.encode()) % SHARDS
+        due, payloads, state = self._key(shard, "due"), self._key(shard, "check"), self._key(shard, "st:")
+        return PublishCheck(due, payloads, state, f"{user}\n", int(delay * 1000), int(keep * 1000), head, tail)
 
     async def record(self, user: str, notification_id: str, state: str, keep: float) -> None:
         _, _, key = self._at(user, notification_id)

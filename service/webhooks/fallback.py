@@ -5,6 +5,9 @@
 replica that claims the due check (whichever replica took the publish, and whether it is alive).
 A read before then cancels it: the check finds the read marker past the notification and sends
 nothing, so a read costs nothing more than it did.
+On a single Redis the check is written by the publish itself, in the same step (`check_for`), so the
+fallback costs the publish no second round trip; a cluster keeps checks in other slots than the
+user's stream, and there it is written after the publish.
 
 A notification with `push` is pushed to every device of the user when its fallback fires, beside
 the webhook event (when an endpoint wants it): the same decision, taken once.
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from ..broker import Broker, Published, ReadState
+from ..broker import Broker, PublishCheck, Published, ReadState
 from ..core.errors import BrokerUnavailable
 from ..core.streams import user_stream
 from ..outbox.checks import CANCELLED, PENDING, SENT, Checks, DueCheck
@@ -77,6 +80,20 @@ class Fallbacks:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def _unread(self, when: str, push: dict[str, Any] | None) -> bool:
+        """Whether a fallback of `when` asks for a check: `unread`, and something to tell when it fires."""
+        return when == "unread" and ((push is not None and self._pushes is not None) or self._wants(UNREAD))
+
+    def check_for(self, user: str, when: str, after: int | None, push: dict[str, Any] | None) -> PublishCheck | None:
+        """The check a publish with this fallback may write itself (see `published`), or None."""
+        if not self._unread(when, push):
+            return None
+        delay = DEFAULT_AFTER_SECONDS if after is None else after
+        # The payload `published` would write: {"user", "id", "event", "data", "ts"[, "push"]}.
+        head = '{"user":' + orjson.dumps(user).decode() + ',"id":"'
+        tail = (',"push":' + orjson.dumps(push).decode() if push is not None and self._pushes is not None else "") + "}"
+        return self._checks.for_publish(user, delay, delay + self._retention, head, tail)
+
     async def published(
         self,
         user: str,
@@ -87,8 +104,11 @@ class Fallbacks:
         data: Any,
         push: dict[str, Any] | None = None,
     ) -> None:
-        """Act on a fresh publish's fallback (`push`: what to push when it fires, when push is on).
+        """Act on a fresh publish's fallback (`push`: what to push when it fires, when push is on);
+        its check is scheduled already when the publish wrote it (`published.checked`).
         A queue out of reach is logged, not raised: the notification itself is published."""
+        if published.checked:
+            return
         told = {"user": user, "id": published.id, "event": event, "data": data, "ts": published.ts}
         pushing = push is not None and self._pushes is not None
         try:
@@ -96,7 +116,7 @@ class Fallbacks:
                 if published.online == 0 and (pushing or self._wants(UNDELIVERED)):
                     await self._fire(UNDELIVERED, told, push)
                     await self._checks.record(user, published.id, SENT, self._retention)
-            elif pushing or self._wants(UNREAD):
+            elif self._unread(when, push):
                 delay = DEFAULT_AFTER_SECONDS if after is None else after
                 payload = orjson.dumps({**told, "push": push} if pushing else told).decode()
                 await self._checks.schedule(user, published.id, delay, payload, delay + self._retention)

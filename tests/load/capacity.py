@@ -63,8 +63,8 @@ async def publish_commands(
     broker = RedisBroker(settings, "capacity", Metrics("capacity"), lambda stream: StreamRules())
     captured: list[bytes] = []
 
-    async def capture(body: bytes, key: str) -> Any:
-        captured.append(broker._publish_head["EVALSHA"] + body)
+    async def capture(head: dict[str, bytes], body: bytes, key: str) -> Any:
+        captured.append(head["EVALSHA"] + body)
         return ("0-1", 0, -1)
 
     broker._run_publish = capture  # type: ignore[method-assign]

@@ -29,6 +29,7 @@ from ..base import (
     LostHandler,
     MarkedRead,
     PresenceWatch,
+    PublishCheck,
     Published,
     ReadState,
     StreamRules,
@@ -75,12 +76,10 @@ class RedisBroker:
             clients.pipeline,
         )
         # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
-        # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments.
-        sha = self._redis.register_script(scripts.PUBLISH).sha
-        self._publish_head = {
-            run: b"*17\r\n" + bulk(run) + bulk(script) + bulk(5)
-            for run, script in (("EVALSHA", sha), ("EVAL", scripts.PUBLISH))
-        }
+        # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments; with a check, 25
+        # parts: 2 keys and 6 arguments more.
+        self._publish_head = _heads(scripts.PUBLISH, 17, 5)
+        self._checked_head = _heads(scripts.PUBLISH_CHECKED, 25, 7)
         self._publish_bounds = (
             bulk(settings.history_size) + bulk(self._ttl_ms) + bulk(settings.idempotency_ttl_seconds * 1000)
         )
@@ -195,6 +194,7 @@ class RedisBroker:
         data_json: str,
         idempotency_key: str | None,
         sender: str | None = None,
+        check: PublishCheck | None = None,
     ) -> Published:
         if is_topic(stream):
             try:
@@ -204,13 +204,10 @@ class RedisBroker:
         idem = self._key(stream, "i:" + hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else ""
         extra, tail = frame_parts(stream, sender)
         # KEYS and ARGV in the order scripts.PUBLISH reads them.
-        body = b"".join(
+        keys = bulk(self._key(stream, "h")) + bulk(self._key(stream, "c")) + bulk(self._key(stream, "n"))
+        keys += bulk(idem or self._key(stream, "i:-")) + bulk(self._key(stream, "m"))
+        args = b"".join(
             (
-                bulk(self._key(stream, "h")),
-                bulk(self._key(stream, "c")),
-                bulk(self._key(stream, "n")),
-                bulk(idem or self._key(stream, "i:-")),
-                bulk(self._key(stream, "m")),
                 bulk(event_json),
                 bulk(data_json),
                 self._bounds(stream),
@@ -220,21 +217,30 @@ class RedisBroker:
                 bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
             )
         )
+        # The check goes in the same step on a single Redis; a cluster keeps it in another slot than
+        # the stream's, so there the caller schedules it apart (`checked` stays false).
+        if check is None or self._slots is not None:
+            check, head, body = None, self._publish_head, keys + args
+        else:
+            fields = (check.name, check.delay_ms, check.head, check.tail, check.state, check.keep_ms)
+            head = self._checked_head
+            body = b"".join((keys, bulk(check.due), bulk(check.payloads), args, *map(bulk, fields)))
         try:
-            id_, duplicate, online = await self._run_publish(body, self._key(stream, "h"))
+            id_, duplicate, online = await self._run_publish(head, body, self._key(stream, "h"))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
-        return Published(id_, id_key(id_)[0], None if online < 0 else int(online), duplicate=bool(duplicate))
+        counted, checked = None if online < 0 else int(online), check is not None and not duplicate
+        return Published(id_, id_key(id_)[0], counted, duplicate=bool(duplicate), checked=checked)
 
-    async def _run_publish(self, body: bytes, key: str) -> Any:
+    async def _run_publish(self, head: dict[str, bytes], body: bytes, key: str) -> Any:
         # Acknowledged: with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT).
         try:
-            return await self._pipeline.execute(self._publish_head["EVALSHA"] + body, acknowledged=True, key=key)
+            return await self._pipeline.execute(head["EVALSHA"] + body, acknowledged=True, key=key)
         except ResponseError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(self._publish_head["EVAL"] + body, acknowledged=True, key=key)
+        return await self._pipeline.execute(head["EVAL"] + body, acknowledged=True, key=key)
 
     def _primary_changed(self) -> None:
         """Sentinel named another primary: publishes and the subscription move to it (the
@@ -388,3 +394,11 @@ class RedisBroker:
                 self._metrics.probe_failures.inc()
                 logger.debug("probe failed: %s", exc)
             await asyncio.sleep(interval)
+
+
+def _heads(script: str, parts: int, keys: int) -> dict[str, bytes]:
+    """The start of a script's command, up to its keys: by EVALSHA, and by EVAL for when Redis lost it."""
+    return {
+        run: f"*{parts}\r\n".encode() + bulk(run) + bulk(text) + bulk(keys)
+        for run, text in (("EVALSHA", Lua.of(script).sha), ("EVAL", script))
+    }

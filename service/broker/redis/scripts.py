@@ -2,7 +2,8 @@
 
 Every script touches the keys of one stream only, all carrying that stream's hash tag (see
 RedisBroker._key), or one key of a namespace (ADMIT), so each runs in one slot of a Redis Cluster
-as well as on a single Redis.
+as well as on a single Redis; PUBLISH_CHECKED alone (a publish that schedules its fallback's check
+too) touches keys of two slots, and runs on a single Redis only.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 #       frame part after the id, frame tail, what to count: '=<user>' that user's sockets, '#' the
 #       distinct members, '' nothing.
 # Returns {id, duplicate (0/1), the count (-1 when nothing is counted)}.
-PUBLISH = (
-    _NOW
-    + """
+_PUBLISH = """
 local function online()
   if ARGV[9] == '' then return -1 end
   if ARGV[9] == '#' then return redis.call('HLEN', KEYS[5]) end
@@ -55,8 +54,26 @@ redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', ms - ttl))
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('SPUBLISH', KEYS[2], frame)
 if ARGV[6] == '1' then redis.call('SET', KEYS[4], id, 'PX', ARGV[5]) end
-return {id, 0, online()}
 """
+_PUBLISHED = "return {id, 0, online()}\n"
+PUBLISH = _NOW + _PUBLISH + _PUBLISHED
+
+# PUBLISH, and in the same step the due check of its fallback (the one round trip a publish costs;
+# see base.PublishCheck and service/outbox/checks_redis.py, whose SCHEDULE this writes alike).
+# KEYS: PUBLISH's, then the checks' due zset and payloads hash. ARGV: PUBLISH's, then the check's
+# name but the id, delay ms, payload head, payload tail, state key prefix, keep ms. The state key
+# is named from the id here, so it cannot be declared: a single Redis only, never a cluster.
+PUBLISH_CHECKED = (
+    _NOW
+    + _PUBLISH
+    + """
+local check = ARGV[10] .. id
+redis.call('ZADD', KEYS[6], now + tonumber(ARGV[11]), check)
+redis.call('HSET', KEYS[7], check, ARGV[12] .. id .. '","event":' .. ARGV[1] .. ',"data":' .. ARGV[2]
+  .. ',"ts":' .. string.format('%d', ms) .. ARGV[13])
+redis.call('SET', ARGV[14] .. check, 'pending', 'PX', ARGV[15])
+"""
+    + _PUBLISHED
 )
 
 # KEYS: last id. Returns a cursor: every notification of the stream published after this call
