@@ -58,6 +58,20 @@ async def test_each_socket_on_both_replicas_gets_it_exactly_once(both, http):
         await s.close()
 
 
+async def test_a_welcomed_user_is_online_at_once_for_a_publish_on_the_other_replica(both, http):
+    """A user's first socket on a replica is in Redis before its welcome: a publish made right
+    after it, anywhere, counts the user online (an offline webhook or push hangs on that count)."""
+    a, b = both
+    for _ in range(10):
+        user = uid()
+        socket = await Client.connect(b, user)
+        await socket.welcome()
+        response = await publish(http, a, user, "x", 1)
+        assert response.status_code == 202 and response.json()["online"] == 1
+        await socket.notifications(1)
+        await socket.close()
+
+
 async def test_broadcast_reaches_everyone_on_both_replicas(both, http):
     """POST /broadcast on one replica reaches every socket on every replica, once."""
     a, b = both

@@ -183,6 +183,11 @@ class Broker(Protocol):
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         """Record the user's sockets in the stream on this replica, written in the background."""
 
+    async def record_presence(self, stream: str, user_id: str, sockets: int) -> None:
+        """Record a user's first socket on this replica now, so that a publish made once the
+        socket is welcomed counts the user online. Never raises for the store: a write that failed
+        or took too long is left to the background, as `set_presence`'s are."""
+
     def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
         """From now on, tell `watch` of every presence change, users' own streams included (whose
         leaves then wait `user_grace_ms`, as a topic's do)."""

@@ -127,6 +127,9 @@ class MemoryBroker:
             if self._watch is not None:
                 self._topic_presence(stream, user_id, sockets, self._user_rules)
 
+    async def record_presence(self, stream: str, user_id: str, sockets: int) -> None:
+        self.set_presence(stream, user_id, sockets)
+
     def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
         self._watch = watch
         self._user_rules = StreamRules(grace_ms=user_grace_ms)

@@ -69,16 +69,26 @@ class Hub:
         self._metrics.connections.inc()
         if len(self._members.get(stream, ())) == 0:
             self._metrics.users_online.inc()
+        recorded = False
         try:
             await self._add(stream, conn)
+            sockets = len(self._members[stream])
+            if sockets == 1:
+                # The first socket here is written before the welcome: a publish made right after
+                # it must count the user online (its offline webhook or push hangs on that).
+                recorded = True
+                await self._broker.record_presence(stream, conn.user_id, sockets)
+            else:
+                self._broker.set_presence(stream, conn.user_id, sockets)
         except BaseException:
             self._discard(stream, conn)
             self._all.discard(conn)
             self._metrics.connections.dec()
+            if recorded:  # cancelled while written: brought back to what is here
+                self._broker.set_presence(stream, conn.user_id, len(self._members.get(stream, ())))
             if not self._members.get(stream):
                 self._metrics.users_online.dec()
             raise
-        self._broker.set_presence(stream, conn.user_id, len(self._members[stream]))
 
     async def unregister(self, conn: Connection) -> None:
         stream = user_stream(conn.user_id)

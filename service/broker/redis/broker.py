@@ -176,6 +176,9 @@ class RedisBroker:
     def set_presence(self, stream: str, user_id: str, sockets: int) -> None:
         self._presence.set(stream, user_id, sockets)
 
+    async def record_presence(self, stream: str, user_id: str, sockets: int) -> None:
+        await self._presence.record(stream, user_id, sockets, self._settings.publish_timeout_seconds)
+
     def watch_presence(self, watch: PresenceWatch, user_grace_ms: int) -> None:
         self._presence.watch_with(watch, user_grace_ms)
 

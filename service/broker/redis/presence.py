@@ -119,6 +119,23 @@ class Presence:
         self._dirty.add((stream, user_id))
         self._dirty_event.set()
 
+    async def record(self, stream: str, user_id: str, sockets: int, within: float) -> None:
+        """Record now (a user's first socket here: the background's batching would let a publish
+        made right after the welcome count the user offline). A write that failed or passed
+        `within` is left to the background, which brings Redis back to what this replica holds."""
+        self._remember(stream, user_id, sockets)
+        try:
+            async with asyncio.timeout(within):
+                _, _, noted = await self._write(stream, user_id, sockets, self._keys.rules(stream))
+        except BaseException as exc:
+            self.set(stream, user_id, self.sockets.get((stream, user_id), 0))
+            if not isinstance(exc, (*FAILURES, BrokerUnavailable)):
+                raise
+            return
+        if not noted:
+            self._dirty.add((stream, user_id))
+            self._dirty_event.set()
+
     async def join(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record now (a topic); answers the distinct members across replicas."""
         previous = self.sockets.get((stream, user_id), 0)
