@@ -176,6 +176,25 @@ async def test_an_unreachable_push_service_is_retried(push, push_service):
     assert (await push.send("alice", device, message())).result == "retry"
 
 
+async def test_a_push_service_that_does_not_answer_in_time_is_retried_not_waited_for(push_service, tmp_path):
+    """NOTIFY_PUSH_TIMEOUT_SECONDS bounds one request: a push service holding it is left, to be tried again."""
+    settings = Settings(
+        jwt_secret=SECRET,
+        vapid_private_key=PEM,
+        vapid_subject=SUBJECT,
+        push_allowed_origins=push_service.origin,
+        push_timeout_seconds=0.5,
+    )
+    slow = Push(settings, broker=None, metrics=Metrics("test"))
+    push_service.gate.clear()  # held unanswered until set (or 4 * TIMEOUT, then 503)
+    try:
+        outcome = await slow.send("alice", web_device(slow, Subscription(push_service.endpoint("held"))), message())
+        assert outcome.result == "retry" and "no answer within 0.5 s" in outcome.reason
+    finally:
+        push_service.gate.set()
+        await slow.aclose()
+
+
 def test_a_payload_over_4096_bytes_encrypted_is_refused():
     subscription = Subscription("https://push.example.com/x")
     fits = message(body="b" * (MAX_ENCRYPTED_BYTES - encrypted_size(message(body="").payload())))

@@ -54,6 +54,8 @@ REFUSED = [
     ({"push_allowed_origins": "ftp://push.example.com"}, "is not an origin"),
     ({"push_allowed_origins": " , "}, "NOTIFY_PUSH_ALLOWED_ORIGINS is empty"),
     ({"max_devices_per_user": 0}, "greater than 0"),
+    ({"push_timeout_seconds": 0}, "greater than 0"),
+    ({"push_timeout_seconds": 61}, "less than or equal to 60"),
 ]
 
 
@@ -104,6 +106,7 @@ def test_settings_read_the_push_options(tmp_path):
     ]
     assert settings.fcm_endpoint == "http://127.0.0.1:9001"
     assert settings.max_devices_per_user == 10
+    assert settings.push_timeout_seconds == 5.0
     defaults = Settings(jwt_secret=SECRET)
     assert [o.host for o in defaults.push_allowed_origins] == [
         "fcm.googleapis.com",

@@ -186,7 +186,8 @@ def _webhooks(settings: Settings, broker: Broker, metrics: Metrics) -> Webhooks:
 
 
 def _pushes(push: Push, broker: Broker, checks: Checks, retention_seconds: float, metrics: Metrics) -> PushJobs:
-    outbox = create_outbox(broker, push_jobs.RETRY_SECONDS, push_jobs.MAX_PENDING, push_jobs.ATTEMPT_SECONDS, "op")
+    attempt = push_jobs.attempt_seconds(push.timeout_seconds)
+    outbox = create_outbox(broker, push_jobs.RETRY_SECONDS, push_jobs.MAX_PENDING, attempt, "op")
     return PushJobs(push, outbox, checks, retention_seconds, metrics)
 
 

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [parse_origin(o, "default") for o in DEFAULT_PUSH_ORIGINS]
     )
     max_devices_per_user: int = Field(10, gt=0)
+    # One request to a push service (or FCM's token endpoint), connecting included: one that does
+    # not answer within it is retried later, not waited for. A push job's lease follows from it.
+    push_timeout_seconds: float = Field(5.0, gt=0, le=60)
     # Webhooks (`service/webhooks/`): endpoints as JSON, [{"url", "secret", "events"}]; none: no
     # webhooks, and nothing on any path costs more for them.
     webhooks: tuple[WebhookEndpoint, ...] = ()

@@ -49,8 +49,9 @@ class _Response(transport.Response):
 class _Transport(transport.Request):
     """google-auth's HTTP transport interface over httpx (its own adapters need `requests`)."""
 
-    def __init__(self, client: httpx.Client) -> None:
+    def __init__(self, client: httpx.Client, timeout: float) -> None:
         self._client = client
+        self._timeout = timeout
 
     def __call__(
         self,
@@ -62,7 +63,9 @@ class _Transport(transport.Request):
         **kwargs: Any,
     ) -> transport.Response:
         try:
-            request = self._client.build_request(method, url, content=body, headers=headers, timeout=timeout or 10)
+            request = self._client.build_request(
+                method, url, content=body, headers=headers, timeout=timeout or self._timeout
+            )
             response = self._client.send(request, stream=True, follow_redirects=False)
             try:
                 data = b""
@@ -115,7 +118,7 @@ class FcmSender:
     async def _token(self) -> str:
         async with self._refreshing:
             if not self._credentials.valid:  # none yet, or expiring: google-auth keeps a margin
-                await asyncio.to_thread(self._credentials.refresh, _Transport(self._token_client))
+                await asyncio.to_thread(self._credentials.refresh, _Transport(self._token_client, self._timeout))
         return str(self._credentials.token)
 
     async def send(self, device: Device, message: PushMessage) -> Outcome:

@@ -32,7 +32,15 @@ logger = logging.getLogger("service.push")
 # Retry-After; a push is given up when its notification leaves history, whichever comes first.
 RETRY_SECONDS = (1.0, 5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 10800.0, 21600.0, 43200.0, 86400.0)
 MAX_PENDING = 1_000_000
-ATTEMPT_SECONDS = 15.0
+
+
+def attempt_seconds(timeout: float) -> float:
+    """How long one attempt may take (an FCM token exchange and the push, each within `timeout`,
+    and the devices read): a job's lease is this and a margin, so a replica that dies holding
+    jobs delays them by that much (20 s with the default 5 s timeout)."""
+    return 2 * timeout
+
+
 _STATE = "push:"  # the push state's name beside the notification's fallback state
 _LAST = "push-last"  # the newest notification pushed to a user's Web Push devices
 NONE, PENDING, SENT, FAILED = "none", "pending", "sent", "failed"

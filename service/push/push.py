@@ -15,8 +15,6 @@ from .outcome import Outcome
 from .redis_devices import RedisDevices, UserScripts
 from .webpush import PushMessage, Vapid, WebPushSender
 
-# A push service that does not answer within this (connecting included) is retried later, not waited for.
-TIMEOUT_SECONDS = 10.0
 # Connections kept to each push service's origin (as many pushes to it at once).
 CONNECTIONS = 64
 
@@ -26,6 +24,7 @@ class Push:
 
     def __init__(self, settings: Settings, broker: Any, metrics: Metrics) -> None:
         self._metrics = metrics
+        self.timeout_seconds = settings.push_timeout_seconds
         key = settings.vapid_key()
         self.vapid = Vapid(key, settings.vapid_subject or "") if key is not None else None
         self.origins = settings.push_allowed_origins
@@ -37,12 +36,18 @@ class Push:
         # No redirects, ever; no proxy, so every request goes where its URL says.
         self._client = Client(CONNECTIONS)
         self._webpush = (
-            WebPushSender(self.vapid, self.origins, self._client, TIMEOUT_SECONDS, metrics.push_encrypt_latency.observe)
+            WebPushSender(
+                self.vapid,
+                self.origins,
+                self._client,
+                settings.push_timeout_seconds,
+                metrics.push_encrypt_latency.observe,
+            )
             if self.vapid is not None
             else None
         )
         self._fcm = (
-            FcmSender(settings.fcm_credentials_file, settings.fcm_endpoint, self._client, TIMEOUT_SECONDS)
+            FcmSender(settings.fcm_credentials_file, settings.fcm_endpoint, self._client, settings.push_timeout_seconds)
             if settings.fcm_credentials_file is not None
             else None
         )
