@@ -1,6 +1,7 @@
 """Debian's firefox-esr, headless, on a fresh profile, driven over WebDriver BiDi (the W3C protocol
 Firefox serves on --remote-debugging-port) with the websockets package the service already uses:
-open a page, evaluate a script in it and wait for its promise."""
+open a page, evaluate a script in it and wait for its promise. With `system_access`, also click a
+web notification the way a user would (`click_notification`)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class Firefox:
     """One headless Firefox; `evaluate` runs an async expression in the open page and returns its
     JSON-able result (or raises with the page's error)."""
 
-    def __init__(self, profile: Path, prefs: dict[str, Any]) -> None:
+    def __init__(self, profile: Path, prefs: dict[str, Any], system_access: bool = False) -> None:
         profile.mkdir(parents=True, exist_ok=True)
         (profile / "user.js").write_text(user_js(prefs))
         self._profile = profile
@@ -45,6 +46,7 @@ class Firefox:
         self._process: subprocess.Popen[str] | None = None
         self._socket: ClientConnection | None = None
         self._context = ""
+        self._system_access = system_access
         self.log: list[str] = []
 
     @contextlib.contextmanager
@@ -53,6 +55,10 @@ class Firefox:
         assert binary is not None, "firefox-esr is not installed (make system-deps)"
         env = {**os.environ, "MOZ_HEADLESS": "1", "MOZ_CRASHREPORTER_DISABLE": "1"}
         args = [binary, "--headless", "--no-remote", "--profile", str(self._profile), "--remote-debugging-port", "0"]
+        if self._system_access:
+            # Lets BiDi see and script Firefox's own (chrome) windows, a notification's among them:
+            # nothing else can click one headless. Without it chrome contexts are refused.
+            args.append("--remote-allow-system-access")
         self._process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
         )
@@ -106,16 +112,21 @@ class Firefox:
             return dict(message["result"])
         raise TimeoutError(f"{method} got no answer")
 
+    @property
+    def page(self) -> str:
+        """The browsing context `goto` and `evaluate` use by default: the tab Firefox started with."""
+        return self._context
+
     def goto(self, url: str) -> None:
         self._command("browsingContext.navigate", {"context": self._context, "url": url, "wait": "complete"})
 
-    def evaluate(self, expression: str) -> Any:
-        """The value of `expression` (awaited) in the page, through JSON."""
+    def evaluate(self, expression: str, context: str | None = None) -> Any:
+        """The value of `expression` (awaited) in the page (or in `context`), through JSON."""
         result = self._command(
             "script.evaluate",
             {
                 "expression": f"(async () => JSON.stringify(await ({expression})))()",
-                "target": {"context": self._context},
+                "target": {"context": context or self._context},
                 "awaitPromise": True,
             },
         )
@@ -124,3 +135,52 @@ class Firefox:
             raise RuntimeError(f"the page threw: {details.get('text')}")
         value = result["result"].get("value")
         return None if value is None else json.loads(value)
+
+    def tabs(self) -> dict[str, str]:
+        """Every top-level browsing context (tab or window) the pages have, context id to url."""
+        return {c["context"]: c["url"] for c in self._command("browsingContext.getTree", {"maxDepth": 0})["contexts"]}
+
+    def activate(self, context: str) -> None:
+        self._command("browsingContext.activate", {"context": context})
+
+    def close(self, context: str) -> None:
+        self._command("browsingContext.close", {"context": context})
+
+    def click_notification(self, title: str) -> None:
+        """Clicks the notification titled `title` as a user would, once it is shown (bounded wait).
+
+        With `alerts.useSystemBackend` false Firefox shows a web notification in a small chrome
+        window of its own (chrome://global/content/alerts/alert.xhtml), which headless Firefox
+        creates too; a click on it is what tells Firefox's notification code, and through it the
+        service worker's `notificationclick`, that the user clicked. BiDi can evaluate in that window
+        (system access) but `input.performActions` refuses chrome contexts, so the click is the
+        window's own `synthesizeMouseEvent` (what Firefox's EventUtils uses): a mousedown and a
+        mouseup at the middle of the notification's text, hit-tested and turned into a `click` by
+        Firefox's event handling as a real one is. The window is only clickable once alert.js has
+        set it up (`gIsActive`)."""
+        assert self._system_access, "clicking a notification needs Firefox(..., system_access=True)"
+        ready = f"""window.gIsActive === true
+          && document.getElementById("alertTitleLabel").value === {json.dumps(title)}"""
+        click = """(() => {
+          const box = document.getElementById("alertTextBox").getBoundingClientRect();
+          const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
+          for (const type of ["mousedown", "mouseup"]) {
+            window.synthesizeMouseEvent(type, x, y, {button: 0, clickCount: 1});
+          }
+          return true;
+        })()"""
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while time.monotonic() < deadline:
+            windows = self._command("browsingContext.getTree", {"moz:scope": "chrome", "maxDepth": 0})["contexts"]
+            for window in windows:
+                if window["url"] != "chrome://global/content/alerts/alert.xhtml":
+                    continue
+                try:
+                    shown = self.evaluate(ready, window["context"])
+                except RuntimeError:
+                    continue  # another notification's window, closing as it was looked at
+                if shown:
+                    self.evaluate(click, window["context"])
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"no notification titled {title!r} was shown")
