@@ -1,7 +1,8 @@
 """Web Push end to end in a real browser: Debian's firefox-esr, its push service pointed at a local
 one (tests/mozpush.py) that checks VAPID as a real one does. A page enables push through notify.js;
 the device is registered; the service's own sender pushes to it; the service worker decrypts it,
-shows the notification and tells the page; a `read` push closes it."""
+shows the notification and tells the page; a `read` push closes it; a click on it opens its url or
+focuses the tab already there."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def firefox(mozpush: MozPush, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "dom.serviceWorkers.testing.enabled": True,
         "permissions.default.desktop-notification": 1,  # granted: no prompt to answer headless
         "dom.webnotifications.enabled": True,
-        "alerts.useSystemBackend": False,
+        "alerts.useSystemBackend": False,  # Firefox's own notification windows: what click_notification clicks
         "browser.shell.checkDefaultBrowser": False,
         "browser.startup.homepage_override.mstone": "ignore",
         "datareporting.policy.dataSubmissionEnabled": False,
@@ -72,7 +73,8 @@ def firefox(mozpush: MozPush, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "app.update.disabledForTesting": True,
         "remote.active-protocols": 1,
     }
-    with Firefox(tmp_path_factory.mktemp("firefox-profile"), prefs).running() as browser:
+    profile = tmp_path_factory.mktemp("firefox-profile")
+    with Firefox(profile, prefs, system_access=True).running() as browser:  # to click notifications
         yield browser
 
 
@@ -118,15 +120,26 @@ REGISTRATION = 'navigator.serviceWorker.getRegistration("/client/")'
 SUBSCRIPTION = f"{REGISTRATION}.then((r) => r.pushManager.getSubscription()).then((s) => s.toJSON())"
 
 
-def poll(browser: Firefox, expression: str, until: object) -> object:
-    """Evaluates `expression` in the page until it equals `until` (bounded); the last value."""
+def poll(browser: Firefox, expression: str, until: object, context: str | None = None) -> object:
+    """Evaluates `expression` in the page (or `context`) until it equals `until` (bounded); the last value."""
     value = None
     for _ in range(int(60 * TIMEOUT)):
-        value = browser.evaluate(expression)
+        value = browser.evaluate(expression, context)
         if value == until:
             return value
-        browser.evaluate("new Promise((r) => setTimeout(r, 200))")
+        browser.evaluate("new Promise((r) => setTimeout(r, 200))", context)
     return value
+
+
+def wait_for_new_tab(browser: Firefox, before: dict[str, str]) -> str | None:
+    """The first tab that was not among `before` and has left about:blank (bounded wait)."""
+    deadline = time.monotonic() + 6 * TIMEOUT
+    while time.monotonic() < deadline:
+        for context, url in browser.tabs().items():
+            if context not in before and url != "about:blank":
+                return context
+        time.sleep(0.1)
+    return None
 
 
 def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_pushes(replica, mozpush, firefox):
@@ -195,6 +208,62 @@ def test_a_page_enables_push_and_the_worker_shows_then_closes_what_the_service_p
     devices = httpx.get(f"{replica.url}/users/{USER}/devices", headers=ADMIN, timeout=10).json()["devices"]
     assert devices == []
     assert firefox.evaluate('localStorage.getItem("notify.deviceId")') is None
+
+
+def test_a_click_on_a_notification_opens_its_url_or_focuses_the_tab_already_there(replica, mozpush, firefox):
+    """A user's click on a shown notification (Firefox's own notification window, clicked) reaches the
+    worker's `notificationclick`: the page is told, the notification closes and its url opens in a
+    new tab. Clicked on a later one whose url a tab already shows, that tab gets the focus and none
+    opens. (Headless Firefox focuses the tab's document, `document.hasFocus()`, without bringing the
+    tab to the front: its visibilityState stays hidden, so focus is what is checked.)"""
+    user = "ff-click"
+    firefox.goto(f"{replica.url}/demo")
+    assert firefox.evaluate(setup(user)) is True
+    enabled = firefox.evaluate('client.enablePush({serviceWorker: "/client/notify-sw.js"})')
+    subscription = firefox.evaluate(SUBSCRIPTION)
+    sender = service_sender(mozpush)
+    url = f"{replica.url}/demo#orders/9"
+    shipped = PushMessage(
+        id="1795615906000-1", event="order.shipped", title="Order 9 shipped", ts=1795615906000, ttl=3600, url=url
+    )
+    clicks = 'swMessages.filter((m) => m.type === "click")'
+    shown = f"{REGISTRATION}.then((r) => r.getNotifications()).then((ns) => ns.map((n) => n.data.id))"
+    # What is still shown the moment the page hears of a click. Firefox drops a clicked notification
+    # itself too, once its window has faded out (0.6 s): only a look this early tells that the worker
+    # closed it.
+    assert firefox.evaluate(f"""(window.shownAtClick = [], navigator.serviceWorker.addEventListener("message",
+      async (e) => {{ if (e.data.type === "click") shownAtClick.push(await {shown}); }}), true)""")
+    focused = "document.hasFocus()"
+    before = firefox.tabs()
+
+    assert send(sender, enabled["deviceId"], subscription, shipped) == "sent 201"
+    firefox.click_notification("Order 9 shipped")
+    assert poll(firefox, f"{clicks}.length", 1) == 1, firefox.log[-30:]
+    assert firefox.evaluate(clicks) == [{"source": "notify-sw", "type": "click", "id": shipped.id, "url": url}]
+    assert poll(firefox, "shownAtClick.length", 1) == 1
+    assert shipped.id not in firefox.evaluate("shownAtClick[0]")
+    opened = wait_for_new_tab(firefox, before)
+    assert opened is not None, firefox.tabs()
+    assert firefox.tabs() == {**before, opened: url}
+
+    # The next one's url is already open in a tab, behind the page: a click focuses that tab.
+    firefox.activate(firefox.page)
+    assert poll(firefox, focused, False, context=opened) is False
+    delivered = PushMessage(
+        id="1795615906100-1", event="order.delivered", title="Order 9 delivered", ts=1795615906100, ttl=3600, url=url
+    )
+    assert send(sender, enabled["deviceId"], subscription, delivered) == "sent 201"
+    firefox.click_notification("Order 9 delivered")
+    assert poll(firefox, f"{clicks}.length", 2) == 2, firefox.log[-30:]
+    assert firefox.evaluate(clicks)[1] == {"source": "notify-sw", "type": "click", "id": delivered.id, "url": url}
+    assert poll(firefox, focused, True, context=opened) is True
+    assert firefox.tabs() == {**before, opened: url}
+    assert poll(firefox, "shownAtClick.length", 2) == 2
+    assert delivered.id not in firefox.evaluate("shownAtClick[1]")
+
+    firefox.close(opened)
+    asyncio.run(sender.aclose())
+    firefox.evaluate("client.disablePush({scope: '/client/'})")
 
 
 def test_a_backend_publish_with_push_reaches_a_page_gone_offline_and_a_read_elsewhere_closes_it(
