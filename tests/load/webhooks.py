@@ -269,8 +269,8 @@ def section(results: dict[str, Any], command: str, started: str) -> str:
         "",
         f"Run: `{command}`, {started}; {p['rounds']} rounds, the systems' order rotated each round, each "
         f"a fresh replica on its own redis-server; {p['users']:,} users (two sockets each), {p['rate']:g} "
-        f"notifications/s for {p['duration']:g} s. These figures were taken on a shared, loaded machine "
-        f"(2 CPUs, load average {load} at the end, other work running): each is the median over the rounds "
+        f"notifications/s for {p['duration']:g} s. These figures were taken on a shared machine "
+        f"({os.cpu_count()} CPUs, load average {load} at the end): each is the median over the rounds "
         "with the range in brackets, and a ratio is taken within each round against a system measured in "
         f"that same round. `today` is the service just before webhooks (`{TODAY_REV}`, exported from git; "
         "what was merged after it is weighed with webhooks), `none` this "
