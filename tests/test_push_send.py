@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -61,15 +62,21 @@ def google(tmp_path: Path) -> Iterator[Google]:
         yield server
 
 
-@pytest.fixture
-async def push(push_service: PushService, google: Google, tmp_path: Path) -> AsyncIterator[Push]:
-    settings = Settings(
+def web_push_settings(push_service: PushService, **more: Any) -> Settings:
+    """Web Push configured with the test's key, sending to the local push service only."""
+    return Settings(
         jwt_secret=SECRET,
         vapid_private_key=PEM,
         vapid_subject=SUBJECT,
         push_allowed_origins=push_service.origin,
-        fcm_credentials_file=str(tmp_path / "sa.json"),
-        fcm_endpoint=google.origin,
+        **more,
+    )
+
+
+@pytest.fixture
+async def push(push_service: PushService, google: Google, tmp_path: Path) -> AsyncIterator[Push]:
+    settings = web_push_settings(
+        push_service, fcm_credentials_file=str(tmp_path / "sa.json"), fcm_endpoint=google.origin
     )
     instance = Push(settings, broker=None, metrics=Metrics("test"))
     yield instance
@@ -176,15 +183,9 @@ async def test_an_unreachable_push_service_is_retried(push, push_service):
     assert (await push.send("alice", device, message())).result == "retry"
 
 
-async def test_a_push_service_that_does_not_answer_in_time_is_retried_not_waited_for(push_service, tmp_path):
+async def test_a_push_service_that_does_not_answer_in_time_is_retried_not_waited_for(push_service):
     """NOTIFY_PUSH_TIMEOUT_SECONDS bounds one request: a push service holding it is left, to be tried again."""
-    settings = Settings(
-        jwt_secret=SECRET,
-        vapid_private_key=PEM,
-        vapid_subject=SUBJECT,
-        push_allowed_origins=push_service.origin,
-        push_timeout_seconds=0.5,
-    )
+    settings = web_push_settings(push_service, push_timeout_seconds=0.5)
     slow = Push(settings, broker=None, metrics=Metrics("test"))
     push_service.gate.clear()  # held unanswered until set (or 4 * TIMEOUT, then 503)
     try:
@@ -309,14 +310,7 @@ async def test_a_device_its_push_service_calls_gone_is_removed_unless_registered
 
 
 async def test_the_same_in_redis_beside_the_users_stream(push_service, redis_server):
-    settings = Settings(
-        jwt_secret=SECRET,
-        vapid_private_key=PEM,
-        vapid_subject=SUBJECT,
-        push_allowed_origins=push_service.origin,
-        redis_url=redis_server.url,
-        redis_prefix=f"t{uuid.uuid4().hex[:10]}",
-    )
+    settings = web_push_settings(push_service, redis_url=redis_server.url, redis_prefix=f"t{uuid.uuid4().hex[:10]}")
     metrics = Metrics("test")
     broker = RedisBroker(settings, "test", metrics, Topics({}, 0).stream_rules)
     push = Push(settings, broker, metrics)

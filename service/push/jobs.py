@@ -35,9 +35,9 @@ MAX_PENDING = 1_000_000
 
 
 def attempt_seconds(timeout: float) -> float:
-    """How long one attempt may take (an FCM token exchange and the push, each within `timeout`,
-    and the devices read): a job's lease is this and a margin, so a replica that dies holding
-    jobs delays them by that much (20 s with the default 5 s timeout)."""
+    """How long one attempt may take: an FCM token exchange and the push, each within `timeout`.
+    A job's lease is this and the outbox's margin (which covers reading the devices), so a replica
+    that dies holding jobs delays them by that much: 20 s with the default 5 s timeout."""
     return 2 * timeout
 
 

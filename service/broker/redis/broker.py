@@ -78,8 +78,8 @@ class RedisBroker:
         # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
         # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments; with a check, 25
         # parts: 2 keys and 6 arguments more.
-        self._publish_head = _heads(scripts.PUBLISH, 17, 5)
-        self._checked_head = _heads(scripts.PUBLISH_CHECKED, 25, 7)
+        self._publish_head = Lua.of(scripts.PUBLISH).heads(17, 5)
+        self._checked_head = Lua.of(scripts.PUBLISH_CHECKED).heads(25, 7)
         self._publish_bounds = (
             bulk(settings.history_size) + bulk(self._ttl_ms) + bulk(settings.idempotency_ttl_seconds * 1000)
         )
@@ -397,11 +397,3 @@ class RedisBroker:
                 self._metrics.probe_failures.inc()
                 logger.debug("probe failed: %s", exc)
             await asyncio.sleep(interval)
-
-
-def _heads(script: str, parts: int, keys: int) -> dict[str, bytes]:
-    """The start of a script's command, up to its keys: by EVALSHA, and by EVAL for when Redis lost it."""
-    return {
-        run: f"*{parts}\r\n".encode() + bulk(run) + bulk(text) + bulk(keys)
-        for run, text in (("EVALSHA", Lua.of(script).sha), ("EVAL", script))
-    }

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from .resp import RawConnection, command
+from .resp import RawConnection, bulk, command
 
 _ASKING = command("ASKING")
 
@@ -53,6 +53,14 @@ class Lua:
     @classmethod
     def of(cls, text: str) -> Lua:
         return cls(text, hashlib.sha1(text.encode()).hexdigest())
+
+    def heads(self, parts: int, keys: int) -> dict[str, bytes]:
+        """The start of the raw command that runs it with `parts` arguments in all, up to its `keys`
+        key count: by EVALSHA, and by EVAL for when Redis lost it."""
+        return {
+            run: f"*{parts}\r\n".encode() + bulk(run) + bulk(text) + bulk(keys)
+            for run, text in (("EVALSHA", self.sha), ("EVAL", self.text))
+        }
 
 
 class _Link:
