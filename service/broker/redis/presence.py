@@ -2,8 +2,9 @@
 
 Per stream (a user's, or a topic) Redis keeps `members` (user -> sockets on every replica) and,
 per replica, `members:<replica>` (user -> sockets there), so the sum survives any one replica:
-- a user's own stream is written in the background, batched (it feeds `online` in a publish's
-  answer); a topic is written at once, because a join answers the member count;
+- a user's own stream is written in the background, batched, except a user's first socket on this
+  replica, written before its welcome (it feeds `online` in a publish's answer, which must count a
+  welcomed socket); a topic is written at once, because a join answers the member count;
 - what this replica holds (`sockets`) is the truth Redis is brought back to: a write that failed,
   was cancelled or passed its deadline may still have landed, so it is written again, as it now is;
 - a user's last socket leaving a topic starts a grace; joins and leaves are announced once per
@@ -116,6 +117,10 @@ class Presence:
     def set(self, stream: str, user_id: str, sockets: int) -> None:
         """Record in the background (a user's own stream, a leave, an undone join)."""
         self._remember(stream, user_id, sockets)
+        self._again(stream, user_id)
+
+    def _again(self, stream: str, user_id: str) -> None:
+        """Have the background writer write the stream's entry for the user, as it then is."""
         self._dirty.add((stream, user_id))
         self._dirty_event.set()
 
@@ -127,14 +132,13 @@ class Presence:
         try:
             async with asyncio.timeout(within):
                 _, _, noted = await self._write(stream, user_id, sockets, self._keys.rules(stream))
-        except BaseException as exc:
-            self.set(stream, user_id, self.sockets.get((stream, user_id), 0))
-            if not isinstance(exc, (*FAILURES, BrokerUnavailable)):
-                raise
-            return
+        except (*FAILURES, BrokerUnavailable):
+            noted = False  # it may still have landed: written again as it then is
+        except BaseException:  # cancelled: the same, and the caller undoes its socket
+            self._again(stream, user_id)
+            raise
         if not noted:
-            self._dirty.add((stream, user_id))
-            self._dirty_event.set()
+            self._again(stream, user_id)
 
     async def join(self, stream: str, user_id: str, sockets: int, rules: StreamRules) -> int:
         """Record now (a topic); answers the distinct members across replicas."""
@@ -153,8 +157,7 @@ class Presence:
             self._remember(stream, user_id, previous)
             raise TopicFull(stream)
         if not noted:  # the presence itself is written: only the note is written again, in the background
-            self._dirty.add((stream, user_id))
-            self._dirty_event.set()
+            self._again(stream, user_id)
         return count
 
     def _remember(self, stream: str, user_id: str, sockets: int) -> None:
