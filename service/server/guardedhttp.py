@@ -228,6 +228,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _upgrade(self) -> None:
         super().handle_websocket_upgrade()
+        # The parser holds this protocol's bound callbacks, a cycle that only a collection frees:
+        # a burst of handshakes would otherwise leave a few KB a socket to the oldest generation.
+        self.parser = None  # type: ignore[assignment]
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

@@ -64,7 +64,7 @@ def serve(port: int, out: Path) -> None:
     build_server(Settings(), "127.0.0.1", port).run()
 
 
-async def drive(sockets: int, out: Path) -> None:
+async def drive(sockets: int, out: Path, concurrency: int) -> None:
     redis = RedisServer()
     redis.start()
     for name in [n for n in os.environ if n.startswith("NOTIFY_")]:
@@ -85,7 +85,7 @@ async def drive(sockets: int, out: Path) -> None:
         await asyncio.sleep(1)
         await snapshot(0)
         fleet = Fleet("notify", sockets // 2)
-        _, failures = await fleet.connect_all(lambda _: server.port, W.client_tokens(sockets), 32, 60)
+        _, failures = await fleet.connect_all(lambda _: server.port, W.client_tokens(sockets), concurrency, 60)
         await asyncio.sleep(4)
         await snapshot(1)
         print(f"{sockets - failures} sockets open ({failures} failed)")
@@ -123,6 +123,7 @@ def report(out: Path, sockets: int, top: int, tracebacks: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.load.idleprofile", description=__doc__)
     parser.add_argument("--sockets", type=int, default=2000, help="two per user")
+    parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight")
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--tracebacks", action="store_true", help="group by allocation traceback")
     parser.add_argument("--out", default=None, help="where the snapshots go (default: a new temporary directory)")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.serve is not None:
         serve(ns.serve, out)
         return 0
-    asyncio.run(drive(ns.sockets, out))
+    asyncio.run(drive(ns.sockets, out, ns.concurrency))
     report(out, ns.sockets, ns.top, ns.tracebacks)
     return 0
 
