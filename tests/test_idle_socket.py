@@ -160,6 +160,34 @@ async def test_wheel_slot_shared_by_deadlines_runs_those_not_cancelled():
     assert sorted(ran) == [0, 2, 4]
 
 
+async def test_wheel_deadline_reused_runs_again_on_the_grid_and_once():
+    # A socket's keepalive sets its one deadline again each time it runs (`call_at` with `reuse`):
+    # it runs at its new slot's time, once, and a reuse of a deadline still pending moves it.
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, resolution=0.05)
+    ran: list[float] = []
+    done = loop.create_future()
+    holder: list[Deadline] = []
+
+    def again(_: object) -> None:
+        deadline = holder[0]
+        ran.append(wheel.time_of(deadline))
+        if len(ran) == 3:
+            done.set_result(None)
+            return
+        assert wheel.call_at(wheel.time_of(deadline) + 0.1, None, again, reuse=deadline) is deadline
+
+    first = wheel.call_later(0.05, None, again)
+    holder.append(first)
+    moved = wheel.call_at(loop.time() + 0.05, None, again, reuse=first)  # pending: moved, not doubled
+    assert moved is first
+    await asyncio.wait_for(done, 10)
+    await asyncio.sleep(0.15)
+    assert len(ran) == 3
+    assert [round(b - a, 6) for a, b in zip(ran, ran[1:], strict=False)] == [0.1, 0.1]
+    assert all(round(at / 0.05, 6).is_integer() for at in ran)
+
+
 # The replica's side of the test below: collections off, so that what a socket's handshake leaves
 # in a reference cycle stays where `gc.get_objects` finds it.
 _HANDED_OVER = """

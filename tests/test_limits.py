@@ -121,6 +121,11 @@ class RawSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        self.sock.sendall(self.frame(opcode, payload, fin))
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+        """A client's frame: masked, as RFC 6455 requires."""
         mask = os.urandom(4)
         n = len(payload)
         header = bytes([(0x80 if fin else 0) | opcode])
@@ -131,21 +136,31 @@ class RawSocket:
         else:
             header += bytes([0x80 | 127]) + struct.pack("!Q", n)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        return header + mask + masked
 
     def read_until_close(self, timeout: float = TIMEOUT) -> tuple[int | None, list[bytes]]:
         """Read frames until a close frame or EOF: (close code or None on a bare EOF/reset, text payloads)."""
+        texts: list[bytes] = []
+        for opcode, payload in self.frames(timeout):
+            if opcode == 0x8:
+                return (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005), texts
+            if opcode == 0x1:
+                texts.append(payload)
+        return None, texts
+
+    def frames(self, timeout: float) -> Iterator[tuple[int, bytes]]:
+        """(opcode, payload) of each frame read within `timeout`, until EOF or a reset."""
         self.sock.settimeout(timeout)
         buffer = b""
-        texts: list[bytes] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
                 chunk = self.sock.recv(65536)
             except (ConnectionResetError, TimeoutError):
-                return None, texts
+                return
             if not chunk:
-                return None, texts
+                return
             buffer += chunk
             while len(buffer) >= 2:
                 opcode, n, offset = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
@@ -160,11 +175,7 @@ class RawSocket:
                 if len(buffer) < offset + n:
                     break
                 payload, buffer = buffer[offset : offset + n], buffer[offset + n :]
-                if opcode == 0x8:
-                    return (struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005), texts
-                if opcode == 0x1:
-                    texts.append(payload)
-        return None, texts
+                yield opcode, payload
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -221,6 +232,79 @@ async def test_inbound_rate_4029(limited):
 
 
 # ---- liveness
+
+
+def _answer_pings(raw: RawSocket, how: str, seconds: float) -> tuple[int, list[bytes], int | None]:
+    """Answer every ping the replica sends for `seconds`, `how`: a whole pong in one write, `split` in
+    two writes, `pipelined` in one write with an application ping behind it, or `wrong` (a pong with
+    another payload). The pings answered, the text frames read meanwhile, and the close code if the
+    replica closed the socket."""
+    texts: list[bytes] = []
+    pings = 0
+    for opcode, payload in raw.frames(seconds):
+        if opcode == 0x1:
+            texts.append(payload)
+        if opcode == 0x8:
+            return pings, texts, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+        if opcode != 0x9:
+            continue
+        pings += 1
+        pong = raw.frame(0xA, payload if how != "wrong" else bytes(b ^ 0xFF for b in payload))
+        if how == "split":
+            raw.sock.sendall(pong[:3])
+            time.sleep(0.05)
+            raw.sock.sendall(pong[3:])
+        elif how == "pipelined":
+            raw.sock.sendall(pong + raw.frame(0x1, b'{"type":"ping"}'))
+        else:
+            raw.sock.sendall(pong)
+    return pings, texts, None
+
+
+async def test_a_pong_whole_split_or_pipelined_keeps_a_socket_and_a_wrong_one_does_not(limited, http):
+    """The replica pings every second and waits 1 s for the pong. A client that answers each ping
+    with a pong in one write, or split over two writes, or followed in the same write by a frame of
+    its own (answered too), stays through three pings; one whose pongs carry the wrong payload is
+    closed with 1011 like a peer that answers nothing."""
+    baseline = await connection_count(http, limited)
+    sockets = {how: RawSocket(limited, f"pong-{how}") for how in ("whole", "split", "pipelined", "wrong")}
+    try:
+        answers = {how: asyncio.to_thread(_answer_pings, raw, how, 3.6) for how, raw in sockets.items()}
+        ends = dict(zip(answers, await asyncio.gather(*answers.values()), strict=True))
+        pings, _, closed = ends["wrong"]
+        assert (pings, closed) == (1, 1011), ends["wrong"]
+        for how in ("whole", "split", "pipelined"):
+            pings, _, closed = ends[how]
+            assert pings >= 3 and closed is None, (how, ends[how])
+        assert await connection_count(http, limited) == baseline + 3
+        pongs = [t for t in ends["pipelined"][1] if orjson.loads(t)["type"] == "pong"]
+        assert len(pongs) == ends["pipelined"][0], ends["pipelined"]
+    finally:
+        for raw in sockets.values():
+            raw.close()
+
+
+async def test_pings_keep_their_interval_when_the_timeout_is_longer():
+    """NOTIFY_PING_INTERVAL=0.5 with NOTIFY_PING_TIMEOUT=5: a socket that answers is pinged every
+    half second (not every timeout, nor every interval rounded up to the next tick of the clock
+    pings run on), and one that never answers is closed with 1011 once its first ping is 5 s old."""
+    with replica({"NOTIFY_PING_INTERVAL": "0.5", "NOTIFY_PING_TIMEOUT": "5"}) as r:
+        answering, silent = RawSocket(r, "keeps-time"), RawSocket(r, "falls-silent")
+        try:
+            started = time.monotonic()
+
+            async def silence() -> tuple[int | None, float]:
+                code, _ = await asyncio.to_thread(silent.read_until_close, 9)
+                return code, time.monotonic() - started
+
+            (pings, _, closed), (code, after) = await asyncio.gather(
+                asyncio.to_thread(_answer_pings, answering, "whole", 3.1), silence()
+            )
+            assert closed is None and 5 <= pings <= 7, pings
+            assert code == 1011 and 5.0 <= after <= 7.5, (code, after)
+        finally:
+            answering.close()
+            silent.close()
 
 
 async def test_vanished_peer_is_freed_by_ping(limited, http):

@@ -24,18 +24,18 @@ RESOLUTION_SECONDS = 0.25
 class Deadline:
     """`fn(owner)` at a time to come, unless cancelled first."""
 
-    __slots__ = ("wheel", "_slot", "owner", "fn")
+    __slots__ = ("wheel", "slot", "owner", "fn")
 
     def __init__(self, wheel: TimerWheel, slot: int, owner: Any, fn: Callable[[Any], object]) -> None:
         self.wheel: TimerWheel | None = wheel
-        self._slot = slot
+        self.slot = slot
         self.owner = owner
         self.fn = fn
 
     def cancel(self) -> None:
         wheel, self.wheel = self.wheel, None
         if wheel is not None:
-            wheel.discard(self._slot, self)
+            wheel.discard(self.slot, self)
 
 
 class TimerWheel:
@@ -58,6 +58,27 @@ class TimerWheel:
         or closure is kept per deadline)."""
         slot = math.ceil((self._loop.time() + max(0.0, delay)) / self._resolution)
         deadline = Deadline(self, slot, owner, fn)
+        self._add(slot, deadline)
+        return deadline
+
+    def call_at(self, when: float, owner: Any, fn: Callable[[Any], object], reuse: Deadline | None = None) -> Deadline:
+        """`call_later` at the loop time `when`; with `reuse`, a deadline of this wheel that has run
+        or been cancelled is set again rather than a new one made (what comes round often, a
+        socket's keepalive, then makes no object each time)."""
+        slot = math.ceil(when / self._resolution)
+        if reuse is None:
+            deadline = Deadline(self, slot, owner, fn)
+        else:
+            reuse.cancel()
+            deadline, deadline.wheel, deadline.slot, deadline.owner, deadline.fn = reuse, self, slot, owner, fn
+        self._add(slot, deadline)
+        return deadline
+
+    def time_of(self, deadline: Deadline) -> float:
+        """The loop time a deadline of this wheel is (or was) set for: its slot's, on the wheel's grid."""
+        return deadline.slot * self._resolution
+
+    def _add(self, slot: int, deadline: Deadline) -> None:
         members = self._slots.get(slot)
         if members is None:
             self._slots[slot] = deadline
@@ -68,7 +89,6 @@ class TimerWheel:
             members.add(deadline)
         if self._armed is None or slot < self._armed:
             self._arm(slot)
-        return deadline
 
     def discard(self, slot: int, deadline: Deadline) -> None:
         members = self._slots.get(slot)

@@ -4,6 +4,7 @@ otherwise keep for its whole life (docs/capacity.md, "Memory per idle socket")."
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from typing import Any
 
@@ -133,6 +134,10 @@ class Shared:
         "timers",
         "proxy",
         "_asgi",
+        "ping_interval",
+        "ping_timeout",
+        "_ping_at",
+        "_ping_payload",
     )
 
     _last: Shared | None = None
@@ -156,7 +161,19 @@ class Shared:
         self.default_headers = state.default_headers
         self._local: tuple[str, int] | None = None
         self._asgi = {"version": config.asgi_version, "spec_version": "2.4"}
-        self.timers = TimerWheel(self.loop)  # every socket's ping and pong deadlines
+        self.timers = TimerWheel(self.loop)  # every socket's keepalive deadline
+        self.ping_interval: float | None = config.ws_ping_interval
+        self.ping_timeout: float | None = config.ws_ping_timeout
+        self._ping_at = -1.0
+        self._ping_payload = b""
+
+    def ping_payload(self, at: float) -> bytes:
+        """A ping's payload, by which its pong is told from a stale one: random, and the same for
+        the pings that go out together (`at`, the time of the timer wheel's slot they go out in)."""
+        if at != self._ping_at:
+            self._ping_at = at
+            self._ping_payload = random.getrandbits(32).to_bytes(4, "big")
+        return self._ping_payload
 
     def share_scope_values(self, scope: dict[str, Any]) -> None:
         scope["state"] = self.app_state
@@ -184,6 +201,29 @@ class Shared:
         ):
             last = cls._last = cls(config, state, app_state, loop)
         return last
+
+
+# The two bytes that open a ping frame from the server with a 4-byte payload: FIN and opcode 9,
+# unmasked, length 4. A pong from the client answering it opens with FIN and opcode 10, masked,
+# length 4; with its mask and payload it is 10 bytes.
+PING4_HEAD = b"\x89\x04"
+_PONG4_HEAD = b"\x8a\x84"
+_AT_EOF = StreamReader.at_eof.__code__
+
+
+def lone_pong(conn: ServerProtocol, data: bytes) -> bytes | None:
+    """The 4-byte payload of the pong that `data` is, whole and nothing else, arriving between frames;
+    else None, and `data` goes to websockets' parser.
+
+    A keepalive's pong is most of what an idle socket ever sends, and websockets' generator-based
+    parser spends more on its 10 bytes than the system calls do. Between frames (the parser waiting
+    for a new one with nothing buffered: see `shed_handshake_parser`) a pong changes nothing of its
+    state, so one read here leaves the parser as it finds the next frame."""
+    if len(data) != 10 or data[0] != _PONG4_HEAD[0] or data[1] != _PONG4_HEAD[1]:
+        return None
+    if getattr(getattr(conn.parser, "gi_yieldfrom", None), "gi_code", None) is not _AT_EOF:
+        return None
+    return (int.from_bytes(data[2:6], "big") ^ int.from_bytes(data[6:], "big")).to_bytes(4, "big")
 
 
 def shed_handshake_parser(conn: ServerProtocol) -> None:

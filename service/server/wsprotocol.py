@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import struct
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +20,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.server import ServerState
 from websockets.exceptions import SecurityError
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -29,7 +28,7 @@ from websockets.server import ServerProtocol
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
 from ..core.frames import SEND_EAGERLY_EXTENSION, SEND_FRAME_EXTENSION
 from .seams import send_eagerly
-from .wslean import NO_FRAMES, NO_HEADERS, Flag, Inbox, Shared, shed_handshake_parser
+from .wslean import NO_FRAMES, NO_HEADERS, PING4_HEAD, Flag, Inbox, Shared, lone_pong, shed_handshake_parser
 
 # What the app sends to answer a handshake: accept it, refuse it with an HTTP response, or close it.
 _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "websocket.close"})
@@ -37,6 +36,11 @@ _ANSWERS = frozenset({"websocket.accept", "websocket.http.response.start", "webs
 WS_CLOSE_TIMEOUT_SECONDS = 3.0
 # Once we close a socket, its last bytes get this long to leave; a peer that reads nothing is aborted.
 CLOSE_GRACE_SECONDS = 2.0
+# Slack in comparing the keepalive's times, all of them on the timer wheel's grid; and how late its
+# deadline may run and still count as at its slot's time (a peer gets no less time to answer a ping
+# because the loop was busy when it should have gone out).
+_EARLY_SECONDS = 0.01
+_LATE_SECONDS = 0.1
 
 
 class _AbortingTransport:
@@ -64,6 +68,9 @@ class _AbortingTransport:
         self.lost = True
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+
+    def is_closing(self) -> bool:  # asked before every ping: not through __getattr__'s failed lookup
+        return self._transport.is_closing()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._transport, name)
@@ -125,7 +132,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.ping_timer: Any = None
         self.pong_timer: Any = None
         self.pending_ping_payload: bytes | None = None
-        self.ping_sent_at = self.last_ping_rtt = 0.0
+        self.ping_sent_at = self.last_ping_rtt = 0.0  # the second is uvicorn's, unused here
         # Replaced, never appended to, when a message starts (websockets refuses a continuation first).
         self.frames = NO_FRAMES
         self.curr_msg_data_type = "bytes"  # type: ignore[assignment]
@@ -163,6 +170,12 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.pending_ping_payload is not None and len(data) == 10 and self.conn.state is State.OPEN:
+            payload = lone_pong(self.conn, data)
+            if payload is not None:
+                if payload == self.pending_ping_payload:  # else stale or unsolicited, and ignored
+                    self.pending_ping_payload = None
+                return
         super().data_received(data)
         if not self.handshake_initiated and self.conn.handshake_exc is not None and not self.close_sent:
             self._refuse_handshake(self.conn.handshake_exc)
@@ -247,29 +260,68 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request = self.response = None  # type: ignore[assignment]
             shed_handshake_parser(self.conn)
 
-    # Liveness pings as uvicorn sends them, with their deadlines on the server's one TimerWheel
-    # rather than a loop timer per socket.
+    # Liveness pings, with one deadline per socket on the server's TimerWheel rather than uvicorn's
+    # two loop timers (the next ping, and the pong's deadline cancelled by every pong). As uvicorn
+    # does: a ping every interval from the last one's sending, a socket whose ping is unanswered
+    # for the timeout closed with 1011, stale and unsolicited pongs ignored.
 
     def schedule_ping(self) -> None:
-        assert self.ping_interval is not None
-        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
-        self.ping_timer = self._shared.timers.call_later(delay, self, BoundedWebSocketProtocol.send_keepalive_ping)  # type: ignore[assignment]
+        """The keepalive's first look, an interval from now."""
+        shared = self._shared
+        assert shared.ping_interval is not None
+        self.ping_timer = shared.timers.call_later(  # type: ignore[assignment]
+            shared.ping_interval, self, BoundedWebSocketProtocol.send_keepalive_ping
+        )
 
     def send_keepalive_ping(self) -> None:
-        self.ping_timer = None
+        """The deadline: close a socket whose ping went unanswered for the timeout, else ping when
+        one is due, then set the deadline again for whichever comes first of the two.
+
+        Times are the wheel's slots, not the loop's clock: a ping is sent at its slot's time (if
+        late by however long the loop was busy) and the next one's slot is an interval on, so a
+        replica's pings keep their interval, and the sockets pinged together stay together."""
+        deadline, self.ping_timer = self.ping_timer, None
         if self.close_sent or self.transport.is_closing():
             return
-        # A random payload identifies this ping: `handle_pong` ignores stale and unsolicited pongs.
-        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
-        self.ping_sent_at = self.loop.time()
-        self.conn.send_ping(self.pending_ping_payload)
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        if self.ping_timeout is not None:
-            self.pong_timer = self._shared.timers.call_later(  # type: ignore[assignment]
-                self.ping_timeout, self, WebSocketsSansIOProtocol.keepalive_timeout
-            )
-        else:
-            self.schedule_ping()
+        shared, timers = self._shared, self._shared.timers
+        interval, timeout = shared.ping_interval, shared.ping_timeout
+        assert interval is not None
+        now = shared.loop.time()
+        at = timers.time_of(deadline) if deadline is not None else now
+        if now - at > _LATE_SECONDS:  # the loop was held up: times start again from now
+            at = now
+        pending = self.pending_ping_payload is not None
+        if pending and timeout is not None:
+            if at - self.ping_sent_at >= timeout - _EARLY_SECONDS:
+                self.keepalive_timeout()
+                return
+        elif at - self.ping_sent_at >= interval - _EARLY_SECONDS:
+            self.pending_ping_payload = payload = shared.ping_payload(at)
+            self.ping_sent_at = at
+            pending = True
+            if self.conn.state is State.OPEN:  # the frame as websockets would write it, without its encoder
+                self.transport.write(PING4_HEAD + payload)
+            else:
+                self.conn.send_ping(payload)
+                self.transport.write(b"".join(self.conn.data_to_send()))
+        due = self.ping_sent_at + interval
+        if pending and timeout is not None:
+            # The next ping's time while it is to come (its pong will most likely be in by then),
+            # and once it is past with the pong still out, the timeout's.
+            expiry = self.ping_sent_at + timeout
+            due = min(due, expiry) if due > at + _EARLY_SECONDS else expiry
+        self.ping_timer = timers.call_at(  # type: ignore[assignment]
+            due, self, BoundedWebSocketProtocol.send_keepalive_ping, deadline
+        )
+
+    def handle_pong(self, event: Frame) -> None:
+        self._pong(bytes(event.data))
+
+    def _pong(self, payload: bytes) -> None:
+        """A pong answers the ping in flight if it carries its payload; nothing else is done until
+        the deadline comes (the next ping's time)."""
+        if payload == self.pending_ping_payload:
+            self.pending_ping_payload = None
 
     def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
         """uvicorn's `receive`, answering the inbox's Future rather than being a coroutine that
