@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--capacity-rate", type=float, default=None, help="POST/s in both modes of the capacity session (2000)"
     )
-    parser.add_argument("--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic,capacity")
+    parser.add_argument(
+        "--sessions", default=None, help="comma-separated: targeted,broadcast,pair,topic,pings,capacity"
+    )
     parser.add_argument(
         "--only",
         default=None,

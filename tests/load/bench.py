@@ -16,6 +16,7 @@ from typing import Any
 from . import workloads as W
 from .capacity import run_capacity, summarize_capacity
 from .clients import Fleet, Publisher
+from .pings import PINGED, run_pings, summarize_pings
 from .procs import Deployment, System
 
 NOTIFY = System("notify-service", "notify")
@@ -60,7 +61,7 @@ class Plan:
     capacity_raw_streams: int = 2000  # streams the raw driver publishes to
     capacity_raw_seconds: float = 3.0  # at most, per timed phase of the raw driver
     capacity_subscribers: int = 16  # subscriber connections on the broadcast channel, raw driver
-    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic", "capacity"])
+    sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic", "pings", "capacity"])
     embedded: bool = False  # notify only: no Redis (the smoke test)
     warmup: bool = True
     profile_dir: str | None = None
@@ -241,9 +242,11 @@ RUNNERS = {
     "pair": run_pair,
     "topic": run_topic,
     "capacity": run_capacity,
+    "pings": run_pings,
 }
-# Sessions that weigh the service against itself (one Redis against a cluster): the peers skip them.
-SERVICE_ONLY = {"capacity"}
+# Sessions only some systems take (by `System.server`): the capacity session weighs the service against
+# itself (one Redis against a cluster); the keepalive one needs a keepalive the session can set.
+ONLY_FOR = {"capacity": {"service"}, "pings": PINGED}
 
 
 async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
@@ -254,7 +257,7 @@ async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
         results: dict[str, dict[str, Any]] = {s.name: {} for s in systems}
         for session in plan.sessions:
             for system in order:
-                if session in SERVICE_ONLY and system.server != "service":
+                if session in ONLY_FOR and system.server not in ONLY_FOR[session]:
                     continue
                 _log(f"round {r + 1}/{plan.rounds}: {system.name} {session}")
                 results[system.name][session] = await RUNNERS[session](system, plan, r)
@@ -351,7 +354,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
         per = [r[s.name] for r in rounds]
         summary: dict[str, Any] = {"rounds": len(per)}
         # Connect and memory figures come from the one-replica sessions (two per round).
-        sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k not in ("pair", "capacity")]
+        sessions_1 = [sess["connect"] for r in per for k, sess in r.items() if k not in ("pair", "capacity", "pings")]
         for key in (
             "connects_per_s",
             "connects_per_cpu_s",
@@ -391,6 +394,8 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
             summary["pair"] = {k: _median([p[k] for p in ps]) for k in _STEP_KEYS}
         if any("topic" in r for r in per):
             summary["topic"] = _summarize_topic([r["topic"] for r in per if "topic" in r])
+        if any("pings" in r for r in per):
+            summary["pings"] = summarize_pings([r["pings"] for r in per if "pings" in r])
         if any("capacity" in r for r in per):
             summary["capacity"] = summarize_capacity([r["capacity"] for r in per if "capacity" in r])
         out[s.name] = summary

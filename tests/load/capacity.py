@@ -10,7 +10,6 @@ and what the service spends per delivery in either mode, in one invocation.
   primaries, a replica each: `cluster`), sockets connected, history already at its cap, then
   `POST /notify/{user}` at a fixed rate: Redis CPU of every redis-server (primaries summed, replicas apart)
   and the service's CPU, from /proc; and the same publishes pipelined straight to those primaries.
-- `run_pings`: what an idle socket costs the service, its WebSocket keepalive (pings every second).
 
 `make bench` runs it (the session `capacity`); docs/capacity.md builds its model on the figures.
 """
@@ -474,36 +473,6 @@ async def run_mode(system: System, mode: str, plan: Any, settle: float = 2.0, id
         return out
 
 
-async def run_pings(system: System, plan: Any, interval: float = 1.0, seconds: float = 4.0) -> dict[str, Any]:
-    """What an open socket costs the service with nothing to deliver: the WebSocket keepalive. One replica on
-    one Redis with `NOTIFY_PING_INTERVAL` at `interval` (production: 20 s), the fleet connected and idle:
-    server CPU per ping (and its pong), from /proc."""
-    env = {"NOTIFY_PING_INTERVAL": f"{interval:g}", "NOTIFY_PING_TIMEOUT": "10", "NOTIFY_MAX_HANDSHAKE_RATE": "off"}
-    with Deployment(dataclasses.replace(system, env={**system.env, **env})) as dep:
-        fleet = Fleet(system.kind, plan.users)
-        port = dep.replicas[0].port
-        try:
-            connect = await W.connect(dep, fleet, lambda i: port, plan.concurrency, settle=2 * interval)
-            window = CpuWindow(dep).start()
-            await asyncio.sleep(seconds)
-            window.stop()
-            alive = fleet.alive()
-        finally:
-            await fleet.close_all()
-    pings = connect["sockets"] * window.wall / interval
-    return {
-        "sockets": connect["sockets"],
-        "alive_after": alive,
-        "interval_s": interval,
-        "server_cpu_s": window.server,
-        "redis_cpu_s": window.redis,
-        "wall_s": window.wall,
-        "server_cpu_util": _over(window.server, window.wall),
-        "pings": pings,
-        "server_cpu_us_per_ping": window.server / pings * 1e6 if pings else None,
-    }
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -532,11 +501,6 @@ async def run_capacity(system: System, plan: Any, round_index: int = 0) -> dict[
             f"{_n(m['deliveries_per_cpu_s'])} deliveries per CPU-s, p99 {_n(step['p99_ms'], 1)} ms, "
             f"lost {step['lost']}, errors {step['http_errors']}"
         )
-    pings = out["pings"] = await run_pings(system, plan)
-    _log(
-        f"  {system.name} idle, pings every {pings['interval_s']:g} s to {pings['sockets']} sockets: "
-        f"{_n(pings['server_cpu_us_per_ping'], 1)} us of server CPU per ping"
-    )
     single, cluster = out["single"], out["cluster"]
     out["cluster_vs_single"] = {
         "publishes_per_redis_cpu_s": _over(cluster["publishes_per_redis_cpu_s"], single["publishes_per_redis_cpu_s"]),
@@ -629,11 +593,6 @@ def summarize_capacity(sessions: list[dict[str, Any]]) -> dict[str, Any]:
         m["duplicates_total"] = sum(r["step"]["duplicates"] for r in runs)
         m["http_errors_total"] = sum(r["step"]["http_errors"] for r in runs)
         out[mode] = m
-    pings = [s["pings"] for s in sessions if "pings" in s]
-    out["pings"] = {
-        key: _median([p[key] for p in pings])
-        for key in ("sockets", "interval_s", "server_cpu_util", "server_cpu_us_per_ping", "alive_after")
-    }
     ratios = [s["cluster_vs_single"] for s in sessions]
     out["cluster_vs_single"] = {key: _median([r[key] for r in ratios]) for key in ratios[0]} if ratios else {}
     out["cluster_vs_single_per_round"] = ratios

@@ -135,6 +135,9 @@ class _Base(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
             self.on_text(transport, frame)
+        elif frame.msg_type == WSMsgType.PING:  # only when the fleet counts pings (no auto pong then)
+            self.fleet.pings += 1
+            transport.send_pong(frame.get_payload_as_bytes())
         elif frame.msg_type == WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code())
             transport.disconnect()
@@ -208,10 +211,13 @@ class SocketIOListener(_Base):
 class Fleet:
     """Sockets of one system; socket 2u+d is device d of user u."""
 
-    def __init__(self, kind: str, users: int, devices: int = 2) -> None:
+    def __init__(self, kind: str, users: int, devices: int = 2, count_pings: bool = False) -> None:
         self.kind = kind
         self.users = users
         self.devices = devices
+        # The server's pings, counted by the sockets that answer them (picows answers them unseen else).
+        self.count_pings = count_pings
+        self.pings = 0
         self.listeners: list[_Base | None] = [None] * (users * devices)
         self.recorder = Recorder(users * devices)
         self.closed = 0
@@ -230,7 +236,10 @@ class Fleet:
         cls = SocketIOListener if self.kind == "socketio" else NotifyListener
         async with asyncio.timeout(timeout):
             transport, listener = await ws_connect(
-                lambda: cls(self, index, token), self.url(port, token), websocket_handshake_timeout=timeout
+                lambda: cls(self, index, token),
+                self.url(port, token),
+                websocket_handshake_timeout=timeout,
+                enable_auto_pong=not self.count_pings,
             )
             self.listeners[index] = listener
             await listener.ready

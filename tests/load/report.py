@@ -334,6 +334,7 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
             f"{_f(s.get('connect_failures'))} | {_f(s.get('rss_base_mb'), 1)} | {_f(s.get('rss_mb_per_1000'), 1)} | "
             f"{_f(s.get('rss_kb_per_socket'), 1)} |"
         )
+    _pings_section(add, summary, names)
     if "capacity" in ours:
         _capacity_section(add, ours["capacity"], command, started)
     add("")
@@ -357,8 +358,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
             else "."
         )
     )
-    add("- notify-service: `python -m service`, production defaults (Redis broker, access log middleware on,")
-    add("  log level warning), one process per replica, a fresh redis-server per session.")
+    add("- notify-service: `python -m service` with the README's defaults (only `NOTIFY_JWT_SECRET` and the")
+    add("  Redis URL and key prefix set: log level info, the access log's `summary`, no handshake rate cap), its")
+    add("  output to a file, one process per replica, a fresh redis-server per session.")
     add("- python-socketio: `tests/load/sio_server.py`,")
     add("  `AsyncServer(async_mode='asgi', client_manager=AsyncRedisManager(url))` in `ASGIApp` around a Starlette")
     add("  app with `POST /notify/{user}` (emit to the user's room) and `POST /broadcast`;")
@@ -666,14 +668,34 @@ def _capacity_section(add: Callable[[str], None], cap: dict[str, Any], command: 
         f"{_f(single.get('redis_memory_per_socket'))} B per connected socket on one Redis "
         f"({_f(cluster.get('redis_memory_per_socket'))} B in the cluster): presence and the channel subscription."
     )
-    pings = cap.get("pings") or {}
-    if pings.get("server_cpu_us_per_ping") is not None:
-        add("")
+
+
+def _pings_section(add: Callable[[str], None], summary: dict[str, Any], names: list[str]) -> None:
+    """The keepalive session (pings.py): server CPU per ping and its pong, with nothing else to do."""
+    pinged = [name for name in names if (summary[name].get("pings") or {}).get("server_cpu_us_per_ping")]
+    if not pinged:
+        return
+    first = summary[pinged[0]]["pings"]
+    add("")
+    add("## Keepalive")
+    add("")
+    add(
+        f"An open socket with nothing to deliver still costs its keepalive. {_f(first['sockets'])} idle sockets on "
+        f"one replica and one Redis, a ping to each every {_f(first['interval_s'])} s (production pings every 20 s), "
+        "server CPU from `/proc` over 10 s: the service with `NOTIFY_PING_INTERVAL`, lean-node with the keepalive "
+        "of `ws`'s documentation (a ping to each socket that answered the last one). The Socket.IO servers keep "
+        "their sockets alive with Engine.IO's own ping packets and are not in this session."
+    )
+    add("")
+    add("| system | server CPU-µs per ping and pong | server CPU | sockets alive after | ratio (theirs ÷ ours) |")
+    add("| --- | ---: | ---: | ---: | ---: |")
+    ours = (summary[names[0]].get("pings") or {}).get("server_cpu_us_per_ping")
+    for name in pinged:
+        p = summary[name]["pings"]
+        ratio = _ratio(p["server_cpu_us_per_ping"], ours) if name != names[0] else ""
         add(
-            f"An open socket with nothing to deliver still costs its keepalive: with pings every "
-            f"{_f(pings.get('interval_s'))} s to {_f(pings.get('sockets'))} idle sockets (one replica, one Redis; "
-            f"production pings every 20 s), the service spent {_f(pings.get('server_cpu_us_per_ping'), 1)} µs of "
-            "CPU per ping and its pong."
+            f"| {name} | {_f(p['server_cpu_us_per_ping'], 1)} | {_f(_pct(p.get('server_cpu_util')), 1)}% | "
+            f"{_f(p.get('alive_after'))} | {ratio} |"
         )
 
 
