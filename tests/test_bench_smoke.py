@@ -15,6 +15,7 @@ from tests.load import workloads as W
 from tests.load.bench import LEAN_PYTHON, NOTIFY, TOPIC, Plan, with_topics
 from tests.load.capacity import history_size, run_mode, run_raw
 from tests.load.clients import Fleet, Publisher
+from tests.load.pings import run_pings, summarize_pings
 from tests.load.procs import Deployment, System
 
 
@@ -67,6 +68,18 @@ def test_bench_harness_counts_every_delivery(system: System):
     assert topic["lost"] == 0 and topic["duplicates"] == 0 and topic["misrouted"] == 0 and topic["stale"] == 0
     assert topic["complete_broadcasts"] == 3
     assert 0 < topic["fanout_p50_ms"] <= topic["fanout_p99_ms"] <= topic["fanout_max_ms"]
+
+
+def test_keepalive_session_counts_the_pings_it_prices():
+    """The keepalive session, tiny: the sockets answer the replica's pings themselves and count them
+    (a ping every 0.5 s to 10 sockets for 1.6 s: three rounds, give or take one), all stay open, and
+    the CPU per ping is read from those counted."""
+    plan = Plan(users=5, concurrency=10)
+    run = asyncio.run(run_pings(NOTIFY, plan, interval=0.5, seconds=1.6))
+    assert run["sockets"] == 10 and run["alive_after"] == 10
+    assert 20 <= run["pings"] <= 40, run
+    assert run["server_cpu_us_per_ping"] is not None and run["server_cpu_us_per_ping"] >= 0
+    assert summarize_pings([run])["server_cpu_us_per_ping"] == run["server_cpu_us_per_ping"]
 
 
 def test_capacity_session_measures_one_redis():
