@@ -680,14 +680,17 @@ def _pings_section(add: Callable[[str], None], summary: dict[str, Any], names: l
     add("## Keepalive")
     add("")
     add(
-        f"An open socket with nothing to deliver still costs its keepalive. {_f(first['sockets'])} idle sockets on "
-        f"one replica and one Redis, a ping to each every {_f(first['interval_s'])} s (production pings every 20 s), "
+        f"An open socket with nothing to deliver still costs its keepalive. {_f(first['sockets'])} idle sockets "
+        f"on one replica and one Redis, a ping to each every {_f(first['interval_s'], 1)} s (production: 20 s), "
         "server CPU from `/proc` over 10 s: the service with `NOTIFY_PING_INTERVAL`, lean-node with the keepalive "
         "of `ws`'s documentation (a ping to each socket that answered the last one). The Socket.IO servers keep "
         "their sockets alive with Engine.IO's own ping packets and are not in this session."
     )
     add("")
-    add("| system | server CPU-µs per ping and pong | server CPU | sockets alive after | ratio (theirs ÷ ours) |")
+    add(
+        "| system | server CPU-µs per ping and pong | server CPU | sockets alive after "
+        "| its CPU per ping ÷ ours (above 1: ours costs less) |"
+    )
     add("| --- | ---: | ---: | ---: | ---: |")
     ours = (summary[names[0]].get("pings") or {}).get("server_cpu_us_per_ping")
     for name in pinged:
