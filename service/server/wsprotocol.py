@@ -315,12 +315,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         )
 
     def handle_pong(self, event: Frame) -> None:
-        self._pong(bytes(event.data))
-
-    def _pong(self, payload: bytes) -> None:
-        """A pong answers the ping in flight if it carries its payload; nothing else is done until
-        the deadline comes (the next ping's time)."""
-        if payload == self.pending_ping_payload:
+        """A pong answers the ping in flight if it carries its payload (as `data_received` reads a
+        lone one); nothing else is done until the deadline comes, at the next ping's time."""
+        if bytes(event.data) == self.pending_ping_payload:
             self.pending_ping_payload = None
 
     def receive(self) -> asyncio.Future[Any]:  # type: ignore[override]
