@@ -6,6 +6,7 @@ nothing lost or doubled, latency and server CPU read), not how fast the service 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,21 @@ def test_webhook_harness_counts_every_event(tmp_path):
     webhooks.place(doc, f"{webhooks.START}\n## Webhooks\n{webhooks.END}")
     assert webhooks.kept_section(doc) == f"{webhooks.START}\n## Webhooks\n{webhooks.END}"
     assert doc.read_text().startswith("# Benchmark\n")
+
+
+def test_a_rewrite_of_the_report_keeps_the_sections_written_after_it(tmp_path):
+    """`make bench` writes the report, then the webhooks and Web Push sections into it; a rewrite of
+    the report on its own (`--report-from`, a session run again) keeps both as they were."""
+    from tests.load import push
+    from tests.load.report import write
+
+    results = json.loads((Path(__file__).parent.parent / "docs" / "bench" / "results.json").read_text())
+    doc = tmp_path / "benchmark.md"
+    doc.write_text("# Old report\n")
+    webhooks.place(doc, f"{webhooks.START}\n## Webhooks\nfigures\n{webhooks.END}")
+    push.write_section(doc, f"{push.HEADING}\n\npush figures\n")
+    write(results, tmp_path / "bench", doc, "python -m tests.load", "today")
+    text = doc.read_text()
+    assert not text.startswith("# Old report")
+    assert text.count("## Webhooks\nfigures\n") == 1 and text.count(f"{push.HEADING}\n\npush figures\n") == 1
+    assert text.index("## Webhooks") < text.index(push.HEADING)

@@ -282,15 +282,30 @@ was shared with other work: the figures are this run's, not the machine's best).
 """
 
 
+def _bounds(old: str) -> tuple[int, int] | None:
+    """Where the section is in a report: from its heading to the next heading or the end."""
+    start = old.find(HEADING + "\n")
+    if start < 0:
+        return None
+    end = old.find("\n## ", start + len(HEADING))
+    return start, (len(old) if end < 0 else end + 1)
+
+
 def write_section(doc: Path, text: str) -> None:
     """Put the section in the report, in place of an earlier one (the rest of the report as it is)."""
     old = doc.read_text() if doc.exists() else ""
-    start = old.find(HEADING + "\n")
-    if start < 0:
+    bounds = _bounds(old)
+    if bounds is None:
         doc.write_text(old.rstrip("\n") + "\n\n" + text)
         return
-    end = old.find("\n## ", start + len(HEADING))
-    doc.write_text(old[:start] + text + (old[end + 1 :] if end >= 0 else ""))
+    doc.write_text(old[: bounds[0]] + text + old[bounds[1] :])
+
+
+def kept_section(doc: Path) -> str | None:
+    """The section of an existing report, for a rewrite of the rest (`report.write`) to keep."""
+    old = doc.read_text() if doc.exists() else ""
+    bounds = _bounds(old)
+    return None if bounds is None else old[bounds[0] : bounds[1]]
 
 
 if __name__ == "__main__":

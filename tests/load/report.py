@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import TOPIC
+from .push import kept_section as kept_push_section
 from .webhooks import kept_section
 from .workloads import KNEE_P99_MS
 
@@ -408,9 +409,11 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
     add("- Raw figures of every run: [bench/results.json](bench/results.json).")
     add("")
-    webhooks = kept_section(doc)  # written by tests/load/webhooks.py, which `make bench` runs after this
-    if webhooks is not None:
-        lines += [webhooks, ""]
+    # Written by tests/load/webhooks.py and tests/load/push.py, which `make bench` runs after this:
+    # kept as they are when this part of the report is written again on its own.
+    for kept in (kept_section(doc), kept_push_section(doc)):
+        if kept is not None:
+            lines += [kept.rstrip("\n"), ""]
     doc.write_text("\n".join(lines))
 
 
