@@ -1,10 +1,11 @@
 """The keepalive session: what an open socket with nothing to deliver costs, its pings and pongs.
 
 One replica on one Redis, the fleet connected and idle, pings every `interval` seconds (production: 20 s;
-every second here, so that a few seconds hold enough of them to weigh): server CPU per ping and its pong,
-from /proc. The service pings with `NOTIFY_PING_INTERVAL`; lean-node with the keepalive of `ws`'s
-documentation (`BENCH_PING_INTERVAL`: a ping to each socket that answered the last, a cut for one that did
-not). The other systems keep their sockets alive their own way (Engine.IO's ping packets) and are left out.
+half a second here, so that ten seconds hold enough of them to weigh): server CPU per ping and its pong,
+from /proc, over the pings the sockets counted. The service pings with `NOTIFY_PING_INTERVAL`; lean-node
+with the keepalive of `ws`'s documentation (`BENCH_PING_INTERVAL`: a ping to each socket that answered
+the last, a cut for one that did not). The other systems keep their sockets alive their own way
+(Engine.IO's ping packets) and are left out.
 """
 
 from __future__ import annotations
