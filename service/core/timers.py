@@ -56,10 +56,7 @@ class TimerWheel:
     def call_later(self, delay: float, owner: Any, fn: Callable[[Any], object]) -> Deadline:
         """Run `fn(owner)` in `delay` seconds (a plain function and its argument: no bound method
         or closure is kept per deadline)."""
-        slot = math.ceil((self._loop.time() + max(0.0, delay)) / self._resolution)
-        deadline = Deadline(self, slot, owner, fn)
-        self._add(slot, deadline)
-        return deadline
+        return self.call_at(self._loop.time() + max(0.0, delay), owner, fn)
 
     def call_at(self, when: float, owner: Any, fn: Callable[[Any], object], reuse: Deadline | None = None) -> Deadline:
         """`call_later` at the loop time `when`; with `reuse`, a deadline of this wheel that has run
