@@ -188,6 +188,19 @@ async def test_wheel_deadline_reused_runs_again_on_the_grid_and_once():
     assert all(round(at / 0.05, 6).is_integer() for at in ran)
 
 
+async def test_wheel_interval_after_a_grid_time_is_that_interval_at_any_slot():
+    # Keepalive sets its next ping an interval after the last one's grid time; in floating point
+    # `0.05 * k + 0.1` is often a hair past slot k + 2, and must not wait for slot k + 3.
+    wheel = TimerWheel(asyncio.get_running_loop(), resolution=0.05)
+    late = []
+    for k in range(1, 20_000):
+        deadline = wheel.call_at(k * 0.05 + 0.1, None, print)
+        if round(wheel.time_of(deadline) - k * 0.05, 6) != 0.1:
+            late.append(k)
+        deadline.cancel()
+    assert late == []
+
+
 # The replica's side of the test below: collections off, so that what a socket's handshake leaves
 # in a reference cycle stays where `gc.get_objects` finds it.
 _HANDED_OVER = """

@@ -62,7 +62,9 @@ class TimerWheel:
         """`call_later` at the loop time `when`; with `reuse`, a deadline of this wheel that has run
         or been cancelled is set again rather than a new one made (what comes round often, a
         socket's keepalive, then makes no object each time)."""
-        slot = math.ceil(when / self._resolution)
+        # Rounded first: a time on the grid plus an interval (0.05 * k + 0.1) can land a hair past
+        # its slot in floating point, and would otherwise wait a whole slot more.
+        slot = math.ceil(round(when / self._resolution, 6))
         if reuse is None:
             deadline = Deadline(self, slot, owner, fn)
         else:
