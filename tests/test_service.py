@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,6 +116,12 @@ async def test_every_request_is_logged_once_with_its_request_id(http):
         slow = await http.post(url, json={"data": 1}, headers={**publisher_headers(), "X-Request-ID": "req-slow"})
         assert fast.status_code == 202 and fast.headers["x-request-id"] == "req-fast"
         assert slow.status_code == 422 and slow.headers["x-request-id"] == "req-slow"
+        # Without one, each request gets an id of its own (16 hex digits), on either path.
+        made = [
+            (await http.post(url, json=body, headers=publisher_headers())).headers["x-request-id"]
+            for body in ({"event": "e"}, {"event": "e"}, {"data": 1})
+        ]
+        assert len(set(made)) == 3 and all(re.fullmatch(r"[0-9a-f]{16}", rid) for rid in made)
         access: dict[str, dict] = {}
         for _ in range(50):  # the line is written just after the answer leaves
             lines = [json.loads(line) for line in replica.output().splitlines() if line.startswith("{")]
@@ -123,11 +130,12 @@ async def test_every_request_is_logged_once_with_its_request_id(http):
                 if line["logger"] == "service.access" and line["path"] == "/notify/log-user":
                     assert line["request_id"] not in access, f"logged twice: {line}"
                     access[line["request_id"]] = line
-            if len(access) == 2:
+            if len(access) == 5:
                 break
             await asyncio.sleep(0.05)
         assert access["req-fast"]["status"] == 202 and access["req-fast"]["notification_id"] == fast.json()["id"]
         assert access["req-slow"]["status"] == 422 and "notification_id" not in access["req-slow"]
+        assert [access[rid]["status"] for rid in made] == [202, 202, 422]
     finally:
         replica.stop()
 
