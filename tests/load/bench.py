@@ -295,6 +295,7 @@ _STEP_KEYS = [
     "deliveries_per_cpu_s",
     "deliveries_per_cpu_s_with_redis",
     "server_cpu_util",
+    "server_kernel_share",
     "generator_cpu_util",
     "lost",
     "duplicates",
@@ -313,6 +314,7 @@ _FANOUT_KEYS = (
     "lost",
     "duplicates",
     "server_cpu_util",
+    "server_kernel_share",
     "sockets",
 )
 
@@ -327,7 +329,7 @@ def _summarize_topic(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(sessions)}
     for kind in ("topic", "broadcast"):
         runs = [s[kind] for s in sessions if kind in s]
-        out[kind] = {k: _median([x[k] for x in runs]) for k in _FANOUT_KEYS}
+        out[kind] = {k: _median([x.get(k) for x in runs]) for k in _FANOUT_KEYS}
         out[kind]["misrouted"] = _median([x.get("misrouted", 0) for x in runs])
         out[kind]["notes"] = [x["fanout_note"] for x in runs if x["fanout_note"]]
     both = [s for s in sessions if "topic" in s and "broadcast" in s]
@@ -372,7 +374,7 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
             summary["targeted"] = {
                 rate: {
                     "runs": len(steps),
-                    **{k: _median([st[k] for st in steps]) for k in _STEP_KEYS},
+                    **{k: _median([st.get(k) for st in steps]) for k in _STEP_KEYS},
                     "holds_all": all(st["holds"] for st in steps),
                 }
                 for rate, steps in sorted(by_rate.items())
@@ -383,15 +385,15 @@ def summarize(systems: list[System], plan: Plan, rounds: list[dict[str, dict[str
             summary["knee"] = knee(steps)
         if any("broadcast" in r for r in per):
             bs = [r["broadcast"]["broadcast"] for r in per if "broadcast" in r]
-            summary["broadcast"] = {k: _median([b[k] for b in bs]) for k in _FANOUT_KEYS}
+            summary["broadcast"] = {k: _median([b.get(k) for b in bs]) for k in _FANOUT_KEYS}
             summary["broadcast"]["notes"] = [b["fanout_note"] for b in bs if b["fanout_note"]]
             for key in ("batch", "batch_single"):
                 runs = [r["broadcast"][key] for r in per if key in r.get("broadcast", {})]
                 if runs:
-                    summary[key] = {k: _median([b[k] for b in runs]) for k in _STEP_KEYS}
+                    summary[key] = {k: _median([b.get(k) for b in runs]) for k in _STEP_KEYS}
         if any("pair" in r for r in per):
             ps = [r["pair"]["step"] for r in per if "pair" in r]
-            summary["pair"] = {k: _median([p[k] for p in ps]) for k in _STEP_KEYS}
+            summary["pair"] = {k: _median([p.get(k) for p in ps]) for k in _STEP_KEYS}
         if any("topic" in r for r in per):
             summary["topic"] = _summarize_topic([r["topic"] for r in per if "topic" in r])
         if any("pings" in r for r in per):

@@ -64,6 +64,7 @@ async def run_pings(
         "server_cpu_s": window.server,
         "wall_s": window.wall,
         "server_cpu_util": window.server / window.wall if window.wall else None,
+        "server_kernel_share": window.server_kernel / window.server if window.server else None,
         "pings": pings,
         "pings_per_socket_s": pings / connect["sockets"] / window.wall if connect["sockets"] and window.wall else None,
         "server_cpu_us_per_ping": per_ping,
@@ -73,7 +74,14 @@ async def run_pings(
 def summarize_pings(sessions: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the rounds."""
     out: dict[str, Any] = {"runs": len(sessions)}
-    for key in ("sockets", "interval_s", "server_cpu_util", "server_cpu_us_per_ping", "alive_after"):
+    for key in (
+        "sockets",
+        "interval_s",
+        "server_cpu_util",
+        "server_kernel_share",
+        "server_cpu_us_per_ping",
+        "alive_after",
+    ):
         values = [s[key] for s in sessions if s.get(key) is not None]
         out[key] = statistics.median(values) if values else None
     return out

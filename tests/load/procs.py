@@ -36,10 +36,15 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds (from /proc/<pid>/stat)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process, in seconds: its own code's CPU, and the kernel's on its behalf."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
 
 
 def rss_bytes(pid: int) -> int:
@@ -208,6 +213,9 @@ class Deployment:
     def server_cpu(self) -> float:
         return sum(cpu_seconds(r.pid) for r in self.replicas)
 
+    def server_kernel_cpu(self) -> float:
+        return sum(cpu_split(r.pid)[1] for r in self.replicas)
+
     def redis_cpu(self) -> float:
         if self.redis is None or self.redis.proc is None:
             return 0.0
@@ -222,15 +230,16 @@ class CpuWindow:
 
     def __init__(self, deployment: Deployment) -> None:
         self.d = deployment
-        self.server = self.redis = self.generator = self.wall = 0.0
+        self.server = self.server_kernel = self.redis = self.generator = self.wall = 0.0
 
     def start(self) -> CpuWindow:
-        self._s0, self._r0 = self.d.server_cpu(), self.d.redis_cpu()
+        self._s0, self._k0, self._r0 = self.d.server_cpu(), self.d.server_kernel_cpu(), self.d.redis_cpu()
         self._g0, self._w0 = cpu_seconds(os.getpid()), time.perf_counter()
         return self
 
     def stop(self) -> CpuWindow:
         self.server = self.d.server_cpu() - self._s0
+        self.server_kernel = self.d.server_kernel_cpu() - self._k0
         self.redis = self.d.redis_cpu() - self._r0
         self.generator = cpu_seconds(os.getpid()) - self._g0
         self.wall = time.perf_counter() - self._w0
