@@ -263,55 +263,67 @@ class Link:
 
     async def _read_messages(self) -> None:
         """Deliver every message until the connection fails or the probe stops coming back."""
-        owner = self._owner
         pubsub = self._pubsub
         assert pubsub is not None
+        batch, self._early = self._early, []
+        self._watch_probe(pubsub)
+        try:
+            # Messages are delivered as they arrive, from the connection's own read callback (resp.py);
+            # this task only waits to hear why the connection ended.
+            receive = self._receiver()
+            if batch:
+                receive(batch)  # replies met while subscribing, before any that follow them
+            pubsub.sink(receive)
+            await pubsub.broken()
+        except _FAILURES:
+            if self._lost_because is not None:
+                raise ConnectionError(self._lost_because) from None
+            raise
+
+    def _receiver(self) -> Callable[[list[Any]], None]:
+        """What the subscription's connection hands each batch of replies to; raises to end the link."""
+        owner = self._owner
         on_frame = owner.on_frame
         assert on_frame is not None
         head = owner.channel_head
         probe_channel = self.probe_channel
         positions = owner.positions
         dropped = owner.metrics.dropped.labels("duplicate")
-        batch, self._early = self._early, []
-        self._watch_probe(pubsub)
-        try:
-            while True:
-                for reply in batch:
-                    if isinstance(reply, ResponseError):
-                        raise reply
-                    kind, channel = reply[0], reply[1]
-                    if kind == "smessage":
-                        if channel == probe_channel:
-                            self.last_probe = time.monotonic()
+        last_message = owner.metrics.broker_last_message
+
+        def receive(batch: list[Any]) -> None:
+            for reply in batch:
+                if isinstance(reply, ResponseError):
+                    raise reply
+                kind, channel = reply[0], reply[1]
+                if kind == "smessage":
+                    if channel == probe_channel:
+                        self.last_probe = time.monotonic()
+                        continue
+                    stream, data = channel[head:-3], reply[2]
+                    id_ = frame_id(data)
+                    if id_ is not None:
+                        key = id_key(id_)
+                        last = positions.get(stream)
+                        if last is not None and key <= last:
+                            dropped.inc()  # already replayed
                             continue
-                        stream, data = channel[head:-3], reply[2]
-                        id_ = frame_id(data)
-                        if id_ is not None:
-                            key = id_key(id_)
-                            last = positions.get(stream)
-                            if last is not None and key <= last:
-                                dropped.inc()  # already replayed
-                                continue
-                            positions[stream] = key
-                        on_frame(stream, data)
-                    elif kind == "ssubscribe":
-                        confirmed = self._confirmations.pop(channel, None)
-                        if confirmed is not None and not confirmed.done():
-                            confirmed.set_result(None)
-                    elif kind == "sunsubscribe":
-                        asked = self._unsubscribing.pop(channel, 0)
-                        if asked > 1:
-                            self._unsubscribing[channel] = asked - 1
-                        elif not asked and (channel == probe_channel or channel[head:-3] in self.streams):
-                            # Redis dropped a channel we still want (its slot moved): start again.
-                            raise ConnectionError(f"redis unsubscribed {channel!r}")
-                if batch:
-                    owner.metrics.broker_last_message.set(time.time())
-                batch = await pubsub.replies()
-        except _FAILURES:
-            if self._lost_because is not None:
-                raise ConnectionError(self._lost_because) from None
-            raise
+                        positions[stream] = key
+                    on_frame(stream, data)
+                elif kind == "ssubscribe":
+                    confirmed = self._confirmations.pop(channel, None)
+                    if confirmed is not None and not confirmed.done():
+                        confirmed.set_result(None)
+                elif kind == "sunsubscribe":
+                    asked = self._unsubscribing.pop(channel, 0)
+                    if asked > 1:
+                        self._unsubscribing[channel] = asked - 1
+                    elif not asked and (channel == probe_channel or channel[head:-3] in self.streams):
+                        # Redis dropped a channel we still want (its slot moved): start again.
+                        raise ConnectionError(f"redis unsubscribed {channel!r}")
+            last_message.set(time.time())
+
+        return receive
 
     def _watch_probe(self, pubsub: RawConnection) -> None:
         """Every probe interval: a link whose probe has not come back in time is dropped, and so

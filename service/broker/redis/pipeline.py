@@ -243,27 +243,32 @@ class AutoPipeline:
         return link
 
     async def _read(self, link: _Link) -> None:
-        pending, sent_at = link.pending, link.sent_at
+        link.conn.sink(lambda replies: self._replied(link, replies))
         try:
-            while True:
-                demoted = None
-                for reply in await link.conn.replies():
-                    waiter = pending.popleft()
-                    sent_at.popleft()
-                    if isinstance(reply, ResponseError) and str(reply).startswith("READONLY"):
-                        demoted = reply
-                    if waiter.done():
-                        continue  # its caller was cancelled
-                    if isinstance(reply, ResponseError):
-                        waiter.set_exception(reply)
-                    else:
-                        waiter.set_result(reply)
-                if demoted is not None:
-                    raise RedisConnectionError(f"no longer the primary: {demoted}")
+            await link.conn.broken()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends this link
             self._drop(link, exc)
+
+    @staticmethod
+    def _replied(link: _Link, replies: list[Any]) -> None:
+        """Replies in the order of the commands waiting (called as they arrive, see resp.py)."""
+        pending, sent_at = link.pending, link.sent_at
+        demoted = None
+        for reply in replies:
+            waiter = pending.popleft()
+            sent_at.popleft()
+            if isinstance(reply, ResponseError) and str(reply).startswith("READONLY"):
+                demoted = reply
+            if waiter.done():
+                continue  # its caller was cancelled
+            if isinstance(reply, ResponseError):
+                waiter.set_exception(reply)
+            else:
+                waiter.set_result(reply)
+        if demoted is not None:
+            raise RedisConnectionError(f"no longer the primary: {demoted}")
 
     def _drop(self, link: _Link, exc: BaseException, quietly: bool = False) -> None:
         link.fail(exc)
