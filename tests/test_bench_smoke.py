@@ -183,3 +183,42 @@ def test_a_rewrite_of_the_report_keeps_the_sections_written_after_it(tmp_path, m
     assert not text.startswith("# Old report")
     assert text.count("## Webhooks\nfigures\n") == 1 and text.count(f"{push.HEADING}\n\npush figures\n") == 1
     assert text.index("## Webhooks") < text.index(push.HEADING)
+
+
+def test_the_report_gives_each_figure_against_lean_node_as_a_ratio_round_by_round():
+    """Ratios are taken within a round (the systems alternate in it), inverted where less is better, and
+    the kernel's share of the server's CPU stands beside them."""
+    from tests.load.report_lean import section
+
+    def sessions(per_cpu: float, p99: float, rss: float, ping_us: float, share: float) -> dict:
+        step = {"rate": 1000.0, "deliveries_per_cpu_s": per_cpu, "server_kernel_share": share}
+        connect = {"rss_kb_per_socket": rss, "connects_per_s": 1000.0, "connects_per_cpu_s": 1000.0}
+        fanout = {"deliveries_per_cpu_s": per_cpu, "fanout_p99_ms": p99, "server_kernel_share": share}
+        return {
+            "targeted": {"connect": connect, "steps": [step]},
+            "broadcast": {"connect": connect, "broadcast": fanout},
+            "pings": {"server_cpu_us_per_ping": ping_us, "server_kernel_share": share},
+        }
+
+    results = {
+        "plan": {"rates": [1000.0]},
+        "rounds": [
+            {"notify-service": sessions(900, 30, 9, 15, 0.2), "lean-node": sessions(1000, 40, 10, 12, 0.3)},
+            {"notify-service": sessions(1200, 40, 9, 12, 0.4), "lean-node": sessions(1000, 20, 9, 12, 0.5)},
+            {"notify-service": sessions(1100, 10, 9, 24, 0.3), "lean-node": sessions(1000, 10, 9, 12, 0.4)},
+        ],
+    }
+    lines: list[str] = []
+    section(results, lines.append)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    assert rows["targeted at 1,000 POST/s: deliveries per server CPU-s"] == [
+        "1,100", "1,000", "1.10x", "0.90, 1.20, 1.10", "30% / 40% |"
+    ]  # fmt: skip
+    assert rows["broadcast: fan-out p99 (ms)"][2:4] == ["1.00x", "1.33, 0.50, 1.00"]  # lean's p99 over ours
+    assert rows["idle RSS per socket (KB)"][2:4] == ["1.00x", "1.11, 1.00, 1.00"]
+    assert rows["server CPU-µs per ping and pong"][2:4] == ["0.80x", "0.80, 1.00, 0.50"]
+    assert "topic: deliveries per server CPU-s" not in rows  # no topic session ran
+    no_lean = {"plan": results["plan"], "rounds": [{"notify-service": r["notify-service"]} for r in results["rounds"]]}
+    lines.clear()
+    section(no_lean, lines.append)
+    assert lines == []

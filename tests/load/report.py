@@ -11,6 +11,7 @@ from typing import Any
 
 from .bench import TOPIC
 from .push import kept_section as kept_push_section
+from .report_lean import section as lean_section
 from .webhooks import kept_section
 from .workloads import KNEE_P99_MS
 
@@ -256,6 +257,7 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
     add("")
     add(f"![p50 and p99 end-to-end latency against offered rate]({plot.relative_to(doc.parent)})")
     add("")
+    lean_section(results, add)
     _defaults_cost(out_dir, add)
     add("## Targeted sweep")
     add("")
