@@ -106,11 +106,7 @@ class RawConnection:
         while not self._ready:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._next()
         ready, self._ready = self._ready, []
         return ready
 
@@ -124,12 +120,16 @@ class RawConnection:
     async def broken(self) -> NoReturn:
         """Wait until the connection ends, and raise what ended it."""
         while self._error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._next()
         raise self._error
+
+    async def _next(self) -> None:
+        """Wait for the next arrival, or the end."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def abort(self) -> None:
         """Drop the connection at once: nothing more is sent or read on it."""
