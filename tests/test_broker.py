@@ -206,6 +206,51 @@ def test_raw_connection_reports_a_closed_link_as_a_redis_error(redis_server):
     uvloop.run(scenario())
 
 
+def test_raw_connection_hands_replies_to_its_sink_in_order_and_a_sink_that_raises_ends_it(redis_server):
+    """Replies that came before the sink was given reach it first, then each as it arrives, in order;
+    a sink that raises ends the connection, and `broken()` raises what it raised."""
+    import redis.asyncio as aioredis
+    import uvloop
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from service.broker.redis.resp import RawConnection, command
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        raw = await RawConnection.open(client)
+        try:
+            raw.write(command("ECHO", "first") + command("ECHO", "second"))
+            assert await raw.replies() == ["first", "second"]
+            raw.write(command("ECHO", "early"))
+            await asyncio.sleep(0.05)  # arrives while nobody reads
+            got: list[str] = []
+            arrived = asyncio.Event()
+
+            def sink(replies: list[str]) -> None:
+                got.extend(replies)
+                arrived.set()
+                if "stop" in replies:
+                    raise ValueError("the reader gave up")
+
+            raw.sink(sink)
+            assert got == ["early"]
+            for word in ("a", "b", "c"):
+                arrived.clear()
+                raw.write(command("ECHO", word))
+                await asyncio.wait_for(arrived.wait(), 5)
+            assert got == ["early", "a", "b", "c"]
+            raw.write(command("ECHO", "stop"))
+            with pytest.raises(ValueError, match="the reader gave up"):
+                await asyncio.wait_for(raw.broken(), 5)
+            with pytest.raises(RedisConnectionError):
+                raw.write(command("PING"))
+        finally:
+            raw.abort()
+            await client.aclose()
+
+    uvloop.run(scenario())
+
+
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 async def test_history_older_than_the_ttl_is_never_served(backend, redis_server):
     """The age bound holds on every read, even when a later publish kept the stream alive: an entry
