@@ -43,7 +43,7 @@ class Hub:
         self._max_per_user = max_per_user
         self._members: dict[str, set[Connection]] = {}
         self._all: set[Connection] = set()
-        self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._subscribing: dict[str, asyncio.Future[bool]] = {}
         self._sockets: dict[tuple[str, str], int] = {}  # (topic stream, user) -> sockets here
         self._tasks: set[asyncio.Task[None]] = set()
 
