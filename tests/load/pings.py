@@ -64,7 +64,7 @@ async def run_pings(
         "server_cpu_s": window.server,
         "wall_s": window.wall,
         "server_cpu_util": window.server / window.wall if window.wall else None,
-        "server_kernel_share": window.server_kernel / window.server if window.server else None,
+        "server_kernel_share": window.kernel_share,
         "pings": pings,
         "pings_per_socket_s": pings / connect["sockets"] / window.wall if connect["sockets"] and window.wall else None,
         "server_cpu_us_per_ping": per_ping,

@@ -213,8 +213,10 @@ class Deployment:
     def server_cpu(self) -> float:
         return sum(cpu_seconds(r.pid) for r in self.replicas)
 
-    def server_kernel_cpu(self) -> float:
-        return sum(cpu_split(r.pid)[1] for r in self.replicas)
+    def server_cpu_split(self) -> tuple[float, float]:
+        """(all, the kernel's part) of the replicas' CPU seconds, from one read of each."""
+        splits = [cpu_split(r.pid) for r in self.replicas]
+        return sum(u + k for u, k in splits), sum(k for _, k in splits)
 
     def redis_cpu(self) -> float:
         if self.redis is None or self.redis.proc is None:
@@ -233,14 +235,19 @@ class CpuWindow:
         self.server = self.server_kernel = self.redis = self.generator = self.wall = 0.0
 
     def start(self) -> CpuWindow:
-        self._s0, self._k0, self._r0 = self.d.server_cpu(), self.d.server_kernel_cpu(), self.d.redis_cpu()
+        (self._s0, self._k0), self._r0 = self.d.server_cpu_split(), self.d.redis_cpu()
         self._g0, self._w0 = cpu_seconds(os.getpid()), time.perf_counter()
         return self
 
     def stop(self) -> CpuWindow:
-        self.server = self.d.server_cpu() - self._s0
-        self.server_kernel = self.d.server_kernel_cpu() - self._k0
+        server, kernel = self.d.server_cpu_split()
+        self.server, self.server_kernel = server - self._s0, kernel - self._k0
         self.redis = self.d.redis_cpu() - self._r0
         self.generator = cpu_seconds(os.getpid()) - self._g0
         self.wall = time.perf_counter() - self._w0
         return self
+
+    @property
+    def kernel_share(self) -> float | None:
+        """The kernel's part of the servers' CPU (system time): what no change to their code takes away."""
+        return self.server_kernel / self.server if self.server else None

@@ -8,12 +8,12 @@ says more than a ratio of two medians taken in different rounds.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
-OURS = "notify-service"
-LEAN = "lean-node"
+from .bench import LEAN_NODE, NOTIFY, _median
+
+OURS, LEAN = NOTIFY.name, LEAN_NODE.name
 
 Sessions = dict[str, Any]
 Pick = Callable[[Sessions], Any]
@@ -57,11 +57,6 @@ def _figures(plan: dict[str, Any]) -> list[tuple[str, Pick, str, bool]]:
         ("server CPU-µs per ping and pong", lambda s: s.get("pings"), "server_cpu_us_per_ping", True),
     ]
     return rows
-
-
-def _median(values: list[Any]) -> Any:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
 
 
 def _num(value: Any, digits: int) -> str:

@@ -113,8 +113,7 @@ def _cpu_fields(window: CpuWindow, delivered: int) -> dict[str, Any]:
         "generator_cpu_s": window.generator,
         "wall_s": window.wall,
         "server_cpu_util": window.server / window.wall if window.wall else None,
-        # The kernel's part (system time): what no change to a server's own code can take away.
-        "server_kernel_share": window.server_kernel / window.server if window.server else None,
+        "server_kernel_share": window.kernel_share,
         "generator_cpu_util": window.generator / window.wall if window.wall else None,
         "deliveries_per_cpu_s": _per(delivered, window.server),
         "deliveries_per_cpu_s_with_redis": _per(delivered, window.server + window.redis),
