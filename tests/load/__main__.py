@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import LEAN_NODE, LEAN_PYTHON, NODE_SOCKETIO, NOTIFY, SOCKETIO, Plan, run
+from .bench import LEAN_NODE, LEAN_PYTHON, NODE_SOCKETIO, NOTIFY, RAW_PYTHON, SOCKETIO, Plan, run
 from .procs import System, node_status
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default=None,
         help="comma-separated systems to run, of notify, socketio (python-socketio), node-socketio, lean-python, "
-        "lean-node",
+        "lean-node, and raw-python (never run unless named: tests/load/raw_server.py)",
     )
     parser.add_argument(
         "--variant",
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = {"socketio": SOCKETIO, "node-socketio": NODE_SOCKETIO, "lean-python": LEAN_PYTHON, "lean-node": LEAN_NODE}
     needs_node = {"node-socketio", "lean-node"}
     only = ns.only.split(",") if ns.only else None
-    if only and (unknown := set(only) - {"notify", *peers}):
+    opt_in = {"raw-python": RAW_PYTHON}  # run only when named
+    if only and (unknown := set(only) - {"notify", *peers, *opt_in}):
         parser.error(f"--only: unknown system {', '.join(sorted(unknown))}")
     node_wanted = not ns.variant and (only is None or bool(needs_node & set(only)))
     systems = [] if ns.no_baseline else [NOTIFY]
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if only:
         if needs_node & set(only) and "left_out" in node:
             parser.error(f"{', '.join(sorted(needs_node & set(only)))} cannot run: {node['left_out']}")
-        systems = [s for s in systems if "notify" in only] + [peers[name] for name in only if name in peers]
+        chosen = peers | opt_in
+        systems = [s for s in systems if "notify" in only] + [chosen[name] for name in only if name in chosen]
     elif not ns.variant:
         systems += [s for key, s in peers.items() if key not in needs_node or "left_out" not in node]
         if "left_out" in node:

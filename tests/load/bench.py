@@ -25,6 +25,8 @@ NODE_SOCKETIO = System("node-socketio", "socketio", server="node")
 # Framework-free floors, speaking the service's protocol: what the service's extras cost.
 LEAN_PYTHON = System("lean-python", "notify", server="lean-python")
 LEAN_NODE = System("lean-node", "notify", server="lean-node")
+# Opt-in: Python with no server stack at all (targeted and broadcast only; see raw_server.py).
+RAW_PYTHON = System("raw-python", "notify", server="raw-python")
 
 # The topic workload's one topic (a Socket.IO room of the same name), and the namespace the service is
 # configured with for it: any user may join, nothing else on (no presence, no member publishing).

@@ -146,7 +146,8 @@ class System:
     variant: dict[str, str] = field(default_factory=dict)  # runner options (the service only)
     env: dict[str, str] = field(default_factory=dict)
     # "service", "python" or "node" (the Socket.IO servers, sio_server.py and node/server.js), or
-    # "lean-python" or "lean-node" (the lean references, lean_server.py and node/lean.js).
+    # "lean-python" or "lean-node" (the lean references, lean_server.py and node/lean.js), or
+    # "raw-python" (raw_server.py, the Python floor without uvicorn).
     server: str = "service"
 
     def replica(self, redis: RedisServer | None, namespace: str) -> Server:
@@ -160,6 +161,7 @@ class System:
                 "node": [str(node), str(NODE_DIR / "server.js")],
                 "lean-python": [py, "-m", "tests.load.lean_server"],
                 "lean-node": [str(node), str(NODE_DIR / "lean.js")],
+                "raw-python": [py, "-m", "tests.load.raw_server"],
             }[self.server]
             argv += ["--port", "{port}", "--redis", redis.url, "--channel", namespace]
             return Server(argv, {"BENCH_SECRET": SECRET, **self.env}, "/healthz")

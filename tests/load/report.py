@@ -17,7 +17,7 @@ from .workloads import KNEE_P99_MS
 
 OURS = "notify-service"
 # Framework-free floors (tests/load/lean_server.py, node/lean.js): shown beside the others, no ratio column.
-REFERENCES = ("lean-python", "lean-node")
+REFERENCES = ("lean-python", "lean-node", "raw-python")
 
 PACKAGES = [
     "fastapi",
@@ -389,6 +389,9 @@ def write(results: dict[str, Any], out_dir: Path, doc: Path, command: str, start
             add("  `POST /topics/{room}` does `io.to(room).emit(...)`.")
     elif "left_out" in node:
         add(f"- node-socketio and lean-node: left out of this run, {node['left_out']}.")
+    if "raw-python" in names:
+        add("- raw-python: `tests/load/raw_server.py`, Python with no server stack: asyncio protocols on uvloop,")
+        add("  httptools, hiredis, frames written by hand, one PUBLISH per publish. Targeted and broadcast only.")
     if "lean-python" in names:
         add("- lean-python: `tests/load/lean_server.py`, a bare ASGI app (no framework) on the same uvicorn setup with")
         add("  redis.asyncio: the JWT from the query, a `welcome` frame, one exact Redis channel per user with sockets")
@@ -784,6 +787,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         "python-socketio": "tab:orange",
         "node-socketio": "tab:green",
         "lean-python": "tab:purple",
+        "raw-python": "tab:pink",
         "lean-node": "tab:brown",
     }
     for name, s in summary.items():
