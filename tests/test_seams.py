@@ -156,6 +156,36 @@ def test_every_row_names_a_test_that_exists():
         assert re.search(rf"^(async )?def {name}\(", (ROOT / path).read_text(), re.M), row["test"]
 
 
+def test_every_state_websockets_sets_reaches_the_socket_gate():
+    """The fan-out writes to a socket without asking it first (`direct_write`) only while it is open:
+    websockets' every change of state, through its own `state` setter, must reach the protocol that
+    keeps that gate, from the handshake to a close the peer starts."""
+    from websockets.protocol import State
+
+    from service.server.wsprotocol import _GatedServerProtocol
+
+    seen: list[State] = []
+
+    class Owner:
+        def regate(self) -> None:
+            seen.append(conn.state)
+
+    conn = _GatedServerProtocol()
+    conn.owner = Owner()  # type: ignore[assignment]
+    assert conn.state is State.CONNECTING and seen == []
+    conn.receive_data(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    conn.send_response(conn.accept(conn.events_received()[0]))
+    assert seen == [State.OPEN]
+    # The peer's close (masked, code 1000): websockets answers it and is closing, then closed at EOF.
+    conn.receive_data(bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2]))
+    assert seen[1:] == [State.CLOSING] and conn.state is State.CLOSING
+    conn.receive_eof()
+    assert seen[-1] is State.CLOSED and conn.state is State.CLOSED
+
+
 def test_pyproject_names_the_same_seams():
     """pyproject.toml's comments mirror the table: each private name is mentioned there too."""
     text = (ROOT / "pyproject.toml").read_text()

@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ..core.errors import BrokerUnavailable, InvalidToken, TooManyForUser
 from ..core.frames import (
+    DIRECT_WRITE_EXTENSION,
     PONG,
     SEND_EAGERLY_EXTENSION,
     SEND_FRAME_EXTENSION,
@@ -123,7 +124,12 @@ async def _serve(scope: Scope, receive: Receive, send: Send, conn: Connection, r
         return send({"type": "websocket.send", "text": frame})  # type: ignore[return-value]
 
     offered = scope.get("extensions") or {}
-    conn.attach(send_text, offered.get(SEND_FRAME_EXTENSION), offered.get(SEND_EAGERLY_EXTENSION))
+    conn.attach(
+        send_text,
+        offered.get(SEND_FRAME_EXTENSION),
+        offered.get(SEND_EAGERLY_EXTENSION),
+        offered.get(DIRECT_WRITE_EXTENSION),
+    )
     expiry = schedule_expiry(conn)
     try:
         expiry = await _receive_forever(receive, conn, runtime, expiry)

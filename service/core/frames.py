@@ -58,10 +58,13 @@ def error(
     return encode(frame)
 
 
-# ASGI scope extensions through which this service's server offers `send_frame(wire) -> bool` and
-# `send_eagerly(send) -> Awaitable | None` (service/server/seams.py).
+# ASGI scope extensions through which this service's server offers `send_frame(wire) -> bool`,
+# `send_eagerly(send) -> Awaitable | None` (service/server/seams.py), and an object whose
+# `direct_write` is the socket's write while a frame may go straight to it (else None): the
+# fan-out's path, with no call to ask first (service/server/wsprotocol.py).
 SEND_FRAME_EXTENSION = "notify.send_frame"
 SEND_EAGERLY_EXTENSION = "notify.send_eagerly"
+DIRECT_WRITE_EXTENSION = "notify.direct_write"
 
 
 def wire_text(text: str) -> bytes:

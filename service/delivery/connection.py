@@ -6,7 +6,7 @@ import asyncio
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from ..broker import frame_id
 from ..config.settings import Settings
@@ -23,6 +23,15 @@ FrameWriter = Callable[[bytes], bool]
 # Runs a send as far as it goes without waiting: None when done, else what finishes it (the server's
 # `send_eagerly`, offered through the scope). Without one, every send is a task of its own.
 Starter = Callable[[Coroutine[Any, Any, None]], Awaitable[None] | None]
+
+
+class WriteGate(Protocol):
+    """What the server offers for the fan-out (`core.frames.DIRECT_WRITE_EXTENSION`): the socket's
+    write while a frame may go straight to it, else None."""
+
+    direct_write: Callable[[bytes], object] | None
+
+
 _in_a_task: Starter = asyncio.ensure_future
 
 # The server's protocol aborts a peer that does not take its close frame well within this.
@@ -61,6 +70,8 @@ class Connection:
         "_start",
         "_flush_task",
         "timers",
+        "direct",
+        "_gate",
     )
 
     def __init__(
@@ -101,21 +112,50 @@ class Connection:
         self._start: Starter = _in_a_task
         self._flush_task: asyncio.Task[None] | None = None
         self.timers = timers  # where its deadlines (the token's expiry) are kept
+        # The server's gate while nothing here stands between a live frame and the socket (see
+        # `_regate`): the hub then writes a fan-out's frame to it without calling into this object.
+        self.direct: WriteGate | None = None
+        self._gate: WriteGate | None = None
 
-    def attach(self, send: Sender, send_frame: FrameWriter | None = None, start: Starter | None = None) -> None:
+    def attach(
+        self,
+        send: Sender,
+        send_frame: FrameWriter | None = None,
+        start: Starter | None = None,
+        gate: WriteGate | None = None,
+    ) -> None:
         """Write frames through `send` from now on, starting with whatever is queued; where the
-        server offers `send_frame`, a frame encoded once for all sockets is written directly, and
-        where it offers `start`, a send runs at once and takes a task only if it must wait."""
+        server offers `send_frame`, a frame encoded once for all sockets is written directly,
+        where it offers `start`, a send runs at once and takes a task only if it must wait, and
+        where it offers `gate`, the hub writes live frames to it itself while it may (`direct`)."""
         self._send = send
         self._send_frame = send_frame
         self._start = start or _in_a_task
+        self._gate = gate if send_frame is not None else None
         if self._queue:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(None))
+        self._regate()
+
+    def _regate(self) -> None:
+        """`direct` is the gate only while a live frame needs nothing from this object: it is open
+        and writing at once (no backlog, no send under way), and no stream is held back for a
+        replay or filtered against one. Set again wherever one of these changes."""
+        self.direct = (
+            self._gate
+            if self._send is not None
+            and self._flush_task is None
+            and not self._queue
+            and self._held is None
+            and self._floors is None
+            and not self.closed
+            else None
+        )
 
     async def detach(self) -> None:
         """The socket is done: stop writing, and let a close this side started finish first."""
         self.closed = True
         self._send = self._send_frame = None
+        self.direct = None
         if self._flush_task is not None:
             self._flush_task.cancel()
         if self._close_task is not None:
@@ -147,6 +187,7 @@ class Connection:
             self._held = {}
         for stream in streams:
             self._held[stream] = []
+        self.direct = None
 
     def release(self, replayed: list[str], floors: dict[str, IdKey], *streams: str) -> None:
         """Queue `replayed` (an answer and the streams' replay), then the live frames the replay
@@ -161,6 +202,7 @@ class Connection:
         for stream, frames in held.items():
             for frame in frames:
                 self.push(stream, frame)
+        self._regate()
 
     def _replayed(self, stream: str, frame: str) -> bool:
         """Whether the replay already sent this live frame. One can arrive after the release: the
@@ -176,6 +218,7 @@ class Connection:
         del self._floors[stream]
         if not self._floors:
             self._floors = None
+            self._regate()
         return False
 
     async def next_batch(self) -> list[str]:
@@ -202,6 +245,7 @@ class Connection:
         self.close_code = code
         self._queue = None
         self._held = self._floors = None
+        self.direct = None
         if self._ready is not None:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
@@ -213,6 +257,7 @@ class Connection:
             if wire is None or self._send_frame is None or not self._send_frame(wire):
                 self._write_now(frame)
             return
+        self.direct = None
         if self._queue is None:
             self._queue = deque()
         self._queue.append(frame)
@@ -230,9 +275,11 @@ class Connection:
             rest = self._start(self._send(frame))
         except Exception:  # noqa: BLE001 - the peer is gone; the receiving side sees the disconnect
             self._send = None
+            self.direct = None
             return
         if rest is not None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(rest))
+            self.direct = None
 
     async def _flush(self, rest: Awaitable[None] | None) -> None:
         """Finish a send that had to wait, then write the backlog, then go back to writing at once."""
@@ -251,6 +298,7 @@ class Connection:
             self._flush_task = None
             if not self._queue:
                 self._queue = None
+            self._regate()
 
     def _overflow(self) -> None:
         """Close a socket that fell too far behind; every frame waiting for it is counted as dropped."""

@@ -210,7 +210,13 @@ class Hub:
             self._metrics.delivery_latency.observe(max(0.0, time.time() - id_key(id_)[0] / 1000))
         wire = wire_text(frame)  # encoded once, written as is to every socket that can take it
         for conn in targets:
-            conn.push(stream, frame, wire)
+            # Straight to the socket where nothing stands between (`Connection.direct`): most
+            # sockets, most of the time; else the connection decides (hold, filter, queue, wait).
+            gate = conn.direct
+            if gate is not None and (write := gate.direct_write) is not None:
+                write(wire)
+            else:
+                conn.push(stream, frame, wire)
         self._metrics.delivered.inc(len(targets))
 
     def _control(self, stream: str, message: str, targets: set[Connection]) -> None:

@@ -26,7 +26,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..core.errors import HeadersTooLarge, MalformedRequest, ServiceError
-from ..core.frames import SEND_EAGERLY_EXTENSION, SEND_FRAME_EXTENSION
+from ..core.frames import DIRECT_WRITE_EXTENSION, SEND_EAGERLY_EXTENSION, SEND_FRAME_EXTENSION
 from .seams import send_eagerly
 from .wslean import NO_FRAMES, NO_HEADERS, PING4_HEAD, Flag, Inbox, Shared, lone_pong, shed_handshake_parser
 
@@ -76,6 +76,25 @@ class _AbortingTransport:
         return getattr(self._transport, name)
 
 
+class _GatedServerProtocol(ServerProtocol):
+    """websockets' server protocol, telling the socket's protocol of each change of its state (all
+    of them go through this setter), so that `direct_write` is right at every turn."""
+
+    owner: BoundedWebSocketProtocol | None = None
+
+    @property  # type: ignore[override]
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        if self.debug:
+            self.logger.debug("= connection is %s", state.name)
+        self._state = state
+        if self.owner is not None:
+            self.owner.regate()
+
+
 class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, bounded against peers that stop reading.
 
@@ -108,6 +127,32 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     ping_interval = property(lambda self: self._shared.config.ws_ping_interval)
     ping_timeout = property(lambda self: self._shared.config.ws_ping_timeout)
 
+    # A frame may go straight to the transport (`direct_write`) only while the socket is open, its
+    # handshake done, no close sent, not gone and the transport taking data: each flag's setter, the
+    # flow control's two calls and the websockets state's setter set it again.
+    direct_write: Callable[[bytes], object] | None = None
+
+    handshake_complete = property(
+        lambda self: self._handshake_complete, lambda self, value: self._flag("_handshake_complete", value)
+    )
+    close_sent = property(lambda self: self._close_sent, lambda self, value: self._flag("_close_sent", value))
+    disconnected = property(lambda self: self._disconnected, lambda self, value: self._flag("_disconnected", value))
+
+    def _flag(self, name: str, value: bool) -> None:
+        setattr(self, name, value)
+        self.regate()
+
+    def regate(self) -> None:
+        self.direct_write = (
+            self.transport.write
+            if self._handshake_complete
+            and not self._close_sent
+            and not self._disconnected
+            and self.writable.is_set()
+            and self.conn.state is State.OPEN
+            else None
+        )
+
     def __init__(
         self,
         config: Config,
@@ -116,6 +161,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
+        self._handshake_complete = self._close_sent = self._disconnected = False
         self._shared = Shared.of(config, server_state, app_state, _loop)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
@@ -150,7 +196,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
                     server_max_window_bits=12, client_max_window_bits=12, compress_settings={"memLevel": 5}
                 )
             ]
-        self.conn = ServerProtocol(extensions=extensions, max_size=config.ws_max_size, logger=self.logger)
+        self.conn = _GatedServerProtocol(extensions=extensions, max_size=config.ws_max_size, logger=self.logger)
+        self.conn.owner = self
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_AbortingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -168,6 +215,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.on_lost()
             self.on_lost = None
         super().connection_lost(exc)
+        self.conn.owner = None  # no cycle left for the collector: a gone socket's state no longer matters
 
     def data_received(self, data: bytes) -> None:
         if self.pending_ping_payload is not None and len(data) == 10 and self.conn.state is State.OPEN:
@@ -222,21 +270,25 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
                 self._shared.proxy.rewrite_scope(self.scope)
             self.scope["extensions"][SEND_FRAME_EXTENSION] = self.send_frame
             self.scope["extensions"][SEND_EAGERLY_EXTENSION] = send_eagerly
+            self.scope["extensions"][DIRECT_WRITE_EXTENSION] = self
 
     def send_frame(self, wire: bytes) -> bool:
         """Write an already-encoded text frame now, if the socket is open and its buffer has room.
 
         False means: use the ordinary ASGI send, which waits for room or reports the socket gone."""
-        if (
-            not self.handshake_complete
-            or self.close_sent
-            or self.disconnected
-            or not self.writable.is_set()
-            or self.conn.state is not State.OPEN
-        ):
+        write = self.direct_write
+        if write is None:
             return False
-        self.transport.write(wire)
+        write(wire)
         return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.regate()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.regate()
 
     async def send(self, message: dict) -> None:  # type: ignore[override,type-arg]
         if self.on_answered is not None and message["type"] in _ANSWERS:
