@@ -8,15 +8,16 @@ import uuid
 
 import orjson
 
-from .utils import TIMEOUT, Client, publisher_headers
+from .utils import TIMEOUT, Client, publisher_headers, token
 
 
 def uid() -> str:
     return f"p-{uuid.uuid4().hex[:8]}"
 
 
-def post(path: str, body: bytes, version: str = "1.1", extra: str = "") -> bytes:
-    headers = "".join(f"{k}: {v}\r\n" for k, v in publisher_headers().items())
+def post(path: str, body: bytes, version: str = "1.1", extra: str = "", bearer: str | None = None) -> bytes:
+    auth = {"Authorization": f"Bearer {bearer}"} if bearer is not None else publisher_headers()
+    headers = "".join(f"{k}: {v}\r\n" for k, v in auth.items())
     return (
         f"POST {path} HTTP/{version}\r\nHost: x\r\n{headers}Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{extra}\r\n"
@@ -70,6 +71,28 @@ async def test_keep_alive_carries_many_publishes(single):
         assert status == 202 and headers["content-type"] == "application/json" and "date" in headers
         ids.append(orjson.loads(body)["id"])
     assert len(set(ids)) == 20
+    writer.close()
+
+
+async def test_each_publish_on_a_connection_is_judged_by_its_own_token(single):
+    """A connection remembers its last publisher's token, but only that exact token: another one on
+    the same keep-alive connection is verified on its own (refused without the scope, or forged,
+    or expired), and the first still publishes after them."""
+    user = uid()
+    good = token("backend", "notify:publish")
+    forged = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    steps = [
+        (good, 202),
+        (token("backend", "notify:read"), 403),
+        (forged, 401),
+        (token("backend", "notify:publish", ttl=-5), 401),
+        (good, 202),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    for bearer, expected in steps:
+        writer.write(post(f"/notify/{user}", b'{"event":"e"}', bearer=bearer))
+        [(status, _, body)] = await responses(reader, 1)
+        assert status == expected, (expected, body)
     writer.close()
 
 

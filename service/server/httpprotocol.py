@@ -18,7 +18,7 @@ import urllib.parse
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..api.fastpath import NOT_A_PUBLISH, FastPublish, answer, error_answer, prepare, publish_target
+from ..api.fastpath import NOT_A_PUBLISH, FastPublish, Known, answer, error_answer, prepare, publish_target
 from ..api.runtime import Runtime
 from ..core.errors import ServiceError
 from ..telemetry import logs
@@ -49,6 +49,8 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
     """See the module docstring. A publish is taken only when nothing else is in flight on the
     connection; pipelined requests behind it wait their turn as uvicorn makes them."""
 
+    known_publisher: Known | None = None  # see `fastpath.Known`
+
     def serve_head(self) -> None:
         if (self.cycle is None or self.cycle.response_complete) and not self.expect_100_continue:
             target = self._publish_target()
@@ -75,7 +77,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             return
         runtime: Runtime = self.app_state["runtime"]
         try:
-            fast = prepare(runtime, publish.stream, publish.headers, bytes(publish.body))
+            fast = prepare(runtime, publish.stream, publish.headers, bytes(publish.body), self.known_publisher)
         except Exception:
             logger.exception("publish fast path failed; the framework answers")
             fast = None
@@ -83,6 +85,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             self._hand_over(publish)
             super().on_message_complete()
             return
+        self.known_publisher = (fast.token, fast.principal)
         task = self.loop.create_task(self._answer(publish, runtime, fast))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
