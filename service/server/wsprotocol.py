@@ -82,6 +82,10 @@ class _GatedServerProtocol(ServerProtocol):
 
     owner: BoundedWebSocketProtocol | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.owner = None  # named first, as every attribute it is ever given (its own keys stay shared)
+        super().__init__(*args, **kwargs)
+
     @property  # type: ignore[override]
     def state(self) -> State:
         return self._state
@@ -162,6 +166,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     ) -> None:
         # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
         self._handshake_complete = self._close_sent = self._disconnected = False
+        self.direct_write = None  # named here, as every attribute a socket is given (see wslean)
         self._shared = Shared.of(config, server_state, app_state, _loop)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
