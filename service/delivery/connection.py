@@ -131,7 +131,7 @@ class Connection:
         self._send = send
         self._send_frame = send_frame
         self._start = start or _in_a_task
-        self._gate = gate if send_frame is not None else None
+        self._gate = gate
         if self._queue:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(None))
         self._regate()
@@ -155,7 +155,7 @@ class Connection:
         """The socket is done: stop writing, and let a close this side started finish first."""
         self.closed = True
         self._send = self._send_frame = None
-        self.direct = None
+        self._regate()
         if self._flush_task is not None:
             self._flush_task.cancel()
         if self._close_task is not None:
@@ -187,7 +187,7 @@ class Connection:
             self._held = {}
         for stream in streams:
             self._held[stream] = []
-        self.direct = None
+        self._regate()
 
     def release(self, replayed: list[str], floors: dict[str, IdKey], *streams: str) -> None:
         """Queue `replayed` (an answer and the streams' replay), then the live frames the replay
@@ -245,7 +245,7 @@ class Connection:
         self.close_code = code
         self._queue = None
         self._held = self._floors = None
-        self.direct = None
+        self._regate()
         if self._ready is not None:
             self._ready.set()
         self._close_task = asyncio.get_running_loop().create_task(self._closer(code, reason))
@@ -257,10 +257,10 @@ class Connection:
             if wire is None or self._send_frame is None or not self._send_frame(wire):
                 self._write_now(frame)
             return
-        self.direct = None
         if self._queue is None:
             self._queue = deque()
         self._queue.append(frame)
+        self._regate()
         self._queued_bytes += len(frame)
         if len(self._queue) > self._max_frames or self._queued_bytes > self._max_bytes:
             self._overflow()
@@ -275,11 +275,11 @@ class Connection:
             rest = self._start(self._send(frame))
         except Exception:  # noqa: BLE001 - the peer is gone; the receiving side sees the disconnect
             self._send = None
-            self.direct = None
+            self._regate()
             return
         if rest is not None:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(rest))
-            self.direct = None
+            self._regate()
 
     async def _flush(self, rest: Awaitable[None] | None) -> None:
         """Finish a send that had to wait, then write the backlog, then go back to writing at once."""

@@ -80,7 +80,7 @@ class _GatedServerProtocol(ServerProtocol):
     """websockets' server protocol, telling the socket's protocol of each change of its state (all
     of them go through this setter), so that `direct_write` is right at every turn."""
 
-    owner: BoundedWebSocketProtocol | None = None
+    owner: BoundedWebSocketProtocol | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.owner = None  # named first, as every attribute it is ever given (its own keys stay shared)
@@ -134,7 +134,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     # A frame may go straight to the transport (`direct_write`) only while the socket is open, its
     # handshake done, no close sent, not gone and the transport taking data: each flag's setter, the
     # flow control's two calls and the websockets state's setter set it again.
-    direct_write: Callable[[bytes], object] | None = None
+    direct_write: Callable[[bytes], object] | None
 
     handshake_complete = property(
         lambda self: self._handshake_complete, lambda self, value: self._flag("_handshake_complete", value)
@@ -176,7 +176,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.request: Request | None = None
         self.response: Response | None = None
         self.scope: Any = None
-        self.handshake_initiated = self.handshake_complete = self.close_sent = self.disconnected = False
+        self.handshake_initiated = False  # the other three flags are named first, above
         self.close_timer: Any = None
         self.initial_response = None
         self.read_paused = False

@@ -13,22 +13,23 @@ is Python's and how much is the service's own path (docs/bench/profile.md).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
-import os
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import httptools
 import jwt
 import orjson
 import uvloop
+
+from .serve import command_line
 
 PUBLISH_SCOPE = "notify:publish"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -57,7 +58,7 @@ class RedisConn(asyncio.Protocol):
 
     def __init__(self, on_push: Callable[[bytes, bytes], None] | None = None) -> None:
         self.reader = hiredis.Reader()
-        self.waiters: list[Reply] = []
+        self.waiters: deque[Reply] = deque()
         self.on_push = on_push
         self.transport: Any = None
 
@@ -70,7 +71,7 @@ class RedisConn(asyncio.Protocol):
             if self.on_push is not None and type(reply) is list and reply[0] == b"message":
                 self.on_push(reply[1], reply[2])
             elif self.waiters:
-                self.waiters.pop(0)(reply)
+                self.waiters.popleft()(reply)
 
     def command(self, *args: bytes, callback: Reply | None = None) -> None:
         out = [b"*%d\r\n" % len(args)]
@@ -176,6 +177,7 @@ class Http(asyncio.Protocol):
         if self.parser.get_method() != b"POST" or not (path == b"/broadcast" or path.startswith(b"/notify/")):
             return self.respond(404, b'{"error":"not_found"}')
         scheme, _, token = self.headers.get(b"authorization", b"").partition(b" ")
+        token = token if scheme.lower() == b"bearer" else b""
         claims = st.publishers.get(token)
         if claims is None or claims["exp"] <= time.time():
             try:
@@ -230,22 +232,18 @@ class Http(asyncio.Protocol):
 async def serve(port: int, redis_url: str, channel: str, secret: str) -> None:
     loop = asyncio.get_running_loop()
     st = State(channel, secret)
-    rest = redis_url.split("://", 1)[1].split("/", 1)
-    host, _, rport = rest[0].partition(":")
-    _, st.pub = await loop.create_connection(RedisConn, host, int(rport or 6379))
-    _, st.sub = await loop.create_connection(lambda: RedisConn(st.on_message), host, int(rport or 6379))
+    url = urlsplit(redis_url)  # the bench's own Redis: no password, database 0
+    host, port_ = url.hostname or "127.0.0.1", url.port or 6379
+    _, st.pub = await loop.create_connection(RedisConn, host, port_)
+    _, st.sub = await loop.create_connection(lambda: RedisConn(st.on_message), host, port_)
     st.sub.command(b"SUBSCRIBE", st.everyone)
     server = await loop.create_server(lambda: Http(st), "127.0.0.1", port, backlog=2048)
     await server.serve_forever()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--channel", default="lean")
-    ns = parser.parse_args()
-    uvloop.run(serve(ns.port, ns.redis, ns.channel, os.environ["BENCH_SECRET"]))
+    ns = command_line("tests.load.raw_server", "raw")
+    uvloop.run(serve(ns.port, ns.redis, ns.channel, ns.secret))
 
 
 if __name__ == "__main__":

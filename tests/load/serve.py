@@ -11,15 +11,22 @@ from typing import Any
 import uvicorn
 
 
-def serve(prog: str, build: Callable[[str, str, str], Any], channel: str) -> None:
-    """`prog --port N --redis URL [--channel PREFIX]`, BENCH_SECRET in the environment."""
+def command_line(prog: str, channel: str) -> argparse.Namespace:
+    """`prog --port N --redis URL [--channel PREFIX]`, BENCH_SECRET in the environment (`secret`)."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
     parser.add_argument("--channel", default=channel)
     ns = parser.parse_args()
+    ns.secret = os.environ["BENCH_SECRET"]
+    return ns
+
+
+def serve(prog: str, build: Callable[[str, str, str], Any], channel: str) -> None:
+    """The app `build` makes on the service's uvicorn setup, from `command_line`."""
+    ns = command_line(prog, channel)
     uvicorn.run(
-        build(ns.redis, ns.channel, os.environ["BENCH_SECRET"]),
+        build(ns.redis, ns.channel, ns.secret),
         host="127.0.0.1",
         port=ns.port,
         loop="uvloop",
