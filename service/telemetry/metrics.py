@@ -1,8 +1,12 @@
-"""Prometheus collectors on a registry the app owns (never the process-global default)."""
+"""Prometheus collectors on a registry the app owns (never the process-global default).
+
+Those a publish or a delivery touches are tallies (`tally.py`): plain numbers, no lock per call."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .tally import TallyCounter, TallyHistogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -18,19 +22,19 @@ class Metrics:
         self.users_online = Gauge("notify_users_online", "Users with at least one socket on this replica.", registry=r)
         self.replica_info = Gauge("notify_replica_info", "Identity of this replica.", ["replica"], registry=r)
         self.replica_info.labels(**labels).set(1)
-        self.published = Counter(
-            "notify_notifications_published", "Notifications accepted by the publish API.", ["kind"], registry=r
+        self.published = TallyCounter(
+            "notify_notifications_published", "Notifications accepted by the publish API.", "kind", registry=r
         )
-        # Children looked up once: `labels()` takes a lock and a dict lookup on every call.
+        # Children looked up once.
         self.published_user = self.published.labels("user")
         self.published_broadcast = self.published.labels("broadcast")
         self.published_topic = self.published.labels("topic")
-        self.publish_fast_path = Counter(
+        self.publish_fast_path = TallyCounter(
             "notify_publish_fast_path",
             "Publish requests answered by the HTTP protocol itself, without the framework's route (api/fastpath.py).",
             registry=r,
         )
-        self.delivered = Counter(
+        self.delivered = TallyCounter(
             "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
         )
         self.dropped = Counter(
@@ -72,13 +76,13 @@ class Metrics:
             registry=r,
         )
         self.slow_consumers = Counter("notify_slow_consumers", "Sockets closed for not reading (4008).", registry=r)
-        self.publish_latency = Histogram(
+        self.publish_latency = TallyHistogram(
             "notify_publish_latency_seconds",
             "Time to hand one notification to the broker.",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = TallyHistogram(
             "notify_delivery_latency_seconds",
             "From publish (notification ts) to the frame reaching this replica's sockets.",
             buckets=_LATENCY_BUCKETS,
