@@ -53,6 +53,18 @@ _PING_DEADLINE = 0.5
 _FLAG = {False: bulk("0"), True: bulk("1")}
 # What a publish answers counting, by the stream's kind: a user's sockets, a topic's members, nothing.
 _COUNTED = {"u": "=", "t": "#", "b": ""}
+# Every user's frame parts (`frame_parts`) and the broadcast's, encoded once.
+_USER_PARTS = b"".join(map(bulk, frame_parts(user_stream("-"))))
+_BROADCAST_PARTS = b"".join(map(bulk, frame_parts(BROADCAST)))
+
+
+def _parts(stream: str, sender: str | None) -> bytes:
+    """The frame's parts as the publish command's two arguments."""
+    if stream == BROADCAST:
+        return _BROADCAST_PARTS
+    if user_of(stream) is not None:
+        return _USER_PARTS
+    return b"".join(map(bulk, frame_parts(stream, sender)))
 
 
 class RedisBroker:
@@ -204,21 +216,24 @@ class RedisBroker:
                 await self._budget.admit(stream, self._rules(stream))
             except _FAILURES as exc:
                 raise self._unavailable(exc) from None
-        idem = self._key(stream, "i:" + hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else ""
-        extra, tail = frame_parts(stream, sender)
-        # KEYS and ARGV in the order scripts.PUBLISH reads them.
-        keys = bulk(self._key(stream, "h")) + bulk(self._key(stream, "c")) + bulk(self._key(stream, "n"))
-        keys += bulk(idem or self._key(stream, "i:-")) + bulk(self._key(stream, "m"))
-        args = b"".join(
-            (
-                bulk(event_json),
-                bulk(data_json),
-                self._bounds(stream),
-                _FLAG[bool(idem)],
-                bulk(extra),
-                bulk(tail),
-                bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
-            )
+        # KEYS and ARGV in the order scripts.PUBLISH reads them, encoded in one step: the stream's
+        # four one-letter keys share its tag, and the idempotency key is the key's or the stream's none.
+        tag = self._key(stream, "").encode()
+        one = b"$%d\r\n%b" % (len(tag) + 1, tag)
+        idem = tag + (
+            b"i:" + hashlib.sha256(idempotency_key.encode()).hexdigest().encode() if idempotency_key else b"i:-"
+        )
+        event, data = event_json.encode(), data_json.encode()
+        keys = b"%bh\r\n%bc\r\n%bn\r\n$%d\r\n%b\r\n%bm\r\n" % (one, one, one, len(idem), idem, one)
+        args = b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b%b" % (
+            len(event),
+            event,
+            len(data),
+            data,
+            self._bounds(stream),
+            _FLAG[bool(idempotency_key)],
+            _parts(stream, sender),
+            bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
         )
         # The check goes in the same step on a single Redis; a cluster keeps it in another slot than
         # the stream's, so there the caller schedules it apart (`checked` stays false).
