@@ -95,6 +95,33 @@ async def test_header_clock_restarts_after_each_response(quick):
         writer.close()
 
 
+async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(single, http):
+    """uvicorn's keep-alive timeout (5 s) kept on the header clock: a request 3 s after a response
+    is served on the same connection (the clock armed for the first response does not cut it), and
+    the connection left idle after the second response is closed without a word 5 s later, not at
+    the header timeout (10 s) and not counted as one."""
+    silent_before = await metric(http, single, 'notify_header_timeouts_total{kind="silent"}')
+    reader, writer = await asyncio.open_connection("127.0.0.1", single.port)
+    try:
+        for pause in (3.0, 0.0):
+            writer.write(head("GET", "/healthz") + b"\r\n")
+            async with asyncio.timeout(TIMEOUT):
+                response = await reader.readuntil(b"\r\n\r\n")
+                assert response.startswith(b"HTTP/1.1 200"), response
+                length = int(response.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            answered = time.monotonic()
+            await asyncio.sleep(pause)
+        async with asyncio.timeout(5 + SLACK):
+            rest = await reader.read()
+        waited = time.monotonic() - answered
+        assert rest == b""
+        assert 4.9 <= waited < 8, waited  # the header timeout would be 10 s
+        assert await metric(http, single, 'notify_header_timeouts_total{kind="silent"}') == silent_before
+    finally:
+        writer.close()
+
+
 async def test_sockets_and_streams_outlive_the_header_timeout(quick, http):
     """The timeout is for request heads only: a WebSocket and an event stream opened on that
     replica still receive a notification published three timeouts later."""

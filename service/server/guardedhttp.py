@@ -8,7 +8,9 @@ that sent nothing is closed. A head is also bounded in size (431), uvicorn's par
 answered as JSON like every other error, and the first request of each connection passes the
 connection ceilings (`server/admission.py`), and each socket or stream handshake the handshake rate.
 Everything happens before a request reaches the app, so it covers plain HTTP, SSE, WebSocket
-handshakes and the publish fast path alike.
+handshakes and the publish fast path alike. The same clock keeps uvicorn's keep-alive timeout (a
+connection idle that long after a response is closed): uvicorn arms a loop timer for it after every
+response and cancels it on the next request's first bytes, a few microseconds a publish.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads = 0  # request heads completed on this connection
         self._head_deadline: float | None = None  # while waiting for a head
+        self._idle_deadline: float | None = None  # after a response, until a next request begins: keep-alive
         self._head_timer: asyncio.TimerHandle | None = None
         self._handshake_wait = 0.0  # this head's handshake is held back this long (the handshake rate)
 
@@ -78,20 +81,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._client = None
         super().connection_lost(exc)
 
-    def _await_head(self) -> None:
-        """Start the clock for the next request head. One timer serves many requests: it is
-        re-armed when it fires early, not set again for every response of a busy connection."""
-        self._head_deadline = self.loop.time() + self.exposure.header_timeout
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_at(self._head_deadline, self._head_clock)
+    def _await_head(self, idle: bool = False) -> None:
+        """Start the clock for the next request head (`idle`: after a response, with the keep-alive
+        timeout too). One timer serves many requests: it is re-armed when it fires early, not set
+        again for every response of a busy connection."""
+        now = self.loop.time()
+        self._head_deadline = now + self.exposure.header_timeout
+        self._idle_deadline = now + self.timeout_keep_alive if idle else None
+        due = self._idle_deadline if idle and self._idle_deadline < self._head_deadline else self._head_deadline
+        timer = self._head_timer
+        if timer is not None and timer.when() > due:  # armed for a later deadline: the first response's
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._head_timer = self.loop.call_at(due, self._head_clock)
 
     def _head_clock(self) -> None:
         self._head_timer = None
         deadline = self._head_deadline
         if deadline is None or self.transport.is_closing():
             return
-        if self.loop.time() < deadline:
-            self._head_timer = self.loop.call_at(deadline, self._head_clock)
+        now = self.loop.time()
+        idle = self._idle_deadline
+        if idle is not None and now >= idle:
+            self.transport.close()  # kept alive long enough, as uvicorn's timeout_keep_alive_handler
+            return
+        if now < deadline:
+            self._head_timer = self.loop.call_at(deadline if idle is None else min(idle, deadline), self._head_clock)
             return
         self.exposure.timed_out(self._in_head)
         if self._in_head:
@@ -104,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
+        self._idle_deadline = None
 
     def data_received(self, data: bytes) -> None:
         # Counted only when the whole chunk belongs to the head still unfinished after it: never a
@@ -118,10 +135,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.answer(HeadersTooLarge(f"the request head is over {MAX_HEAD_BYTES} bytes"))
 
     def on_response_complete(self) -> None:
-        idle = not self.pipeline  # else the next request's head is in already
-        super().on_response_complete()
-        if idle and not self.transport.is_closing():
-            self._await_head()
+        # uvicorn's, with its keep-alive timeout on the head clock (see the module docstring).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # the next request's head is in already
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._await_head(idle=True)
 
     # ---- each request head
 
