@@ -27,9 +27,10 @@ Starter = Callable[[Coroutine[Any, Any, None]], Awaitable[None] | None]
 
 class WriteGate(Protocol):
     """What the server offers for the fan-out (`core.frames.DIRECT_WRITE_EXTENSION`): the socket's
-    write while a frame may go straight to it, else None."""
+    write while a frame may go straight to it, else None; it calls `on_regate` whenever that changes."""
 
     direct_write: Callable[[bytes], object] | None
+    on_regate: Callable[[], object] | None
 
 
 _in_a_task: Starter = asyncio.ensure_future
@@ -112,9 +113,9 @@ class Connection:
         self._start: Starter = _in_a_task
         self._flush_task: asyncio.Task[None] | None = None
         self.timers = timers  # where its deadlines (the token's expiry) are kept
-        # The server's gate while nothing here stands between a live frame and the socket (see
-        # `_regate`): the hub then writes a fan-out's frame to it without calling into this object.
-        self.direct: WriteGate | None = None
+        # The socket's write while nothing here or in the server stands between a live frame and the
+        # socket (see `_regate`): the hub then writes a fan-out's frame with it, touching no other object.
+        self.direct: Callable[[bytes], object] | None = None
         self._gate: WriteGate | None = None
 
     def attach(
@@ -132,17 +133,22 @@ class Connection:
         self._send_frame = send_frame
         self._start = start or _in_a_task
         self._gate = gate
+        if gate is not None:
+            gate.on_regate = self._regate
         if self._queue:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush(None))
         self._regate()
 
     def _regate(self) -> None:
-        """`direct` is the gate only while a live frame needs nothing from this object: it is open
-        and writing at once (no backlog, no send under way), and no stream is held back for a
-        replay or filtered against one. Set again wherever one of these changes."""
+        """`direct` is the gate's write only while a live frame needs nothing from this object: it
+        is open and writing at once (no backlog, no send under way), and no stream is held back for
+        a replay or filtered against one. Set again wherever one of these changes, and by the gate
+        whenever its own write does."""
+        gate = self._gate
         self.direct = (
-            self._gate
-            if self._send is not None
+            gate.direct_write
+            if gate is not None
+            and self._send is not None
             and self._flush_task is None
             and not self._queue
             and self._held is None
@@ -156,6 +162,8 @@ class Connection:
         self.closed = True
         self._send = self._send_frame = None
         self._regate()
+        if self._gate is not None:
+            self._gate.on_regate = None
         if self._flush_task is not None:
             self._flush_task.cancel()
         if self._close_task is not None:

@@ -212,8 +212,8 @@ class Hub:
         for conn in targets:
             # Straight to the socket where nothing stands between (`Connection.direct`): most
             # sockets, most of the time; else the connection decides (hold, filter, queue, wait).
-            gate = conn.direct
-            if gate is not None and (write := gate.direct_write) is not None:
+            write = conn.direct
+            if write is not None:
                 write(wire)
             else:
                 conn.push(stream, frame, wire)

@@ -135,6 +135,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     # handshake done, no close sent, not gone and the transport taking data: each flag's setter, the
     # flow control's two calls and the websockets state's setter set it again.
     direct_write: Callable[[bytes], object] | None
+    on_regate: Callable[[], object] | None  # the connection's, told of every change (`WriteGate`)
 
     handshake_complete = property(
         lambda self: self._handshake_complete, lambda self, value: self._flag("_handshake_complete", value)
@@ -156,6 +157,8 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             and self.conn.state is State.OPEN
             else None
         )
+        if self.on_regate is not None:
+            self.on_regate()  # the connection keeps the write itself (`Connection.direct`)
 
     def __init__(
         self,
@@ -166,7 +169,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     ) -> None:
         # uvicorn's own __init__ is not called (see above); this is what it does, per socket.
         self._handshake_complete = self._close_sent = self._disconnected = False
-        self.direct_write = None  # named here, as every attribute a socket is given (see wslean)
+        self.direct_write = self.on_regate = None  # named here, as every attribute a socket is given (see wslean)
         self._shared = Shared.of(config, server_state, app_state, _loop)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
@@ -220,7 +223,9 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
             self.on_lost()
             self.on_lost = None
         super().connection_lost(exc)
-        self.conn.owner = None  # no cycle left for the collector: a gone socket's state no longer matters
+        # No cycle left for the collector: a gone socket's state no longer matters.
+        self.conn.owner = None
+        self.on_regate = None
 
     def data_received(self, data: bytes) -> None:
         if self.pending_ping_payload is not None and len(data) == 10 and self.conn.state is State.OPEN:
