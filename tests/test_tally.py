@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from service.telemetry.metrics import Metrics
-from service.telemetry.tally import TallyCounter, TallyHistogram
+from service.telemetry.tally import TallyCounter, TallyGauge, TallyHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
 # Observations on, under and between the bounds, and past the last.
@@ -27,6 +27,8 @@ def test_a_tally_scrapes_as_prometheus_clients_own() -> None:
     reference_kinds = Counter("c_kinds", "a counter by kind", ["kind"], registry=theirs)
     times = TallyHistogram("h_seconds", "a histogram", BUCKETS, registry=ours)
     reference_times = Histogram("h_seconds", "a histogram", buckets=BUCKETS, registry=theirs)
+    last = TallyGauge("g_last", "a gauge", registry=ours)
+    reference_last = Gauge("g_last", "a gauge", registry=theirs)
     for n, value in enumerate(VALUES):
         plain.inc(n)
         reference_plain.inc(n)
@@ -34,9 +36,12 @@ def test_a_tally_scrapes_as_prometheus_clients_own() -> None:
         reference_kinds.labels("user" if n % 3 else "topic").inc()
         times.observe(value)
         reference_times.observe(value)
+        last.set(value)
+        reference_last.set(value)
     assert _scrape(ours) == _scrape(theirs)
     assert 'c_kinds_total{kind="user"} 5.0' in _scrape(ours)
     assert 'h_seconds_bucket{le="0.001"} 2.0' in _scrape(ours)  # a bound holds the value equal to it
+    assert "g_last 7.5" in _scrape(ours)
 
 
 def test_the_service_exports_its_publish_and_delivery_tallies() -> None:
@@ -46,6 +51,7 @@ def test_the_service_exports_its_publish_and_delivery_tallies() -> None:
     metrics.published_topic.inc()
     metrics.delivered.inc(2)
     metrics.delivery_latency.observe(0.003)
+    metrics.broker_last_message.set(1.5e9)
     text = metrics.render().decode()
     assert 'notify_notifications_published_total{kind="user"} 1.0' in text
     assert 'notify_notifications_published_total{kind="topic"} 2.0' in text
@@ -54,3 +60,4 @@ def test_the_service_exports_its_publish_and_delivery_tallies() -> None:
     assert 'notify_delivery_latency_seconds_bucket{le="0.0025"} 0.0' in text
     assert 'notify_delivery_latency_seconds_bucket{le="0.005"} 1.0' in text
     assert "notify_publish_fast_path_total 0.0" in text
+    assert "notify_broker_last_message_timestamp_seconds 1.5e+09" in text

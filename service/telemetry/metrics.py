@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .tally import TallyCounter, TallyHistogram
+from .tally import TallyCounter, TallyGauge, TallyHistogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -107,7 +107,7 @@ class Metrics:
         self.task_failures = Counter(
             "notify_background_task_failures", "Background tasks of the hub that ended with an error.", registry=r
         )
-        self.broker_last_message = Gauge(
+        self.broker_last_message = TallyGauge(
             "notify_broker_last_message_timestamp_seconds", "Unix time of the last message from the broker.", registry=r
         )
         by_type = ["type", "endpoint"]

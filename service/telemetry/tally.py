@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
@@ -52,6 +52,21 @@ class TallyCounter:
         for value, child in self._children.items():
             family.add_metric([value] if self._label else [], child.value, created=child.created)
         yield family
+
+
+class TallyGauge:
+    """A gauge with no labels: `set` gives it its value."""
+
+    def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=self.value)
 
 
 class TallyHistogram:
