@@ -249,8 +249,13 @@ RUNNERS = {
     "pings": run_pings,
 }
 # Sessions only some systems take (by `System.server`): the capacity session weighs the service against
-# itself (one Redis against a cluster); the keepalive one needs a keepalive the session can set.
-ONLY_FOR = {"capacity": {"service"}, "pings": PINGED}
+# itself (one Redis against a cluster); the keepalive one needs a keepalive the session can set; the
+# Python floor (raw_server.py) has no topics, and would wait out every topic message undelivered.
+ONLY_FOR = {
+    "capacity": {"service"},
+    "pings": PINGED,
+    "topic": {"service", "python", "node", "lean-python", "lean-node"},
+}
 
 
 async def run(systems: list[System], plan: Plan) -> dict[str, Any]:
