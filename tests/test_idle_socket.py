@@ -34,7 +34,8 @@ from tests.utils import ROOT, SECRET, TIMEOUT, free_port, token
 LIFETIME_NAMES = (
     "transport server client scheme request response scope handshake_initiated handshake_complete "
     "close_sent disconnected close_timer initial_response read_paused ping_timer pong_timer "
-    "pending_ping_payload ping_sent_at last_ping_rtt frames curr_msg_data_type on_lost on_answered direct_write on_regate"
+    "pending_ping_payload ping_sent_at last_ping_rtt frames curr_msg_data_type on_lost on_answered direct_write "
+    "on_regate"
 ).split()
 
 
