@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,21 @@ def test_bench_harness_counts_every_delivery(system: System):
     assert topic["lost"] == 0 and topic["duplicates"] == 0 and topic["misrouted"] == 0 and topic["stale"] == 0
     assert topic["complete_broadcasts"] == 3
     assert 0 < topic["fanout_p50_ms"] <= topic["fanout_p99_ms"] <= topic["fanout_max_ms"]
+
+
+def test_a_pinned_deployment_keeps_its_server_apart_and_gives_this_process_its_cpus_back():
+    cpus = sorted(os.sched_getaffinity(0))
+    with Deployment(LEAN_PYTHON) as dep:
+        assert dep.redis is not None and dep.redis.proc is not None
+        dep.pin()
+        server = os.sched_getaffinity(dep.replicas[0].pid)
+        redis = os.sched_getaffinity(dep.redis.proc.pid)
+        generator = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        assert server == {cpus[-1]} and redis == generator == set(cpus[:-1])
+    else:  # nothing to keep apart
+        assert server == redis == generator == set(cpus)
+    assert os.sched_getaffinity(0) == set(cpus)
 
 
 def test_keepalive_session_counts_the_pings_it_prices():

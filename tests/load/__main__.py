@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-report", action="store_true", help="print the summary; write no files")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server on the last CPU, Redis and the generator on the others (targeted, broadcast, pair and "
+        "topic sessions): rounds spread a few per cent, not fifteen; for weighing a change (--variant tree=DIR)",
+    )
+    parser.add_argument(
         "--report-from", default=None, metavar="JSON", help="rewrite the report from a results.json instead of running"
     )
     parser.add_argument(
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.sessions = [s for s in plan.sessions if s != "capacity"]
         print("redis-cli is not on PATH: the capacity session is left out", file=sys.stderr)
     plan.profile_dir = ns.profile
+    plan.pin = ns.pin
 
     node = node_status()
     peers = {"socketio": SOCKETIO, "node-socketio": NODE_SOCKETIO, "lean-python": LEAN_PYTHON, "lean-node": LEAN_NODE}

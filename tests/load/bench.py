@@ -67,6 +67,7 @@ class Plan:
     capacity_subscribers: int = 16  # subscriber connections on the broadcast channel, raw driver
     sessions: list[str] = field(default_factory=lambda: ["targeted", "broadcast", "pair", "topic", "pings", "capacity"])
     embedded: bool = False  # notify only: no Redis (the smoke test)
+    pin: bool = False  # replicas on their own CPU (`Deployment.pin`): steadier A/B, not for the report
     warmup: bool = True
     profile_dir: str | None = None
 
@@ -84,6 +85,8 @@ async def _session(  # type: ignore[no-untyped-def]
 ):
     embedded = plan.embedded and system.server == "service"
     with Deployment(system, replicas, embedded=embedded) as dep:
+        if plan.pin:
+            dep.pin()
         fleet = Fleet(system.kind, plan.users)
         ports = [r.port for r in dep.replicas]
         connect = await W.connect(dep, fleet, lambda i: ports[i % len(ports)], plan.concurrency)
