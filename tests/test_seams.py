@@ -92,6 +92,27 @@ def test_the_hand_driven_send_still_waits_only_for_room():
     assert awaits == ["self.writable.wait()"], awaits
 
 
+def test_uvicorns_response_complete_still_takes_only_the_steps_the_header_clock_replaces():
+    """`GuardedHttpProtocol.on_response_complete` is uvicorn's, less its keep-alive timer (kept by
+    the header clock): a step uvicorn adds there is a step the replacement would miss."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    steps = set(re.findall(r"self\.([\w.]+)", inspect.getsource(HttpToolsProtocol.on_response_complete)))
+    assert steps == {
+        "server_state.total_requests",
+        "transport.is_closing",
+        "_unset_keepalive_if_required",  # cancels the timer below: never armed here
+        "flow.resume_reading",
+        "pipeline",
+        "pipeline.pop",
+        "_start_asgi_task",
+        "timeout_keep_alive_task",
+        "loop.call_later",
+        "timeout_keep_alive",
+        "timeout_keep_alive_handler",  # closes the transport, as the header clock does
+    }, steps
+
+
 def _library_base(cls: type) -> type | None:
     return next((b for b in cls.__mro__ if b.__module__.split(".")[0] in LIBRARIES), None)
 
