@@ -391,6 +391,7 @@ class ModeDeployment(Deployment):
         self.count = 1
         self.namespace = f"b{uuid.uuid4().hex[:8]}"
         self.replicas = []
+        self._unpinned = None
 
     def redis_cpu(self) -> float:
         return self.brokers.cpu()[0]
