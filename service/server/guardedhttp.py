@@ -86,9 +86,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         timeout too). One timer serves many requests: it is re-armed when it fires early, not set
         again for every response of a busy connection."""
         now = self.loop.time()
-        self._head_deadline = now + self.exposure.header_timeout
-        self._idle_deadline = now + self.timeout_keep_alive if idle else None
-        due = self._idle_deadline if idle and self._idle_deadline < self._head_deadline else self._head_deadline
+        self._head_deadline = due = now + self.exposure.header_timeout
+        self._idle_deadline = None
+        if idle:
+            self._idle_deadline = now + self.timeout_keep_alive
+            due = min(due, self._idle_deadline)
         timer = self._head_timer
         if timer is not None and timer.when() > due:  # armed for a later deadline: the first response's
             timer.cancel()

@@ -1,4 +1,4 @@
-"""Counters and histograms for the hot paths: plain numbers, read when the registry is scraped.
+"""Counters, gauges and histograms for the hot paths: plain numbers, read when the registry is scraped.
 
 prometheus_client's own take a lock and check the metric's state on every call: a publish touched
 five of them, some thirty Python calls, more than its own id and keys cost. Every metric here is

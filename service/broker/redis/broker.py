@@ -217,7 +217,7 @@ class RedisBroker:
             except _FAILURES as exc:
                 raise self._unavailable(exc) from None
         # KEYS and ARGV in the order scripts.PUBLISH reads them, encoded in one step: the stream's
-        # four one-letter keys share its tag, and the idempotency key is the key's or the stream's none.
+        # four one-letter keys share its tag, as does its idempotency key (the caller's, hashed; else `i:-`).
         tag = self._key(stream, "").encode()
         one = b"$%d\r\n%b" % (len(tag) + 1, tag)
         idem = tag + (
