@@ -2,14 +2,13 @@
 
 Every key and channel of one stream carries that stream's hash tag (`<prefix>:{u:alice}:h` is
 alice's history, `...:c` her channel, `...:n` her last id), so the publish script touches one slot
-and the same code serves a single Redis and a cluster. The subscription (subscription.py) and
-presence (presence.py) live beside this module.
+and the same code serves a single Redis and a cluster. The subscription (subscription.py),
+presence (presence.py) and the publish command's encoding (publishing.py) live beside this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
 from ...core.ids import id_key, is_ahead, is_recoverable
-from ...core.streams import BROADCAST, is_topic, user_of, user_stream
+from ...core.streams import BROADCAST, is_topic, user_stream
 from ...telemetry.metrics import Metrics
 from ..base import (
     FrameHandler,
@@ -33,7 +32,6 @@ from ..base import (
     Published,
     ReadState,
     StreamRules,
-    frame_parts,
 )
 from . import scripts
 from .budget import TopicBudget
@@ -41,6 +39,7 @@ from .clients import RedisClients
 from .connector import Connector
 from .pipeline import Lua
 from .presence import Presence, PresenceKeys, RulesOf
+from .publishing import publish_args, publish_keys
 from .resp import bulk, command
 from .subscription import Subscription
 from .supervisor import Supervisor
@@ -50,21 +49,6 @@ logger = logging.getLogger("service.broker")
 
 _FAILURES = (RedisError, OSError, TimeoutError)
 _PING_DEADLINE = 0.5
-_FLAG = {False: bulk("0"), True: bulk("1")}
-# What a publish answers counting, by the stream's kind: a user's sockets, a topic's members, nothing.
-_COUNTED = {"u": "=", "t": "#", "b": ""}
-# Every user's frame parts (`frame_parts`) and the broadcast's, encoded once.
-_USER_PARTS = b"".join(map(bulk, frame_parts(user_stream("-"))))
-_BROADCAST_PARTS = b"".join(map(bulk, frame_parts(BROADCAST)))
-
-
-def _parts(stream: str, sender: str | None) -> bytes:
-    """The frame's parts as the publish command's two arguments."""
-    if stream == BROADCAST:
-        return _BROADCAST_PARTS
-    if user_of(stream) is not None:
-        return _USER_PARTS
-    return b"".join(map(bulk, frame_parts(stream, sender)))
 
 
 class RedisBroker:
@@ -216,25 +200,8 @@ class RedisBroker:
                 await self._budget.admit(stream, self._rules(stream))
             except _FAILURES as exc:
                 raise self._unavailable(exc) from None
-        # KEYS and ARGV in the order scripts.PUBLISH reads them, encoded in one step: the stream's
-        # four one-letter keys share its tag, as does its idempotency key (the caller's, hashed; else `i:-`).
-        tag = self._key(stream, "").encode()
-        one = b"$%d\r\n%b" % (len(tag) + 1, tag)
-        idem = tag + (
-            b"i:" + hashlib.sha256(idempotency_key.encode()).hexdigest().encode() if idempotency_key else b"i:-"
-        )
-        event, data = event_json.encode(), data_json.encode()
-        keys = b"%bh\r\n%bc\r\n%bn\r\n$%d\r\n%b\r\n%bm\r\n" % (one, one, one, len(idem), idem, one)
-        args = b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b%b" % (
-            len(event),
-            event,
-            len(data),
-            data,
-            self._bounds(stream),
-            _FLAG[bool(idempotency_key)],
-            _parts(stream, sender),
-            bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
-        )
+        keys = publish_keys(self._key(stream, ""), idempotency_key)
+        args = publish_args(stream, event_json, data_json, self._bounds(stream), bool(idempotency_key), sender)
         # The check goes in the same step on a single Redis; a cluster keeps it in another slot than
         # the stream's, so there the caller schedules it apart (`checked` stays false).
         if check is None or self._slots is not None:
