@@ -215,7 +215,7 @@ class SentinelTopology:
         deadline = time.monotonic() + 6 * TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):
-                linked = all(r.client().info("replication")["master_link_status"] == "up" for r in self.replicas)
+                linked = all(r.client().info("replication").get("master_link_status") == "up" for r in self.replicas)
                 states = [s.client().sentinel_master(self.master_name) for s in self.sentinels]
                 if linked and all(
                     st["num-slaves"] == len(self.replicas) and st["num-other-sentinels"] == len(self.sentinels) - 1
