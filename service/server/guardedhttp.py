@@ -86,17 +86,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         timeout too). One timer serves many requests: it is re-armed when it fires early, not set
         again for every response of a busy connection."""
         now = self.loop.time()
-        self._head_deadline = due = now + self.exposure.header_timeout
-        self._idle_deadline = None
-        if idle:
-            self._idle_deadline = now + self.timeout_keep_alive
-            due = min(due, self._idle_deadline)
+        self._head_deadline = now + self.exposure.header_timeout
+        self._idle_deadline = now + self.timeout_keep_alive if idle else None
+        due = self._due(self._head_deadline)
         timer = self._head_timer
         if timer is not None and timer.when() > due:  # armed for a later deadline: the first response's
             timer.cancel()
             timer = None
         if timer is None:
             self._head_timer = self.loop.call_at(due, self._head_clock)
+
+    def _due(self, head_deadline: float) -> float:
+        """When the clock must next look: the head's deadline, or the keep-alive's if that is sooner."""
+        idle = self._idle_deadline
+        return head_deadline if idle is None else min(idle, head_deadline)
 
     def _head_clock(self) -> None:
         self._head_timer = None
@@ -109,7 +112,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()  # kept alive long enough, as uvicorn's timeout_keep_alive_handler
             return
         if now < deadline:
-            self._head_timer = self.loop.call_at(deadline if idle is None else min(idle, deadline), self._head_clock)
+            self._head_timer = self.loop.call_at(self._due(deadline), self._head_clock)
             return
         self.exposure.timed_out(self._in_head)
         if self._in_head:

@@ -385,13 +385,9 @@ class ModeDeployment(Deployment):
     the service, its Redis CPU being the primaries' (the replicas' is read apart)."""
 
     def __init__(self, system: System, brokers: Brokers) -> None:
-        self.system = system
+        super().__init__(system, embedded=True)  # no RedisServer of its own: `brokers` stands there
         self.redis = brokers  # type: ignore[assignment]
         self.brokers = brokers
-        self.count = 1
-        self.namespace = f"b{uuid.uuid4().hex[:8]}"
-        self.replicas = []
-        self._unpinned = None
 
     def redis_cpu(self) -> float:
         return self.brokers.cpu()[0]

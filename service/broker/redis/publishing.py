@@ -20,12 +20,12 @@ _USER_PARTS = b"".join(map(bulk, frame_parts(user_stream("-"))))
 _BROADCAST_PARTS = b"".join(map(bulk, frame_parts(BROADCAST)))
 
 
-def _parts(stream: str, sender: str | None) -> bytes:
-    """The frame's parts as the publish command's two arguments."""
+def _parts(stream: str, user: str | None, sender: str | None) -> bytes:
+    """The frame's parts as the publish command's two arguments (`user`: the stream's, if a user's)."""
+    if user is not None:
+        return _USER_PARTS
     if stream == BROADCAST:
         return _BROADCAST_PARTS
-    if user_of(stream) is not None:
-        return _USER_PARTS
     return b"".join(map(bulk, frame_parts(stream, sender)))
 
 
@@ -45,7 +45,7 @@ def publish_args(
 ) -> bytes:
     """ARGV: the frame's event and data, the stream's bounds (`bounds`: history length, age and
     idempotency window, already encoded), whether a key guards it, the frame's parts, what to count."""
-    event, data = event_json.encode(), data_json.encode()
+    event, data, user = event_json.encode(), data_json.encode(), user_of(stream)
     return b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b%b%b" % (
         len(event),
         event,
@@ -53,6 +53,6 @@ def publish_args(
         data,
         bounds,
         _FLAG[idempotent],
-        _parts(stream, sender),
-        bulk(_COUNTED[stream[0]] + (user_of(stream) or "")),
+        _parts(stream, user, sender),
+        bulk(_COUNTED[stream[0]] + (user or "")),
     )
