@@ -66,10 +66,23 @@ class Lua:
 class _Link:
     """One connected socket: commands out, replies matched to their callers in order."""
 
-    __slots__ = ("conn", "pending", "sent_at", "out", "flush_scheduled", "watchdog", "reader_task", "broken", "acked")
+    __slots__ = (
+        "conn",
+        "loop",
+        "pending",
+        "sent_at",
+        "out",
+        "flush_scheduled",
+        "watchdog",
+        "reader_task",
+        "broken",
+        "acked",
+    )
 
     def __init__(self, conn: RawConnection) -> None:
         self.conn = conn
+        # Kept, not asked for per command: CPython 3.11's get_running_loop makes a getpid system call.
+        self.loop = asyncio.get_running_loop()
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.sent_at: deque[float] = deque()  # loop time each pending command was queued
         self.out: list[bytes] = []
@@ -145,7 +158,7 @@ class AutoPipeline:
         if link is None or link.broken is not None:
             async with asyncio.timeout(self._deadline):
                 link = await self._connect()
-        loop = asyncio.get_running_loop()
+        loop = link.loop
         if asking:
             told: asyncio.Future[Any] = loop.create_future()
             told.add_done_callback(_retrieve)
@@ -197,7 +210,7 @@ class AutoPipeline:
         if link.acked is not None:
             link.out.append(self._wait)
             link.pending.append(link.acked)
-            link.sent_at.append(asyncio.get_running_loop().time())
+            link.sent_at.append(link.loop.time())
             link.acked = None
         data = b"".join(link.out) if len(link.out) > 1 else link.out[0]
         link.out.clear()
