@@ -23,6 +23,7 @@ from ..api.runtime import Runtime
 from ..core.errors import ServiceError
 from ..telemetry import logs
 from .guardedhttp import NO_EVENT, GuardedHttpProtocol
+from .publishlane import split
 
 logger = logging.getLogger("service")
 
@@ -50,6 +51,42 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
     connection; pipelined requests behind it wait their turn as uvicorn makes them."""
 
     known_publisher: Known | None = None  # see `fastpath.Known`
+
+    def data_received(self, data: bytes) -> None:
+        # The publish lane (`server/publishlane.py`): once this connection's publisher is known, and
+        # while nothing is in flight and httptools is between requests.
+        if self.known_publisher is not None and self._admitted and not self._in_head and not self.pipeline:
+            cycle = self.cycle
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing() and self._lane(data):
+                return
+        super().data_received(data)
+
+    def _lane(self, data: bytes) -> bool:
+        """Publish the one request `data` holds, as `on_message_complete` would; False when the lane
+        does not take it (httptools reads it then, from its first byte)."""
+        runtime: Runtime = self.app_state["runtime"]
+        request = split(data, runtime.settings.max_payload_bytes)
+        if request is None:
+            return False
+        path, headers, body = request
+        stream = publish_target(path)
+        if stream == NOT_A_PUBLISH:
+            return False
+        try:
+            fast = prepare(runtime, stream, headers, body, self.known_publisher)
+        except Exception:
+            logger.exception("publish lane failed; httptools reads the request")
+            return False
+        if fast is None:
+            return False  # the usual path refuses it in its usual way
+        # What the head's callbacks would have done (`GuardedHttpProtocol.on_headers_complete`).
+        self._heads += 1
+        self._head_deadline = self._idle_deadline = None
+        publish = _Publish(stream, path, headers, keep_alive=True)
+        self.cycle = publish  # type: ignore[assignment]
+        runtime.metrics.publish_lane.inc()
+        self._start(publish, runtime, fast)
+        return True
 
     def serve_head(self) -> None:
         if (self.cycle is None or self.cycle.response_complete) and not self.expect_100_continue:
@@ -85,6 +122,9 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             self._hand_over(publish)
             super().on_message_complete()
             return
+        self._start(publish, runtime, fast)
+
+    def _start(self, publish: _Publish, runtime: Runtime, fast: FastPublish) -> None:
         self.known_publisher = (fast.token, fast.principal)
         task = self.loop.create_task(self._answer(publish, runtime, fast))
         task.add_done_callback(self.tasks.discard)

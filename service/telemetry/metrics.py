@@ -34,6 +34,11 @@ class Metrics:
             "Publish requests answered by the HTTP protocol itself, without the framework's route (api/fastpath.py).",
             registry=r,
         )
+        self.publish_lane = TallyCounter(
+            "notify_publish_lane",
+            "Of those, the requests read whole by the publish lane rather than httptools (server/publishlane.py).",
+            registry=r,
+        )
         self.delivered = TallyCounter(
             "notify_notifications_delivered", "Notification frames queued to a socket on this replica.", registry=r
         )
