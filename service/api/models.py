@@ -28,6 +28,17 @@ class PublishRequest(BaseModel):
     data: Any = None
 
 
+class PlainPublish:
+    """A publish of an event name and data only, the common body: what `api.fastpath` reads without
+    building a `PublishRequest` (it checks what the model would); `api.publish` takes either."""
+
+    __slots__ = ("event", "data")
+
+    def __init__(self, event: str, data: Any) -> None:
+        self.event = event
+        self.data = data
+
+
 MAX_FALLBACK_SECONDS = 604_800
 
 

@@ -27,6 +27,7 @@ from .models import (
     ErrorBody,
     Fallback,
     NotifyRequest,
+    PlainPublish,
     PublishAccepted,
     PublishRequest,
 )
@@ -137,7 +138,11 @@ def check_topic(runtime: Runtime, topic: str) -> str:
 
 
 async def _publish(
-    runtime: Runtime, publisher: Principal, stream: str, body: PublishRequest, idempotency_key: str | None
+    runtime: Runtime,
+    publisher: Principal,
+    stream: str,
+    body: PublishRequest | PlainPublish,
+    idempotency_key: str | None,
 ) -> Published:
     try:
         data_json = orjson.dumps(body.data).decode()
@@ -178,7 +183,7 @@ async def _publish(
 _LONGEST_ID = "9" * 15 + "-" + "9" * 19
 
 
-def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
+def _push_of(runtime: Runtime, body: PublishRequest | PlainPublish) -> dict[str, Any] | None:
     """The publish's push, checked before anything is published (422 when too large once encrypted);
     None without `push`, or with no push configured (then it is ignored)."""
     if not isinstance(body, NotifyRequest) or body.push is None or runtime.pushes is None:
@@ -191,7 +196,7 @@ def _push_of(runtime: Runtime, body: PublishRequest) -> dict[str, Any] | None:
     return push
 
 
-def _fallback_of(body: PublishRequest, push: dict[str, Any] | None) -> Fallback | None:
+def _fallback_of(body: PublishRequest | PlainPublish, push: dict[str, Any] | None) -> Fallback | None:
     """A user's fallback (`push` alone means `offline`); None without either."""
     if not isinstance(body, NotifyRequest):
         return None
