@@ -3,10 +3,10 @@
 A backend's keep-alive connection sends one small publish after another, and each one read by
 httptools costs about ten calls back into Python (uvicorn's protocol and ours: the message's
 begin, its URL, each header, the head's end, the body, the message's end) before the fast path
-sees it: about 15 % of a replica's CPU per publish (docs/bench/profile.md). Once a connection has
-had a publish accepted, a read that holds exactly one complete request in a strict subset of
-HTTP/1.1 is split here in a few C calls instead, and goes to the same checks
-(`api.fastpath.prepare`) and the same answer (`server/httpprotocol.py`).
+sees it. Once a connection has had a publish accepted, a read that holds exactly one complete
+request in a strict subset of HTTP/1.1 is split here in a few C calls instead, and goes to the
+same checks (`api.fastpath.prepare`) and the same answer (`server/httpprotocol.py`): about 4 % of
+a replica's CPU per publish at 1,000 POST/s (docs/bench/profile.md).
 
 `split` answers None for anything else, and the read then goes to httptools untouched (nothing
 was consumed, and the parser is between requests): a head or body split over reads, a request
