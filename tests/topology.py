@@ -213,17 +213,21 @@ class SentinelTopology:
     def _wait_settled(self) -> None:
         """Until every replica is in sync and every sentinel knows the replicas and the other two."""
         deadline = time.monotonic() + 6 * TIMEOUT
+        seen: object = "nothing: every query failed"  # the last state, for the error: it settles in about 2 s
         while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
-                linked = all(r.client().info("replication").get("master_link_status") == "up" for r in self.replicas)
+            try:
+                links = [r.client().info("replication").get("master_link_status") for r in self.replicas]
                 states = [s.client().sentinel_master(self.master_name) for s in self.sentinels]
-                if linked and all(
-                    st["num-slaves"] == len(self.replicas) and st["num-other-sentinels"] == len(self.sentinels) - 1
-                    for st in states
-                ):
+            except redis.RedisError as exc:
+                seen = f"{type(exc).__name__}: {exc}"
+            else:
+                known = [(st["num-slaves"], st["num-other-sentinels"]) for st in states]
+                seen = f"replica links {links}, (replicas, other sentinels) each sentinel knows {known}"
+                wanted = (len(self.replicas), len(self.sentinels) - 1)
+                if all(link == "up" for link in links) and all(k == wanted for k in known):
                     return
             time.sleep(0.1)
-        raise RuntimeError("the sentinel topology did not settle")
+        raise RuntimeError(f"the sentinel topology did not settle; last seen: {seen}")
 
     def wait_promotion(self, old: Node, within: float) -> Node:
         """The node other than `old` that says it is the primary, once one does (the sentinels may
