@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from service.api.fastpath import plain
 from service.api.models import NotifyRequest
 
+from .mutations import mutated
+
 SEEDS = [
     b'{"event":"order.shipped","data":{"order":7,"items":[1,2.5,-0.0,1e300,null,true,"x"]}}',
     b'{"data":"\\u00e9\\ud83d\\ude00\\n","event":"caf\\u00e9"}',
@@ -22,20 +24,6 @@ SEEDS = [
 
 # Bytes a mutation may insert: JSON's punctuation, escapes, digits and odd characters.
 PALETTE = b'{}[]":,\\ \t\n0123456789.eE+-uaxntf\x00\x1f\x7f\xc3\xa9\xff'
-
-
-def _mutated(rng: random.Random, data: bytes) -> bytes:
-    out = bytearray(data)
-    for _ in range(rng.randint(1, 3)):
-        at = rng.randrange(len(out) + 1)
-        kind = rng.random()
-        if kind < 0.45:
-            out[at:at] = bytes([rng.choice(PALETTE)])
-        elif kind < 0.75 and at < len(out):
-            del out[at]
-        elif at < len(out):
-            out[at] = rng.choice(PALETTE)
-    return bytes(out)
 
 
 def _agrees_with_the_model(body: bytes) -> None:
@@ -50,7 +38,7 @@ def test_what_plain_reads_the_model_reads_the_same():
     rng = random.Random(7)
     taken = left = 0
     for n in range(20_000):
-        body = _mutated(rng, SEEDS[n % len(SEEDS)])
+        body = mutated(rng, SEEDS[n % len(SEEDS)], PALETTE)
         if plain(body) is None:
             left += 1
         else:
