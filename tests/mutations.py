@@ -4,6 +4,7 @@ publish lane's HTTP, the plain body's JSON) to the library that reads it first."
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 
 def mutated(rng: random.Random, data: bytes, palette: bytes, lines: bool = False) -> bytes:
@@ -27,3 +28,25 @@ def mutated(rng: random.Random, data: bytes, palette: bytes, lines: bool = False
                 found.insert(i, found[i])
                 out = bytearray(b"\r\n".join(found))
     return bytes(out)
+
+
+def compare(
+    rng: random.Random,
+    seeds: list[bytes],
+    palette: bytes,
+    reads: Callable[[bytes], object | None],
+    agrees: Callable[[bytes], None],
+    rounds: int = 20_000,
+    lines: bool = False,
+) -> tuple[int, int]:
+    """Mutate the seeds in turn `rounds` times; for each mutation `reads` takes (not None), call
+    `agrees`, which asserts that the first reader reads it the same. (taken, left) counted."""
+    taken = left = 0
+    for n in range(rounds):
+        data = mutated(rng, seeds[n % len(seeds)], palette, lines)
+        if reads(data) is None:
+            left += 1
+        else:
+            taken += 1
+            agrees(data)
+    return taken, left
