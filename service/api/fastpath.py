@@ -93,9 +93,9 @@ def prepare(
         else:
             principal = runtime.verifier.verify_now(token.decode("latin-1").strip())
         # A user's notification may carry a fallback; a broadcast or a topic's message may not.
-        request = plain(body) or (NotifyRequest if user_of(stream) is not None else PublishRequest).model_validate_json(
-            body
-        )
+        request = plain(body)
+        if request is None:
+            request = (NotifyRequest if user_of(stream) is not None else PublishRequest).model_validate_json(body)
     except (InvalidToken, ValidationError):
         return None
     if principal is None or PUBLISH_SCOPE not in principal.scopes:

@@ -154,9 +154,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # ---- each request head
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._heads += 1
-        self._head_deadline = None
+        self.head_read()
         if self.cycle is _ANSWERED:
             return  # pipelined behind a request answered here
         if self.cycle is not None and self.parser.should_upgrade() and not self._upgrade_after_cycle():
@@ -166,6 +164,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.exposure.handshake_rate is not None and not self._handshake_paced():
             return
         self.serve_head()
+
+    def head_read(self) -> None:
+        """A request head is complete: its clock stops (also for a head read outside httptools)."""
+        self._in_head = False
+        self._heads += 1
+        self._head_deadline = self._idle_deadline = None
 
     def _upgrade_after_cycle(self) -> bool:
         """An upgrade (a WebSocket handshake) on a connection that served a request before, as a

@@ -79,9 +79,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             return False
         if fast is None:
             return False  # the usual path refuses it in its usual way
-        # What the head's callbacks would have done (`GuardedHttpProtocol.on_headers_complete`).
-        self._heads += 1
-        self._head_deadline = self._idle_deadline = None
+        self.head_read()
         publish = _Publish(stream, path, headers, keep_alive=True)
         self.cycle = publish  # type: ignore[assignment]
         runtime.metrics.publish_lane.inc()

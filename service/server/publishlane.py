@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import re
 
+from ..api.fastpath import Header
 from .admission import MAX_HEAD_BYTES
-
-Header = tuple[bytes, bytes]
 
 # The whole head: the request line, then header lines (a value starts and ends with a visible byte).
 _HEAD = re.compile(
