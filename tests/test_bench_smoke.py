@@ -54,7 +54,7 @@ def test_bench_harness_counts_every_delivery(system: System):
     assert connect["cpu_us_per_connect"] is not None  # ten connects may take less than a clock tick
 
     assert targeted["notifications"] == 100 and targeted["accepted"] == 100, targeted["statuses"]
-    assert targeted["http_errors"] == 0
+    assert targeted["http_errors"] == 0 and targeted["lost_after_idle_s"] == []
     assert targeted["expected"] == 200 and targeted["delivered"] == 200  # both devices of each user
     assert targeted["lost"] == 0 and targeted["duplicates"] == 0 and targeted["misrouted"] == 0
     assert 0 < targeted["p50_ms"] <= targeted["p99_ms"] <= targeted["max_ms"]

@@ -142,6 +142,17 @@ class _Profiler:
                 self.proc.wait(5)
 
 
+def _failures(step: dict[str, Any]) -> str:
+    """What the publishes that failed got: each status other than 2xx (0: the connection closed with the
+    request on it), and how many were still unanswered when the drain ran out."""
+    failed = {k: v for k, v in step["statuses"].items() if not k.startswith("2")}
+    if step["unanswered"]:
+        failed["unanswered"] = step["unanswered"]
+    if step.get("lost_after_idle_s"):
+        failed["lost after idle (s)"] = step["lost_after_idle_s"][:10]
+    return f" {failed}" if failed else ""
+
+
 async def run_targeted(system: System, plan: Plan, round_index: int = 0) -> dict[str, Any]:
     async with _session(system, plan) as (dep, fleet, pub, connect):
         steps = []
@@ -158,7 +169,7 @@ async def run_targeted(system: System, plan: Plan, round_index: int = 0) -> dict
             _log(
                 f"  {system.name} targeted {rate:g}/s: delivered {step['delivered_per_s'] or 0:.0f}/s "
                 f"p99 {step['p99_ms'] or 0:.1f} ms, {step['deliveries_per_cpu_s'] or 0:.0f}/cpu-s, "
-                f"lost {step['lost']}, errors {step['http_errors']}, holds={step['holds']}"
+                f"lost {step['lost']}, errors {step['http_errors']}{_failures(step)}, holds={step['holds']}"
             )
             if not step["holds"] and rate >= 1000:
                 break

@@ -317,13 +317,15 @@ def _is_open(listener: _Base) -> bool:
 
 
 class _HttpConn(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "buf", "callback")
+    __slots__ = ("pool", "transport", "buf", "callback", "idle_since", "idled")
 
     def __init__(self, pool: Publisher) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.callback: Callable[[int, bytes], None] | None = None
+        self.idle_since = perf()
+        self.idled = 0.0  # how long it sat in the pool before its request in flight, if any
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -367,6 +369,8 @@ class Publisher:
         self.opening = 0
         self.in_flight = 0
         self.errors = 0
+        # For each request lost with its connection: how long that connection had sat idle before it.
+        self.lost_after_idle: list[float] = []
 
     async def open(self, n: int) -> None:
         await asyncio.gather(*(self._open() for _ in range(n)))
@@ -401,7 +405,9 @@ class Publisher:
         )
         self.in_flight += 1
         if self.idle:
-            self._send(self.idle.pop(), raw, callback)
+            conn = self.idle.pop()
+            conn.idled = perf() - conn.idle_since
+            self._send(conn, raw, callback)
             return
         self.queue.append((raw, callback))
         if self.count + self.opening < self.max and self.opening < 16:
@@ -415,8 +421,10 @@ class Publisher:
     def _give(self, conn: _HttpConn) -> None:
         if self.queue:
             raw, callback = self.queue.popleft()
+            conn.idled = 0.0
             self._send(conn, raw, callback)
         else:
+            conn.idle_since = perf()
             self.idle.append(conn)
 
     def _done(self, conn: _HttpConn, status: int, body: bytes, callback: Callable[[int, bytes], None] | None) -> None:
@@ -432,6 +440,7 @@ class Publisher:
         if conn.callback is not None:
             self.in_flight -= 1
             self.errors += 1
+            self.lost_after_idle.append(conn.idled)
             callback, conn.callback = conn.callback, None
             callback(0, b"")
 

@@ -174,6 +174,7 @@ async def targeted(
         items = [{"user": f"u{rec.user_of[k]}", "event": "bench", "data": {"t": t, "k": k, "r": run}} for k in ks]
         pub.request("/notify", orjson.dumps(items), done)
 
+    lost_before = len(pub.lost_after_idle)
     window = CpuWindow(dep).start()
     t0 = perf()
     if batch:
@@ -202,6 +203,9 @@ async def targeted(
         "http_errors": http_errors,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "unanswered": pub.in_flight,
+        # Requests lost with their connection: how long it had sat idle first (the server closes a
+        # connection idle for its keep-alive timeout, and a request sent as it does is lost).
+        "lost_after_idle_s": [round(s, 3) for s in pub.lost_after_idle[lost_before:]],
         "publish_rate": _per(ok, sent_for),
         "delivered": rec.received,
         "expected": expected,
