@@ -35,7 +35,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from service.config.settings import Settings
-from service.server.runner import GRACEFUL_SHUTDOWN_SECONDS
+from service.server.runner import GRACEFUL_SHUTDOWN_SECONDS, KEEP_ALIVE_SECONDS
 
 from .utils import (
     ROOT,
@@ -394,6 +394,17 @@ def test_nginx_conf_directives():
         timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", block)
         assert timeout and int(timeout.group(1)) >= 3600
     assert re.search(r"proxy_buffering\s+off;", events)
+
+
+def test_nginx_lets_idle_upstream_connections_go_before_the_replica_does():
+    """nginx never retries a POST, so a publish it sends on a pooled connection just as the replica
+    closes it for idling is a 502: its pool must close them first."""
+    conf = re.sub(r"#.*", "", (DEPLOY / "nginx.conf").read_text())
+    upstream = re.search(r"upstream\s+notify_replicas\s*\{(.*?)\}", conf, re.S)
+    assert upstream is not None
+    idle = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
+    assert idle is not None, "without it nginx keeps idle upstream connections for 60 s"
+    assert int(idle.group(1)) < KEEP_ALIVE_SECONDS
 
 
 def test_render_nginx_conf_for_loopback():
