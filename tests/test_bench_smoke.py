@@ -16,7 +16,7 @@ from tests.load import webhooks
 from tests.load import workloads as W
 from tests.load.bench import LEAN_PYTHON, NOTIFY, RAW_PYTHON, TOPIC, Plan, with_topics
 from tests.load.capacity import history_size, run_mode, run_raw
-from tests.load.clients import Fleet, Publisher
+from tests.load.clients import IDLE_EXPIRY_SECONDS, Fleet, Publisher
 from tests.load.pings import run_pings, summarize_pings
 from tests.load.procs import Deployment, System
 
@@ -246,3 +246,25 @@ def test_the_report_gives_each_figure_against_lean_node_as_a_ratio_round_by_roun
     lines.clear()
     section(no_lean, lines.append)
     assert lines == []
+
+
+def test_the_publisher_pool_lets_a_connection_go_before_the_server_does(single):
+    """A pooled connection idle for IDLE_EXPIRY_SECONDS is closed, not used, so the harness never
+    sends on one the service is closing for idling (a publish lost and counted as the server's)."""
+
+    async def run() -> tuple[list[int], int]:
+        pub = Publisher(single.port, W.publisher_token())
+        await pub.open(1)
+        statuses: list[int] = []
+        first = pub.idle[0]
+        pub.request("/notify/u1", b'{"event":"e"}', lambda status, body: statuses.append(status))
+        await pub.drained(10)
+        first.idle_since -= IDLE_EXPIRY_SECONDS  # as if it had sat idle that long since its answer
+        pub.request("/notify/u1", b'{"event":"e"}', lambda status, body: statuses.append(status))
+        await pub.drained(10)
+        second = pub.idle[0]
+        pub.close()
+        assert second is not first and first.transport is not None and first.transport.is_closing()
+        return statuses, pub.errors
+
+    assert asyncio.run(run()) == ([202, 202], 0)

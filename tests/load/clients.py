@@ -316,6 +316,11 @@ def _is_open(listener: _Base) -> bool:
     return listener.transport is not None and not listener.transport.is_disconnected
 
 
+# A pooled connection idle this long is closed rather than used, as a client's pool should: the
+# service closes one idle for 5 s (KEEP_ALIVE_SECONDS), and a request sent as it does is lost.
+IDLE_EXPIRY_SECONDS = 4.0
+
+
 class _HttpConn(asyncio.Protocol):
     __slots__ = ("pool", "transport", "buf", "callback", "idle_since", "idled")
 
@@ -404,11 +409,14 @@ class Publisher:
             )
         )
         self.in_flight += 1
-        if self.idle:
+        while self.idle:
             conn = self.idle.pop()
             conn.idled = perf() - conn.idle_since
-            self._send(conn, raw, callback)
-            return
+            if conn.idled < IDLE_EXPIRY_SECONDS:
+                self._send(conn, raw, callback)
+                return
+            assert conn.transport is not None
+            conn.transport.close()  # the server may be closing it just now
         self.queue.append((raw, callback))
         if self.count + self.opening < self.max and self.opening < 16:
             asyncio.get_running_loop().create_task(self._open())
