@@ -35,7 +35,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from service.config.settings import Settings
-from service.server.runner import GRACEFUL_SHUTDOWN_SECONDS, KEEP_ALIVE_SECONDS
+from service.server.runner import GRACEFUL_SHUTDOWN_SECONDS
 
 from .utils import (
     ROOT,
@@ -404,7 +404,7 @@ def test_nginx_lets_idle_upstream_connections_go_before_the_replica_does():
     assert upstream is not None
     idle = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
     assert idle is not None, "without it nginx keeps idle upstream connections for 60 s"
-    assert int(idle.group(1)) < KEEP_ALIVE_SECONDS
+    assert int(idle.group(1)) < Settings.model_fields["keep_alive_seconds"].default
 
 
 def test_render_nginx_conf_for_loopback():

@@ -122,6 +122,28 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_time
         writer.close()
 
 
+async def test_keep_alive_timeout_is_a_setting():
+    """NOTIFY_KEEP_ALIVE_SECONDS moves the keep-alive timeout: an idle connection is closed that long
+    after its response, while one that publishes again before then is served."""
+    with running({"NOTIFY_KEEP_ALIVE_SECONDS": "1.5"}) as replica:
+        reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+        try:
+            for pause in (1.0, 0.0):
+                writer.write(head("GET", "/healthz") + b"\r\n")
+                async with asyncio.timeout(TIMEOUT):
+                    response = await reader.readuntil(b"\r\n\r\n")
+                    assert response.startswith(b"HTTP/1.1 200"), response
+                    length = int(response.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    await reader.readexactly(length)
+                answered = time.monotonic()
+                await asyncio.sleep(pause)
+            async with asyncio.timeout(1.5 + SLACK):
+                assert await reader.read() == b""
+            assert 1.4 <= time.monotonic() - answered < 4  # the default would be 5 s
+        finally:
+            writer.close()
+
+
 async def test_sockets_and_streams_outlive_the_header_timeout(quick, http):
     """The timeout is for request heads only: a WebSocket and an event stream opened on that
     replica still receive a notification published three timeouts later."""

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # Direct exposure. A connection gets this long, from opening or from its previous response, to
     # send a complete request head (408 when it sent part of one); slow-loris holds nothing longer.
     header_timeout_seconds: float = Field(10.0, gt=0)
+    # A connection idle this long after a response is closed (at the header timeout, if that is
+    # shorter). A proxy's pool must let its idle connections go sooner, or a request it sends on one
+    # as the replica closes it is lost (deploy/nginx.conf); behind a balancer that keeps them longer
+    # and cannot be told otherwise (AWS ALB: 60 s), raise this and the header timeout above its.
+    keep_alive_seconds: float = Field(5.0, gt=0)
     # Open connections beyond which new requests and handshakes get 503; unset: sized from the
     # file-descriptor limit at start-up (`server/admission.py`).
     max_connections: int | None = Field(None, gt=0)

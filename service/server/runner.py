@@ -27,9 +27,6 @@ logger = logging.getLogger("service")
 
 # After the drain, uvicorn gets this long for in-flight requests before it cuts them.
 GRACEFUL_SHUTDOWN_SECONDS = 3
-# A connection idle this long after a response is closed (uvicorn's default, said here because a
-# proxy's pool must let its idle connections go before this: deploy/nginx.conf).
-KEEP_ALIVE_SECONDS = 5
 # Between closing the listening socket and shutting down the connections.
 LISTENER_CLOSE_SECONDS = 0.3
 
@@ -159,7 +156,7 @@ def build_server(settings: Settings, host: str, port: int) -> DrainingServer:
         ws_ping_timeout=settings.ping_timeout,
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=settings.keep_alive_seconds,  # type: ignore[arg-type]
         log_config=log_config(settings.log_level, settings.log_json),
         access_log=False,
         server_header=False,

@@ -317,7 +317,7 @@ def _is_open(listener: _Base) -> bool:
 
 
 # A pooled connection idle this long is closed rather than used, as a client's pool should: the
-# service closes one idle for 5 s (KEEP_ALIVE_SECONDS), and a request sent as it does is lost.
+# service closes one idle for 5 s (NOTIFY_KEEP_ALIVE_SECONDS), and a request sent as it does is lost.
 IDLE_EXPIRY_SECONDS = 4.0
 
 
