@@ -230,9 +230,7 @@ def test_compose_services_and_drain_timing():
     nginx = services["nginx"]
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
     assert set(nginx["depends_on"]) == set(replicas)
-    upstream = re.search(r"upstream\s+notify_replicas\s*\{(.*?)\}", (DEPLOY / "nginx.conf").read_text(), re.S)
-    assert upstream is not None
-    servers = re.findall(r"^\s*server\s+(\S+?)[\s;]", upstream.group(1), re.M)
+    servers = re.findall(r"^\s*server\s+(\S+?)[\s;]", _upstream((DEPLOY / "nginx.conf").read_text()), re.M)
     assert servers == [f"{name}:8000" for name in replicas]
 
 
@@ -371,6 +369,12 @@ def test_dockerfile_healthcheck_command_runs(single):
     assert subprocess.run(dead, capture_output=True, timeout=30).returncode != 0
 
 
+def _upstream(conf: str) -> str:
+    match = re.search(r"upstream\s+notify_replicas\s*\{(.*?)\}", conf, re.S)
+    assert match is not None, "no upstream notify_replicas"
+    return match.group(1)
+
+
 def _location(conf: str, name: str) -> str:
     match = re.search(r"location\s+=?\s*" + re.escape(name) + r"\s*\{(.*?)\}", conf, re.S)
     assert match is not None, f"no location {name}"
@@ -400,18 +404,14 @@ def test_nginx_lets_idle_upstream_connections_go_before_the_replica_does():
     """nginx never retries a POST, so a publish it sends on a pooled connection just as the replica
     closes it for idling is a 502: its pool must close them first."""
     conf = re.sub(r"#.*", "", (DEPLOY / "nginx.conf").read_text())
-    upstream = re.search(r"upstream\s+notify_replicas\s*\{(.*?)\}", conf, re.S)
-    assert upstream is not None
-    idle = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
+    idle = re.search(r"keepalive_timeout\s+(\d+)s;", _upstream(conf))
     assert idle is not None, "without it nginx keeps idle upstream connections for 60 s"
     assert int(idle.group(1)) < Settings.model_fields["keep_alive_seconds"].default
 
 
 def test_render_nginx_conf_for_loopback():
     conf = cluster.render_nginx_conf(["127.0.0.1:1001", "127.0.0.1:1002"], "127.0.0.1:1003")
-    upstream = re.search(r"upstream\s+notify_replicas\s*\{(.*?)\}", conf, re.S)
-    assert upstream is not None
-    assert re.findall(r"^\s*server\s+(\S+)", upstream.group(1), re.M) == ["127.0.0.1:1001", "127.0.0.1:1002"]
+    assert re.findall(r"^\s*server\s+(\S+)", _upstream(conf), re.M) == ["127.0.0.1:1001", "127.0.0.1:1002"]
     assert re.findall(r"listen\s+([^;]+);", conf) == ["127.0.0.1:1003"]
     assert "server replica" not in conf
 

@@ -70,34 +70,12 @@ async def test_partial_heads_get_408_and_silent_connections_are_closed(quick, ht
     report("header_timeout", timeout_s=1.0, closed_after_s=max(a.closed_after or 0 for a in answers))
 
 
-async def test_header_clock_restarts_after_each_response(quick):
-    """On a keep-alive connection the clock runs from the previous response: requests every 0.5 s
-    for 3 s (three timeouts) are all answered on the same connection, and a head left unfinished
-    afterwards is answered 408 one timeout after the last response."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
-    try:
-        for _ in range(6):
-            writer.write(head("GET", "/healthz") + b"\r\n")
-            async with asyncio.timeout(TIMEOUT):
-                response = await reader.readuntil(b"\r\n\r\n")
-                assert response.startswith(b"HTTP/1.1 200"), response
-                length = int(response.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-            answered = time.monotonic()
-            await asyncio.sleep(0.5)
-        writer.write(b"GET /healthz HTTP/1.1\r\n")
-        async with asyncio.timeout(1 + SLACK):
-            rest = await reader.read()
-        waited = time.monotonic() - answered
-        assert rest.startswith(b"HTTP/1.1 408"), rest
-        assert 0.9 <= waited <= 1 + SLACK
-    finally:
-        writer.close()
-
-
-async def closed_when_idle(port: int, pauses: tuple[float, ...], within: float) -> tuple[bytes, float]:
+async def closed_when_idle(
+    port: int, pauses: tuple[float, ...], within: float, then: bytes = b""
+) -> tuple[bytes, float]:
     """GET /healthz on one keep-alive connection once per pause, waiting that long after each answer,
-    then nothing: what the connection still sent and how long after the last answer it was closed."""
+    then `then` (the start of a head, say) and nothing more: what the connection still sent, and how
+    long after the last answer it was closed."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for pause in pauses:
@@ -109,11 +87,21 @@ async def closed_when_idle(port: int, pauses: tuple[float, ...], within: float) 
                 await reader.readexactly(length)
             answered = time.monotonic()
             await asyncio.sleep(pause)
+        writer.write(then)
         async with asyncio.timeout(within):
             rest = await reader.read()
         return rest, time.monotonic() - answered
     finally:
         writer.close()
+
+
+async def test_header_clock_restarts_after_each_response(quick):
+    """On a keep-alive connection the clock runs from the previous response: requests every 0.5 s
+    for 3 s (three timeouts) are all answered on the same connection, and a head left unfinished
+    afterwards is answered 408 one timeout after the last response."""
+    rest, waited = await closed_when_idle(quick.port, (0.5,) * 6, 1 + SLACK, then=b"GET /healthz HTTP/1.1\r\n")
+    assert rest.startswith(b"HTTP/1.1 408"), rest
+    assert 0.9 <= waited <= 1 + SLACK
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(single, http):
