@@ -12,6 +12,7 @@ from ..config.settings import Settings
 from ..core.errors import NamespaceFull
 from ..core.ids import IdKey, id_key, is_ahead, is_recoverable
 from ..core.streams import BROADCAST, is_topic, topic_of, user_of, user_stream
+from ..core.tasks import cancel_and_wait
 from .base import (
     FrameHandler,
     HistoryPage,
@@ -86,10 +87,7 @@ class MemoryBroker:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-broker-sweeper")
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait([self._sweeper])
         for members in self._topics.values():
             for timer in members.leaving.values():
                 timer.cancel()

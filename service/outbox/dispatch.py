@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..core.errors import BrokerUnavailable
+from ..core.tasks import cancel_and_wait
 from .base import Job, Outbox
 
 logger = logging.getLogger("service.outbox")
@@ -109,12 +110,7 @@ class Dispatcher:
         """Stop claiming, abandon the attempts in flight and hand their jobs back, so that another
         replica takes them at once (those not handed back in time wait for their lease to run out)."""
         in_flight = list(self._jobs.values())
-        tasks = [t for t in (self._task, *self._jobs) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([self._task, *self._jobs])
         with contextlib.suppress(Exception):
             async with asyncio.timeout(RELEASE_SECONDS):
                 await asyncio.gather(*(self._outbox.release(job) for job in in_flight), return_exceptions=True)

@@ -30,6 +30,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sized
 
+from ..core.tasks import cancel_and_wait
+
 logger = logging.getLogger("service")
 
 # The CPython versions whose collector the pacer is written for: [first, past the last).
@@ -80,10 +82,7 @@ class GcPacer:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gc-pacer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         if self._threshold is not None:
             gc.set_threshold(*self._threshold)
             gc.unfreeze()

@@ -16,7 +16,6 @@ the webhook event (when an endpoint wants it): the same decision, taken once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -25,6 +24,7 @@ import orjson
 from ..broker import Broker, PublishCheck, Published, ReadState
 from ..core.errors import BrokerUnavailable
 from ..core.streams import user_stream
+from ..core.tasks import cancel_and_wait
 from ..outbox.checks import CANCELLED, PENDING, SENT, Checks, DueCheck
 from .webhooks import Webhooks
 
@@ -75,10 +75,7 @@ class Fallbacks:
             self._task = asyncio.create_task(self._check_forever(), name="fallback-checks")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
 
     def _unread(self, when: str, push: dict[str, Any] | None) -> bool:
         """Whether a fallback of `when` asks for a check: `unread`, and something to tell when it fires."""

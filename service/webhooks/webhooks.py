@@ -16,6 +16,7 @@ import orjson
 
 from ..config.settings import Settings
 from ..core.errors import BrokerUnavailable
+from ..core.tasks import cancel_and_wait
 from ..outbox import Delivered, Dispatcher, Job, Outbox, Outcome, Refused
 from ..telemetry.metrics import Metrics
 from .sender import Gone, Sender
@@ -74,10 +75,7 @@ class Webhooks:
     async def stop(self) -> None:
         if self._emitting:  # events decided just before the stop (a leave) are queued first
             await asyncio.wait(self._emitting, timeout=2.0)
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        await cancel_and_wait([self._refresher])
         await self._dispatcher.stop()
         await self._sender.aclose()
         await self._outbox.stop()

@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 
 from ...config.redis_url import CLUSTER, SENTINEL, Topology
 from ...config.settings import Settings
+from ...core.tasks import cancel_and_wait
 from .connections import (
     PrimaryConnection,
     PrimaryPool,
@@ -147,11 +148,7 @@ class Connector:
             ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._asking is not None:
             self._asking.cancel()
         if self._sentinel is not None:

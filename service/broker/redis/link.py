@@ -21,6 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ...config.settings import Settings
 from ...core.ids import IdKey, id_key
+from ...core.tasks import cancel_and_wait
 from ...telemetry.metrics import Metrics
 from ..base import FrameHandler, LostHandler, frame_id
 from .cluster import SlotMap, slot_of
@@ -87,9 +88,7 @@ class Link:
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait([self._task])
         self.close()
         await self._client.aclose()
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from ...core.tasks import cancel_and_wait
+
 logger = logging.getLogger("service.broker")
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -46,10 +48,8 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Cancel the tasks that run forever; let the one-off jobs (closing links) finish."""
-        kept = list(self._kept)
-        for task in kept:
-            task.cancel()
-        await asyncio.gather(*kept, *self._once, return_exceptions=True)
+        await cancel_and_wait(list(self._kept))
+        await asyncio.gather(*self._once, return_exceptions=True)
 
     async def _supervise(self, name: str, job: Job) -> None:
         loop = asyncio.get_running_loop()
