@@ -69,7 +69,9 @@ class Node:
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError):
+            # A server still starting can fail redis-py's handshake in other ways too: a clean-clone
+            # run once had its RESP3 HELLO read as a list (AttributeError). Asked again, as for an error.
+            with contextlib.suppress(redis.RedisError, AttributeError):
                 if self.call("PING"):
                     return self
             if self.proc.poll() is not None:
