@@ -96,12 +96,27 @@ async def closed_when_idle(
 
 
 async def test_header_clock_restarts_after_each_response(quick):
-    """On a keep-alive connection the clock runs from the previous response: requests every 0.5 s
-    for 3 s (three timeouts) are all answered on the same connection, and a head left unfinished
-    afterwards is answered 408 one timeout after the last response."""
+    """On a keep-alive connection each request's head gets the whole timeout from its first byte:
+    requests every 0.5 s for 3 s (three timeouts) are all answered on the same connection, and a
+    head begun 0.5 s after the last response and left unfinished is answered 408 a timeout later."""
     rest, waited = await closed_when_idle(quick.port, (0.5,) * 6, 1 + SLACK, then=b"GET /healthz HTTP/1.1\r\n")
     assert rest.startswith(b"HTTP/1.1 408"), rest
-    assert 0.9 <= waited <= 1 + SLACK
+    assert 1.4 <= waited <= 1.5 + SLACK, waited
+
+
+async def test_keep_alive_can_outlast_the_header_timeout():
+    """Behind a balancer that keeps idle connections longer than the header timeout (AWS ALB: 60 s),
+    NOTIFY_KEEP_ALIVE_SECONDS alone is raised. Header timeout 1 s, keep-alive 4 s: a request 2 s
+    after a response is served on the same connection, an idle one is closed 4 s after its last
+    response, and a head begun 2 s after a response still gets 408 one second after its first byte."""
+    with running({"NOTIFY_HEADER_TIMEOUT_SECONDS": "1", "NOTIFY_KEEP_ALIVE_SECONDS": "4"}) as replica:
+        (rest, waited), (slow, slow_waited) = await asyncio.gather(
+            closed_when_idle(replica.port, (2.0, 0.0), 4 + SLACK),
+            closed_when_idle(replica.port, (2.0,), 1 + SLACK, then=b"GET /healthz HTTP/1.1\r\nX-A: 1\r\n"),
+        )
+    assert rest == b"" and 3.9 <= waited < 4 + SLACK, (rest, waited)
+    assert slow.startswith(b"HTTP/1.1 408"), slow
+    assert 2.9 <= slow_waited < 3.5, slow_waited  # the keep-alive would close it at 4 s, silently
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(single, http):

@@ -114,13 +114,14 @@ class Settings(BaseSettings):
     probe_timeout_seconds: float = Field(3.0, gt=0)
     reconnect_max_seconds: float = Field(10.0, gt=0)
 
-    # Direct exposure. A connection gets this long, from opening or from its previous response, to
-    # send a complete request head (408 when it sent part of one); slow-loris holds nothing longer.
+    # Direct exposure. A connection gets this long, from opening or from a request's first byte after
+    # a response, to send a complete request head (408 when it sent part of one); slow-loris holds
+    # nothing longer.
     header_timeout_seconds: float = Field(10.0, gt=0)
-    # A connection idle this long after a response is closed (at the header timeout, if that is
-    # shorter). A proxy's pool must let its idle connections go sooner, or a request it sends on one
+    # A connection idle this long after a response is closed (longer or shorter than the header
+    # timeout). A proxy's pool must let its idle connections go sooner, or a request it sends on one
     # as the replica closes it is lost (deploy/nginx.conf); behind a balancer that keeps them longer
-    # and cannot be told otherwise (AWS ALB: 60 s), raise this and the header timeout above its.
+    # and cannot be told otherwise (AWS ALB: 60 s), raise this above its.
     keep_alive_seconds: float = Field(5.0, gt=0)
     # Open connections beyond which new requests and handshakes get 503; unset: sized from the
     # file-descriptor limit at start-up (`server/admission.py`).

@@ -9,8 +9,9 @@ answered as JSON like every other error, and the first request of each connectio
 connection ceilings (`server/admission.py`), and each socket or stream handshake the handshake rate.
 Everything happens before a request reaches the app, so it covers plain HTTP, SSE, WebSocket
 handshakes and the publish fast path alike. The same clock keeps uvicorn's keep-alive timeout (a
-connection idle that long after a response is closed): uvicorn arms a loop timer for it after every
-response and cancels it on the next request's first bytes, a few microseconds a publish.
+connection idle that long after a response is closed, whether it is shorter or longer than the
+header timeout): uvicorn arms a loop timer for it after every response and cancels it on the next
+request's first bytes, a few microseconds a publish.
 """
 
 from __future__ import annotations
@@ -82,37 +83,44 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _await_head(self, idle: bool = False) -> None:
-        """Start the clock for the next request head (`idle`: after a response, with the keep-alive
-        timeout too). One timer serves many requests: it is re-armed when it fires early, not set
-        again for every response of a busy connection."""
+        """Start the clock for the next request head; `idle` (after a response): the keep-alive
+        timeout instead, until the next request's first byte starts its head's (`on_message_begin`),
+        so a keep-alive longer than the header timeout is kept without giving a slow head more time."""
         now = self.loop.time()
-        self._head_deadline = now + self.exposure.header_timeout
-        self._idle_deadline = now + self.timeout_keep_alive if idle else None
-        due = self._due(self._head_deadline)
+        if idle and not self._in_head:  # (a head already begun behind the response keeps its clock)
+            self._head_deadline, self._idle_deadline = None, now + self.timeout_keep_alive
+            self._arm(self._idle_deadline)
+        else:
+            self._head_deadline, self._idle_deadline = now + self.exposure.header_timeout, None
+            self._arm(self._head_deadline)
+
+    def _arm(self, due: float) -> None:
+        """One timer serves many requests: it is re-armed when it fires early, not set again for
+        every response of a busy connection; only one armed for a later time is replaced."""
         timer = self._head_timer
-        if timer is not None and timer.when() > due:  # armed for a later deadline: the first response's
+        if timer is not None and timer.when() > due:
             timer.cancel()
             timer = None
         if timer is None:
             self._head_timer = self.loop.call_at(due, self._head_clock)
 
-    def _due(self, head_deadline: float) -> float:
-        """When the clock must next look: the head's deadline, or the keep-alive's if that is sooner."""
-        idle = self._idle_deadline
-        return head_deadline if idle is None else min(idle, head_deadline)
-
     def _head_clock(self) -> None:
         self._head_timer = None
-        deadline = self._head_deadline
-        if deadline is None or self.transport.is_closing():
+        if self.transport.is_closing():
             return
         now = self.loop.time()
         idle = self._idle_deadline
-        if idle is not None and now >= idle:
-            self.transport.close()  # kept alive long enough, as uvicorn's timeout_keep_alive_handler
+        if idle is not None:
+            if now >= idle:
+                self.transport.close()  # kept alive long enough, as uvicorn's timeout_keep_alive_handler
+            else:
+                self._head_timer = self.loop.call_at(idle, self._head_clock)
+            return
+        deadline = self._head_deadline
+        if deadline is None:
             return
         if now < deadline:
-            self._head_timer = self.loop.call_at(self._due(deadline), self._head_clock)
+            self._head_timer = self.loop.call_at(deadline, self._head_clock)
             return
         self.exposure.timed_out(self._in_head)
         if self._in_head:
@@ -125,7 +133,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        self._idle_deadline = None
+        if self._idle_deadline is not None:  # a kept-alive connection's next request: its head's clock starts
+            self._idle_deadline = None
+            self._head_deadline = deadline = self.loop.time() + self.exposure.header_timeout
+            self._arm(deadline)
 
     def data_received(self, data: bytes) -> None:
         # Counted only when the whole chunk belongs to the head still unfinished after it: never a
