@@ -345,12 +345,20 @@ def tls_redis(ca: TestCA, require_client_cert: bool = False) -> Node:
 
 
 def _cluster_port(taken: set[int]) -> int:
-    """A free port whose cluster bus port (10,000 higher) is free too, as Redis Cluster needs."""
+    """A free port whose cluster bus port (10,000 higher) is free too, as Redis Cluster needs; both
+    below the kernel's ephemeral ports, since an outgoing connection (a test's, a replica's) may take
+    one of those between this check and the node's bind (a clean-clone run lost a node's bus so)."""
     import random
     import socket
 
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low, high = (20000, ephemeral - 10001) if ephemeral > 31000 else (20000, 55000)
     for _ in range(200):
-        port = random.randint(20000, 55000)
+        port = random.randint(low, high)
         if port in taken or port + 10000 in taken:
             continue
         try:
