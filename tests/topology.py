@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from .utils import TIMEOUT, free_port, redis_binary
+from .utils import TIMEOUT, ephemeral_start, free_port, redis_binary
 
 
 class Node:
@@ -69,8 +69,8 @@ class Node:
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
-            # A server still starting can fail redis-py's handshake in other ways too: a clean-clone
-            # run once had its RESP3 HELLO read as a list (AttributeError). Asked again, as for an error.
+            # A probe can fail redis-py's handshake in other ways too: one that connected to itself
+            # (see `free_port`) reads its own HELLO back as a list (AttributeError). Asked again.
             with contextlib.suppress(redis.RedisError, AttributeError):
                 if self.call("PING"):
                     return self
@@ -351,11 +351,7 @@ def _cluster_port(taken: set[int]) -> int:
     import random
     import socket
 
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
+    ephemeral = ephemeral_start()
     low, high = (20000, ephemeral - 10001) if ephemeral > 31000 else (20000, 55000)
     for _ in range(200):
         port = random.randint(low, high)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,7 +28,35 @@ TIMEOUT = 5.0 * float(os.environ.get("NOTIFY_TEST_TIMEOUT_FACTOR", "1"))
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def ephemeral_start() -> int:
+    """The first of the ports the kernel hands outgoing connections (32768 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Below the kernel's ephemeral ports, apart from the cluster nodes' (topology._cluster_port).
+_PORTS = (23000, 29999)
+
+
 def free_port() -> int:
+    """A free loopback port for a server a test starts, below the ephemeral range where one exists.
+
+    A port from that range (what binding port 0 gives) can be taken by an outgoing connection before
+    the server binds it, and by the test's own readiness probe too: a connect to a port nobody
+    listens on yet may be given that very port as its own and connect to itself, then read its own
+    request back as the answer (a clean-clone run saw redis-py's HELLO come back as a list)."""
+    if ephemeral_start() > _PORTS[1]:
+        for _ in range(200):
+            port = random.randint(*_PORTS)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
