@@ -39,6 +39,8 @@ def ephemeral_start() -> int:
 
 # Below the kernel's ephemeral ports, apart from the cluster nodes' (topology._cluster_port).
 _PORTS = (23000, 29999)
+# Handed out already: a topology picks all its ports before it starts a server on any of them.
+_GIVEN: set[int] = set()
 
 
 def free_port() -> int:
@@ -51,11 +53,14 @@ def free_port() -> int:
     if ephemeral_start() > _PORTS[1]:
         for _ in range(200):
             port = random.randint(*_PORTS)
+            if port in _GIVEN:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            _GIVEN.add(port)
             return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
