@@ -24,7 +24,7 @@ from tests.utils import SECRET, RedisServer
 
 from . import workloads as W
 from .clients import Fleet
-from .procs import Server, cpu_seconds, rss_bytes
+from .procs import Server, cpu_seconds, cpu_split, rss_bytes
 
 
 class _Replica:
@@ -62,6 +62,12 @@ class _Replica:
     def server_cpu(self) -> float:
         assert self.server is not None
         return cpu_seconds(self.server.pid)
+
+    def server_cpu_split(self) -> tuple[float, float]:
+        """(all, the kernel's part) of the replica's CPU seconds, as `Deployment` gives them."""
+        assert self.server is not None
+        user, kernel = cpu_split(self.server.pid)
+        return user + kernel, kernel
 
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.proc.pid) if self.redis.proc is not None else 0.0
