@@ -328,3 +328,48 @@ async def test_a_background_task_that_fails_is_restarted_counted_and_logged_once
         assert len(logged) == 1
     finally:
         await impl.stop()
+
+
+def test_pipeline_send_hands_each_reply_to_its_callback_and_one_that_raises_harms_no_other(redis_server):
+    """`AutoPipeline.send`: each command's reply (or error reply) reaches its callback in order, mixed
+    with awaited commands; a callback that raises is logged and the connection and the replies after
+    it carry on; with no connection made yet, or with replicas to wait for, nothing is sent (False)."""
+    import redis.asyncio as aioredis
+    import uvloop
+    from redis.exceptions import ResponseError
+
+    from service.broker.redis.pipeline import AutoPipeline
+    from service.broker.redis.resp import command
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis_server.url)
+        pipeline = AutoPipeline(client, deadline=5.0)
+        got: list[object] = []
+
+        def keep(reply: object, failure: BaseException | None) -> None:
+            got.append(failure if failure is not None else reply)
+
+        def explode(reply: object, failure: BaseException | None) -> None:
+            raise RuntimeError("a callback's bug")
+
+        try:
+            assert not pipeline.send(command("ECHO", "early"), keep)  # not connected yet
+            assert await pipeline.execute(command("ECHO", "connect")) == "connect"
+            assert pipeline.send(command("ECHO", "a"), keep)
+            assert pipeline.send(command("ECHO", "b"), explode)
+            assert pipeline.send(command("NOSUCHCOMMAND"), keep)
+            assert await pipeline.execute(command("ECHO", "awaited")) == "awaited"
+            assert pipeline.send(command("ECHO", "c"), keep)
+            assert await pipeline.execute(command("PING")) == "PONG"
+            assert got[0] == "a" and got[2] == "c"
+            assert isinstance(got[1], ResponseError) and "unknown command" in str(got[1])
+            assert len(got) == 3
+            acked = AutoPipeline(client, deadline=5.0, replicas=1)
+            await acked.execute(command("PING"))
+            assert not acked.send(command("ECHO", "x"), keep)  # its WAIT is awaited by `execute`
+            await acked.aclose()
+        finally:
+            await pipeline.aclose()
+            await client.aclose()
+
+    uvloop.run(scenario())

@@ -159,3 +159,62 @@ async def test_a_keep_alive_publisher_takes_the_lane_after_its_first_publish(sin
     assert await metric(http, single, "notify_publish_lane_total") - before == 5
     writer.close()
     await client.close()
+
+
+async def test_on_redis_a_lane_publish_is_answered_from_redis_reply(own_redis, http):
+    """On Redis, a lane publish is sent with no task and answered from the publish script's reply
+    (`fastpath.answer_soon`): the same answer as the route's (id, sockets online, duplicate on a
+    retried Idempotency-Key, the caller's X-Request-ID), delivered once each, counted once; after
+    Redis lost its scripts it is still published (EVAL); with Redis hung it gets 503 within the
+    deadline, and once Redis is back its retry is published, once."""
+    from .rawhttp import metric
+    from .utils import Replica, cluster_env
+
+    replica = Replica(cluster_env(own_redis, NOTIFY_PUBLISH_TIMEOUT_SECONDS="0.5")).start()
+    user = uid()
+    client = await Client.connect(replica, user)
+    await client.welcome()
+    reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+
+    async def publish(data: object, extra: str = "") -> tuple[int, dict[str, str], dict[str, object]]:
+        writer.write(post(f"/notify/{user}", orjson.dumps({"event": "e", "data": data}), extra=extra))
+        [(status, headers, body)] = await responses(reader, 1)
+        return status, headers, orjson.loads(body)
+
+    try:
+        lane, fast = (
+            await metric(http, replica, "notify_publish_lane_total"),
+            await metric(http, replica, "notify_publish_fast_path_total"),
+        )
+        answers = [await publish(n) for n in range(4)]
+        assert [status for status, _, _ in answers] == [202] * 4
+        assert all(body["online"] == 1 and body["duplicate"] is False for _, _, body in answers)
+        status, headers, first = await publish(4, extra="Idempotency-Key: k1\r\nX-Request-ID: req-lane-1\r\n")
+        assert status == 202 and headers["x-request-id"] == "req-lane-1" and first["duplicate"] is False
+        status, _, again = await publish(4, extra="Idempotency-Key: k1\r\n")
+        assert status == 202 and again["duplicate"] is True and again["id"] == first["id"]
+        assert await metric(http, replica, "notify_publish_lane_total") - lane == 5
+        assert await metric(http, replica, "notify_publish_fast_path_total") - fast == 6
+
+        assert own_redis.command("SCRIPT", "FLUSH") in ("OK", "True")
+        status, _, body = await publish(5)
+        assert status == 202 and body["online"] == 1
+
+        own_redis.pause()
+        try:
+            status, _, body = await publish(6, extra="Idempotency-Key: k2\r\n")
+        finally:
+            own_redis.resume()
+        assert status == 503 and body["error"] == "broker_unavailable"
+        # Sent before Redis hung, it may have been published: the retry with its key makes sure, once.
+        status, _, _ = await publish(6, extra="Idempotency-Key: k2\r\n")
+        assert status == 202
+        status, _, _ = await publish(7)
+        assert status == 202
+        got = await client.notifications(8)
+        assert [frame["data"] for frame in got] == [0, 1, 2, 3, 4, 5, 6, 7]
+        assert (await http.get(replica.url + "/readyz")).status_code == 200
+    finally:
+        writer.close()
+        await client.close()
+        replica.stop()

@@ -15,18 +15,20 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
 
 from ..auth.tokens import PUBLISH_SCOPE, Principal
-from ..core.errors import InvalidToken, ServiceError
+from ..broker import Published
+from ..core.errors import BrokerUnavailable, InvalidToken, ServiceError
 from ..core.ids import is_valid_user_id
 from ..core.streams import BROADCAST, is_topic, topic_stream, user_of, user_stream
 from ..core.topics import is_valid_topic_name
 from .models import NotifyRequest, PlainPublish, PublishRequest
-from .publish import _check_rate, _publish, accepted
+from .publish import _publish, accepted, check_rate, count_published, encoded_data, scoped_idempotency_key
 from .runtime import Runtime
 
 Header = tuple[bytes, bytes]
@@ -44,6 +46,7 @@ class FastPublish:
     request: PublishRequest | PlainPublish
     idempotency_key: str | None
     token: bytes  # as the Authorization header gave it, after "Bearer "
+    checked: bool = False  # counted and held to the publish rate already (`answer_soon`)
 
 
 # A connection's last publisher token and its principal: a backend's keep-alive connection sends the
@@ -132,14 +135,58 @@ def plain(body: bytes) -> PlainPublish | None:
 
 async def answer(runtime: Runtime, fast: FastPublish) -> tuple[int, bytes, list[Header]]:
     """Publish, and the response: status, JSON body and extra headers."""
-    runtime.metrics.publish_fast_path.inc()
     try:
-        _check_rate(runtime, fast.principal)
+        if not fast.checked:
+            runtime.metrics.publish_fast_path.inc()
+            check_rate(runtime, fast.principal)
         published = await _publish(runtime, fast.principal, fast.stream, fast.request, fast.idempotency_key)
     except ServiceError as exc:
-        runtime.metrics.errors.labels(exc.code).inc()
-        return error_answer(exc)
+        return _failed(runtime, exc)
     return 202, orjson.dumps(accepted(fast.stream, published)), []
+
+
+# What `answer_soon` hands its answer to: status, JSON body, extra headers, and the notification's id
+# (for the access line) once it has one.
+Reply = Callable[[int, bytes, list[Header], str | None], None]
+
+
+def answer_soon(runtime: Runtime, fast: FastPublish, reply: Reply) -> bool:
+    """`answer` with no task or coroutine, for the common publish (`plain`: no push, no fallback) to a
+    user or to everyone, where the broker can send it at once (`Broker.publish_soon`): `reply` gets
+    the answer once, when the broker's reply is read (or at once, for an error or the embedded broker).
+    False: `answer` is the way; the publish may have been counted and its rate checked then (`checked`)."""
+    request, stream = fast.request, fast.stream
+    if type(request) is not PlainPublish or is_topic(stream):
+        return False
+    fast.checked = True
+    runtime.metrics.publish_fast_path.inc()
+    try:
+        check_rate(runtime, fast.principal)
+        data_json = encoded_data(runtime, request)
+    except ServiceError as exc:
+        reply(*_failed(runtime, exc), None)
+        return True
+    started = time.perf_counter()
+
+    def published(outcome: Published | BrokerUnavailable) -> None:
+        if isinstance(outcome, BrokerUnavailable):
+            reply(*_failed(runtime, outcome), None)
+            return
+        count_published(runtime, stream, outcome, started)
+        reply(202, orjson.dumps(accepted(stream, outcome)), [], outcome.id)
+
+    return runtime.broker.publish_soon(
+        stream,
+        orjson.dumps(request.event).decode(),
+        data_json,
+        scoped_idempotency_key(fast.principal, fast.idempotency_key),
+        published,
+    )
+
+
+def _failed(runtime: Runtime, exc: ServiceError) -> tuple[int, bytes, list[Header]]:
+    runtime.metrics.errors.labels(exc.code).inc()
+    return error_answer(exc)
 
 
 def error_answer(exc: ServiceError) -> tuple[int, bytes, list[Header]]:

@@ -74,7 +74,7 @@ async def notify(
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     """Send a notification to every open socket of one user, on every replica."""
-    _check_rate(runtime, publisher)
+    check_rate(runtime, publisher)
     stream = user_stream(user_id)
     return accepted(stream, await _publish(runtime, publisher, stream, body, idempotency_key))
 
@@ -84,7 +84,7 @@ async def broadcast(
     body: PublishRequest, publisher: PublisherDep, runtime: RuntimeDep, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
     """Send a notification to every open socket of every user."""
-    _check_rate(runtime, publisher)
+    check_rate(runtime, publisher)
     return accepted(BROADCAST, await _publish(runtime, publisher, BROADCAST, body, idempotency_key))
 
 
@@ -100,7 +100,7 @@ async def notify_batch(
     With an Idempotency-Key, a retried batch answers each item's first result and delivers none twice."""
     if len(body) > runtime.settings.batch_max_items:
         raise InvalidRequest(f"a batch holds at most {runtime.settings.batch_max_items} notifications, got {len(body)}")
-    _check_rate(runtime, publisher)
+    check_rate(runtime, publisher)
     keys = [f"{idempotency_key}\0{index}" if idempotency_key else None for index in range(len(body))]
     outcomes = await asyncio.gather(
         *(_publish_item(runtime, publisher, item, key) for item, key in zip(body, keys, strict=True)),
@@ -144,16 +144,9 @@ async def _publish(
     body: PublishRequest | PlainPublish,
     idempotency_key: str | None,
 ) -> Published:
-    try:
-        data_json = orjson.dumps(body.data).decode()
-    except orjson.JSONEncodeError:
-        raise InvalidRequest("data must be JSON whose integers fit in 64 bits") from None
-    if len(data_json) > runtime.settings.max_payload_bytes:
-        raise PayloadTooLarge(f"data is larger than {runtime.settings.max_payload_bytes} bytes once encoded")
+    data_json = encoded_data(runtime, body)
     push = _push_of(runtime, body)
-    scoped_key = None
-    if idempotency_key:
-        scoped_key = hashlib.sha256(f"{publisher.user_id}\0{idempotency_key}".encode()).hexdigest()
+    scoped_key = scoped_idempotency_key(publisher, idempotency_key)
     # A user's fallback: on a single Redis its check is written by the publish itself (`check_for`).
     fallback, fallbacks, user = _fallback_of(body, push), runtime.fallbacks, user_of(stream)
     check = None
@@ -163,12 +156,36 @@ async def _publish(
     published = await runtime.broker.publish(
         stream, orjson.dumps(body.event).decode(), data_json, scoped_key, check=check
     )
-    runtime.metrics.publish_latency.observe(time.perf_counter() - started)
+    count_published(runtime, stream, published, started)
     logs.notification_id.set(published.id)
     if fallback is not None and fallbacks is not None and user is not None and not published.duplicate:
         await fallbacks.published(user, fallback.when, fallback.after_seconds, published, body.event, body.data, push)
+    return published
+
+
+def encoded_data(runtime: Runtime, body: PublishRequest | PlainPublish) -> str:
+    """The notification's data as its frame carries it; 422 past 64-bit integers, 413 too large."""
+    try:
+        data_json = orjson.dumps(body.data).decode()
+    except orjson.JSONEncodeError:
+        raise InvalidRequest("data must be JSON whose integers fit in 64 bits") from None
+    if len(data_json) > runtime.settings.max_payload_bytes:
+        raise PayloadTooLarge(f"data is larger than {runtime.settings.max_payload_bytes} bytes once encoded")
+    return data_json
+
+
+def scoped_idempotency_key(publisher: Principal, idempotency_key: str | None) -> str | None:
+    """The key as the broker keeps it: one publisher's keys never meet another's."""
+    if not idempotency_key:
+        return None
+    return hashlib.sha256(f"{publisher.user_id}\0{idempotency_key}".encode()).hexdigest()
+
+
+def count_published(runtime: Runtime, stream: str, published: Published, started: float) -> None:
+    """A publish's latency (from `started`, on perf_counter) and, unless a duplicate, its count by kind."""
+    metrics = runtime.metrics
+    metrics.publish_latency.observe(time.perf_counter() - started)
     if not published.duplicate:
-        metrics = runtime.metrics
         (
             metrics.published_broadcast
             if stream == BROADCAST
@@ -176,7 +193,6 @@ async def _publish(
             if is_topic(stream)
             else metrics.published_user
         ).inc()
-    return published
 
 
 # The size is checked before the notification has its id: with the longest id one can be.
@@ -210,7 +226,7 @@ def accepted(stream: str, published: Published) -> dict[str, Any]:
     return {"id": published.id, "ts": published.ts, counted[0]: counted[1], "duplicate": published.duplicate}
 
 
-def _check_rate(runtime: Runtime, publisher: Principal) -> None:
+def check_rate(runtime: Runtime, publisher: Principal) -> None:
     rates = runtime.publish_rate
     if rates is None:
         return

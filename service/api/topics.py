@@ -20,7 +20,7 @@ from .models import (
     TopicHistory,
     TopicPresence,
 )
-from .publish import IdempotencyKey, _check_rate, _errors, _publish, accepted, check_topic
+from .publish import IdempotencyKey, _errors, _publish, accepted, check_rate, check_topic
 
 router = APIRouter(tags=["topics"], route_class=JsonRoute)
 
@@ -39,7 +39,7 @@ async def publish_to_topic(
 ) -> dict[str, Any]:
     """Send a message to every member socket of a topic, on every replica; kept in its history."""
     stream = topic_stream(check_topic(runtime, topic))
-    _check_rate(runtime, publisher)
+    check_rate(runtime, publisher)
     return accepted(stream, await _publish(runtime, publisher, stream, body, idempotency_key))
 
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import orjson
 
+from ..core.errors import BrokerUnavailable
 from ..core.streams import BROADCAST, StreamRules, topic_of
 
 # A frame for local sockets: the stream it belongs to and the JSON text to send. A text starting
@@ -53,6 +54,10 @@ class Published:
     duplicate: bool = False
     # The `check` given to `publish` was scheduled with it, in the same step (see PublishCheck).
     checked: bool = False
+
+
+# What `Broker.publish_soon` hands its outcome to: what `publish` would have returned or raised.
+Then = Callable[[Published | BrokerUnavailable], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +220,14 @@ class Broker(Protocol):
         """Store and fan out one notification (`sender`: the member who published it to a topic);
         raises BrokerUnavailable. `check`: schedule it in the same step where the broker can
         (`Published.checked` says whether it did; never for a duplicate)."""
+
+    def publish_soon(
+        self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, then: Then
+    ) -> bool:
+        """`publish` with no coroutine, for a backend's publish to a user's or the broadcast stream
+        where nothing has to be awaited before it goes out: `then` gets what `publish` would return
+        or raise, once, maybe before this returns. False: nothing was done, and `publish` is the way
+        (a topic, a cluster, replicated acknowledgement, no connection yet)."""
 
     async def send(self, stream: str, frame: str) -> None:
         """Fan out a frame that is neither stored nor replayed (signals, moderation); raises

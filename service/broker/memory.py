@@ -25,6 +25,7 @@ from .base import (
     ReadState,
     RulesOf,
     StreamRules,
+    Then,
     TopicFull,
     build_frame,
     frame_parts,
@@ -205,6 +206,19 @@ class MemoryBroker:
         check: PublishCheck | None = None,
     ) -> Published:
         # `check` is not taken here: checks in this process cost no round trip to schedule apart.
+        return self._publish_now(stream, event_json, data_json, idempotency_key, sender)
+
+    def publish_soon(
+        self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, then: Then
+    ) -> bool:
+        if is_topic(stream):
+            return False  # its namespace's budget answers NamespaceFull by raising, as `publish` does
+        then(self._publish_now(stream, event_json, data_json, idempotency_key, None))
+        return True
+
+    def _publish_now(
+        self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, sender: str | None
+    ) -> Published:
         now = _now_ms()
         if idempotency_key is not None:
             known = self._idempotency.get((stream, idempotency_key))

@@ -11,6 +11,7 @@ timeout, ceilings) come first, from `guardedhttp.GuardedHttpProtocol`.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import urllib.parse
@@ -18,7 +19,16 @@ import urllib.parse
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ..api.fastpath import NOT_A_PUBLISH, FastPublish, Known, answer, error_answer, prepare, publish_target
+from ..api.fastpath import (
+    NOT_A_PUBLISH,
+    FastPublish,
+    Known,
+    answer,
+    answer_soon,
+    error_answer,
+    prepare,
+    publish_target,
+)
 from ..api.runtime import Runtime
 from ..core.errors import ServiceError
 from ..telemetry import logs
@@ -83,7 +93,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         publish = _Publish(stream, path, headers, keep_alive=True)
         self.cycle = publish  # type: ignore[assignment]
         runtime.metrics.publish_lane.inc()
-        self._start(publish, runtime, fast)
+        self._start(publish, runtime, fast, soon=True)
         return True
 
     def serve_head(self) -> None:
@@ -122,8 +132,25 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             return
         self._start(publish, runtime, fast)
 
-    def _start(self, publish: _Publish, runtime: Runtime, fast: FastPublish) -> None:
+    def _start(self, publish: _Publish, runtime: Runtime, fast: FastPublish, soon: bool = False) -> None:
+        """Publish and answer; `soon` (a request the lane read whole, nothing behind it): with no task
+        where the broker can (`fastpath.answer_soon`), the answer written from the broker's reply."""
         self.known_publisher = (fast.token, fast.principal)
+        if soon:
+            started = time.perf_counter()
+            rid = logs.request_id_of(publish.headers) if runtime.settings.access_log else None
+
+            def reply(status: int, body: bytes, headers: list[tuple[bytes, bytes]], notification: str | None) -> None:
+                self._answered(publish, started, rid, status, body, headers, notification)
+
+            try:
+                if answer_soon(runtime, fast, reply):
+                    return
+            except Exception:
+                logger.exception("publish failed")
+                publish.keep_alive = False
+                reply(*error_answer(ServiceError("the publish failed unexpectedly")), None)
+                return
         task = self.loop.create_task(self._answer(publish, runtime, fast))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
@@ -167,11 +194,35 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         if rid is not None:
             logs.log_access("POST", publish.path, status, started)
 
+    def _answered(
+        self,
+        publish: _Publish,
+        started: float,
+        rid: str | None,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        notification: str | None,
+    ) -> None:
+        """`_answer`'s end for a publish answered with no task: its access line is written in a
+        context of its own, as a task's would be, naming its request and notification."""
+        if rid is not None:
+            headers.append((b"x-request-id", rid.encode("latin-1")))
+        self._respond(publish, status, body, headers)
+        if rid is not None:
+            contextvars.Context().run(_log_access, rid, notification, publish.path, status, started)
+
     def _respond(self, publish: _Publish, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        if publish.disconnected or self.transport.is_closing():
-            return
+        if publish.response_complete or publish.disconnected or self.transport.is_closing():
+            return  # (answered already: a failure after the answer is logged, never answered twice)
         self.write_response(status, body, headers, publish.keep_alive)
         publish.response_complete = True
         if not publish.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+def _log_access(rid: str, notification: str | None, path: str, status: int, started: float) -> None:
+    logs.request_id.set(rid)
+    logs.notification_id.set(notification)
+    logs.log_access("POST", path, status, started)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from ...config.settings import Settings
 from ...core.errors import BrokerUnavailable
@@ -32,6 +32,7 @@ from ..base import (
     Published,
     ReadState,
     StreamRules,
+    Then,
 )
 from . import scripts
 from .budget import TopicBudget
@@ -39,7 +40,7 @@ from .clients import RedisClients
 from .connector import Connector
 from .pipeline import Lua
 from .presence import Presence, PresenceKeys, RulesOf
-from .publishing import publish_args, publish_keys
+from .publishing import PublishScript, publish_args, publish_keys, published
 from .resp import bulk, command
 from .subscription import Subscription
 from .supervisor import Supervisor
@@ -71,11 +72,7 @@ class RedisBroker:
             clients.slots,
             clients.pipeline,
         )
-        # The publish command is encoded once around what changes per call (see `publish`): 17 parts,
-        # EVALSHA (or EVAL), the script, the key count, 5 keys and 9 arguments; with a check, 25
-        # parts: 2 keys and 6 arguments more.
-        self._publish_head = Lua.of(scripts.PUBLISH).heads(17, 5)
-        self._checked_head = Lua.of(scripts.PUBLISH_CHECKED).heads(25, 7)
+        self._script = PublishScript(self._pipeline)
         self._publish_bounds = (
             bulk(settings.history_size) + bulk(self._ttl_ms) + bulk(settings.idempotency_ttl_seconds * 1000)
         )
@@ -122,6 +119,7 @@ class RedisBroker:
         await self._upkeep.forget()
         await self._subscription.stop()
         await self._pipeline.aclose()
+        await self._script.aclose()
         await self._redis.aclose()
         await self._connector.aclose()
 
@@ -205,27 +203,31 @@ class RedisBroker:
         # The check goes in the same step on a single Redis; a cluster keeps it in another slot than
         # the stream's, so there the caller schedules it apart (`checked` stays false).
         if check is None or self._slots is not None:
-            check, head, body = None, self._publish_head, keys + args
+            check, head, body = None, self._script.plain, keys + args
         else:
             fields = (check.name, check.delay_ms, check.head, check.tail, check.state, check.keep_ms)
-            head = self._checked_head
+            head = self._script.checked
             body = b"".join((keys, bulk(check.due), bulk(check.payloads), args, *map(bulk, fields)))
         try:
-            id_, duplicate, online = await self._run_publish(head, body, self._key(stream, "h"))
+            reply = await self._script.run(head, body, self._key(stream, "h"))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
-        counted, checked = None if online < 0 else int(online), check is not None and not duplicate
-        return Published(id_, id_key(id_)[0], counted, duplicate=bool(duplicate), checked=checked)
+        return published(reply, check is not None)
 
-    async def _run_publish(self, head: dict[str, bytes], body: bytes, key: str) -> Any:
-        # Acknowledged: with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT).
-        try:
-            return await self._pipeline.execute(head["EVALSHA"] + body, acknowledged=True, key=key)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        # Redis restarted or its script cache was flushed: EVAL runs the script and caches it again.
-        return await self._pipeline.execute(head["EVAL"] + body, acknowledged=True, key=key)
+    def publish_soon(
+        self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, then: Then
+    ) -> bool:
+        # A topic's budget is awaited first, and a cluster routes by slot: those take `publish`.
+        if is_topic(stream) or self._slots is not None:
+            return False
+        body = publish_keys(self._key(stream, ""), idempotency_key) + publish_args(
+            stream, event_json, data_json, self._bounds(stream), bool(idempotency_key), None
+        )
+
+        def replied(reply: Any, failure: BaseException | None) -> None:
+            then(published(reply, False) if failure is None else self._unavailable(failure))
+
+        return self._script.send(body, self._key(stream, "h"), replied)
 
     def _primary_changed(self) -> None:
         """Sentinel named another primary: publishes and the subscription move to it (the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from .resp import RawConnection, bulk, command
+
+logger = logging.getLogger("service.broker")
 
 _ASKING = command("ASKING")
 
@@ -83,7 +86,7 @@ class _Link:
         self.conn = conn
         # Kept, not asked for per command: CPython 3.11's get_running_loop makes a getpid system call.
         self.loop = asyncio.get_running_loop()
-        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.pending: deque[asyncio.Future[Any] | _Then] = deque()
         self.sent_at: deque[float] = deque()  # loop time each pending command was queued
         self.out: list[bytes] = []
         self.flush_scheduled = False
@@ -106,6 +109,34 @@ class _Link:
             self.acked.set_exception(kind(str(exc) or type(exc).__name__))
         if self.watchdog is not None:
             self.watchdog.cancel()
+
+
+class _Then:
+    """Stands for a Future among the replies waited for (`AutoPipeline.send`): the reply goes to a
+    callback as it is read. The callback runs inside the connection's read callback, so whatever it
+    raises is logged here: it must not end the connection, nor keep the replies after it from theirs."""
+
+    __slots__ = ("then", "called")
+
+    def __init__(self, then: Callable[[Any, BaseException | None], None]) -> None:
+        self.then = then
+        self.called = False
+
+    def done(self) -> bool:
+        return self.called
+
+    def set_result(self, reply: Any) -> None:
+        self._call(reply, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call(None, exc)
+
+    def _call(self, reply: Any, exc: BaseException | None) -> None:
+        self.called = True
+        try:
+            self.then(reply, exc)
+        except Exception:
+            logger.exception("a reply's callback failed")
 
 
 class AutoPipeline:
@@ -162,30 +193,50 @@ class AutoPipeline:
         if asking:
             told: asyncio.Future[Any] = loop.create_future()
             told.add_done_callback(_retrieve)
-            link.out.append(_ASKING)
-            link.pending.append(told)
-            link.sent_at.append(loop.time())
+            self._queue(link, _ASKING, told)
         waiter: asyncio.Future[Any] = loop.create_future()
-        link.out.append(command)
-        link.pending.append(waiter)
-        link.sent_at.append(loop.time())
+        self._queue(link, command, waiter)
         acked = None
         if acknowledged and self._replicas:
             acked = link.acked
             if acked is None:
                 acked = link.acked = loop.create_future()
                 acked.add_done_callback(_retrieve)
-        if not link.flush_scheduled:
-            link.flush_scheduled = True
-            loop.call_soon(self._flush, link)
-        if link.watchdog is None:
-            link.watchdog = loop.call_later(self._deadline, self._watch, link)
         reply = await waiter
         if acked is not None:
             confirmed = await acked
             if confirmed < self._replicas:
                 raise NotReplicated(f"{confirmed} of {self._replicas} replicas confirmed within the deadline")
         return reply
+
+    def send(self, command: bytes, then: Callable[[Any, BaseException | None], None]) -> bool:
+        """`execute` with no coroutine: `then(reply, None)`, or `then(None, error)` on an error reply
+        or a failure (as `execute` raises them), is called once, from the reply's read callback.
+        False, with nothing sent, where the call has to be awaited: no connection yet, or a broken
+        one (`execute` connects again), or replicated acknowledgement to wait for."""
+        link = self._link
+        if link is None or link.broken is not None or self._replicas:
+            return False
+        self._queue(link, command, _Then(then), from_read=True)
+        return True
+
+    def _queue(self, link: _Link, command: bytes, waiter: asyncio.Future[Any] | _Then, from_read: bool = False) -> None:
+        """Queue one command for the next write, its reply for `waiter`. The write goes out on the
+        loop's next turn, after one more poll, so that the commands of what that poll reads share it:
+        a task's `execute` runs on a turn of its own already; a read callback's `send` (`from_read`)
+        waits a turn more, else it wrote a command per read (measured: more writes, more reads)."""
+        loop = link.loop
+        link.out.append(command)
+        link.pending.append(waiter)
+        link.sent_at.append(loop.time())
+        if not link.flush_scheduled:
+            link.flush_scheduled = True
+            if from_read:
+                loop.call_soon(loop.call_soon, self._flush, link)
+            else:
+                loop.call_soon(self._flush, link)
+        if link.watchdog is None:
+            link.watchdog = loop.call_later(self._deadline, self._watch, link)
 
     async def aclose(self) -> None:
         if self._connecting is not None:

@@ -1,4 +1,5 @@
-"""The publish script's KEYS and ARGV (in the order `scripts.PUBLISH` reads them), encoded in one step.
+"""The publish script: run on the shared pipeline (`PublishScript`), its KEYS and ARGV (in the order
+`scripts.PUBLISH` reads them) encoded in one step, and its reply read.
 
 A publish is the hot path: its ten or so arguments are two %-formats here rather than an encoding
 call each, and what every user's (or the broadcast's) frame shares is encoded once, at import.
@@ -6,10 +7,20 @@ call each, and what every user's (or the broadcast's) frame shares is encoded on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
+from redis.exceptions import ResponseError
+
+from ...core.ids import id_key
 from ...core.streams import BROADCAST, user_of, user_stream
-from ..base import frame_parts
+from ...core.tasks import cancel_and_wait
+from ..base import Published, frame_parts
+from . import scripts
+from .cluster import ClusterPipelines
+from .pipeline import AutoPipeline, Lua
 from .resp import bulk
 
 _FLAG = {False: bulk("0"), True: bulk("1")}
@@ -56,3 +67,64 @@ def publish_args(
         _parts(stream, user, sender),
         bulk(_COUNTED[stream[0]] + (user or "")),
     )
+
+
+def published(reply: Any, checked: bool) -> Published:
+    """The script's reply: the id, whether a duplicate, sockets or members online (-1: not counted);
+    `checked`: a check went with it (it is scheduled unless the publish was a duplicate)."""
+    id_, duplicate, online = reply
+    counted = None if online < 0 else int(online)
+    return Published(id_, id_key(id_)[0], counted, duplicate=bool(duplicate), checked=checked and not duplicate)
+
+
+class PublishScript:
+    """The publish script and its checked variant, run by their SHA on the shared pipeline, and by
+    their text (EVAL, which loads them again) when Redis lost them (a restart, a SCRIPT FLUSH)."""
+
+    def __init__(self, pipeline: AutoPipeline | ClusterPipelines) -> None:
+        self._pipeline = pipeline
+        # Each command encoded once around what changes per call: 17 parts, EVALSHA (or EVAL), the
+        # script, the key count, 5 keys and 9 arguments; checked, 25: 2 keys and 6 arguments more.
+        self.plain = Lua.of(scripts.PUBLISH).heads(17, 5)
+        self.checked = Lua.of(scripts.PUBLISH_CHECKED).heads(25, 7)
+        self._retrying: set[asyncio.Task[None]] = set()  # `send`s that Redis ran no script for
+
+    async def run(self, head: dict[str, bytes], body: bytes, key: str) -> Any:
+        """The reply of `head` + `body` (`key`: the stream's, for a cluster's routing). Acknowledged:
+        with NOTIFY_REDIS_REPLICAS_ACK, not before that many replicas confirm it (WAIT)."""
+        try:
+            return await self._pipeline.execute(head["EVALSHA"] + body, acknowledged=True, key=key)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self._pipeline.execute(head["EVAL"] + body, acknowledged=True, key=key)
+
+    def send(self, body: bytes, key: str, then: Callable[[Any, BaseException | None], None]) -> bool:
+        """`run` of the plain script with no coroutine, on one Redis (`AutoPipeline.send`): `then`
+        gets the reply or the failure, once. False: nothing was sent, `run` is the way."""
+        if not isinstance(self._pipeline, AutoPipeline):
+            return False
+
+        def replied(reply: Any, failure: BaseException | None) -> None:
+            if isinstance(failure, ResponseError) and str(failure).startswith("NOSCRIPT"):
+                self._run_later(body, key, then)
+            else:
+                then(reply, failure)
+
+        return self._pipeline.send(self.plain["EVALSHA"] + body, replied)
+
+    def _run_later(self, body: bytes, key: str, then: Callable[[Any, BaseException | None], None]) -> None:
+        async def again() -> None:
+            try:
+                reply = await self.run(self.plain, body, key)
+            except Exception as exc:  # noqa: BLE001 - the caller hears of every failure, as from `send`
+                then(None, exc)
+            else:
+                then(reply, None)
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
+
+    async def aclose(self) -> None:
+        await cancel_and_wait(self._retrying)
