@@ -51,7 +51,7 @@ async def publish_commands(
     url: str, prefix: str, streams: Sequence[str], data: bytes = b'{"t":0.0,"k":0,"r":0}'
 ) -> list[bytes]:
     """The exact bytes RedisBroker.publish sends for one notification to each stream (EVALSHA of the
-    publish script with its 5 keys and 9 arguments): the broker builds them, its send is replaced by a
+    publish script with its 5 keys and 9 arguments): the broker builds them, its script run is replaced by a
     capture, so the command follows whatever the service does."""
     from service.broker.base import StreamRules
     from service.broker.redis.broker import RedisBroker
@@ -66,7 +66,7 @@ async def publish_commands(
         captured.append(head["EVALSHA"] + body)
         return ("0-1", 0, -1)
 
-    broker._run_publish = capture  # type: ignore[method-assign]
+    broker._script.run = capture  # type: ignore[method-assign]
     try:
         for stream in streams:
             await broker.publish(stream, '"bench"', data.decode(), None)
