@@ -147,9 +147,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
                 if answer_soon(runtime, fast, reply):
                     return
             except Exception:
-                logger.exception("publish failed")
-                publish.keep_alive = False
-                reply(*error_answer(ServiceError("the publish failed unexpectedly")), None)
+                reply(*_unexpected(publish), None)
                 return
         task = self.loop.create_task(self._answer(publish, runtime, fast))
         task.add_done_callback(self.tasks.discard)
@@ -185,14 +183,8 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         try:
             status, body, headers = await answer(runtime, fast)
         except Exception:
-            logger.exception("publish failed")
-            status, body, headers = error_answer(ServiceError("the publish failed unexpectedly"))
-            publish.keep_alive = False
-        if rid is not None:
-            headers.append((b"x-request-id", rid.encode("latin-1")))
-        self._respond(publish, status, body, headers)
-        if rid is not None:
-            logs.log_access("POST", publish.path, status, started)
+            status, body, headers = _unexpected(publish)
+        self._answered(publish, started, rid, status, body, headers, logs.notification_id.get())
 
     def _answered(
         self,
@@ -204,8 +196,8 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         headers: list[tuple[bytes, bytes]],
         notification: str | None,
     ) -> None:
-        """`_answer`'s end for a publish answered with no task: its access line is written in a
-        context of its own, as a task's would be, naming its request and notification."""
+        """A publish's answer, and its access line (naming its request and notification), written
+        in a context of its own: the same for a task's publish and for one with no task."""
         if rid is not None:
             headers.append((b"x-request-id", rid.encode("latin-1")))
         self._respond(publish, status, body, headers)
@@ -226,3 +218,11 @@ def _log_access(rid: str, notification: str | None, path: str, status: int, star
     logs.request_id.set(rid)
     logs.notification_id.set(notification)
     logs.log_access("POST", path, status, started)
+
+
+def _unexpected(publish: _Publish) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """The answer to a publish that failed in our own code (logged, from inside its `except`): 500,
+    and the connection closed after it."""
+    logger.exception("publish failed")
+    publish.keep_alive = False
+    return error_answer(ServiceError("the publish failed unexpectedly"))
