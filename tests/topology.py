@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from redis.crc import key_slot
 
-from .utils import TIMEOUT, ephemeral_start, free_port, redis_binary
+from .utils import CLUSTER_PORTS, TIMEOUT, free_port, redis_binary
 
 
 class Node:
@@ -344,30 +344,6 @@ def tls_redis(ca: TestCA, require_client_cert: bool = False) -> Node:
     return Node(args, tls=reach)
 
 
-def _cluster_port(taken: set[int]) -> int:
-    """A free port whose cluster bus port (10,000 higher) is free too, as Redis Cluster needs; both
-    below the kernel's ephemeral ports, since an outgoing connection (a test's, a replica's) may take
-    one of those between this check and the node's bind (a clean-clone run lost a node's bus so)."""
-    import random
-    import socket
-
-    ephemeral = ephemeral_start()
-    low, high = (20000, ephemeral - 10001) if ephemeral > 31000 else (20000, 55000)
-    for _ in range(200):
-        port = random.randint(low, high)
-        if port in taken or port + 10000 in taken:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        taken.update((port, port + 10000))
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
 class ClusterTopology:
     """A Redis Cluster of `primaries` primaries with one replica each (node timeout 1 s); with `tls`,
     every node listens only on TLS (clients, the cluster bus and replication alike), with a
@@ -387,9 +363,10 @@ class ClusterTopology:
             self._cli_tls = ["--tls", "--cacert", tls.cert_file]
         self.tls = tls
         self.nodes = [Node(list(args), tls=reach) for _ in range(2 * primaries)]
-        taken: set[int] = set()
         for node in self.nodes:
-            node.port = _cluster_port(taken)
+            # Both ports below the kernel's ephemeral ones: an outgoing connection (a test's, a
+            # replica's) may take one of those between this check and the node's bind.
+            node.port = free_port(CLUSTER_PORTS, bus=10000)
         self.primaries_wanted = primaries
 
     @property

@@ -37,34 +37,42 @@ def ephemeral_start() -> int:
         return 32768
 
 
-# Below the kernel's ephemeral ports, apart from the cluster nodes' (topology._cluster_port).
+# Below the kernel's ephemeral ports; a Redis Cluster node's (with its bus 10,000 higher) below these.
 _PORTS = (23000, 29999)
+CLUSTER_PORTS = (20000, 22999)
 # Handed out already: a topology picks all its ports before it starts a server on any of them.
 _GIVEN: set[int] = set()
 
 
-def free_port() -> int:
-    """A free loopback port for a server a test starts, below the ephemeral range where one exists.
+def free_port(span: tuple[int, int] = _PORTS, bus: int = 0) -> int:
+    """A free loopback port for a server a test starts, below the ephemeral range where one exists;
+    with `bus`, one whose port `bus` higher is free too (a Redis Cluster node's bus port).
 
     A port from that range (what binding port 0 gives) can be taken by an outgoing connection before
     the server binds it, and by the test's own readiness probe too: a connect to a port nobody
     listens on yet may be given that very port as its own and connect to itself, then read its own
     request back as the answer (a clean-clone run saw redis-py's HELLO come back as a list)."""
-    if ephemeral_start() > _PORTS[1]:
-        for _ in range(200):
-            port = random.randint(*_PORTS)
-            if port in _GIVEN:
-                continue
+    low, high = span[0], min(span[1], ephemeral_start() - 1 - bus)
+    if high < low:  # no room below the ephemeral range
+        if not bus:
             with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            _GIVEN.add(port)
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+                s.bind(("127.0.0.1", 0))
+                return int(s.getsockname()[1])
+        high = 55000
+    for _ in range(200):
+        port = random.randint(low, high)
+        wanted = (port, port + bus) if bus else (port,)
+        if any(p in _GIVEN for p in wanted):
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in wanted:
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        _GIVEN.update(wanted)
+        return port
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def token(

@@ -136,9 +136,9 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         """Publish and answer; `soon` (a request the lane read whole, nothing behind it): with no task
         where the broker can (`fastpath.answer_soon`), the answer written from the broker's reply."""
         self.known_publisher = (fast.token, fast.principal)
+        started = time.perf_counter()
+        rid = logs.request_id_of(publish.headers) if runtime.settings.access_log else None
         if soon:
-            started = time.perf_counter()
-            rid = logs.request_id_of(publish.headers) if runtime.settings.access_log else None
 
             def reply(status: int, body: bytes, headers: list[tuple[bytes, bytes]], notification: str | None) -> None:
                 self._answered(publish, started, rid, status, body, headers, notification)
@@ -149,7 +149,7 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
             except Exception:
                 reply(*_unexpected(publish), None)
                 return
-        task = self.loop.create_task(self._answer(publish, runtime, fast))
+        task = self.loop.create_task(self._answer(publish, runtime, fast, started, rid))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -175,9 +175,9 @@ class PublishingHttpProtocol(GuardedHttpProtocol):
         self.cycle.body = publish.body
         self.cycle.message_event.set()
 
-    async def _answer(self, publish: _Publish, runtime: Runtime, fast: FastPublish) -> None:
-        started = time.perf_counter()
-        rid = logs.request_id_of(publish.headers) if runtime.settings.access_log else None
+    async def _answer(
+        self, publish: _Publish, runtime: Runtime, fast: FastPublish, started: float, rid: str | None
+    ) -> None:
         if rid is not None:
             logs.request_id.set(rid)  # in this task's own context: the request's log lines carry it
         try:

@@ -198,8 +198,7 @@ class RedisBroker:
                 await self._budget.admit(stream, self._rules(stream))
             except _FAILURES as exc:
                 raise self._unavailable(exc) from None
-        keys = publish_keys(self._key(stream, ""), idempotency_key)
-        args = publish_args(stream, event_json, data_json, self._bounds(stream), bool(idempotency_key), sender)
+        keys, args = self._publish_parts(stream, event_json, data_json, idempotency_key, sender)
         # The check goes in the same step on a single Redis; a cluster keeps it in another slot than
         # the stream's, so there the caller schedules it apart (`checked` stays false).
         if check is None or self._slots is not None:
@@ -217,17 +216,22 @@ class RedisBroker:
     def publish_soon(
         self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, then: Then
     ) -> bool:
-        # A topic's budget is awaited first, and a cluster routes by slot: those take `publish`.
+        # A topic's budget is awaited first, and a cluster routes by slot (nothing is encoded twice).
         if is_topic(stream) or self._slots is not None:
             return False
-        body = publish_keys(self._key(stream, ""), idempotency_key) + publish_args(
-            stream, event_json, data_json, self._bounds(stream), bool(idempotency_key), None
-        )
+        keys, args = self._publish_parts(stream, event_json, data_json, idempotency_key, None)
 
         def replied(reply: Any, failure: BaseException | None) -> None:
             then(published(reply, False) if failure is None else self._unavailable(failure))
 
-        return self._script.send(body, self._key(stream, "h"), replied)
+        return self._script.send(keys + args, self._key(stream, "h"), replied)
+
+    def _publish_parts(
+        self, stream: str, event_json: str, data_json: str, idempotency_key: str | None, sender: str | None
+    ) -> tuple[bytes, bytes]:
+        """The publish script's KEYS and ARGV for one notification, encoded."""
+        keys = publish_keys(self._key(stream, ""), idempotency_key)
+        return keys, publish_args(stream, event_json, data_json, self._bounds(stream), bool(idempotency_key), sender)
 
     def _primary_changed(self) -> None:
         """Sentinel named another primary: publishes and the subscription move to it (the

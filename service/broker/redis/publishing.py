@@ -101,7 +101,8 @@ class PublishScript:
 
     def send(self, body: bytes, key: str, then: Callable[[Any, BaseException | None], None]) -> bool:
         """`run` of the plain script with no coroutine, on one Redis (`AutoPipeline.send`): `then`
-        gets the reply or the failure, once. False: nothing was sent, `run` is the way."""
+        gets the reply or the failure, once. False: nothing was sent, `run` is the way (as always in
+        a cluster, whose pipelines route each command by its slot)."""
         if not isinstance(self._pipeline, AutoPipeline):
             return False
 
